@@ -1,0 +1,43 @@
+# Entry points: make setup | build | run | test | bench | lint | clean
+SHELL  := /bin/bash
+VENV   := .venv
+BIN    := $(VENV)/bin
+LISTEN ?= 127.0.0.1:9464
+# Extra pytest arguments, e.g. make test PYTEST_ARGS='-k retrans -x'
+PYTEST_ARGS ?=
+# Loading BPF programs needs root; fall back to sudo for a non-root user.
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all setup build run test bench lint clean distclean
+
+all: build
+
+setup:
+	scripts/setup.sh
+
+build:
+	$(MAKE) -C bpf
+
+run: setup
+	$(MAKE) build
+	$(SUDO) $(BIN)/probewire run --listen $(LISTEN)
+
+test: setup
+	$(MAKE) build
+	$(SUDO) $(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+
+bench: setup
+	$(MAKE) build
+	$(SUDO) $(BIN)/python -m bench
+
+lint:
+	$(BIN)/ruff check src
+	$(BIN)/mypy
+
+clean:
+	$(MAKE) -C bpf clean
+	rm -rf build dist src/*.egg-info test-output .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

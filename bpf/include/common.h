@@ -1,0 +1,139 @@
+/* Shared by every probe family: the filter map, log2 buckets, ring reserve-or-count-drop. */
+#pragma once
+
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
+
+#define TASK_COMM_LEN 16
+#define LOG2_SLOTS 32
+
+/* Filter modes (filter_config.flags). With no flag set every event is traced. */
+#define FILTER_PIDS (1U << 0)
+#define FILTER_CGROUPS (1U << 1)
+#define FILTER_PORTS (1U << 2)
+
+struct filter_config {
+	__u32 flags;
+};
+
+/* Run-time settings live in maps the agent updates while running; the agent creates them
+ * once and shares them between all objects (bpf_map__reuse_fd). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct filter_config);
+} filter_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u8);
+} filter_pids SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u64);
+	__type(value, __u8);
+} filter_cgroups SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u16);
+	__type(value, __u8);
+} filter_ports SEC(".maps");
+
+/* probewire_events_dropped_total{probe}: one slot, per CPU so the hot path never contends. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} events_dropped SEC(".maps");
+
+/* One ring per family; user space resizes it before load (bpf_map__set_max_entries). */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 22);
+} events SEC(".maps");
+
+/* A port of 0 means "no port" (process events), which never rejects. */
+static __always_inline bool is_traced(__u32 tgid, __u64 cgroup_id, __u16 port_a, __u16 port_b)
+{
+	__u32 zero = 0;
+	struct filter_config *cfg = bpf_map_lookup_elem(&filter_config, &zero);
+
+	if (!cfg || !cfg->flags)
+		return true;
+	if ((cfg->flags & FILTER_PIDS) && !bpf_map_lookup_elem(&filter_pids, &tgid))
+		return false;
+	if ((cfg->flags & FILTER_CGROUPS) && !bpf_map_lookup_elem(&filter_cgroups, &cgroup_id))
+		return false;
+	if ((cfg->flags & FILTER_PORTS) && (port_a || port_b) &&
+	    !bpf_map_lookup_elem(&filter_ports, &port_a) &&
+	    !bpf_map_lookup_elem(&filter_ports, &port_b))
+		return false;
+	return true;
+}
+
+static __always_inline void count_drop(void)
+{
+	__u32 zero = 0;
+	__u64 *drops = bpf_map_lookup_elem(&events_dropped, &zero);
+
+	if (drops)
+		*drops += 1;
+}
+
+/* Never block the kernel: a full ring drops the record and counts it. */
+#define RESERVE_OR_DROP(type)                                                   \
+	({                                                                      \
+		type *__rec = bpf_ringbuf_reserve(&events, sizeof(type), 0);    \
+		if (!__rec)                                                     \
+			count_drop();                                           \
+		__rec;                                                          \
+	})
+
+/* floor(log2(v)) without a clz instruction (the BPF ISA has none). */
+static __always_inline __u32 log2_u32(__u32 v)
+{
+	__u32 r, shift;
+
+	r = (v > 0xFFFF) << 4;
+	v >>= r;
+	shift = (v > 0xFF) << 3;
+	v >>= shift;
+	r |= shift;
+	shift = (v > 0xF) << 2;
+	v >>= shift;
+	r |= shift;
+	shift = (v > 0x3) << 1;
+	v >>= shift;
+	r |= shift;
+	r |= (v >> 1);
+	return r;
+}
+
+/* Slot 0 holds v == 0; slot i > 0 holds 2^(i-1) <= v < 2^i; the last slot is open-ended.
+ * aggregate/histogram.py turns slots into Prometheus buckets with le = 2^i units. */
+static __always_inline __u32 log2_slot(__u64 v)
+{
+	__u32 hi = v >> 32, slot;
+
+	if (!v)
+		return 0;
+	slot = (hi ? log2_u32(hi) + 32 : log2_u32((__u32)v)) + 1;
+	return slot < LOG2_SLOTS ? slot : LOG2_SLOTS - 1;
+}

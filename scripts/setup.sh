@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Installs everything probewire needs to build, run and test on Debian 12, idempotently:
+# system packages, tracefs, the .venv with probewire installed editable plus dev tools.
+# A stamp keyed by the package list and pyproject.toml makes a repeat run take well under a second.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+export DEBIAN_FRONTEND=noninteractive
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+STAMP=$VENV/.probewire-setup.stamp
+APT_PACKAGES=(
+    clang llvm libbpf-dev bpftool make        # BPF objects (bpf/Makefile)
+    iproute2 nftables procps                  # ip/tc/ss/nstat, loss rules, ps
+    nginx-light wrk curl tmux                 # e2e servers, load generator, demos
+    python3 python3-venv                      # the venv (Debian's python3 needs python3-venv)
+)
+
+SUDO=()
+if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || { echo "setup.sh: run as root (or install sudo)" >&2; exit 3; }
+    SUDO=(sudo)
+fi
+
+log() { echo "setup: $*" >&2; }
+
+# tracefs does not survive a reboot, so it is checked on every run, not behind the stamp.
+if [ -d /sys/kernel/tracing ] && ! mountpoint -q /sys/kernel/tracing; then
+    log "mounting tracefs on /sys/kernel/tracing"
+    "${SUDO[@]}" mount -t tracefs nodev /sys/kernel/tracing
+fi
+
+key=$( { printf '%s\n' "${APT_PACKAGES[@]}" "$PYTHON"; cat pyproject.toml setup.py; } | sha256sum | cut -d' ' -f1)
+tools_present() {
+    local t
+    for t in clang llc bpftool make ip tc nft nstat ss nginx wrk curl; do
+        command -v "$t" >/dev/null || PATH=$PATH:/usr/sbin:/sbin command -v "$t" >/dev/null || return 1
+    done
+    [ -r /usr/include/bpf/bpf_helpers.h ]
+}
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$key" ] && [ -x "$VENV/bin/probewire" ] && tools_present; then
+    exit 0
+fi
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "${APT_PACKAGES[@]}"
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    log "creating $VENV with $($PYTHON -V 2>&1)"
+    "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+        || { echo "setup.sh: probewire needs Python >= 3.11; set PYTHON=..." >&2; exit 3; }
+    "$PYTHON" -m venv "$VENV"
+fi
+log "installing probewire (editable) with dev tools into $VENV"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]'
+
+echo "$key" > "$STAMP"
+log "done"

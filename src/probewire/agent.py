@@ -1,0 +1,123 @@
+"""The one place that wires the agent: probes -> ring reader -> aggregation -> export."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass
+
+from probewire.config import Config
+from probewire.enrich.service import ServiceResolver
+from probewire.errors import PrivilegeError
+from probewire.probes import REGISTRY
+from probewire.probes.base import SHARED_MAPS, Probe, ProbeContext, RunningProbe, start_probe
+from probewire.runtime.bpf import PRIVILEGE_FIX, StatsHandle, enable_stats
+from probewire.runtime.features import HookSupport, probe_hook_types
+from probewire.runtime.filter import Filter
+from probewire.runtime.ring import Ring, RingReader
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProbeStatus:
+    """What `probewire probes` and /api/probes report for one hook of one probe."""
+
+    probe: str
+    hook: str
+    program: str | None
+    section: str
+    attached: bool
+    fallback_reason: str
+    run_time_ns: int
+    run_cnt: int
+
+    @property
+    def avg_ns(self) -> float:
+        return self.run_time_ns / self.run_cnt if self.run_cnt else 0.0
+
+
+def check_privileges() -> None:
+    if os.geteuid() != 0:
+        raise PrivilegeError(f"probewire needs to load BPF programs; {PRIVILEGE_FIX} (e.g. sudo)")
+
+
+def raise_memlock() -> None:
+    # Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use memcg.
+    try:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    except (ValueError, OSError):
+        log.debug("could not raise RLIMIT_MEMLOCK", exc_info=True)
+
+
+class Agent:
+    def __init__(self, config: Config, forced_hooks: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.forced_hooks = forced_hooks or {}
+        self.services = ServiceResolver(config.services.rules)
+        self.ctx = ProbeContext(config=config, services=self.services)
+        self.probes: dict[str, Probe] = {
+            name: cls(self.ctx)
+            for name, cls in REGISTRY.items()
+            if getattr(config.probes, name).enabled
+        }
+        self.running: dict[str, RunningProbe] = {}
+        self.support: dict[str, HookSupport] = {}
+        self.reader = RingReader(config.ring.batch_records, config.ring.flush_ms / 1000.0)
+        self.filter: Filter | None = None
+        self._stats: StatsHandle | None = None
+        self.started_at = 0.0
+        self.startup_s = 0.0
+
+    def start(self) -> None:
+        check_privileges()
+        raise_memlock()
+        t0 = time.monotonic()
+        self._stats = enable_stats()
+        self.support = probe_hook_types()
+        shared: dict[str, int] = {}
+        try:
+            for name, probe in self.probes.items():
+                self.running[name] = start_probe(
+                    probe, self.support, shared, self.config.ring.size_bytes, self.forced_hooks
+                )
+                if probe.record_dtype is not None:
+                    ring = Ring(self.running[name].obj.maps["events"], probe.record_dtype, name)
+                    self.reader.add(ring, probe.on_batch)
+            if self.running:
+                first = next(iter(self.running.values()))
+                self.filter = Filter({m: first.obj.maps[m] for m in SHARED_MAPS})
+                f = self.config.filter
+                self.filter.apply(list(f.pids), list(f.cgroups), list(f.ports))
+        except BaseException:
+            self.stop()
+            raise
+        self.reader.start()
+        self.started_at = time.time()
+        self.startup_s = time.monotonic() - t0
+        log.info("probes attached in %.3f s: %s", self.startup_s,
+                 ", ".join(f"{s.probe}:{s.section}" for s in self.status()))
+
+    def stop(self) -> None:
+        self.reader.stop()
+        for running in self.running.values():
+            running.stop()
+        self.running.clear()
+        if self._stats:
+            self._stats.close()
+            self._stats = None
+
+    def status(self) -> list[ProbeStatus]:
+        out = []
+        for name, running in self.running.items():
+            stats = running.program_stats()
+            for c in running.choices:
+                s = stats.get(c.program or "")
+                out.append(ProbeStatus(
+                    probe=name, hook=c.hook, program=c.program, section=c.section,
+                    attached=c.attached, fallback_reason=c.reason,
+                    run_time_ns=s.run_time_ns if s else 0, run_cnt=s.run_cnt if s else 0,
+                ))
+        return out

@@ -1,0 +1,178 @@
+"""`probewire` command line: run, probes, doctor. Exit codes: 0 ok, 2 usage/config, 3 privilege
+or kernel feature (the message says the fix)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from probewire import __version__
+from probewire.config import Config, load_config, parse_listen
+from probewire.errors import EXIT_USAGE, ConfigError, ProbewireError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="probewire: zero-instrumentation eBPF observability agent.",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config file (see README).")
+]
+ListenOpt = Annotated[
+    str | None, typer.Option("--listen", help="host:port for /metrics and the API.")
+]
+
+
+def _fail(exc: ProbewireError) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    return typer.Exit(exc.exit_code)
+
+
+def _config(path: Path | None, listen: str | None) -> Config:
+    config = load_config(path)
+    if listen is not None:
+        parse_listen(listen)
+        config = config.model_copy(update={"listen": listen})
+    return config
+
+
+def _parse_forced(values: list[str]) -> dict[str, str]:
+    forced = {}
+    for value in values:
+        hook, sep, hook_type = value.partition("=")
+        if not sep or not hook or not hook_type:
+            raise ConfigError(f"--force-hook {value!r}: expected HOOK=TYPE, e.g. inet_sock_set_state=tp")
+        forced[hook] = hook_type
+    return forced
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    listen: ListenOpt = None,
+    force_hook: Annotated[
+        list[str] | None,
+        typer.Option("--force-hook", help="Pin a hook type, e.g. inet_sock_set_state=tp."),
+    ] = None,
+) -> None:
+    """Load and attach the probes and serve /metrics until SIGINT/SIGTERM."""
+    from probewire.agent import Agent
+    from probewire.export.prometheus import make_registry
+    from probewire.serve.http import AgentServer
+
+    try:
+        cfg = _config(config, listen)
+        logging.basicConfig(
+            level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        agent = Agent(cfg, _parse_forced(force_hook or []))
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        host, port = cfg.listen_address
+        try:
+            server = AgentServer(agent, make_registry(agent), host, port)
+        except OSError as exc:
+            raise ConfigError(f"listen {cfg.listen}: {exc.strerror}; choose another --listen") from exc
+        try:
+            agent.start()
+            server.start()
+            console.print(
+                f"probewire {__version__}: {len(agent.running)} probes attached in "
+                f"{agent.startup_s:.3f} s; metrics at http://{cfg.listen}/metrics",
+                highlight=False,
+            )
+            while not stop.wait(1.0):
+                pass
+        finally:
+            server.stop()
+            agent.stop()
+    except ProbewireError as exc:
+        raise _fail(exc) from None
+
+
+def _fetch(listen: str, path: str) -> Any:
+    with urllib.request.urlopen(f"http://{listen}{path}", timeout=2) as resp:
+        return json.load(resp)
+
+
+@app.command()
+def probes(config: ConfigOpt = None, listen: ListenOpt = None) -> None:
+    """Each probe's hooks: the program chosen, why not the preferred one, attached, ns/event.
+
+    Asks the running agent; with none running, loads the probes once to show the choices.
+    """
+    try:
+        cfg = _config(config, listen)
+        try:
+            data = _fetch(cfg.listen, "/api/probes")
+            source = f"running agent at {cfg.listen}"
+        except (urllib.error.URLError, OSError):
+            data = _probe_locally(cfg)
+            source = "loaded just now (no agent running; ns/event needs a running agent)"
+    except ProbewireError as exc:
+        raise _fail(exc) from None
+    table = Table(title=f"probewire probes — {source}")
+    for col in ("probe", "hook", "chosen", "attached", "avg ns/event", "runs", "fallback reason"):
+        table.add_column(col, overflow="fold")
+    for p in data["probes"]:
+        table.add_row(
+            p["probe"], p["hook"], p["section"] or "-", "yes" if p["attached"] else "no",
+            f"{p['avg_ns']:.0f}" if p["run_cnt"] else "-", str(p["run_cnt"]),
+            p["fallback_reason"] or "",
+        )
+    console.print(table)
+
+
+def _probe_locally(cfg: Config) -> dict[str, Any]:
+    import dataclasses
+
+    from probewire.agent import Agent
+
+    agent = Agent(cfg)
+    agent.start()
+    try:
+        return {"probes": [{**dataclasses.asdict(s), "avg_ns": s.avg_ns} for s in agent.status()]}
+    finally:
+        agent.stop()
+
+
+@app.command()
+def doctor(listen: ListenOpt = None) -> None:
+    """Check privileges, BTF, tracefs, memlock, libbpf, hook types and leftover programs."""
+    from probewire.doctor import run_checks
+
+    ok = run_checks(console, listen or "127.0.0.1:9464")
+    raise typer.Exit(0 if ok else 3)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    console.print(__version__)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except ConfigError as exc:  # raised outside a command (should not happen)
+        err_console.print(f"error: {exc}")
+        sys.exit(EXIT_USAGE)
+
+
+if __name__ == "__main__":
+    main()

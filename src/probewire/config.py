@@ -1,0 +1,426 @@
+"""Agent configuration: pydantic models that are the one source of truth for keys and defaults.
+
+Every field has a default, so an empty or absent file is a valid configuration. Unknown keys are
+errors (``extra="forbid"`` on every model): a typo such as ``probes.tcpp`` must not silently turn
+into "use the default". Every failure surfaces as :class:`~probewire.errors.ConfigError` whose
+message names the file, the dotted field path and the fix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import mmap
+import re
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from probewire.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "FilterConfig",
+    "ProbeToggle",
+    "ProbesConfig",
+    "RingConfig",
+    "ServiceRule",
+    "ServicesConfig",
+    "config_from_mapping",
+    "load_config",
+    "parse_listen",
+]
+
+DEFAULT_LISTEN = "127.0.0.1:9464"
+MAX_PORT = 65535
+# The kernel truncates a task's comm to TASK_COMM_LEN - 1 = 15 bytes, so a longer exact comm
+# matcher could never match anything.
+MAX_COMM_BYTES = 15
+# BPF_MAP_TYPE_RINGBUF wants max_entries to be a power of two and a multiple of the page size;
+# a power of two >= the page size is both. mmap.PAGESIZE is 4096 on x86-64 but 16/64 KiB on
+# some arm64 kernels, where a 4096-byte ring would fail at load time instead of here.
+MIN_RING_BYTES = max(4096, mmap.PAGESIZE)
+
+
+class _Model(BaseModel):
+    # frozen: the agent wires one Config through every stage; nobody may change it underneath
+    # the others (build a new one with config_from_mapping instead).
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _split_listen(value: str) -> tuple[str, int]:
+    """Parse ``host:port`` / ``[v6]:port``; raises ValueError with a fix, for pydantic."""
+    text = value.strip()
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or not text[close + 1 :].startswith(":"):
+            raise ValueError(f"{value!r} is not [IPv6]:port; write it like [::1]:9464")
+        host, port_text = text[1:close], text[close + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(
+                f"{host!r} inside brackets is not an IPv6 address; write it like [::1]:9464"
+            ) from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{value!r} has no port; write host:port, e.g. {DEFAULT_LISTEN}")
+        if ":" in host:
+            raise ValueError(
+                f"{value!r} looks like a bare IPv6 address; put it in brackets, e.g. [::1]:9464"
+            )
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(
+            f"{value!r} has an empty or blank host; write host:port, e.g. {DEFAULT_LISTEN} "
+            "(use 0.0.0.0 or [::] to listen on every address)"
+        )
+    if not port_text.isdigit() or not 1 <= int(port_text) <= MAX_PORT:
+        raise ValueError(f"port {port_text!r} in {value!r} must be an integer 1..{MAX_PORT}")
+    return host, int(port_text)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split a listen address into ``(host, port)``; IPv6 hosts come back without brackets.
+
+    Raises ConfigError, so the CLI can use it directly on ``--listen``.
+    """
+    try:
+        return _split_listen(value)
+    except ValueError as exc:
+        raise ConfigError(f"listen: {exc}") from None
+
+
+class ProbeToggle(_Model):
+    """Switch for one probe family."""
+
+    enabled: bool = Field(default=True, description="true or false")
+
+
+class ProbesConfig(_Model):
+    """Which probe families to load."""
+
+    tcp: ProbeToggle = Field(default=ProbeToggle(), description="the TCP probe family")
+    process: ProbeToggle = Field(
+        default=ProbeToggle(), description="the process (exec/exit) probe family"
+    )
+
+
+class RingConfig(_Model):
+    """Kernel ring buffer and user-space batching."""
+
+    size_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        strict=True,
+        description=(
+            f"kernel ring buffer size per probe family in bytes, a power of two >= "
+            f"{MIN_RING_BYTES}, e.g. 4194304"
+        ),
+    )
+    batch_records: int = Field(
+        default=128,
+        strict=True,
+        ge=1,
+        description="flush downstream after this many records, an integer >= 1",
+    )
+    flush_ms: float = Field(
+        default=5.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="flush downstream after this many milliseconds, a number > 0",
+    )
+
+    @field_validator("size_bytes")
+    @classmethod
+    def _power_of_two(cls, size_bytes: int) -> int:
+        if size_bytes < MIN_RING_BYTES or size_bytes & (size_bytes - 1):
+            raise ValueError(
+                f"{size_bytes} is not a power of two >= {MIN_RING_BYTES} (the page size); "
+                "use e.g. 1048576, 4194304 or 16777216"
+            )
+        return size_bytes
+
+
+def _cgroup_entry(entry: object) -> str | int:
+    hint = (
+        "write an absolute cgroup v2 path like /sys/fs/cgroup/system.slice/nginx.service "
+        "or a numeric cgroup id (the inode number of the cgroup directory)"
+    )
+    if isinstance(entry, bool):
+        raise ValueError(f"{entry!r} is not a cgroup; {hint}")
+    if isinstance(entry, int):
+        if entry <= 0:
+            raise ValueError(f"{entry} is not a cgroup id (ids are > 0); {hint}")
+        return entry
+    if isinstance(entry, str):
+        text = entry.strip()
+        if text.isdigit() and int(text) > 0:
+            return int(text)
+        if text.startswith("/"):
+            # Trailing slashes would make the same cgroup compare unequal later on.
+            return text.rstrip("/") or "/"
+    raise ValueError(f"{entry!r} is not a cgroup; {hint}")
+
+
+_Cgroup = typing.Annotated[str | int, BeforeValidator(_cgroup_entry)]
+_Port = typing.Annotated[int, Field(strict=True, ge=1, le=MAX_PORT)]
+_Pid = typing.Annotated[int, Field(strict=True, gt=0)]
+
+
+class FilterConfig(_Model):
+    """What to trace; every list empty means trace everything."""
+
+    pids: tuple[_Pid, ...] = Field(default=(), description="a list of process ids, integers > 0")
+    cgroups: tuple[_Cgroup, ...] = Field(
+        default=(),
+        description=(
+            "a list of cgroup v2 paths such as /sys/fs/cgroup/system.slice/nginx.service, "
+            "or numeric cgroup ids"
+        ),
+    )
+    ports: tuple[_Port, ...] = Field(default=(), description=f"a list of TCP ports 1..{MAX_PORT}")
+
+
+class ServiceRule(_Model):
+    """Names a service; all matchers given must match, and the first matching rule wins."""
+
+    name: str = Field(description="the service name to report, a non-empty string")
+    exe: str | None = Field(
+        default=None, description="a glob (fnmatch) on the executable path, e.g. /usr/bin/java"
+    )
+    comm: str | None = Field(
+        default=None,
+        description=f"the exact process comm (at most {MAX_COMM_BYTES} bytes), e.g. java",
+    )
+    cmdline: str | None = Field(
+        default=None,
+        description="a regular expression searched in the space-joined command line",
+    )
+    cgroup: str | None = Field(
+        default=None, description="a regular expression searched in the cgroup v2 path"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_blank(cls, name: str) -> str:
+        if not name.strip():
+            raise ValueError("the service name is empty; give the rule a name such as payments")
+        return name.strip()
+
+    @field_validator("comm")
+    @classmethod
+    def _comm_fits(cls, comm: str | None) -> str | None:
+        if comm is not None and len(comm.encode()) > MAX_COMM_BYTES:
+            truncated = comm.encode()[:MAX_COMM_BYTES].decode(errors="ignore")
+            raise ValueError(
+                f"{comm!r} is longer than {MAX_COMM_BYTES} bytes and can never match, because "
+                f"the kernel truncates comm; use {truncated!r} "
+                "or match the cmdline instead"
+            )
+        return comm
+
+    @field_validator("cmdline", "cgroup")
+    @classmethod
+    def _regex_compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(
+                    f"{pattern!r} is not a valid regular expression ({exc}); escape special "
+                    "characters such as . ( [ with a backslash"
+                ) from None
+        return pattern
+
+    @model_validator(mode="after")
+    def _has_matcher(self) -> ServiceRule:
+        if self.exe is None and self.comm is None and self.cmdline is None and self.cgroup is None:
+            raise ValueError(
+                f"rule {self.name!r} has no matcher; add at least one of exe, comm, cmdline, cgroup"
+            )
+        return self
+
+
+class ServicesConfig(_Model):
+    """How processes get their service name."""
+
+    rules: tuple[ServiceRule, ...] = Field(
+        default=(),
+        description="a list of rules, each a mapping with name and exe/comm/cmdline/cgroup",
+    )
+
+
+class Config(_Model):
+    """The whole agent configuration."""
+
+    listen: str = Field(
+        default=DEFAULT_LISTEN,
+        description=f"host:port for the metrics endpoint, e.g. {DEFAULT_LISTEN} or [::1]:9464",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="one of debug, info, warning, error"
+    )
+    probes: ProbesConfig = Field(default=ProbesConfig(), description="probe families")
+    ring: RingConfig = Field(default=RingConfig(), description="ring buffer settings")
+    filter: FilterConfig = Field(default=FilterConfig(), description="what to trace")
+    services: ServicesConfig = Field(default=ServicesConfig(), description="service naming rules")
+    pin_path: Path | None = Field(
+        default=None,
+        description="null (never pin BPF objects) or an absolute directory on a bpffs mount",
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_parses(cls, listen: str) -> str:
+        _split_listen(listen)
+        return listen.strip()
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level_lowercase(cls, level: Any) -> Any:
+        return level.strip().lower() if isinstance(level, str) else level
+
+    @field_validator("pin_path")
+    @classmethod
+    def _pin_path_absolute(cls, pin_path: Path | None) -> Path | None:
+        if pin_path is not None and not pin_path.is_absolute():
+            raise ValueError(
+                f"{str(pin_path)!r} is relative; use an absolute bpffs directory such as "
+                "/sys/fs/bpf/probewire, or null to never pin"
+            )
+        return pin_path
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        """``listen`` split into host and port."""
+        return _split_listen(self.listen)
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The model class that a pydantic error location points into, to list its known fields."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue  # an index into a tuple of models: the item model is already selected
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        if typing.get_origin(annotation) in (tuple, list):
+            annotation = typing.get_args(annotation)[0]
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    loc: tuple[int | str, ...] = tuple(error["loc"])
+    path = ".".join(str(part) for part in loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        known = ", ".join(model.model_fields) if model else "see the documentation"
+        return f"{path}: unknown field; remove it; known fields are: {known}"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    hint = ""
+    # Item errors (filter.pids.0) carry the hint of the list field that holds them.
+    names = [part for part in loc if isinstance(part, str)]
+    field_model = _model_at(tuple(names[:-1]))
+    field_name = names[-1] if names else None
+    if field_model is not None and field_name in field_model.model_fields:
+        description = field_model.model_fields[field_name].description
+        if description and error["type"] != "value_error":
+            # Custom validators already say how to fix; pydantic's own messages do not.
+            hint = f"; expected {description}"
+    shown = ""
+    if error["type"] not in ("value_error", "missing") and "input" in error:
+        shown = f" (got {error['input']!r})"
+    return f"{path}: {message}{shown}{hint}"
+
+
+def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
+    """Validate an already-parsed mapping; errors name ``source`` and every bad field."""
+    try:
+        return Config.model_validate(dict(data))
+    except ValidationError as exc:
+        problems = [_describe(error) for error in exc.errors()]
+        noun = "problem" if len(problems) == 1 else "problems"
+        lines = "\n  ".join(problems)
+        raise ConfigError(
+            f"{source}: invalid configuration ({len(problems)} {noun}):\n  {lines}"
+        ) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found key {key!r} twice; keep only one",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and validate a YAML config file; ``None`` gives the defaults."""
+    if path is None:
+        return Config()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: config file not found; pass an existing file with --config "
+            "or leave --config out to run with the defaults"
+        ) from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; pass the YAML file itself") from None
+    except PermissionError:
+        raise ConfigError(
+            f"{path}: permission denied; make the file readable by the agent's user"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
+
+    try:
+        # _UniqueKeyLoader is a SafeLoader subclass: YAML tags cannot build arbitrary objects.
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = exc.problem or "syntax error"
+        context = f" ({exc.context})" if exc.context else ""
+        raise ConfigError(f"{where}: invalid YAML: {problem}{context}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+
+    if data is None:  # an empty file or only comments: all defaults
+        return Config()
+    if not isinstance(data, dict):
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        line = node.start_mark.line + 1 if node is not None else 1
+        raise ConfigError(
+            f"{path}:{line}: the top level must be a mapping of settings such as "
+            f"'listen: {DEFAULT_LISTEN}', not a {type(data).__name__}"
+        )
+    return config_from_mapping(data, source=str(path))

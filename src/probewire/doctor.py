@@ -1,0 +1,89 @@
+"""`probewire doctor`: is this host ready, and did an agent leave anything behind?"""
+
+from __future__ import annotations
+
+import os
+import resource
+import urllib.request
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from probewire.errors import ProbewireError
+
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+BTF = Path("/sys/kernel/btf/vmlinux")
+TRACEFS = Path("/sys/kernel/tracing")
+
+
+def _effective_caps() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def _agent_running(listen: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{listen}/healthz", timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def run_checks(console: Console, listen: str) -> bool:
+    rows: list[tuple[str, bool, str]] = []
+    caps = _effective_caps()
+    privileged = os.geteuid() == 0 or (
+        caps & (1 << CAP_BPF) and caps & (1 << CAP_PERFMON)
+    ) or bool(caps & (1 << CAP_SYS_ADMIN))
+    rows.append(("privileges", bool(privileged),
+                 "root" if os.geteuid() == 0 else
+                 "ok" if privileged else "run as root or grant CAP_BPF,CAP_PERFMON"))
+    rows.append(("BTF", BTF.exists(), str(BTF) if BTF.exists() else
+                 "kernel built without CONFIG_DEBUG_INFO_BTF: CO-RE programs cannot load"))
+    tracefs = (TRACEFS / "events").is_dir()
+    rows.append(("tracefs", tracefs, str(TRACEFS) if tracefs else
+                 f"not mounted (the agent mounts it; by hand: mount -t tracefs nodev {TRACEFS})"))
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    memlock = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft} bytes"
+    rows.append(("memlock", True, f"{memlock} (the agent raises it; kernels >= 5.11 use memcg)"))
+    try:
+        from probewire.runtime._libbpf import version
+
+        major, minor = version()
+        rows.append(("libbpf", (major, minor) >= (1, 0), f"{major}.{minor}"))
+    except ProbewireError as exc:
+        rows.append(("libbpf", False, str(exc)))
+        privileged = False
+    if privileged:
+        from probewire.runtime import inventory
+        from probewire.runtime.features import probe_hook_types
+
+        for hook_type, support in probe_hook_types().items():
+            rows.append((f"hook {hook_type}", support.available,
+                         "works" if support.available else support.reason))
+        leftovers = inventory.ours()
+        running = _agent_running(listen)
+        if leftovers and not running:
+            detail = ", ".join(f"{p.name} (id {p.id})" for p in leftovers)
+            rows.append(("leftover programs", False,
+                         f"{detail}; no agent answers at {listen}: find the holder with "
+                         "`bpftool prog show` and end it"))
+        else:
+            rows.append(("leftover programs", True,
+                         f"none ({len(leftovers)} held by the running agent)" if running
+                         else "none"))
+    table = Table(title="probewire doctor")
+    table.add_column("check")
+    table.add_column("ok")
+    table.add_column("detail", overflow="fold")
+    # Hook types a kernel lacks are facts, not failures; the rest must pass.
+    ok = True
+    for name, passed, detail in rows:
+        table.add_row(name, "yes" if passed else "no", detail)
+        if not passed and not name.startswith("hook "):
+            ok = False
+    console.print(table)
+    return ok

@@ -1,0 +1,12 @@
+"""Probe families. Adding one: bpf/<family>.bpf.c + bpf/<family>.h + <family>.py + a line here."""
+
+from __future__ import annotations
+
+from probewire.probes.base import Probe
+from probewire.probes.process import ProcessProbe
+from probewire.probes.tcp import TcpProbe
+
+REGISTRY: dict[str, type[Probe]] = {
+    TcpProbe.name: TcpProbe,
+    ProcessProbe.name: ProcessProbe,
+}

@@ -1,0 +1,190 @@
+"""What a probe family declares, and the generic machinery that loads and runs it.
+
+A family module (tcp.py, process.py) declares its object, its hooks (preferred program
+first, fallbacks after), the C structs its dtypes mirror, and its metrics. Everything else
+(hook choice, filter-map sharing, ring draining, stats) is here and knows no family.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+from prometheus_client.core import Metric
+
+from probewire.config import Config
+from probewire.enrich.service import ServiceResolver
+from probewire.errors import KernelFeatureError, ProbewireError
+from probewire.runtime.bpf import BpfObject, Link, Map, ProgStats
+from probewire.runtime.features import HookSupport, hook_type_of
+from probewire.runtime.objects import object_path
+
+log = logging.getLogger(__name__)
+
+# Maps every object declares (bpf/include/common.h) that the agent shares between objects.
+SHARED_MAPS = ("filter_config", "filter_pids", "filter_cgroups", "filter_ports")
+
+
+@dataclass(frozen=True)
+class Hook:
+    """One thing to observe and the programs that can observe it, best first."""
+
+    name: str
+    programs: tuple[str, ...]
+
+
+@dataclass
+class HookChoice:
+    hook: str
+    program: str | None
+    section: str
+    attached: bool = False
+    reason: str = ""  # why the preferred program was not used, or why none could be
+
+
+@dataclass
+class ProbeContext:
+    """What a family may use from the rest of the agent."""
+
+    config: Config
+    services: ServiceResolver
+
+
+class Probe:
+    """Base of a probe family. Subclasses fill the ClassVars and override the hooks they need."""
+
+    name: ClassVar[str]
+    object_name: ClassVar[str]
+    hooks: ClassVar[tuple[Hook, ...]]
+    structs: ClassVar[dict[str, np.dtype]] = {}
+    record_dtype: ClassVar[np.dtype | None] = None  # set when the family ships ring records
+
+    def __init__(self, ctx: ProbeContext) -> None:
+        self.ctx = ctx
+        self.obj: BpfObject | None = None
+
+    # --- overridable ------------------------------------------------------------------------
+    def before_load(self, obj: BpfObject) -> None:
+        """Load-time settings (const volatile globals, map sizes)."""
+
+    def after_load(self, obj: BpfObject) -> None:
+        """Seed maps from /proc state that predates the agent."""
+
+    def on_batch(self, records: np.ndarray) -> None:
+        """Handle a batch of ring records (called on the reader thread)."""
+
+    def collect(self) -> Iterable[Metric]:
+        """Metrics read at scrape time."""
+        return ()
+
+    # --- helpers ----------------------------------------------------------------------------
+    def map(self, name: str) -> Map:
+        assert self.obj is not None, f"probe {self.name} is not loaded"
+        return self.obj.maps[name]
+
+
+@dataclass
+class RunningProbe:
+    """A probe whose object is loaded and whose chosen programs are attached."""
+
+    probe: Probe
+    obj: BpfObject
+    choices: list[HookChoice]
+    links: list[Link] = field(default_factory=list)
+
+    def dropped(self) -> int:
+        _, values = self.obj.maps["events_dropped"].read_all(
+            np.dtype(np.uint32), np.dtype(np.uint64)
+        )
+        return int(values.sum())
+
+    def program_stats(self) -> dict[str, ProgStats]:
+        return {
+            c.program: self.obj.programs[c.program].stats()
+            for c in self.choices
+            if c.program and c.attached
+        }
+
+    def stop(self) -> None:
+        for link in self.links:
+            link.destroy()
+        self.links.clear()
+        self.obj.close()
+
+
+def choose_programs(
+    probe: type[Probe], support: dict[str, HookSupport], obj: BpfObject,
+    forced: dict[str, str] | None = None,
+) -> list[HookChoice]:
+    """Per hook: the first program whose hook type this kernel supports.
+
+    `forced` (hook name -> hook type, e.g. {"inet_sock_set_state": "tp"}) pins a choice, so
+    tests can prove each fallback works on a kernel that also has the preferred hook.
+    """
+    choices = []
+    for hook in probe.hooks:
+        rejected: list[str] = []
+        chosen: str | None = None
+        for prog_name in hook.programs:
+            section = obj.programs[prog_name].section
+            htype = hook_type_of(section)
+            want = (forced or {}).get(hook.name)
+            if want and htype != want:
+                rejected.append(f"{section}: not the forced hook type {want}")
+                continue
+            s = support.get(htype)
+            if s is None or s.available:
+                chosen = prog_name
+                break
+            rejected.append(f"{section}: {s.reason}")
+        section = obj.programs[chosen].section if chosen else ""
+        choices.append(HookChoice(hook.name, chosen, section, reason="; ".join(rejected)))
+    return choices
+
+
+def start_probe(
+    probe: Probe,
+    support: dict[str, HookSupport],
+    shared: dict[str, int],
+    ring_size_bytes: int,
+    forced: dict[str, str] | None = None,
+) -> RunningProbe:
+    """Open, configure, load and attach one family; `shared` holds the shared map fds."""
+    obj = BpfObject(object_path(probe.object_name))
+    try:
+        for struct_name, dtype in probe.structs.items():
+            obj.struct_layout(struct_name).check_dtype(dtype)
+        choices = choose_programs(type(probe), support, obj, forced)
+        chosen = {c.program for c in choices if c.program}
+        for prog in obj.programs.values():
+            prog.set_autoload(prog.name in chosen)
+        for name in SHARED_MAPS:
+            if name in shared and name in obj.maps:
+                obj.maps[name].reuse_fd(shared[name])
+        obj.maps["events"].set_max_entries(ring_size_bytes if probe.record_dtype else 4096)
+        probe.obj = obj
+        probe.before_load(obj)
+        obj.load()
+        for name in SHARED_MAPS:
+            shared.setdefault(name, obj.maps[name].fd)
+        running = RunningProbe(probe, obj, choices)
+        for choice in choices:
+            if not choice.program:
+                raise KernelFeatureError(
+                    f"probe {probe.name}: no usable hook for {choice.hook} ({choice.reason})"
+                )
+            running.links.append(obj.programs[choice.program].attach())
+            choice.attached = True
+        probe.after_load(obj)
+        return running
+    except ProbewireError:
+        for_cleanup = locals().get("running")
+        if isinstance(for_cleanup, RunningProbe):
+            for_cleanup.stop()
+        else:
+            obj.close()
+        probe.obj = None
+        raise

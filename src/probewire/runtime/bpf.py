@@ -1,0 +1,443 @@
+"""Typed API over libbpf: BpfObject, Program, Map, Link.
+
+Opening an object and reading its BTF needs no privilege; loading and attaching does. Links
+are owned by this process (never pinned unless asked), so the kernel detaches them when the
+process exits, however it exits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+from probewire.errors import BpfError, KernelFeatureError, PrivilegeError
+from probewire.runtime import _libbpf
+from probewire.runtime._libbpf import lib
+
+BPF_MAP_TYPE_PERCPU_HASH = 5
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
+BPF_MAP_TYPE_RINGBUF = 27
+_PERCPU_TYPES = {BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH}
+
+PRIVILEGE_FIX = "run as root or grant CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE"
+
+
+@cache
+def possible_cpus() -> int:
+    """Number of possible CPUs: the stride of per-CPU map values."""
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        count += (int(hi) if hi else int(lo)) - int(lo) + 1
+    return count
+
+
+def _raise_for(what: str, err: int) -> None:
+    err = abs(err)
+    detail = _libbpf.strerror(err)
+    if err in (errno.EPERM, errno.EACCES):
+        if os.geteuid() == 0:
+            raise KernelFeatureError(
+                f"{what}: {detail} although running as root; this kernel refuses it "
+                "(unsupported hook type or lockdown)"
+            )
+        raise PrivilegeError(f"{what}: {detail}; {PRIVILEGE_FIX}")
+    if err in (errno.ENOENT, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ESRCH):
+        raise KernelFeatureError(f"{what}: {detail} (errno {err}); this kernel lacks the hook")
+    raise BpfError(f"{what}: {detail} (errno {err})")
+
+
+def _check_ptr(ptr: int | None, what: str) -> int:
+    if not ptr:
+        _raise_for(what, _libbpf.last_errno() or errno.EINVAL)
+    assert ptr is not None
+    return ptr
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class StructLayout:
+    """A C struct as the object's BTF describes it (offsets and sizes in bytes)."""
+
+    name: str
+    size: int
+    fields: tuple[Field, ...]
+
+    def check_dtype(self, dtype: np.dtype) -> None:
+        """Raise BpfError unless `dtype` has exactly this struct's size, names and offsets."""
+        problems: list[str] = []
+        if dtype.itemsize != self.size:
+            problems.append(f"size {dtype.itemsize} != C size {self.size}")
+        assert dtype.fields is not None
+        py = {n: (int(off), dt.itemsize) for n, (dt, off, *_) in dtype.fields.items()}
+        c = {f.name: (f.offset, f.size) for f in self.fields if not f.name.startswith("_pad")}
+        py = {n: v for n, v in py.items() if not n.startswith("_pad")}
+        for name in sorted(set(py) | set(c)):
+            if name not in py:
+                problems.append(f"field {name} missing in the Python dtype")
+            elif name not in c:
+                problems.append(f"field {name} not in the C struct")
+            elif py[name] != c[name]:
+                problems.append(f"field {name}: Python (offset, size) {py[name]} != C {c[name]}")
+        if problems:
+            raise BpfError(f"struct {self.name} and its dtype drifted: " + "; ".join(problems))
+
+
+class Link:
+    """An attachment of a program to a hook; destroyed on close or process exit."""
+
+    def __init__(self, ptr: int, description: str) -> None:
+        self._ptr: int | None = ptr
+        self.description = description
+
+    @property
+    def fd(self) -> int:
+        return int(lib().bpf_link__fd(self._ptr)) if self._ptr else -1
+
+    def destroy(self) -> None:
+        if self._ptr:
+            lib().bpf_link__destroy(self._ptr)
+            self._ptr = None
+
+
+@dataclass(frozen=True)
+class ProgStats:
+    run_time_ns: int
+    run_cnt: int
+
+    @property
+    def avg_ns(self) -> float:
+        return self.run_time_ns / self.run_cnt if self.run_cnt else 0.0
+
+
+class Program:
+    def __init__(self, obj: BpfObject, ptr: int) -> None:
+        self._obj = obj
+        self._ptr = ptr
+        self.name: str = lib().bpf_program__name(ptr).decode()
+        self.section: str = lib().bpf_program__section_name(ptr).decode()
+
+    @property
+    def fd(self) -> int:
+        return int(lib().bpf_program__fd(self._ptr))
+
+    @property
+    def autoload(self) -> bool:
+        return bool(lib().bpf_program__autoload(self._ptr))
+
+    def set_autoload(self, enabled: bool) -> None:
+        rc = lib().bpf_program__set_autoload(self._ptr, enabled)
+        if rc:
+            _raise_for(f"set autoload of {self.name}", rc)
+
+    def attach(self) -> Link:
+        """Attach by the program's SEC() (tp/, tp_btf/, raw_tp/, kprobe/, fentry/...)."""
+        ptr = lib().bpf_program__attach(self._ptr)
+        _check_ptr(ptr, f"attach {self.name} ({self.section})")
+        return Link(ptr, self.section)
+
+    def attach_uprobe(
+        self, binary: str, func_name: str, *, retprobe: bool = False, pid: int = -1
+    ) -> Link:
+        opts = _libbpf.UprobeOpts(
+            sz=ctypes.sizeof(_libbpf.UprobeOpts), retprobe=retprobe, func_name=func_name.encode()
+        )
+        ptr = lib().bpf_program__attach_uprobe_opts(
+            self._ptr, pid, binary.encode(), 0, ctypes.byref(opts)
+        )
+        kind = "uretprobe" if retprobe else "uprobe"
+        _check_ptr(ptr, f"attach {kind} {binary}:{func_name}")
+        return Link(ptr, f"{kind}:{binary}:{func_name}")
+
+    def stats(self) -> ProgStats:
+        """Run time and count from BPF stats (non-zero only while stats are enabled)."""
+        fd = self.fd
+        if fd < 0:
+            return ProgStats(0, 0)
+        values: dict[str, int] = {}
+        for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("run_time_ns", "run_cnt"):
+                values[key] = int(value)
+        return ProgStats(values.get("run_time_ns", 0), values.get("run_cnt", 0))
+
+
+class Map:
+    def __init__(self, obj: BpfObject, ptr: int) -> None:
+        self._obj = obj
+        self._ptr = ptr
+        self.name: str = lib().bpf_map__name(ptr).decode()
+
+    @property
+    def fd(self) -> int:
+        return int(lib().bpf_map__fd(self._ptr))
+
+    @property
+    def type(self) -> int:
+        return int(lib().bpf_map__type(self._ptr))
+
+    @property
+    def key_size(self) -> int:
+        return int(lib().bpf_map__key_size(self._ptr))
+
+    @property
+    def value_size(self) -> int:
+        return int(lib().bpf_map__value_size(self._ptr))
+
+    @property
+    def max_entries(self) -> int:
+        return int(lib().bpf_map__max_entries(self._ptr))
+
+    @property
+    def percpu(self) -> bool:
+        return self.type in _PERCPU_TYPES
+
+    @property
+    def value_stride(self) -> int:
+        """Bytes one lookup returns: per-CPU maps return one 8-aligned value per CPU."""
+        if self.percpu:
+            return ((self.value_size + 7) // 8 * 8) * possible_cpus()
+        return self.value_size
+
+    def set_max_entries(self, n: int) -> None:
+        rc = lib().bpf_map__set_max_entries(self._ptr, n)
+        if rc:
+            _raise_for(f"resize map {self.name} to {n}", rc)
+
+    def reuse_fd(self, fd: int) -> None:
+        """Share an already created map (e.g. the filter maps) instead of creating one."""
+        rc = lib().bpf_map__reuse_fd(self._ptr, fd)
+        if rc:
+            _raise_for(f"reuse fd for map {self.name}", rc)
+
+    # --- element access (after load) -------------------------------------------------------
+    def lookup(self, key: bytes) -> bytes | None:
+        value = ctypes.create_string_buffer(self.value_stride)
+        rc = lib().bpf_map_lookup_elem(self.fd, key, value)
+        if rc:
+            if abs(rc) == errno.ENOENT:
+                return None
+            _raise_for(f"lookup in map {self.name}", rc)
+        return value.raw
+
+    def update(self, key: bytes, value: bytes, flags: int = _libbpf.BPF_ANY) -> None:
+        rc = lib().bpf_map_update_elem(self.fd, key, value, flags)
+        if rc:
+            _raise_for(f"update map {self.name}", rc)
+
+    def delete(self, key: bytes) -> bool:
+        rc = lib().bpf_map_delete_elem(self.fd, key)
+        if rc and abs(rc) != errno.ENOENT:
+            _raise_for(f"delete from map {self.name}", rc)
+        return rc == 0
+
+    def keys(self) -> Iterator[bytes]:
+        key = ctypes.create_string_buffer(self.key_size)
+        prev: ctypes.Array[ctypes.c_char] | None = None
+        while lib().bpf_map_get_next_key(self.fd, prev, key) == 0:
+            yield key.raw
+            prev = ctypes.create_string_buffer(key.raw, self.key_size)
+
+    def read_all(self, key_dtype: np.dtype, value_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """All entries as (keys, values); per-CPU values come as shape (n, ncpus).
+
+        Uses the batch lookup (one syscall per 4096 entries) and falls back to key iteration
+        where a map type has no batch support.
+        """
+        self._check_sizes(key_dtype, value_dtype)
+        ncpu = possible_cpus() if self.percpu else 1
+        cap = max(1, self.max_entries)
+        keys = np.zeros(cap, dtype=key_dtype)
+        values = np.zeros((cap, ncpu) if self.percpu else cap, dtype=value_dtype)
+        token_in = ctypes.create_string_buffer(max(8, self.key_size))
+        token_out = ctypes.create_string_buffer(max(8, self.key_size))
+        opts = _libbpf.MapBatchOpts(sz=ctypes.sizeof(_libbpf.MapBatchOpts))
+        got = 0
+        first = True
+        while got < cap:
+            count = ctypes.c_uint32(min(4096, cap - got))
+            rc = lib().bpf_map_lookup_batch(
+                self.fd,
+                None if first else token_in,
+                token_out,
+                keys.ctypes.data + got * key_dtype.itemsize,
+                values.ctypes.data + got * self.value_stride,
+                ctypes.byref(count),
+                ctypes.byref(opts),
+            )
+            err = abs(rc) if rc else 0
+            if err in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP) and first:
+                return self._read_by_iteration(key_dtype, value_dtype)
+            got += count.value
+            if err == errno.ENOENT:
+                break
+            if err:
+                _raise_for(f"batch read of map {self.name}", rc)
+            ctypes.memmove(token_in, token_out, len(token_out))
+            first = False
+        return keys[:got], values[:got]
+
+    def _read_by_iteration(
+        self, key_dtype: np.dtype, value_dtype: np.dtype
+    ) -> tuple[np.ndarray, np.ndarray]:
+        raw_keys = list(self.keys())
+        raw_values = [self.lookup(k) or bytes(self.value_stride) for k in raw_keys]
+        keys = np.frombuffer(b"".join(raw_keys), dtype=key_dtype)
+        values = np.frombuffer(b"".join(raw_values), dtype=value_dtype)
+        if self.percpu:
+            values = values.reshape(len(raw_keys), possible_cpus())
+        return keys.copy(), values.copy()
+
+    def _check_sizes(self, key_dtype: np.dtype, value_dtype: np.dtype) -> None:
+        if key_dtype.itemsize != self.key_size or value_dtype.itemsize != (
+            (self.value_size + 7) // 8 * 8 if self.percpu else self.value_size
+        ):
+            raise BpfError(
+                f"map {self.name}: dtype sizes ({key_dtype.itemsize}, {value_dtype.itemsize}) "
+                f"do not match key/value sizes ({self.key_size}, {self.value_size})"
+            )
+
+
+class BpfObject:
+    """One compiled .bpf.o: open (no privilege) → configure → load → attach programs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise BpfError(
+                f"BPF object {self.path} not found; build it with `make build` "
+                "(or reinstall the probewire package)"
+            )
+        ptr = lib().bpf_object__open_file(str(self.path).encode(), None)
+        self._ptr: int | None = _check_ptr(ptr, f"open BPF object {self.path}")
+        self.loaded = False
+        self.programs: dict[str, Program] = {}
+        prog = lib().bpf_object__next_program(self._ptr, None)
+        while prog:
+            p = Program(self, prog)
+            self.programs[p.name] = p
+            prog = lib().bpf_object__next_program(self._ptr, prog)
+        self.maps: dict[str, Map] = {}
+        m = lib().bpf_object__next_map(self._ptr, None)
+        while m:
+            mp = Map(self, m)
+            self.maps[mp.name] = mp
+            m = lib().bpf_object__next_map(self._ptr, m)
+
+    # --- BTF ---------------------------------------------------------------------------------
+    def _btf(self) -> int:
+        btf = lib().bpf_object__btf(self._ptr)
+        if not btf:
+            raise BpfError(f"{self.path} has no BTF; compile it with clang -g")
+        return int(btf)
+
+    def struct_layout(self, name: str) -> StructLayout:
+        btf = self._btf()
+        type_id = lib().btf__find_by_name_kind(btf, name.encode(), _libbpf.BTF_KIND_STRUCT)
+        if type_id < 0:
+            raise BpfError(f"struct {name} not found in the BTF of {self.path}")
+        t = lib().btf__type_by_id(btf, type_id).contents
+        vlen = t.info & 0xFFFF
+        kflag = t.info >> 31
+        members = ctypes.cast(
+            ctypes.addressof(t) + ctypes.sizeof(_libbpf.BtfType),
+            ctypes.POINTER(_libbpf.BtfMember * vlen),
+        ).contents
+        fields = []
+        for m in members:
+            bit_offset = m.offset & 0xFFFFFF if kflag else m.offset
+            fields.append(
+                Field(
+                    name=lib().btf__name_by_offset(btf, m.name_off).decode(),
+                    offset=bit_offset // 8,
+                    size=int(lib().btf__resolve_size(btf, m.type)),
+                )
+            )
+        return StructLayout(name=name, size=t.size_or_type, fields=tuple(fields))
+
+    def set_rodata(self, **values: int) -> None:
+        """Set `const volatile` globals before load (load-time settings)."""
+        if self.loaded:
+            raise BpfError("const volatile globals can only be set before load")
+        rodata = next((m for m in self.maps.values() if m.name.endswith(".rodata")), None)
+        if rodata is None:
+            raise BpfError(f"{self.path} has no .rodata section to set {sorted(values)}")
+        btf = self._btf()
+        sec_id = lib().btf__find_by_name_kind(btf, b".rodata", _libbpf.BTF_KIND_DATASEC)
+        sec = lib().btf__type_by_id(btf, sec_id).contents
+        vlen = sec.info & 0xFFFF
+        infos = ctypes.cast(
+            ctypes.addressof(sec) + ctypes.sizeof(_libbpf.BtfType),
+            ctypes.POINTER(_libbpf.BtfVarSecinfo * vlen),
+        ).contents
+        size = ctypes.c_size_t()
+        data = lib().bpf_map__initial_value(rodata._ptr, ctypes.byref(size))
+        placed: set[str] = set()
+        for info in infos:
+            var = lib().btf__type_by_id(btf, info.type).contents
+            name = lib().btf__name_by_offset(btf, var.name_off).decode()
+            if name in values:
+                raw = int(values[name]).to_bytes(info.size, "little", signed=values[name] < 0)
+                ctypes.memmove(data + info.offset, raw, info.size)
+                placed.add(name)
+        missing = set(values) - placed
+        if missing:
+            raise BpfError(f"{self.path} has no const volatile globals named {sorted(missing)}")
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def load(self) -> None:
+        rc = lib().bpf_object__load(self._ptr)
+        if rc:
+            _raise_for(f"load {self.path.name} (see the libbpf log above for the verifier's word)", rc)
+        self.loaded = True
+
+    def close(self) -> None:
+        if self._ptr:
+            lib().bpf_object__close(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> BpfObject:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+@dataclass
+class StatsHandle:
+    """Keeps BPF run-time stats enabled for as long as the fd is open."""
+
+    fd: int
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def enable_stats() -> StatsHandle:
+    fd = lib().bpf_enable_stats(_libbpf.BPF_STATS_RUN_TIME)
+    if fd < 0:
+        _raise_for("enable BPF run-time stats", fd)
+    return StatsHandle(int(fd))
