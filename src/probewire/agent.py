@@ -47,7 +47,8 @@ def check_privileges() -> None:
 def raise_memlock() -> None:
     # Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use memcg.
     try:
-        resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        unlimited = resource.RLIM_INFINITY
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (unlimited, unlimited))
     except (ValueError, OSError):
         log.debug("could not raise RLIMIT_MEMLOCK", exc_info=True)
 

@@ -55,7 +55,9 @@ def _parse_forced(values: list[str]) -> dict[str, str]:
     for value in values:
         hook, sep, hook_type = value.partition("=")
         if not sep or not hook or not hook_type:
-            raise ConfigError(f"--force-hook {value!r}: expected HOOK=TYPE, e.g. inet_sock_set_state=tp")
+            raise ConfigError(
+                f"--force-hook {value!r}: expected HOOK=TYPE, e.g. inet_sock_set_state=tp"
+            )
         forced[hook] = hook_type
     return forced
 
@@ -87,7 +89,9 @@ def run(
         try:
             server = AgentServer(agent, make_registry(agent), host, port)
         except OSError as exc:
-            raise ConfigError(f"listen {cfg.listen}: {exc.strerror}; choose another --listen") from exc
+            raise ConfigError(
+                f"listen {cfg.listen}: {exc.strerror}; choose another --listen"
+            ) from exc
         try:
             agent.start()
             server.start()

@@ -10,9 +10,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from agentlib import running_agent  # noqa: E402
+from agentlib import running_agent
 
-from probewire.agent import Agent  # noqa: E402
+from probewire.agent import Agent
 
 
 @pytest.fixture(scope="session")

@@ -61,7 +61,9 @@ def _run_connections(port: int, n: int, server_closes_first: bool) -> None:
         listener.close()
 
 
-@pytest.mark.parametrize("server_closes_first", [False, True], ids=["client-closes", "server-closes"])
+@pytest.mark.parametrize(
+    "server_closes_first", [False, True], ids=["client-closes", "server-closes"]
+)
 def test_loopback_connections_counted_exactly_with_bytes(agent, server_closes_first: bool) -> None:
     _, listen = agent
     port = free_port()

@@ -12,6 +12,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -84,7 +85,7 @@ class ProcessProbe(Probe):
         Hook("sched_process_exec", ("process_exec_btf", "process_exec_tp")),
         Hook("sched_process_exit", ("process_exit_btf", "process_exit_tp")),
     )
-    structs = {"process_event": PROCESS_EVENT}
+    structs: ClassVar[dict[str, np.dtype]] = {"process_event": PROCESS_EVENT}
     record_dtype = PROCESS_EVENT
 
     def __init__(self, ctx: ProbeContext) -> None:

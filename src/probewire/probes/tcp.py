@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -134,7 +135,7 @@ class TcpProbe(Probe):
         Hook("tcp_send_reset", ("tcp_send_reset_btf", "tcp_send_reset_tp")),
         Hook("tcp_receive_reset", ("tcp_receive_reset_btf", "tcp_receive_reset_tp")),
     )
-    structs = {
+    structs: ClassVar[dict[str, np.dtype]] = {
         "tcp_flow_key": TCP_FLOW_KEY,
         "tcp_flow_stats": TCP_FLOW_STATS,
         "tcp_conn": TCP_CONN,

@@ -187,12 +187,15 @@ def _format_va(fmt: bytes, va_list: int) -> str:
     return buf.value.decode(errors="replace").rstrip("\n")
 
 
-@PRINT_FN
-def _print_callback(level: int, fmt: bytes, va_list: int) -> int:
+def _print(level: int, fmt: bytes, va_list: int) -> int:
     py_level = _LEVELS.get(level, logging.DEBUG)
     if log.isEnabledFor(py_level):
         log.log(py_level, "%s", _format_va(fmt, va_list))
     return 0
+
+
+# Kept referenced for the life of the process: libbpf holds the raw pointer.
+_print_callback = PRINT_FN(_print)
 
 
 def strerror(err: int) -> str:

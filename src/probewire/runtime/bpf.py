@@ -245,7 +245,7 @@ class Map:
         rc = lib().bpf_map_delete_elem(self.fd, key)
         if rc and abs(rc) != errno.ENOENT:
             _raise_for(f"delete from map {self.name}", rc)
-        return rc == 0
+        return bool(rc == 0)
 
     def keys(self) -> Iterator[bytes]:
         key = ctypes.create_string_buffer(self.key_size)
@@ -404,7 +404,7 @@ class BpfObject:
     def load(self) -> None:
         rc = lib().bpf_object__load(self._ptr)
         if rc:
-            _raise_for(f"load {self.path.name} (see the libbpf log above for the verifier's word)", rc)
+            _raise_for(f"load {self.path.name} (the libbpf log above has the verifier's word)", rc)
         self.loaded = True
 
     def close(self) -> None:

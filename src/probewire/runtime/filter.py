@@ -6,6 +6,7 @@ Every program consults it first; the agent rewrites it while running.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +64,10 @@ class Filter:
             m.update(key, b"\x01")
 
     def apply(
-        self, pids: list[int] | tuple[int, ...] = (), cgroups: list[str | int] | tuple = (),
-        ports: list[int] | tuple[int, ...] = (),
+        self,
+        pids: Sequence[int] = (),
+        cgroups: Sequence[str | int] = (),
+        ports: Sequence[int] = (),
     ) -> None:
         """Set the filter; empty lists trace everything. Sets members before the mode."""
         self._replace("filter_pids", [np.uint32(p).tobytes() for p in pids])
