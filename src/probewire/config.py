@@ -108,10 +108,41 @@ class ProbeToggle(_Model):
     enabled: bool = Field(default=True, description="true or false")
 
 
+class HttpConfig(_Model):
+    """HTTP/1.x golden signals."""
+
+    enabled: bool = Field(default=True, description="true or false")
+    routes: tuple[str, ...] = Field(
+        default=(),
+        description="route patterns tried before the heuristics, e.g. /users/{id} or "
+        "/static/{*path}",
+    )
+    trace_agent: bool = Field(
+        default=False,
+        description="also trace the agent's own HTTP traffic (its /metrics scrapes)",
+    )
+    max_series_per_metric: int = Field(
+        default=2000,
+        ge=10,
+        strict=True,
+        description="label sets one HTTP metric may hold; more go to http_route=\"other\"",
+    )
+
+    @field_validator("routes")
+    @classmethod
+    def _routes_valid(cls, routes: tuple[str, ...]) -> tuple[str, ...]:
+        from probewire.aggregate.routes import validate_route_pattern
+
+        return tuple(validate_route_pattern(r) for r in routes)
+
+
 class ProbesConfig(_Model):
     """Which probe families to load."""
 
     tcp: ProbeToggle = Field(default=ProbeToggle(), description="the TCP probe family")
+    http: HttpConfig = Field(
+        default_factory=lambda: HttpConfig(), description="the HTTP/1.x probe family"
+    )
     process: ProbeToggle = Field(
         default=ProbeToggle(), description="the process (exec/exit) probe family"
     )
@@ -210,6 +241,10 @@ class ServiceRule(_Model):
     cgroup: str | None = Field(
         default=None, description="a regular expression searched in the cgroup v2 path"
     )
+    port: _Port | None = Field(
+        default=None,
+        description="a local TCP port: names the server side of connections on that port",
+    )
 
     @field_validator("name")
     @classmethod
@@ -245,9 +280,10 @@ class ServiceRule(_Model):
 
     @model_validator(mode="after")
     def _has_matcher(self) -> ServiceRule:
-        if self.exe is None and self.comm is None and self.cmdline is None and self.cgroup is None:
+        if (self.exe, self.comm, self.cmdline, self.cgroup, self.port) == (None,) * 5:
             raise ValueError(
-                f"rule {self.name!r} has no matcher; add at least one of exe, comm, cmdline, cgroup"
+                f"rule {self.name!r} has no matcher; "
+                "add at least one of exe, comm, cmdline, cgroup, port"
             )
         return self
 

@@ -19,12 +19,24 @@ from probewire.serve.http import AgentServer
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 @contextmanager
 def running_agent(
     overrides: dict[str, Any] | None = None, forced_hooks: dict[str, str] | None = None
 ) -> Iterator[tuple[Agent, str]]:
     """A real agent in this process, serving on an ephemeral loopback port."""
-    config: Config = config_from_mapping({"listen": "127.0.0.1:9464", **(overrides or {})})
+    # The tests' clients run in this process, which is the agent: trace its traffic too.
+    base = {"listen": "127.0.0.1:9464", "probes": {"http": {"trace_agent": True}}}
+    config: Config = config_from_mapping(_merge(base, overrides or {}))
     agent = Agent(config, forced_hooks)
     server = AgentServer(agent, make_registry(agent), "127.0.0.1", 0)
     agent.start()

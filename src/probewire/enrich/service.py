@@ -383,6 +383,7 @@ class _CompiledRule:
     comm: str | None
     cmdline: re.Pattern[str] | None
     cgroup: re.Pattern[str] | None
+    port: int | None = None
 
     @classmethod
     def of(cls, rule: ServiceRule) -> _CompiledRule:
@@ -392,9 +393,13 @@ class _CompiledRule:
             comm=rule.comm,
             cmdline=re.compile(rule.cmdline) if rule.cmdline is not None else None,
             cgroup=re.compile(rule.cgroup) if rule.cgroup is not None else None,
+            port=rule.port,
         )
 
-    def matches(self, info: ProcessInfo) -> bool:
+    def matches(self, info: ProcessInfo, port: int | None = None) -> bool:
+        # A port rule names only what happens on that port; a pid alone never matches it.
+        if self.port is not None and self.port != port:
+            return False
         if self.exe is not None and not (info.exe and fnmatch.fnmatchcase(info.exe, self.exe)):
             return False
         if self.comm is not None and info.comm != self.comm:
@@ -496,6 +501,17 @@ class ServiceResolver:
         """Drop ``pid`` from the cache; call on process exit (and exec, to rename at once)."""
         with self._lock:
             self._cache.pop(pid, None)
+
+    def name_for_port(self, pid: int, port: int) -> str:
+        """Name the server side of a connection on local `port`: port rules first."""
+        info = self.info_for(pid)
+        for rule in self._rules:
+            if rule.port == port and (
+                (rule.exe, rule.comm, rule.cmdline, rule.cgroup) == (None,) * 4
+                or (info is not None and rule.matches(info, port))
+            ):
+                return rule.name
+        return self.name_for(pid)
 
     def names_for(self, pids: Iterable[int]) -> dict[int, str]:
         """Service names for many pids (each looked up once)."""

@@ -61,6 +61,8 @@ class Probe:
     hooks: ClassVar[tuple[Hook, ...]]
     structs: ClassVar[dict[str, np.dtype]] = {}
     record_dtype: ClassVar[np.dtype | None] = None  # set when the family ships ring records
+    # Loaded but never attached (e.g. the target of a tail call).
+    helper_programs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: ProbeContext) -> None:
         self.ctx = ctx
@@ -158,7 +160,7 @@ def start_probe(
         for struct_name, dtype in probe.structs.items():
             obj.struct_layout(struct_name).check_dtype(dtype)
         choices = choose_programs(type(probe), support, obj, forced)
-        chosen = {c.program for c in choices if c.program}
+        chosen = {c.program for c in choices if c.program} | set(probe.helper_programs)
         for prog in obj.programs.values():
             prog.set_autoload(prog.name in chosen)
         for name in SHARED_MAPS:

@@ -1,0 +1,547 @@
+// SPDX-License-Identifier: GPL-2.0
+/* http family: HTTP/1.x exchanges seen through syscall tracepoints (no kprobes needed).
+ *
+ * Enter hooks resolve fd -> struct sock and park the buffer pointer per thread; exit hooks
+ * look at the bytes the syscall moved. Per connection (keyed by struct sock, not PID) a small
+ * state machine finds message starts (request line / status line at the start of a buffer),
+ * keeps the first bytes of each head, counts bytes, and emits one record per exchange. Method,
+ * status and role are decided here; path templating and pipelined heads are user space's. */
+#include "common.h"
+#include <bpf/bpf_endian.h>
+#include "http.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* Load-time setting: the agent's own pid, whose /metrics traffic is not the host's. */
+const volatile __u32 self_tgid = 0;
+
+#define DIR_IN 1
+#define DIR_OUT 2
+#define IO_PLAIN 0
+#define IO_IOV 1
+#define IO_MSG 2
+#define IO_SENDFILE 3
+#define S_IFMT_ 00170000
+#define S_IFSOCK_ 0140000
+#define HTTP_PROTO_FILTERED 3
+
+struct http_args {
+	__u64 sk;
+	__u64 buf;
+	__u64 enter_ns;
+	__u8 dir;
+	__u8 io;
+	__u8 _pad[6];
+};
+
+/* Connection state; LRU because a close we never see (process exit) must not leak it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, __u64);
+	__type(value, struct http_conn);
+} http_conns SEC(".maps");
+
+/* Syscall arguments between enter and exit, per thread. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct http_args);
+} http_args SEC(".maps");
+
+struct http_exchange *btf_export_http_exchange __attribute__((unused));
+static struct http_conn zero_conn;
+
+static __always_inline struct sock *tcp_sock_of_fd(int fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds;
+	struct file *file = NULL;
+	struct socket *sock;
+	struct sock *sk;
+	__u16 family;
+
+	if (fd < 0 || (unsigned int)fd >= BPF_CORE_READ(fdt, max_fds))
+		return NULL;
+	fds = BPF_CORE_READ(fdt, fd);
+	if (bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
+		return NULL;
+	if ((BPF_CORE_READ(file, f_inode, i_mode) & S_IFMT_) != S_IFSOCK_)
+		return NULL;
+	sock = BPF_CORE_READ(file, private_data);
+	sk = BPF_CORE_READ(sock, sk);
+	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+		return NULL;
+	family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (family != AF_INET && family != AF_INET6)
+		return NULL;
+	return sk;
+}
+
+static __always_inline bool target_start(__u8 c)
+{
+	return c == '/' || c == '*' || c == 'h';
+}
+
+/* A request line starts with METHOD SP target; the target check keeps e.g. "GET garbage" of
+ * another protocol from being taken for HTTP. */
+static __always_inline __u8 method_of(const __u8 *b)
+{
+	if (b[0] == 'G' && b[1] == 'E' && b[2] == 'T' && b[3] == ' ' && target_start(b[4]))
+		return HTTP_GET;
+	if (b[0] == 'P' && b[1] == 'O' && b[2] == 'S' && b[3] == 'T' && b[4] == ' ' &&
+	    target_start(b[5]))
+		return HTTP_POST;
+	if (b[0] == 'P' && b[1] == 'U' && b[2] == 'T' && b[3] == ' ' && target_start(b[4]))
+		return HTTP_PUT;
+	if (b[0] == 'H' && b[1] == 'E' && b[2] == 'A' && b[3] == 'D' && b[4] == ' ' &&
+	    target_start(b[5]))
+		return HTTP_HEAD;
+	if (b[0] == 'D' && b[1] == 'E' && b[2] == 'L' && b[3] == 'E' && b[4] == 'T' &&
+	    b[5] == 'E' && b[6] == ' ' && target_start(b[7]))
+		return HTTP_DELETE;
+	if (b[0] == 'P' && b[1] == 'A' && b[2] == 'T' && b[3] == 'C' && b[4] == 'H' &&
+	    b[5] == ' ' && target_start(b[6]))
+		return HTTP_PATCH;
+	if (b[0] == 'O' && b[1] == 'P' && b[2] == 'T' && b[3] == 'I' && b[4] == 'O' &&
+	    b[5] == 'N' && b[6] == 'S' && b[7] == ' ' && target_start(b[8]))
+		return HTTP_OPTIONS;
+	if (b[0] == 'C' && b[1] == 'O' && b[2] == 'N' && b[3] == 'N' && b[4] == 'E' &&
+	    b[5] == 'C' && b[6] == 'T' && b[7] == ' ' && b[8] > ' ')
+		return HTTP_CONNECT;
+	if (b[0] == 'T' && b[1] == 'R' && b[2] == 'A' && b[3] == 'C' && b[4] == 'E' &&
+	    b[5] == ' ' && target_start(b[6]))
+		return HTTP_TRACE;
+	return 0;
+}
+
+static __always_inline bool digit(__u8 c)
+{
+	return c >= '0' && c <= '9';
+}
+
+/* "HTTP/1.x NNN" -> NNN, or 0. */
+static __always_inline __u16 status_of(const __u8 *b)
+{
+	if (b[0] != 'H' || b[1] != 'T' || b[2] != 'T' || b[3] != 'P' || b[4] != '/' ||
+	    b[5] != '1' || b[6] != '.' || (b[7] != '0' && b[7] != '1') || b[8] != ' ' ||
+	    !digit(b[9]) || !digit(b[10]) || !digit(b[11]) || b[9] == '0')
+		return 0;
+	return (b[9] - '0') * 100 + (b[10] - '0') * 10 + (b[11] - '0');
+}
+
+/* A split request line ("GE" then "T / HTTP/1.1"): short upper-case bytes wait for more. */
+static __always_inline bool maybe_split_method(const __u8 *b, __u32 n)
+{
+	if (n == 0 || n >= 8)
+		return false;
+	for (int i = 0; i < 8; i++) {
+		if (i >= n)
+			break;
+		if (b[i] < 'A' || b[i] > 'Z')
+			return false;
+	}
+	return true;
+}
+
+/* barrier_var (bpf_helpers.h) keeps a clamped size in the register the helper call uses:
+ * clang may otherwise compare a zero-extended copy and pass the unclamped original. */
+static __always_inline void head_append(__u8 *head, __u16 *len, const void *buf, __u64 n)
+{
+	__u64 off = *len;
+	__u64 sz = n;
+
+	if (off == 0) {
+		if (sz > HTTP_HEAD_LEN)
+			sz = HTTP_HEAD_LEN;
+		barrier_var(sz);
+		bpf_probe_read_user(head, sz, buf);
+	} else if (off <= HTTP_HEAD_LEN - HTTP_APPEND_CHUNK) {
+		if (sz > HTTP_APPEND_CHUNK)
+			sz = HTTP_APPEND_CHUNK;
+		barrier_var(sz);
+		barrier_var(off);
+		bpf_probe_read_user(head + off, sz, buf);
+	} else {
+		return;
+	}
+	*len = off + sz;
+}
+
+static __always_inline void emit(struct http_conn *conn)
+{
+	if (bpf_ringbuf_output(&events, &conn->ex, sizeof(conn->ex), 0))
+		count_drop();
+}
+
+static __always_inline void fill_tuple(struct http_exchange *ex, const struct sock *sk)
+{
+	ex->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	ex->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	ex->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (ex->family == AF_INET) {
+		bpf_core_read(ex->laddr, 4, &sk->__sk_common.skc_rcv_saddr);
+		bpf_core_read(ex->raddr, 4, &sk->__sk_common.skc_daddr);
+	} else {
+		bpf_core_read(ex->laddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+		bpf_core_read(ex->raddr, 16, &sk->__sk_common.skc_v6_daddr);
+	}
+}
+
+static __always_inline struct http_conn *conn_for(const struct sock *sk, __u32 tgid)
+{
+	__u64 key = (__u64)sk;
+	struct http_conn *conn = bpf_map_lookup_elem(&http_conns, &key);
+
+	if (conn) {
+		/* The address of a freed socket is reused: a different peer port means a new one. */
+		if (conn->ex.rport == bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport)) &&
+		    conn->ex.lport == BPF_CORE_READ(sk, __sk_common.skc_num))
+			return conn;
+	}
+	bpf_map_update_elem(&http_conns, &key, &zero_conn, BPF_ANY);
+	conn = bpf_map_lookup_elem(&http_conns, &key);
+	if (!conn)
+		return NULL;
+	conn->ex.kind = HTTP_RECORD_EXCHANGE;
+	conn->ex.conn_id = key;
+	conn->ex.tgid = tgid;
+	fill_tuple(&conn->ex, sk);
+	if (!is_traced(tgid, bpf_get_current_cgroup_id(), conn->ex.lport, conn->ex.rport))
+		conn->proto = HTTP_PROTO_FILTERED;
+	return conn;
+}
+
+static __always_inline void start_message(struct http_conn *conn, __u8 *head, __u16 *head_len,
+					  const void *buf, __u64 n)
+{
+	__u32 p = conn->partial_len;
+
+	*head_len = 0;
+	if (p) {
+		__u64 word;
+
+		/* Whole words: a byte loop here becomes a memmove, which BPF has not. */
+		__builtin_memcpy(&word, conn->partial, 8);
+		__builtin_memcpy(head, &word, 8);
+		*head_len = p & 7;
+	}
+	head_append(head, head_len, buf, n);
+	conn->partial_len = 0;
+}
+
+static __always_inline void new_exchange(struct http_conn *conn, __u8 method, __u64 start_ns,
+					 __u64 req_bytes, __u32 tgid)
+{
+	conn->ex.method = method;
+	conn->ex.start_ns = start_ns;
+	conn->ex.req_bytes = req_bytes;
+	conn->ex.tgid = tgid;
+	conn->ex.status = 0;
+	conn->ex.flags = 0;
+	conn->ex.pipe_idx = 0;
+	conn->ex.end_ns = 0;
+	conn->ex.resp_bytes = 0;
+	conn->ex.resp_head_len = 0;
+	conn->ex.resp_first_write = 0;
+	conn->state = HTTP_STATE_REQUEST;
+}
+
+static __always_inline void response_started(struct http_conn *conn, __u16 status, __u64 now,
+					     const void *buf, __u64 n, __u32 first_len)
+{
+	conn->ex.status = status;
+	conn->ex.end_ns = now;
+	conn->ex.resp_bytes = n;
+	conn->ex.resp_first_write = first_len;
+	conn->ex.resp_head_len = 0;
+	head_append(conn->ex.resp_head, &conn->ex.resp_head_len, buf, first_len);
+}
+
+static __always_inline void on_data(const struct sock *sk, __u8 dir, const void *buf, __u64 n,
+				    __u32 first_len, __u64 enter_ns, __u64 exit_ns, bool has_bytes)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct http_conn *conn = conn_for(sk, tgid);
+	__u8 peek[24] = {};
+	__u32 p = 0;
+	__u64 sz;
+	__u8 method = 0;
+	__u16 status = 0;
+	bool turned;
+
+	if (!conn || conn->proto == HTTP_PROTO_FILTERED)
+		return;
+	turned = conn->last_dir != dir;
+	conn->last_dir = dir;
+	/* A stream that is not HTTP costs this lookup; it is looked at again only when the
+	 * talk changes direction (a message boundary in request/response protocols). */
+	if (conn->proto == HTTP_PROTO_NO && !turned)
+		return;
+	if (has_bytes) {
+		p = conn->partial_len & 7;
+		for (int i = 0; i < 8; i++) {
+			if (i >= p)
+				break;
+			peek[i] = conn->partial[i];
+		}
+		sz = first_len;
+		if (sz > 16)
+			sz = 16;
+		barrier_var(sz);
+		/* Constant offsets: the verifier rejects a variable one into the stack here. */
+		switch (p) {
+		case 0: bpf_probe_read_user(&peek[0], sz, buf); break;
+		case 1: bpf_probe_read_user(&peek[1], sz, buf); break;
+		case 2: bpf_probe_read_user(&peek[2], sz, buf); break;
+		case 3: bpf_probe_read_user(&peek[3], sz, buf); break;
+		case 4: bpf_probe_read_user(&peek[4], sz, buf); break;
+		case 5: bpf_probe_read_user(&peek[5], sz, buf); break;
+		case 6: bpf_probe_read_user(&peek[6], sz, buf); break;
+		default: bpf_probe_read_user(&peek[7], sz, buf); break;
+		}
+		method = method_of(peek);
+		status = method ? 0 : status_of(peek);
+	}
+	if (conn->proto != HTTP_PROTO_YES) {
+		if (!method && !status) {
+			if (has_bytes && maybe_split_method(peek, p + first_len)) {
+				__builtin_memcpy(conn->partial, peek, 8);
+				conn->partial_len = (p + first_len) & 7;
+				return;
+			}
+			conn->proto = HTTP_PROTO_NO;
+			conn->partial_len = 0;
+			return;
+		}
+		conn->proto = HTTP_PROTO_YES;
+		conn->ex.role = ((method && dir == DIR_IN) || (status && dir == DIR_OUT)) ?
+					HTTP_ROLE_SERVER :
+					HTTP_ROLE_CLIENT;
+		conn->state = HTTP_STATE_IDLE;
+	}
+	if (!method && !status && has_bytes && conn->state != HTTP_STATE_REQUEST &&
+	    maybe_split_method(peek, p + first_len)) {
+		__builtin_memcpy(conn->partial, peek, 8);
+		conn->partial_len = (p + first_len) & 7;
+		return;
+	}
+
+	if (conn->ex.role == HTTP_ROLE_SERVER) {
+		if (dir == DIR_IN) {
+			if (conn->state == HTTP_STATE_RESPONSE) {
+				emit(conn); /* the enter hook missed it (e.g. a read we do not hook) */
+				conn->state = HTTP_STATE_IDLE;
+			}
+			if (conn->state == HTTP_STATE_IDLE) {
+				if (!method) {
+					conn->partial_len = 0;
+					return; /* bytes of an exchange that began before we looked */
+				}
+				new_exchange(conn, method, exit_ns, n + p, tgid);
+				start_message(conn, conn->ex.req_head, &conn->ex.req_head_len, buf,
+					      first_len);
+			} else {
+				conn->ex.req_bytes += n;
+				head_append(conn->ex.req_head, &conn->ex.req_head_len, buf, first_len);
+			}
+			return;
+		}
+		if (status >= 100 && status < 200)
+			return; /* interim (100 Continue): the final response follows */
+		if (status) {
+			if (conn->state == HTTP_STATE_REQUEST) {
+				conn->state = HTTP_STATE_RESPONSE;
+				response_started(conn, status, exit_ns, buf, n, first_len);
+			} else if (conn->state == HTTP_STATE_RESPONSE) {
+				/* Next pipelined request answered: its line is further in the head. */
+				emit(conn);
+				conn->ex.pipe_idx += 1;
+				conn->ex.flags |= HTTP_FLAG_PIPELINED;
+				conn->ex.method = 0;
+				conn->ex.req_bytes = 0;
+				response_started(conn, status, exit_ns, buf, n, first_len);
+			}
+			return;
+		}
+		if (conn->state == HTTP_STATE_RESPONSE) {
+			conn->ex.resp_bytes += n;
+			conn->ex.end_ns = exit_ns;
+		}
+		return;
+	}
+
+	/* Client. */
+	if (dir == DIR_OUT) {
+		if (method && conn->state == HTTP_STATE_REQUEST) {
+			conn->outstanding += 1; /* pipelined */
+			conn->ex.req_bytes += n;
+			head_append(conn->ex.req_head, &conn->ex.req_head_len, buf, first_len);
+		} else if (method) {
+			new_exchange(conn, method, enter_ns, n + p, tgid);
+			conn->outstanding = 1;
+			start_message(conn, conn->ex.req_head, &conn->ex.req_head_len, buf, first_len);
+		} else if (conn->state == HTTP_STATE_REQUEST) {
+			conn->ex.req_bytes += n;
+		}
+		return;
+	}
+	if (status >= 200 && conn->state == HTTP_STATE_REQUEST) {
+		response_started(conn, status, exit_ns, buf, n, first_len);
+		emit(conn);
+		if (conn->outstanding > 1) {
+			conn->outstanding -= 1;
+			conn->ex.pipe_idx += 1;
+			conn->ex.flags |= HTTP_FLAG_PIPELINED;
+			conn->ex.method = 0;
+			conn->ex.req_bytes = 0;
+		} else {
+			conn->outstanding = 0;
+			conn->state = HTTP_STATE_IDLE;
+		}
+	}
+}
+
+/* ---- enter: fd -> sock, park the arguments ------------------------------------------ */
+
+static __always_inline int enter_io(long fd, unsigned long buf, __u8 dir, __u8 io)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 tgid = id >> 32;
+	struct http_args args = {};
+	struct sock *sk;
+
+	if (tgid == self_tgid || !is_traced(tgid, bpf_get_current_cgroup_id(), 0, 0))
+		return 0;
+	sk = tcp_sock_of_fd(fd);
+	if (!sk)
+		return 0;
+	if (dir == DIR_IN) {
+		/* A server reading again has finished its response: emit it now, not when the
+		 * next request (maybe minutes later on an idle keep-alive connection) arrives. */
+		__u64 key = (__u64)sk;
+		struct http_conn *conn = bpf_map_lookup_elem(&http_conns, &key);
+
+		if (conn && conn->ex.role == HTTP_ROLE_SERVER &&
+		    conn->state == HTTP_STATE_RESPONSE) {
+			emit(conn);
+			conn->state = HTTP_STATE_IDLE;
+		}
+	}
+	args.sk = (__u64)sk;
+	args.buf = buf;
+	args.enter_ns = bpf_ktime_get_ns();
+	args.dir = dir;
+	args.io = io;
+	bpf_map_update_elem(&http_args, &id, &args, BPF_ANY);
+	return 0;
+}
+
+static __always_inline int exit_io(long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct http_args *a = bpf_map_lookup_elem(&http_args, &id);
+	struct http_args args;
+	struct iovec iov = {};
+	struct user_msghdr msg = {};
+	const void *data;
+	__u32 first_len;
+
+	if (!a)
+		return 0;
+	args = *a;
+	bpf_map_delete_elem(&http_args, &id);
+	if (ret <= 0)
+		return 0;
+	data = (const void *)args.buf;
+	first_len = ret;
+	if (args.io == IO_MSG) {
+		if (bpf_probe_read_user(&msg, sizeof(msg), data))
+			return 0;
+		data = msg.msg_iov;
+	}
+	if (args.io == IO_IOV || args.io == IO_MSG) {
+		if (bpf_probe_read_user(&iov, sizeof(iov), data))
+			return 0;
+		data = iov.iov_base;
+		if (iov.iov_len < first_len)
+			first_len = iov.iov_len;
+	}
+	on_data((const struct sock *)args.sk, args.dir, data, ret, first_len, args.enter_ns,
+		bpf_ktime_get_ns(), args.io != IO_SENDFILE);
+	return 0;
+}
+
+/* The exit side is the heavy part (the state machine): it lives in one program that every
+ * exit tracepoint tail-calls, so the verifier checks it once instead of nine times. */
+SEC("tp")
+int http_exit_common(struct trace_event_raw_sys_exit *ctx)
+{
+	return exit_io(ctx->ret);
+}
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 1);
+	__uint(key_size, sizeof(__u32)); /* sizes, not BTF types: prog arrays take no BTF */
+	__array(values, int(void *));
+} http_exit_prog SEC(".maps") = {
+	.values = { [0] = (void *)&http_exit_common },
+};
+
+/* One enter and one exit tracepoint per data syscall: they fire only for these syscalls, and
+ * an untraced process or a non-socket fd returns after the filter and fd checks. */
+#define ENTER(name, dir, io, fd_arg, buf_arg)                                            \
+	SEC("tp/syscalls/sys_enter_" #name)                                              \
+	int http_enter_##name(struct trace_event_raw_sys_enter *ctx)                     \
+	{                                                                                \
+		return enter_io(ctx->args[fd_arg], ctx->args[buf_arg], dir, io);         \
+	}                                                                                \
+	SEC("tp/syscalls/sys_exit_" #name)                                               \
+	int http_exit_##name(struct trace_event_raw_sys_exit *ctx)                       \
+	{                                                                                \
+		bpf_tail_call(ctx, &http_exit_prog, 0);                                  \
+		return 0;                                                                \
+	}
+
+ENTER(read, DIR_IN, IO_PLAIN, 0, 1)
+ENTER(recvfrom, DIR_IN, IO_PLAIN, 0, 1)
+ENTER(readv, DIR_IN, IO_IOV, 0, 1)
+ENTER(recvmsg, DIR_IN, IO_MSG, 0, 1)
+ENTER(write, DIR_OUT, IO_PLAIN, 0, 1)
+ENTER(sendto, DIR_OUT, IO_PLAIN, 0, 1)
+ENTER(writev, DIR_OUT, IO_IOV, 0, 1)
+ENTER(sendmsg, DIR_OUT, IO_MSG, 0, 1)
+ENTER(sendfile64, DIR_OUT, IO_SENDFILE, 0, 2)
+
+/* close(): a request with no response yet was aborted; a finished response is emitted. */
+SEC("tp/syscalls/sys_enter_close")
+int http_close(struct trace_event_raw_sys_enter *ctx)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct http_conn *conn;
+	struct sock *sk;
+	__u64 key;
+
+	if (tgid == self_tgid)
+		return 0;
+	sk = tcp_sock_of_fd(ctx->args[0]);
+	if (!sk)
+		return 0;
+	key = (__u64)sk;
+	conn = bpf_map_lookup_elem(&http_conns, &key);
+	if (!conn)
+		return 0;
+	if (conn->proto == HTTP_PROTO_YES && conn->state != HTTP_STATE_IDLE) {
+		if (conn->state == HTTP_STATE_REQUEST) {
+			conn->ex.flags |= HTTP_FLAG_ABORTED;
+			conn->ex.status = 0;
+			conn->ex.end_ns = bpf_ktime_get_ns();
+		}
+		emit(conn);
+	}
+	bpf_map_delete_elem(&http_conns, &key);
+	return 0;
+}

@@ -1,0 +1,73 @@
+/* Records of the http family, shared by http.bpf.c and checked against
+ * src/probewire/probes/http.py through the object's BTF. */
+#pragma once
+
+#define HTTP_HEAD_LEN 256 /* bytes of each message head kept (request line, headers) */
+#define HTTP_APPEND_CHUNK 64 /* later reads append at most this much to a head */
+
+#define HTTP_ROLE_SERVER 1
+#define HTTP_ROLE_CLIENT 2
+
+/* Methods the kernel recognises at the start of a buffer (0: see the head). */
+#define HTTP_GET 1
+#define HTTP_POST 2
+#define HTTP_PUT 3
+#define HTTP_DELETE 4
+#define HTTP_HEAD 5
+#define HTTP_PATCH 6
+#define HTTP_OPTIONS 7
+#define HTTP_CONNECT 8
+#define HTTP_TRACE 9
+
+#define HTTP_FLAG_ABORTED (1 << 0) /* connection closed before the response started */
+#define HTTP_FLAG_PIPELINED (1 << 1) /* not the first request of its read: parse the head */
+
+#define HTTP_RECORD_EXCHANGE 1
+
+/* One request/response exchange. Server side: emitted when the response is complete (the
+ * server reads again, answers the next pipelined request, or closes). Client side: emitted
+ * when the response starts (status known), so idle pooled connections never hold it back. */
+struct http_exchange {
+	__u32 kind;
+	__u32 tgid;
+	__u8 role;
+	__u8 method;
+	__u16 status; /* 0 when aborted */
+	__u8 family;
+	__u8 flags;
+	__u16 pipe_idx; /* n-th request found in the same request head */
+	__u64 start_ns; /* server: request's first byte read; client: request write began */
+	__u64 end_ns; /* server: last response byte written; client: response's first read */
+	__u64 req_bytes; /* request bytes on the wire (head and body) */
+	__u64 resp_bytes; /* response bytes (server: all of them; client: the first read) */
+	__u64 conn_id;
+	__u16 lport;
+	__u16 rport;
+	__u16 req_head_len;
+	__u16 resp_head_len;
+	__u32 resp_first_write; /* length of the response's first write (its header block) */
+	__u32 _pad;
+	__u8 laddr[16];
+	__u8 raddr[16];
+	__u8 req_head[HTTP_HEAD_LEN];
+	__u8 resp_head[HTTP_HEAD_LEN];
+};
+
+#define HTTP_STATE_IDLE 0
+#define HTTP_STATE_REQUEST 1 /* request seen, no response yet */
+#define HTTP_STATE_RESPONSE 2 /* server: response being written */
+
+#define HTTP_PROTO_UNKNOWN 0
+#define HTTP_PROTO_YES 1
+#define HTTP_PROTO_NO 2
+
+struct http_conn {
+	struct http_exchange ex;
+	__u8 state;
+	__u8 proto;
+	__u8 last_dir;
+	__u8 partial_len; /* bytes of a split method kept in `partial` */
+	__u16 outstanding; /* client: pipelined requests awaiting a response */
+	__u16 _pad;
+	__u8 partial[8];
+};

@@ -1,0 +1,76 @@
+"""Label-keyed counters and fixed-bucket histograms fed with numpy batches.
+
+Series are keyed by label tuples that already passed a LabelBudget; observing a batch is one
+`np.searchsorted` + `np.bincount` per label set, never a Python call per value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
+
+Labels = tuple[str, ...]
+
+
+class HistogramSeries:
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = np.asarray(bounds, dtype=np.float64)
+        self.le = [floatToGoString(b) for b in self.bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
+        self.counts: dict[Labels, np.ndarray] = {}
+        self.sums: dict[Labels, float] = {}
+
+    def observe(self, labels: Labels, values: np.ndarray) -> None:
+        if not len(values):
+            return
+        # Bucket i holds bounds[i-1] < v <= bounds[i], Prometheus' `le` semantics.
+        idx = np.searchsorted(self.bounds, values, side="left")
+        add = np.bincount(idx, minlength=len(self.bounds) + 1)
+        self.merge(labels, add.astype(np.int64), float(values.sum()))
+
+    def merge(self, labels: Labels, counts: np.ndarray, total: float) -> None:
+        """Add another series' bucket counts and sum (e.g. when relabelling at scrape)."""
+        if labels in self.counts:
+            self.counts[labels] = self.counts[labels] + counts
+            self.sums[labels] += total
+        else:
+            self.counts[labels] = counts.copy()
+            self.sums[labels] = total
+
+    def family(
+        self, name: str, documentation: str, label_names: Sequence[str]
+    ) -> HistogramMetricFamily:
+        fam = HistogramMetricFamily(name, documentation, labels=list(label_names))
+        for labels, counts in sorted(self.counts.items()):
+            cumulative = np.cumsum(counts).tolist()
+            fam.add_metric(list(labels), list(zip(self.le, cumulative, strict=True)),
+                           self.sums[labels])
+        return fam
+
+    def total(self) -> int:
+        return int(sum(int(c.sum()) for c in self.counts.values()))
+
+
+class CounterSeries:
+    def __init__(self) -> None:
+        self.values: dict[Labels, float] = {}
+
+    def add(self, labels: Labels, amount: float = 1.0) -> None:
+        self.values[labels] = self.values.get(labels, 0.0) + amount
+
+    def family(
+        self, name: str, documentation: str, label_names: Sequence[str]
+    ) -> CounterMetricFamily:
+        fam = CounterMetricFamily(name, documentation, labels=list(label_names))
+        for labels, value in sorted(self.values.items()):
+            fam.add_metric(list(labels), value)
+        return fam
+
+
+def group_rows(columns: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Group rows by several integer columns: (unique key rows, inverse index per row)."""
+    stacked = np.stack([np.asarray(c, dtype=np.int64) for c in columns], axis=1)
+    keys, inverse = np.unique(stacked, axis=0, return_inverse=True)
+    return keys, inverse.reshape(-1)

@@ -1,0 +1,375 @@
+"""http family: HTTP/1.x RED metrics for servers and clients, and the service graph.
+
+Kernel side (bpf/http.bpf.c) emits one record per request/response exchange with the method,
+status, timestamps, byte counts, the connection's addresses and the first bytes of both heads.
+Here a batch is decoded with numpy: paths are cut out of the heads in one vectorised pass,
+templated once per distinct path, and rows are grouped by label set before any Python work.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import ClassVar
+
+import numpy as np
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from probewire.aggregate.budget import LabelBudget
+from probewire.aggregate.http_heads import nth_request, request_paths
+from probewire.aggregate.routes import RouteTemplater
+from probewire.aggregate.series import CounterSeries, HistogramSeries, group_rows
+from probewire.probes.base import Hook, Probe, ProbeContext
+from probewire.runtime.bpf import BpfObject
+
+HEAD_LEN = 256
+ROLE_SERVER, ROLE_CLIENT = 1, 2
+FLAG_ABORTED, FLAG_PIPELINED = 1, 2
+
+HTTP_EXCHANGE = np.dtype(
+    [
+        ("kind", np.uint32),
+        ("tgid", np.uint32),
+        ("role", np.uint8),
+        ("method", np.uint8),
+        ("status", np.uint16),
+        ("family", np.uint8),
+        ("flags", np.uint8),
+        ("pipe_idx", np.uint16),
+        ("start_ns", np.uint64),
+        ("end_ns", np.uint64),
+        ("req_bytes", np.uint64),
+        ("resp_bytes", np.uint64),
+        ("conn_id", np.uint64),
+        ("lport", np.uint16),
+        ("rport", np.uint16),
+        ("req_head_len", np.uint16),
+        ("resp_head_len", np.uint16),
+        ("resp_first_write", np.uint32),
+        ("_pad", np.uint32),
+        ("laddr", np.uint8, (16,)),
+        ("raddr", np.uint8, (16,)),
+        ("req_head", np.uint8, (HEAD_LEN,)),
+        ("resp_head", np.uint8, (HEAD_LEN,)),
+    ]
+)
+
+# Kernel method codes (bpf/http.h); index 0 means "parse the head".
+METHODS = ("_OTHER", "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS", "CONNECT",
+           "TRACE")
+METHOD_LEN = np.array([0] + [len(m) for m in METHODS[1:]], dtype=np.int64)
+SYSCALLS = ("read", "recvfrom", "readv", "recvmsg", "write", "sendto", "writev", "sendmsg",
+            "sendfile64")
+
+# OpenTelemetry's recommended boundaries for http.*.request.duration (seconds).
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                    10.0)
+SIZE_BUCKETS = (0, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
+
+SERVER_LABELS = ("service_name", "http_request_method", "http_response_status_code", "http_route")
+CLIENT_LABELS = (*SERVER_LABELS, "server_address", "server_port")
+EDGE_LABELS = ("client", "server")
+UNKNOWN_ROUTE = "unknown"
+ENDPOINTS_MAX = 65536
+
+
+def address(family: int, raw: np.ndarray) -> str:
+    data = bytes(raw)
+    if family == socket.AF_INET:
+        return str(ipaddress.IPv4Address(data[:4]))
+    if family == socket.AF_INET6:
+        addr = ipaddress.IPv6Address(data)
+        return str(addr.ipv4_mapped or addr)
+    return ""
+
+
+def header_lengths(heads: np.ndarray, head_lens: np.ndarray) -> np.ndarray:
+    """Bytes up to and including the first CRLFCRLF of each head, or -1 if not in the head."""
+    if not len(heads):
+        return np.zeros(0, dtype=np.int64)
+    h = heads
+    hit = (h[:, :-3] == 13) & (h[:, 1:-2] == 10) & (h[:, 2:-1] == 13) & (h[:, 3:] == 10)
+    first = np.argmax(hit, axis=1)
+    found = hit[np.arange(len(h)), first] & (first + 4 <= head_lens)
+    return np.where(found, first + 4, -1).astype(np.int64)
+
+
+class _Bounded(OrderedDict[tuple[str, int], str]):
+    """Endpoint -> service, forgetting the oldest beyond a fixed size."""
+
+    def put(self, key: tuple[str, int], value: str) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        if len(self) > ENDPOINTS_MAX:
+            self.popitem(last=False)
+
+
+class HttpProbe(Probe):
+    name = "http"
+    object_name = "http"
+    hooks = (
+        *(Hook(f"sys_enter_{s}", (f"http_enter_{s}",)) for s in SYSCALLS),
+        *(Hook(f"sys_exit_{s}", (f"http_exit_{s}",)) for s in SYSCALLS),
+        Hook("sys_enter_close", ("http_close",)),
+    )
+    helper_programs = ("http_exit_common",)
+    structs: ClassVar[dict[str, np.dtype]] = {"http_exchange": HTTP_EXCHANGE}
+    record_dtype = HTTP_EXCHANGE
+
+    def __init__(self, ctx: ProbeContext) -> None:
+        super().__init__(ctx)
+        cfg = ctx.config.probes.http
+        self.routes = RouteTemplater(cfg.routes)
+        self._lock = threading.Lock()
+        overflow = {"http_route": "other"}
+        self.server_budget = LabelBudget(cfg.max_series_per_metric, overflow)
+        self.client_budget = LabelBudget(cfg.max_series_per_metric,
+                                         {**overflow, "server_address": "other"})
+        self.edge_budget = LabelBudget(cfg.max_series_per_metric, {"client": "other"})
+        self.server_duration = HistogramSeries(DURATION_BUCKETS)
+        self.client_duration = HistogramSeries(DURATION_BUCKETS)
+        self.server_req_size = HistogramSeries(SIZE_BUCKETS)
+        self.server_resp_size = HistogramSeries(SIZE_BUCKETS)
+        self.client_req_size = HistogramSeries(SIZE_BUCKETS)
+        self.aborted = CounterSeries()
+        # Service graph: client-side edges keep the server endpoint until scrape time, when
+        # the server side (seen in its own records) can name it.
+        self.edge_client_total: dict[tuple[str, tuple[str, int]], list[float]] = {}
+        self.edge_client_seconds = HistogramSeries(DURATION_BUCKETS)
+        self.edge_server_total = CounterSeries()
+        self.edge_server_failed = CounterSeries()
+        self.edge_server_seconds = HistogramSeries(DURATION_BUCKETS)
+        self.server_endpoints = _Bounded()
+        self.client_endpoints = _Bounded()
+        self.local_addresses: set[str] = {"127.0.0.1", "::1"}
+        self.records = 0
+
+    def before_load(self, obj: BpfObject) -> None:
+        if not self.ctx.config.probes.http.trace_agent:
+            obj.set_rodata(self_tgid=os.getpid())
+
+    # --- decoding --------------------------------------------------------------------------
+    def _routes_and_methods(self, rec: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Per row: method index into METHODS-like list, route index into the returned list."""
+        n = len(rec)
+        method = rec["method"].astype(np.int64)
+        slow = (method == 0) | (rec["pipe_idx"] > 0)
+        method_names = list(METHODS)
+        route_names: list[str] = []
+        route_idx = np.zeros(n, dtype=np.int64)
+        fast = np.flatnonzero(~slow)
+        if len(fast):
+            paths = request_paths(rec["req_head"][fast], rec["req_head_len"][fast].astype(np.int64),
+                                  METHOD_LEN[method[fast]])
+            uniq, inverse = np.unique(paths, axis=0, return_inverse=True)
+            base = len(route_names)
+            for row in uniq:
+                route_names.append(self.routes.template(row.tobytes().rstrip(b"\0")))
+            route_idx[fast] = base + inverse.reshape(-1)
+        for i in np.flatnonzero(slow).tolist():
+            head = rec["req_head"][i][: int(rec["req_head_len"][i])].tobytes()
+            parsed = nth_request(head, int(rec["pipe_idx"][i]))
+            if parsed is None:
+                route, m = UNKNOWN_ROUTE, "_OTHER"
+            else:
+                m, target = parsed
+                route = self.routes.template(target)
+            if m not in method_names:
+                method_names.append(m)
+            method[i] = method_names.index(m)
+            route_names.append(route)
+            route_idx[i] = len(route_names) - 1
+        # Same route string from several paths: collapse to one index so grouping merges them.
+        canon: dict[str, int] = {}
+        remap = np.array([canon.setdefault(r, len(canon)) for r in route_names] or [0])
+        return list(canon), method, remap[route_idx] if route_names else route_idx
+
+    def on_batch(self, records: np.ndarray) -> None:
+        rec = records
+        n = len(rec)
+        if not n:
+            return
+        role = rec["role"].astype(np.int64)
+        status = rec["status"].astype(np.int64)
+        flags = rec["flags"].astype(np.int64)
+        aborted = (flags & FLAG_ABORTED) != 0
+        duration_s = np.maximum(rec["end_ns"].astype(np.int64) - rec["start_ns"].astype(np.int64),
+                                0) / 1e9
+        routes, method, route_idx = self._routes_and_methods(rec)
+        methods = list(METHODS)
+        # Methods parsed from heads may extend the list: rebuild names for the indices used.
+        if method.max(initial=0) >= len(methods):
+            for i in np.flatnonzero(method >= len(methods)).tolist():
+                head = rec["req_head"][i][: int(rec["req_head_len"][i])].tobytes()
+                parsed = nth_request(head, int(rec["pipe_idx"][i]))
+                name = parsed[0] if parsed else "_OTHER"
+                while len(methods) <= method[i]:
+                    methods.append(name)
+        # Service per (tgid, local port): port rules name the server side.
+        server_port = np.where(role == ROLE_SERVER, rec["lport"], 0)
+        keys, svc_inverse = group_rows([rec["tgid"], server_port])
+        services = [
+            self.ctx.services.name_for_port(int(t), int(p)) if p else
+            self.ctx.services.name_for(int(t))
+            for t, p in keys.tolist()
+        ]
+        svc = svc_inverse
+        # Addresses: distinct (family, addr) only.
+        peers = self._addresses(rec["family"], rec["raddr"])
+        locals_ = self._addresses(rec["family"], rec["laddr"])
+        req_hdr = header_lengths(rec["req_head"], rec["req_head_len"].astype(np.int64))
+        resp_hdr = header_lengths(rec["resp_head"], rec["resp_head_len"].astype(np.int64))
+        resp_hdr = np.where(resp_hdr < 0, rec["resp_first_write"].astype(np.int64), resp_hdr)
+        req_body = np.where((req_hdr >= 0) & (rec["pipe_idx"] == 0),
+                            rec["req_bytes"].astype(np.int64) - req_hdr, -1)
+        resp_body = rec["resp_bytes"].astype(np.int64) - resp_hdr
+        peer_idx, peer_names = peers
+        local_idx, local_names = locals_
+        lport = rec["lport"].astype(np.int64)
+        rport = rec["rport"].astype(np.int64)
+        with self._lock:
+            self.records += n
+            self.local_addresses.update(local_names)
+            for i in np.flatnonzero(role == ROLE_SERVER).tolist():
+                self.server_endpoints.put((local_names[local_idx[i]], int(lport[i])),
+                                          services[svc[i]])
+            for i in np.flatnonzero(role == ROLE_CLIENT).tolist():
+                self.client_endpoints.put((local_names[local_idx[i]], int(lport[i])),
+                                          services[svc[i]])
+            ok = ~aborted
+            gkeys, ginv = group_rows([role, svc, method, status, route_idx, peer_idx, rport,
+                                      aborted.astype(np.int64)])
+            for g, (r, s, m, st, ro, pe, rp, ab) in enumerate(gkeys.tolist()):
+                rows = ginv == g
+                service = services[s]
+                if ab:
+                    direction = "server" if r == ROLE_SERVER else "client"
+                    self.aborted.add((service, direction), float(rows.sum()))
+                    self._edge(r, service, peer_names[pe], rp, rows, duration_s, failed=True,
+                               rec=rec, lport=lport)
+                    continue
+                base = (service, methods[m], str(st), routes[ro] if routes else UNKNOWN_ROUTE)
+                if r == ROLE_SERVER:
+                    labels = self.server_budget.admit(base, SERVER_LABELS)
+                    self.server_duration.observe(labels, duration_s[rows & ok])
+                    sizes = req_body[rows]
+                    self.server_req_size.observe(labels, sizes[sizes >= 0].astype(np.float64))
+                    self.server_resp_size.observe(labels, np.maximum(resp_body[rows], 0)
+                                                  .astype(np.float64))
+                else:
+                    labels = self.client_budget.admit(
+                        (*base, peer_names[pe], str(rp)), CLIENT_LABELS)
+                    self.client_duration.observe(labels, duration_s[rows])
+                    sizes = req_body[rows]
+                    self.client_req_size.observe(labels, sizes[sizes >= 0].astype(np.float64))
+                self._edge(r, service, peer_names[pe], rp, rows, duration_s,
+                           failed=st >= 500, rec=rec, lport=lport)
+
+    def _addresses(self, family: np.ndarray, raw: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        keys, inverse = np.unique(
+            np.concatenate([family.astype(np.uint8)[:, None], raw], axis=1), axis=0,
+            return_inverse=True,
+        )
+        return inverse.reshape(-1), [address(int(k[0]), k[1:]) for k in keys]
+
+    def _edge(self, role: int, service: str, peer: str, peer_port: int, rows: np.ndarray,
+              duration_s: np.ndarray, failed: bool, rec: np.ndarray, lport: np.ndarray) -> None:
+        count = float(rows.sum())
+        if role == ROLE_CLIENT:
+            key = (service, (peer, peer_port))
+            totals = self.edge_client_total.setdefault(key, [0.0, 0.0])
+            totals[0] += count
+            totals[1] += count if failed else 0.0
+            self.edge_client_seconds.observe((service, f"{peer}:{peer_port}"), duration_s[rows])
+            return
+        # Server side: a client on this host has its own records (and counts the edge);
+        # a remote client is named by its address.
+        if peer in self.local_addresses:
+            client = self.client_endpoints.get((peer, peer_port), "unknown")
+        else:
+            client = peer
+            labels = self.edge_budget.admit((client, service), EDGE_LABELS)
+            self.edge_server_total.add(labels, count)
+            if failed:
+                self.edge_server_failed.add(labels, count)
+        labels = self.edge_budget.admit((client, service), EDGE_LABELS)
+        self.edge_server_seconds.observe(labels, duration_s[rows])
+
+    # --- export ----------------------------------------------------------------------------
+    def _server_name(self, endpoint: tuple[str, int]) -> str:
+        name = self.server_endpoints.get(endpoint)
+        if name is None and endpoint[0] in self.local_addresses:
+            name = next((svc for (_, port), svc in self.server_endpoints.items()
+                         if port == endpoint[1]), None)
+        return name or f"{endpoint[0]}:{endpoint[1]}"
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            yield self.server_duration.family(
+                "http_server_request_duration_seconds",
+                "Duration of HTTP server requests: request's first byte read to response's "
+                "last byte written.", SERVER_LABELS)
+            yield self.client_duration.family(
+                "http_client_request_duration_seconds",
+                "Duration of HTTP client requests: request write to response's first byte.",
+                CLIENT_LABELS)
+            yield self.server_req_size.family(
+                "http_server_request_body_size_bytes", "Size of HTTP server request bodies.",
+                SERVER_LABELS)
+            yield self.server_resp_size.family(
+                "http_server_response_body_size_bytes", "Size of HTTP server response bodies.",
+                SERVER_LABELS)
+            yield self.client_req_size.family(
+                "http_client_request_body_size_bytes", "Size of HTTP client request bodies.",
+                CLIENT_LABELS)
+            yield self.aborted.family(
+                "probewire_http_aborted",
+                "HTTP requests whose connection closed before a response started.",
+                ("service_name", "direction"))
+            total = CounterSeries()
+            failed = CounterSeries()
+            for (client, endpoint), (n, nf) in self.edge_client_total.items():
+                labels = self.edge_budget.admit((client, self._server_name(endpoint)),
+                                                EDGE_LABELS)
+                total.add(labels, n)
+                if nf:
+                    failed.add(labels, nf)
+            for labels, v in self.edge_server_total.values.items():
+                total.add(labels, v)
+            for labels, v in self.edge_server_failed.values.items():
+                failed.add(labels, v)
+            client_seconds = HistogramSeries(DURATION_BUCKETS)
+            for key, counts in self.edge_client_seconds.counts.items():
+                client, peer = key
+                host, _, port = peer.rpartition(":")
+                labels = self.edge_budget.admit((client, self._server_name((host, int(port)))),
+                                                EDGE_LABELS)
+                client_seconds.merge(labels, counts, self.edge_client_seconds.sums[key])
+            yield total.family("traces_service_graph_request", "Requests between two services.",
+                               EDGE_LABELS)
+            yield failed.family("traces_service_graph_request_failed",
+                                "Failed requests (5xx or aborted) between two services.",
+                                EDGE_LABELS)
+            yield self.edge_server_seconds.family(
+                "traces_service_graph_request_server_seconds",
+                "Server-side duration of requests between two services.", EDGE_LABELS)
+            yield client_seconds.family(
+                "traces_service_graph_request_client_seconds",
+                "Client-side duration of requests between two services.", EDGE_LABELS)
+            overflow = CounterMetricFamily(
+                "probewire_cardinality_overflow",
+                "Label sets folded into an 'other' series because a metric hit its budget.",
+                labels=["metric"])
+            active = GaugeMetricFamily("probewire_active_series",
+                                       "Label sets held per metric family.", labels=["metric"])
+            for metric, budget in (("http_server_request_duration_seconds", self.server_budget),
+                                   ("http_client_request_duration_seconds", self.client_budget),
+                                   ("traces_service_graph_request", self.edge_budget)):
+                overflow.add_metric([metric], budget.overflows)
+                active.add_metric([metric], budget.active_series)
+            yield overflow
+            yield active
