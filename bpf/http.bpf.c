@@ -196,9 +196,12 @@ static __always_inline struct http_conn *conn_for(const struct sock *sk, __u32 t
 	struct http_conn *conn = bpf_map_lookup_elem(&http_conns, &key);
 
 	if (conn) {
-		/* The address of a freed socket is reused: a different peer port means a new one. */
+		/* The address of a freed socket is reused: different ports mean a new connection.
+		 * A reset socket has already given its local port back (inet_put_port zeroes it). */
+		__u16 lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+
 		if (conn->ex.rport == bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport)) &&
-		    conn->ex.lport == BPF_CORE_READ(sk, __sk_common.skc_num))
+		    (conn->ex.lport == lport || lport == 0))
 			return conn;
 	}
 	bpf_map_update_elem(&http_conns, &key, &zero_conn, BPF_ANY);

@@ -1,0 +1,98 @@
+"""`python -m bench [--quick] [--only NAME[,NAME...]]`: run the benchmarks, print one table.
+
+Benchmarks (in this order): overhead (nginx under wrk with/without the agent; also agent CPU,
+RSS under load, kernel ns/event per program, user-space records per CPU-second), fidelity,
+startup (start-up time and idle RSS), latency (event → exported), peers (bpftrace).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from types import FrameType
+
+from bench import fidelity, latency, overhead, peers, startup
+from bench.harness import REPO_ROOT, _kill_leftovers
+from bench.report import Row, render
+
+BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
+    "overhead": overhead.run,
+    "fidelity": fidelity.run,
+    "startup": startup.run,
+    "latency": latency.run,
+    "peers": peers.run,
+}
+RESULTS = REPO_ROOT / "bench" / "results" / "latest.md"
+
+
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwind through every finally: stop the agent, nginx, wrk
+
+
+def _header(quick: bool, names: list[str], elapsed_s: float) -> str:
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = "?"
+    return (f"## probewire bench ({'quick' if quick else 'default'}) — "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}, commit {commit or '?'}, "
+            f"Linux {platform.release()}, {os.cpu_count()} CPUs, "
+            f"benchmarks: {', '.join(names)}, {elapsed_s:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer, shorter repeats (< 3 min)")
+    ap.add_argument("--only", action="append", default=[],
+                    help=f"run only these (comma-separated, repeatable): {', '.join(BENCHMARKS)}")
+    args = ap.parse_args(argv)
+    names = [n.strip() for o in args.only for n in o.split(",") if n.strip()] or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        ap.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    if os.geteuid() != 0:
+        print("bench: the agent loads BPF programs; run as root (sudo make bench)",
+              file=sys.stderr)
+        return 3
+    signal.signal(signal.SIGTERM, _sigterm)
+    rows: list[Row] = []
+    failed = False
+    t0 = time.monotonic()
+    try:
+        for name in names:
+            print(f"bench: {name} ...", file=sys.stderr, flush=True)
+            t = time.monotonic()
+            try:
+                rows += BENCHMARKS[name](args.quick)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # one broken benchmark must not lose the others' figures
+                traceback.print_exc()
+                rows.append(Row(name, "", status="error",
+                                note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                                if str(exc) else type(exc).__name__))
+                failed = True
+            print(f"bench: {name} done in {time.monotonic() - t:.0f} s", file=sys.stderr,
+                  flush=True)
+    except KeyboardInterrupt:
+        _kill_leftovers()
+        print("bench: interrupted; processes stopped", file=sys.stderr)
+        return 130
+    table = render(rows, _header(args.quick, names, time.monotonic() - t0))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(table)
+    print(table)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+from bench.report import Row
+def run(quick: bool) -> list[Row]:
+    return []

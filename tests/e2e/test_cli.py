@@ -1,0 +1,407 @@
+"""`probewire` CLI end to end: real subprocesses, real kernel, exact exit codes and output.
+
+Needs: root, BTF, tp_btf tracepoints (the agent's preferred hooks), bpftool for the
+cross-check of what the kernel holds. Every subprocess has a timeout and is killed on the way
+out; waits poll for a state and then assert on it (no timing assertions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bpf"))
+
+from agentlib import free_port, wait_for
+
+from probewire.probes import REGISTRY
+from probewire.runtime import inventory
+
+pytestmark = pytest.mark.e2e
+
+PROBEWIRE = str(Path(sys.executable).with_name("probewire"))
+NOBODY = 65534
+CMD_TIMEOUT_S = 120  # a safety net against hangs, not an assertion on speed
+START_TIMEOUT_S = 30
+# Programs are freed by RCU after the last fd closes, so they vanish shortly after the holder.
+FREE_TIMEOUT_S = 20
+HOOKS = (
+    "inet_sock_set_state",
+    "tcp_retransmit_skb",
+    "tcp_retransmit_synack",
+    "tcp_send_reset",
+    "tcp_receive_reset",
+    "sched_process_exec",
+    "sched_process_exit",
+)
+# The kernel keeps the first 15 bytes of a program name (BPF_OBJ_NAME_LEN - 1).
+KERNEL_NAME_LEN = 15
+
+
+def _env() -> dict[str, str]:
+    # Wide enough that rich does not fold the tables we parse.
+    return {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PROBEWIRE, *args], env=_env(), capture_output=True, text=True, timeout=CMD_TIMEOUT_S,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _expected_programs(listen: str) -> tuple[Counter[str], Counter[str]]:
+    """Kernel-truncated names of (every program the agent should hold, those it attaches):
+    the program chosen per hook, as the agent reports it, plus each family's helpers."""
+    with urllib.request.urlopen(f"http://{listen}/api/probes", timeout=10) as resp:
+        status = json.load(resp)["probes"]
+    attached = Counter(s["program"][:KERNEL_NAME_LEN] for s in status if s["attached"])
+    assert sum(attached.values()) == len(status), status
+    helpers = Counter(
+        name[:KERNEL_NAME_LEN]
+        for probe in REGISTRY.values()
+        for name in getattr(probe, "helper_programs", ())
+    )
+    return attached + helpers, attached
+
+
+def _held_bpf_ids(pid: int) -> tuple[set[int], set[int]]:
+    """(program ids, link ids) that process `pid` holds fds to, from /proc/<pid>/fdinfo."""
+    progs: set[int] = set()
+    links: set[int] = set()
+    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
+        try:
+            fields = dict(
+                line.split(":", 1) for line in info.read_text().splitlines() if ":" in line
+            )
+        except OSError:
+            continue  # closed in between
+        if "link_id" in fields:
+            links.add(int(fields["link_id"]))
+        elif "prog_id" in fields and "prog_tag" in fields:
+            progs.add(int(fields["prog_id"]))
+    return progs, links
+
+
+def _bpftool(*args: str) -> list[dict[str, object]]:
+    out = subprocess.run(
+        ["bpftool", "-j", *args], capture_output=True, text=True, timeout=CMD_TIMEOUT_S, check=True
+    ).stdout
+    return json.loads(out) if out.strip() else []
+
+
+def _bpftool_prog_ids() -> set[int]:
+    return {int(p["id"]) for p in _bpftool("prog", "show")}  # type: ignore[call-overload]
+
+
+def _bpftool_linked_prog_ids() -> set[int]:
+    return {int(lk["prog_id"]) for lk in _bpftool("link", "show") if "prog_id" in lk}  # type: ignore[call-overload]
+
+
+def _inventory_linked_prog_ids() -> set[int]:
+    return {lk.prog_id for lk in inventory.links()}
+
+
+def _healthy(listen: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{listen}/healthz", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def bpftool() -> None:
+    if shutil.which("bpftool") is None:
+        pytest.skip("needs bpftool (apt-get install bpftool) to cross-check the kernel's view")
+
+
+@contextmanager
+def agent_process(out_dir: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`probewire run` as a subprocess on a free loopback port, healthy when yielded."""
+    listen = f"127.0.0.1:{free_port()}"
+    log_path = out_dir / f"agent-{listen.replace(':', '_')}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [PROBEWIRE, "run", "--listen", listen, *extra],
+            env=_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for(lambda: proc.poll() is not None or _healthy(listen), START_TIMEOUT_S)
+            if not _healthy(listen):
+                pytest.fail(
+                    f"agent did not become healthy at {listen} (exit code {proc.poll()}):\n"
+                    + log_path.read_text(errors="replace")
+                )
+            yield proc, listen
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=CMD_TIMEOUT_S)
+
+
+def _parse_table(text: str) -> tuple[str, list[list[str]]]:
+    """A rich box table -> (title line, body rows); folded continuation lines are joined."""
+    lines = text.splitlines()
+    title = next((ln.strip() for ln in lines if ln.strip()), "")
+    rows: list[list[str]] = []
+    header_done = False
+    for line in lines:
+        if line.startswith(("┡", "╞")):
+            header_done = True
+            continue
+        if not header_done or not line.startswith("│"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("│").split("│")]
+        if cells[0] or not rows:
+            rows.append(cells)
+        else:
+            rows[-1] = [f"{a} {b}".strip() for a, b in zip(rows[-1], cells, strict=True)]
+    return title, rows
+
+
+def _squash(text: str) -> str:
+    return "".join(text.split())
+
+
+# --- usage and configuration errors: exit 2, the message names the field ----------------------
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("unknown_key", "probes: {tcpp: {}}\n", ["probes.tcpp", "unknown field"]),
+        ("bad_value", "ring: {size_bytes: 1000}\n", ["ring.size_bytes", "not a power of two"]),
+        ("yaml_syntax", "listen: [\n", [":2:1: invalid YAML"]),
+    ],
+)
+def test_run_with_bad_config_exits_2_naming_the_field(
+    tmp_path: Path, name: str, content: str, expected: list[str]
+) -> None:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(content)
+    result = _cli("run", "--config", str(path))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: {path}"), result.stderr
+    for text in expected:
+        assert text in result.stderr, result.stderr
+    assert result.stdout == ""
+
+
+def test_run_with_missing_config_file_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "absent.yaml"
+    result = _cli("run", "--config", str(path))
+    assert result.returncode == 2, result.stderr
+    assert f"error: {path}: config file not found" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--listen", "nonsense"], "listen: 'nonsense' has no port"),
+        (["--force-hook", "inet_sock_set_state"], "--force-hook 'inet_sock_set_state'"),
+    ],
+)
+def test_run_with_bad_option_exits_2(args: list[str], expected: str) -> None:
+    result = _cli("run", *args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
+
+
+# --- privilege: exit 3 with the fix -------------------------------------------------------------
+
+def _drop_to_nobody() -> None:
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
+def _as_nobody_cmd(argv: list[str]) -> tuple[list[str], object]:
+    """argv that runs as uid/gid 65534 with no BPF privilege, and the preexec_fn it needs.
+
+    Plain setuid needs the interpreter readable by nobody. A venv built on a root-only
+    interpreter (/root is 0700, e.g. pyenv) is not; then setpriv keeps only
+    CAP_DAC_READ_SEARCH (read files), which grants nothing BPF needs.
+    """
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", "import probewire"], preexec_fn=_drop_to_nobody,
+            capture_output=True, timeout=CMD_TIMEOUT_S,
+        )
+        if probe.returncode == 0:
+            return argv, _drop_to_nobody
+    except PermissionError:
+        pass  # exec itself was refused
+    if shutil.which("setpriv") is None:
+        pytest.skip(
+            f"{sys.executable} is not readable by uid {NOBODY} and setpriv (util-linux) is "
+            "missing: cannot run the CLI unprivileged"
+        )
+    return [
+        "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+        "--inh-caps=-all,+dac_read_search", "--ambient-caps=-all,+dac_read_search",
+        "--bounding-set=-all,+dac_read_search", *argv,
+    ], None
+
+
+def test_run_unprivileged_exits_3_and_says_run_as_root() -> None:
+    argv, preexec = _as_nobody_cmd([PROBEWIRE, "run", "--listen", f"127.0.0.1:{free_port()}"])
+    proc = subprocess.Popen(
+        argv, env={**_env(), "HOME": "/"}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, preexec_fn=preexec,  # type: ignore[arg-type]
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=CMD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate(timeout=CMD_TIMEOUT_S)
+        pytest.fail(f"unprivileged `probewire run` hung instead of exiting 3; stderr:\n{stderr}")
+    assert proc.returncode == 3, stderr
+    assert "run as root" in stderr, stderr
+    assert "CAP_BPF" in stderr, stderr
+
+
+# --- lifecycle: nothing stays attached after SIGKILL or SIGTERM --------------------------------
+
+def _agent_bpf_state(
+    proc: subprocess.Popen[bytes], listen: str, before: set[int]
+) -> tuple[set[int], set[int]]:
+    """The agent's program and link ids, checked against inventory and bpftool while running."""
+    expected_held, expected_attached = _expected_programs(listen)
+    held_progs, held_links = _held_bpf_ids(proc.pid)
+    loaded = {p.id: p for p in inventory.programs()}
+    added = set(loaded) - before
+    assert held_progs <= added, f"agent programs {held_progs - added} were loaded before it started"
+    assert Counter(loaded[i].name for i in held_progs) == expected_held
+    assert held_progs <= _bpftool_prog_ids()
+    # Attached means a link the agent holds references the program.
+    linked = {lk.prog_id for lk in inventory.links() if lk.id in held_links}
+    assert len(held_links) == sum(expected_attached.values())
+    assert Counter(loaded[i].name for i in linked) == expected_attached
+    assert linked <= _bpftool_linked_prog_ids()
+    return held_progs, held_links
+
+
+def _assert_gone(progs: set[int], links: set[int]) -> None:
+    def gone() -> bool:
+        return not (progs & {p.id for p in inventory.programs()}) and not (
+            progs & _inventory_linked_prog_ids()
+        )
+
+    wait_for(gone, FREE_TIMEOUT_S, 0.1)
+    assert not progs & {p.id for p in inventory.programs()}
+    assert not progs & _bpftool_prog_ids()
+    assert not progs & _inventory_linked_prog_ids()
+    assert not progs & _bpftool_linked_prog_ids()
+    assert not links & {lk.id for lk in inventory.links()}
+
+
+@pytest.mark.usefixtures("bpftool")
+def test_sigkill_leaves_no_program_or_link_attached(test_output_dir: Path) -> None:
+    before = {p.id for p in inventory.programs()}
+    with agent_process(test_output_dir) as (proc, listen):
+        progs, links = _agent_bpf_state(proc, listen, before)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=CMD_TIMEOUT_S) == -signal.SIGKILL
+    _assert_gone(progs, links)
+
+
+@pytest.mark.usefixtures("bpftool")
+def test_sigterm_exits_0_and_leaves_nothing_attached(test_output_dir: Path) -> None:
+    before = {p.id for p in inventory.programs()}
+    with agent_process(test_output_dir) as (proc, listen):
+        progs, links = _agent_bpf_state(proc, listen, before)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=CMD_TIMEOUT_S) == 0
+    _assert_gone(progs, links)
+
+
+# --- doctor -------------------------------------------------------------------------------------
+
+def _other_agent_programs() -> set[int]:
+    return {p.id for p in inventory.ours()}
+
+
+def test_doctor_reports_hook_types_this_kernel_offers() -> None:
+    from probewire.runtime.features import probe_hook_types
+
+    held_before = _other_agent_programs()
+    result = _cli("doctor", "--listen", f"127.0.0.1:{free_port()}")
+    held_after = _other_agent_programs()
+    title, rows = _parse_table(result.stdout)
+    assert title == "probewire doctor", result.stdout
+    checks = {r[0]: (r[1], r[2]) for r in rows}
+    for name in ("privileges", "BTF", "tracefs", "memlock", "libbpf"):
+        assert checks[name][0] == "yes", (name, checks[name])
+    assert checks["hook tp_btf"] == ("yes", "works")
+    # kprobes exist iff the kernel has kprobe events (CONFIG_KPROBE_EVENTS); not on ours.
+    has_kprobes = Path("/sys/kernel/tracing/kprobe_events").exists()
+    assert checks["hook kprobe"][0] == ("yes" if has_kprobes else "no"), checks["hook kprobe"]
+    # fentry is refused with EPERM on our kernel; the CLI must report what the runtime finds.
+    support = probe_hook_types()
+    for hook_type, s in support.items():
+        assert checks[f"hook {hook_type}"][0] == ("yes" if s.available else "no"), hook_type
+    assert not support["kprobe"].available and not support["fentry"].available, (
+        "this test documents a kernel without kprobes and with fentry refused; "
+        f"got kprobe={support['kprobe']}, fentry={support['fentry']}"
+    )
+    assert "Operationnotpermitted" in _squash(checks["hook fentry"][1]), checks["hook fentry"]
+    if not held_before and not held_after:
+        assert result.returncode == 0, result.stdout
+        assert checks["leftover programs"] == ("yes", "none")
+    else:
+        # Another agent (e.g. the bpf tests' in-process one) holds probewire programs and
+        # answers on no port doctor knows: doctor must flag exactly those as leftovers.
+        assert result.returncode == 3, result.stdout
+        ok, detail = checks["leftover programs"]
+        assert ok == "no"
+        listed = {int(part.split(")")[0]) for part in detail.split("(id ")[1:]}
+        assert listed and listed <= held_before | held_after, (listed, held_before, held_after)
+
+
+# --- probes -------------------------------------------------------------------------------------
+
+def _probe_rows(listen: str) -> dict[str, list[str]]:
+    result = _cli("probes", "--listen", listen)
+    assert result.returncode == 0, result.stderr
+    title, rows = _parse_table(result.stdout)
+    assert title == f"probewire probes — running agent at {listen}", result.stdout
+    by_hook = {r[1]: r for r in rows}
+    declared = {hook.name for probe in REGISTRY.values() for hook in probe.hooks}
+    assert len(by_hook) == len(rows), result.stdout
+    assert set(by_hook) == declared and set(HOOKS) <= declared, result.stdout
+    for row in rows:
+        assert row[3] == "yes", row
+    return by_hook
+
+
+def test_probes_shows_tp_btf_chosen_and_attached_for_every_hook(test_output_dir: Path) -> None:
+    with agent_process(test_output_dir) as (_, listen):
+        rows = _probe_rows(listen)
+    for hook in HOOKS:
+        _probe, _hook, chosen, attached, _avg, _runs, reason = rows[hook]
+        assert (chosen, attached, reason) == (f"tp_btf/{hook}", "yes", ""), rows[hook]
+
+
+def test_force_hook_tp_is_shown_with_the_forced_reason(test_output_dir: Path) -> None:
+    with agent_process(test_output_dir, "--force-hook", "inet_sock_set_state=tp") as (_, listen):
+        rows = _probe_rows(listen)
+    _probe, _hook, chosen, attached, _avg, _runs, reason = rows["inet_sock_set_state"]
+    assert (chosen, attached) == ("tp/sock/inet_sock_set_state", "yes")
+    assert _squash(reason) == _squash(
+        "tp_btf/inet_sock_set_state: not the forced hook type tp"
+    ), reason
+    for hook in HOOKS:
+        if hook != "inet_sock_set_state":
+            assert rows[hook][2:4] == [f"tp_btf/{hook}", "yes"], rows[hook]
+    assert sum("not the forced hook type" in r[6] for r in rows.values()) == 1
