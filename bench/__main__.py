@@ -16,10 +16,11 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 from bench import fidelity, latency, overhead, peers, startup
-from bench.harness import REPO_ROOT, _kill_leftovers
+from bench.harness import REPO_ROOT, _kill_leftovers, foreign_bpf_holders
 from bench.report import Row, render
 
 BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
@@ -36,7 +37,7 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # unwind through every finally: stop the agent, nginx, wrk
 
 
-def _header(quick: bool, names: list[str], elapsed_s: float) -> str:
+def _header(quick: bool, names: list[str], elapsed_s: float, foreign: list[str]) -> str:
     try:
         commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True, timeout=5).stdout.strip()
@@ -45,13 +46,17 @@ def _header(quick: bool, names: list[str], elapsed_s: float) -> str:
     return (f"## probewire bench ({'quick' if quick else 'default'}) — "
             f"{time.strftime('%Y-%m-%d %H:%M:%S')}, commit {commit or '?'}, "
             f"Linux {platform.release()}, {os.cpu_count()} CPUs, "
-            f"benchmarks: {', '.join(names)}, {elapsed_s:.0f} s")
+            f"benchmarks: {', '.join(names)}, {elapsed_s:.0f} s\n\n"
+            f"Other processes holding BPF programs during the run (they trace our traffic "
+            f"too and skew overhead/fidelity): {', '.join(foreign) or 'none seen'}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer, shorter repeats (< 3 min)")
+    ap.add_argument("--out", type=Path, default=RESULTS,
+                    help=f"where to write the table (default {RESULTS.relative_to(REPO_ROOT)})")
     ap.add_argument("--only", action="append", default=[],
                     help=f"run only these (comma-separated, repeatable): {', '.join(BENCHMARKS)}")
     args = ap.parse_args(argv)
@@ -64,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 3
     signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     rows: list[Row] = []
+    foreign = set(foreign_bpf_holders())
     failed = False
     t0 = time.monotonic()
     try:
@@ -81,15 +88,16 @@ def main(argv: list[str] | None = None) -> int:
                                 note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                                 if str(exc) else type(exc).__name__))
                 failed = True
+            foreign.update(foreign_bpf_holders())
             print(f"bench: {name} done in {time.monotonic() - t:.0f} s", file=sys.stderr,
                   flush=True)
     except KeyboardInterrupt:
         _kill_leftovers()
         print("bench: interrupted; processes stopped", file=sys.stderr)
         return 130
-    table = render(rows, _header(args.quick, names, time.monotonic() - t0))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(table)
+    table = render(rows, _header(args.quick, names, time.monotonic() - t0, sorted(foreign)))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table)
     print(table)
     return 1 if failed else 0
 

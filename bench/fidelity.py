@@ -19,8 +19,8 @@ def run(quick: bool) -> list[Row]:
     recorded_share = Row("fidelity: recorded / access-log lines", "ratio")
     vs_wrk = Row("fidelity: (recorded + dropped) / wrk completed requests", "ratio",
                  note="wrk does not count requests in flight when it stops")
-    log_vs_wrk = Row("fidelity: access-log lines − wrk completed", "requests")
-    all_records = Row("fidelity: (http events + dropped) / (2 × access-log lines)", "ratio",
+    log_vs_wrk = Row("fidelity: access-log lines - wrk completed", "requests")
+    all_records = Row("fidelity: (http events + dropped) / (2 x access-log lines)", "ratio",
                       target="== 1 (every drop counted)", goal=("==", 1.0), judge="all",
                       note="all http records, both sides: each request is one nginx server "
                            "record and one wrk client record")

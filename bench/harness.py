@@ -67,7 +67,7 @@ def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None
 
 
 def spawn(argv: list[str], **kw: object) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(argv, **kw)  # type: ignore[call-overload]
+    proc: subprocess.Popen[bytes] = subprocess.Popen(argv, **kw)  # type: ignore[call-overload]
     _live.append(proc)
     return proc
 
@@ -282,3 +282,16 @@ def wait_stable(read: Callable[[], float], interval_s: float = 0.5, timeout_s: f
             return now
         last = now
     return last
+
+
+def foreign_bpf_holders() -> list[str]:
+    """Other processes holding BPF programs (a concurrent agent or test skews every figure)."""
+    ours = {os.getpid(), *(p.pid for p in _live)}
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) in ours:
+            continue
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) == "anon_inode:bpf-prog" for fd in (proc / "fd").iterdir()):
+                out.append(f"{(proc / 'comm').read_text().strip()}({proc.name})")
+    return out

@@ -52,18 +52,18 @@ def run(quick: bool) -> list[Row]:
     d = cfg.duration_s
     rps_none = Row("no agent: nginx throughput", "req/s", note=f"wrk -t1 -c32 -d{d}s, 1 worker")
     p99_none = Row("no agent: nginx p99 latency", "ms")
-    tput = {m: Row(f"overhead ({LABEL[m]}): throughput ratio", "× no agent",
-                   target="≥ 0.98×" if m == "default" else "",
+    tput = {m: Row(f"overhead ({LABEL[m]}): throughput ratio", "x no agent",
+                   target="≥ 0.98x" if m == "default" else "",
                    goal=(">=", 0.98) if m == "default" else None) for m in MODES[1:]}
-    p99 = {m: Row(f"overhead ({LABEL[m]}): p99 ratio", "× no agent",
-                  target="≤ 1.03×" if m == "default" else "",
+    p99 = {m: Row(f"overhead ({LABEL[m]}): p99 ratio", "x no agent",
+                  target="≤ 1.03x" if m == "default" else "",
                   goal=("<=", 1.03) if m == "default" else None) for m in MODES[1:]}
     cpu = {m: Row(f"agent CPU ({LABEL[m]})", "% of a core") for m in MODES[1:]}
     cpu10k = {m: Row(f"agent CPU per 10k req/s ({LABEL[m]})", "% of a core",
                      target="≤ 1%", goal=("<=", 1.0)) for m in MODES[1:]}
     rss = Row("agent RSS under load (default probes)", "MB", target="≤ 60 MB",
               goal=("<=", 60.0),
-              note="§5 states it at 1,000 services × 50 routes; here 1 service, 1 route")
+              note="§5 states it at 1,000 services x 50 routes; here 1 service, 1 route")
     drops = Row("http records dropped per run (default probes)", "records",
                 note="probewire_events_dropped_total{probe=http} delta over one wrk run")
     drop_share = Row("http records dropped / (recorded + dropped)", "%", target="0 (fidelity)",

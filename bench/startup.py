@@ -15,7 +15,7 @@ def run(quick: bool) -> list[Row]:
     wall = Row("start-up: process start → /healthz answers", "s",
                note="includes the Python interpreter and imports; polled every 2 ms")
     rss = Row("agent RSS idle (default probes)", "MB", target="≤ 60 MB", goal=("<=", 60.0),
-              note="§5 states it at 1,000 services × 50 routes; here idle, no services")
+              note="§5 states it at 1,000 services x 50 routes; here idle, no services")
     cpu = Row("agent CPU idle (default probes)", "% of a core",
               note=f"over {idle_s:.0f} s after start-up, no load generated")
     for _ in range(repeats):

@@ -24,6 +24,14 @@ def _effective_caps() -> int:
     return 0
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "exited"
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:80]
+
+
 def _agent_running(listen: str) -> bool:
     try:
         with urllib.request.urlopen(f"http://{listen}/healthz", timeout=1) as resp:
@@ -64,17 +72,23 @@ def run_checks(console: Console, listen: str) -> bool:
         for hook_type, support in probe_hook_types().items():
             rows.append((f"hook {hook_type}", support.available,
                          "works" if support.available else support.reason))
-        leftovers = inventory.ours()
-        running = _agent_running(listen)
-        if leftovers and not running:
-            detail = ", ".join(f"{p.name} (id {p.id})" for p in leftovers)
+        # Ours and loaded is fine while a live process holds it (it goes when that process
+        # does); held by no process means pinned or otherwise orphaned: a real leftover.
+        loaded = inventory.ours()
+        held = inventory.holders({p.id for p in loaded})
+        orphans = [p for p in loaded if not held[p.id]]
+        owners = sorted({pid for pids in held.values() for pid in pids})
+        if orphans:
+            detail = ", ".join(f"{p.name} (id {p.id})" for p in orphans)
             rows.append(("leftover programs", False,
-                         f"{detail}; no agent answers at {listen}: find the holder with "
-                         "`bpftool prog show` and end it"))
+                         f"{detail} held by no process (pinned?): find them with "
+                         "`bpftool prog show` and remove their pins or links"))
         else:
+            in_use = "; ".join(f"pid {pid} ({_cmdline(pid)})" for pid in owners)
             rows.append(("leftover programs", True,
-                         f"none ({len(leftovers)} held by the running agent)" if running
-                         else "none"))
+                         f"none; {len(loaded)} in use by {in_use}" if loaded else "none"))
+        if _agent_running(listen):
+            rows.append(("agent", True, f"answering at {listen}"))
     table = Table(title="probewire doctor")
     table.add_column("check")
     table.add_column("ok")

@@ -315,7 +315,7 @@ def test_garbage_and_other_protocols_never_become_http(agent, tmp_path) -> None:
 def test_port_rule_names_the_server_and_label_budget_folds_overflow_into_other(stack) -> None:
     from agentlib import running_agent
 
-    ng, up = stack
+    ng, _ = stack
     config = {
         "services": {"rules": [{"name": "edge-proxy", "port": ng}]},
         "probes": {"http": {"max_series_per_metric": 10}},

@@ -103,7 +103,7 @@ def test_config_is_immutable() -> None:
 def test_unknown_key_names_dotted_path_and_known_fields(tmp_path: Path) -> None:
     message = load_error(tmp_path, "probes:\n  tcpp: {enabled: true}\n")
     assert "probes.tcpp" in message
-    assert "remove it; known fields are: tcp, process" in message
+    assert "remove it; known fields are: tcp, http, process" in message
 
 
 def test_unknown_key_inside_a_rule_lists_rule_fields(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from probewire.runtime._libbpf import lib
 
@@ -97,3 +98,26 @@ def agent_program_names() -> set[str]:
 def ours() -> list[ProgInfo]:
     names = agent_program_names()
     return [p for p in programs() if p.name in names]
+
+
+def holders(prog_ids: set[int], proc: Path = Path("/proc")) -> dict[int, set[int]]:
+    """prog id -> pids holding a program or link fd on it (from /proc/PID/fdinfo)."""
+    found: dict[int, set[int]] = {i: set() for i in prog_ids}
+    for pid_dir in proc.iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            infos = list((pid_dir / "fdinfo").iterdir())
+        except OSError:
+            continue
+        for info in infos:
+            try:
+                text = info.read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("prog_id:"):
+                    prog_id = int(line.split()[1])
+                    if prog_id in found:
+                        found[prog_id].add(int(pid_dir.name))
+    return found

@@ -94,5 +94,9 @@ class AgentServer:
         self._thread.start()
 
     def stop(self) -> None:
-        self.httpd.shutdown()
+        # shutdown() waits for serve_forever, which never ran if start() was not reached.
+        if self._thread is not None:
+            self.httpd.shutdown()
+            self._thread.join()
+            self._thread = None
         self.httpd.server_close()
