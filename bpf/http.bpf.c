@@ -238,6 +238,7 @@ static __always_inline void start_message(struct http_conn *conn, __u8 *head, __
 static __always_inline void new_exchange(struct http_conn *conn, __u8 method, __u64 start_ns,
 					 __u64 req_bytes, __u32 tgid)
 {
+	conn->ex.tid = (__u32)bpf_get_current_pid_tgid();
 	conn->ex.method = method;
 	conn->ex.start_ns = start_ns;
 	conn->ex.req_bytes = req_bytes;

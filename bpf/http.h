@@ -46,7 +46,7 @@ struct http_exchange {
 	__u16 req_head_len;
 	__u16 resp_head_len;
 	__u32 resp_first_write; /* length of the response's first write (its header block) */
-	__u32 _pad;
+	__u32 tid; /* thread that started the exchange: parents client calls made while serving */
 	__u8 laddr[16];
 	__u8 raddr[16];
 	__u8 req_head[HTTP_HEAD_LEN];

@@ -311,10 +311,6 @@ class Config(_Model):
     ring: RingConfig = Field(default=RingConfig(), description="ring buffer settings")
     filter: FilterConfig = Field(default=FilterConfig(), description="what to trace")
     services: ServicesConfig = Field(default=ServicesConfig(), description="service naming rules")
-    pin_path: Path | None = Field(
-        default=None,
-        description="null (never pin BPF objects) or an absolute directory on a bpffs mount",
-    )
 
     @field_validator("listen")
     @classmethod
@@ -326,16 +322,6 @@ class Config(_Model):
     @classmethod
     def _log_level_lowercase(cls, level: Any) -> Any:
         return level.strip().lower() if isinstance(level, str) else level
-
-    @field_validator("pin_path")
-    @classmethod
-    def _pin_path_absolute(cls, pin_path: Path | None) -> Path | None:
-        if pin_path is not None and not pin_path.is_absolute():
-            raise ValueError(
-                f"{str(pin_path)!r} is relative; use an absolute bpffs directory such as "
-                "/sys/fs/bpf/probewire, or null to never pin"
-            )
-        return pin_path
 
     @property
     def listen_address(self) -> tuple[str, int]:

@@ -34,7 +34,6 @@ services:
       comm: "java"
       cmdline: "payments.*jar"
       cgroup: "payments"
-pin_path: null
 """
 
 
@@ -66,7 +65,6 @@ def test_no_file_gives_the_documented_defaults() -> None:
     assert config.ring.flush_ms == 5.0
     assert config.filter.pids == () and config.filter.cgroups == () and config.filter.ports == ()
     assert config.services.rules == ()
-    assert config.pin_path is None
 
 
 @pytest.mark.parametrize("text", ["", "# only a comment\n", "---\n"])
@@ -115,7 +113,7 @@ def test_unknown_key_inside_a_rule_lists_rule_fields(tmp_path: Path) -> None:
 def test_unknown_top_level_key_is_an_error(tmp_path: Path) -> None:
     message = load_error(tmp_path, "lsten: 1.2.3.4:5\n")
     assert "lsten: unknown field" in message
-    assert "listen" in message and "pin_path" in message
+    assert "listen" in message and "services" in message
 
 
 @pytest.mark.parametrize("size_bytes", [0, 2048, 5000, 4096 * 3, -4096])
@@ -204,10 +202,9 @@ def test_filter_cgroups_accept_paths_and_numeric_ids() -> None:
     assert config.filter.cgroups == ("/a/b", 77, 12)
 
 
-def test_pin_path_must_be_absolute(tmp_path: Path) -> None:
-    assert "pin_path" in load_error(tmp_path, "pin_path: bpf/pins\n")
-    config = config_from_mapping({"pin_path": "/sys/fs/bpf/probewire"})
-    assert config.pin_path == Path("/sys/fs/bpf/probewire")
+def test_pinning_is_not_a_setting(tmp_path: Path) -> None:
+    # The agent never pins: probes must not outlive it (see README "Lifecycle").
+    assert "pin_path: unknown field" in load_error(tmp_path, "pin_path: /sys/fs/bpf/x\n")
 
 
 def test_yaml_syntax_error_has_line_and_column(tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ import os
 import socket
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -50,7 +51,7 @@ HTTP_EXCHANGE = np.dtype(
         ("req_head_len", np.uint16),
         ("resp_head_len", np.uint16),
         ("resp_first_write", np.uint32),
-        ("_pad", np.uint32),
+        ("tid", np.uint32),
         ("laddr", np.uint8, (16,)),
         ("raddr", np.uint8, (16,)),
         ("req_head", np.uint8, (HEAD_LEN,)),
@@ -96,6 +97,25 @@ def header_lengths(heads: np.ndarray, head_lens: np.ndarray) -> np.ndarray:
     first = np.argmax(hit, axis=1)
     found = hit[np.arange(len(h)), first] & (first + 4 <= head_lens)
     return np.where(found, first + 4, -1).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class ExchangeBatch:
+    """One decoded batch for consumers beyond metrics (spans, the UI's event feed).
+
+    `records` are the raw kernel records (HTTP_EXCHANGE); the lists give each row's decoded
+    labels. Timestamps in records are CLOCK_MONOTONIC nanoseconds.
+    """
+
+    records: np.ndarray
+    service: list[str]
+    method: list[str]
+    route: list[str]
+    peer_address: list[str]
+    local_address: list[str]
+
+
+ExchangeSink = Callable[[ExchangeBatch], None]
 
 
 class _Bounded(OrderedDict[tuple[str, int], str]):
@@ -147,6 +167,8 @@ class HttpProbe(Probe):
         self.client_endpoints = _Bounded()
         self.local_addresses: set[str] = {"127.0.0.1", "::1"}
         self.records = 0
+        # Called after each batch with its decoded rows (e.g. the OTLP span exporter).
+        self.sinks: list[ExchangeSink] = []
 
     def before_load(self, obj: BpfObject) -> None:
         if not self.ctx.config.probes.http.trace_agent:
@@ -268,6 +290,17 @@ class HttpProbe(Probe):
                     self.client_req_size.observe(labels, sizes[sizes >= 0].astype(np.float64))
                 self._edge(r, service, peer_names[pe], rp, rows, duration_s,
                            failed=st >= 500, rec=rec, lport=lport)
+        if self.sinks:
+            batch = ExchangeBatch(
+                records=rec,
+                service=[services[i] for i in svc.tolist()],
+                method=[methods[i] for i in method.tolist()],
+                route=[routes[i] if routes else UNKNOWN_ROUTE for i in route_idx.tolist()],
+                peer_address=[peer_names[i] for i in peer_idx.tolist()],
+                local_address=[local_names[i] for i in local_idx.tolist()],
+            )
+            for sink in self.sinks:
+                sink(batch)
 
     def _addresses(self, family: np.ndarray, raw: np.ndarray) -> tuple[np.ndarray, list[str]]:
         keys, inverse = np.unique(
