@@ -24,6 +24,7 @@ const volatile __u32 self_tgid = 0;
 #define S_IFMT_ 00170000
 #define S_IFSOCK_ 0140000
 #define HTTP_PROTO_FILTERED 3
+#define TLS_KEY_BIT 1ULL
 
 struct http_args {
 	__u64 sk;
@@ -190,9 +191,8 @@ static __always_inline void fill_tuple(struct http_exchange *ex, const struct so
 	}
 }
 
-static __always_inline struct http_conn *conn_for(const struct sock *sk, __u32 tgid)
+static __always_inline struct http_conn *conn_for(const struct sock *sk, __u64 key, __u32 tgid)
 {
-	__u64 key = (__u64)sk;
 	struct http_conn *conn = bpf_map_lookup_elem(&http_conns, &key);
 
 	if (conn) {
@@ -240,11 +240,11 @@ static __always_inline void new_exchange(struct http_conn *conn, __u8 method, __
 {
 	conn->ex.tid = (__u32)bpf_get_current_pid_tgid();
 	conn->ex.method = method;
+	conn->ex.flags = (conn->ex.conn_id & TLS_KEY_BIT) ? HTTP_FLAG_TLS : 0;
 	conn->ex.start_ns = start_ns;
 	conn->ex.req_bytes = req_bytes;
 	conn->ex.tgid = tgid;
 	conn->ex.status = 0;
-	conn->ex.flags = 0;
 	conn->ex.pipe_idx = 0;
 	conn->ex.end_ns = 0;
 	conn->ex.resp_bytes = 0;
@@ -264,11 +264,15 @@ static __always_inline void response_started(struct http_conn *conn, __u16 statu
 	head_append(conn->ex.resp_head, &conn->ex.resp_head_len, buf, first_len);
 }
 
-static __always_inline void on_data(const struct sock *sk, __u8 dir, const void *buf, __u64 n,
-				    __u32 first_len, __u64 enter_ns, __u64 exit_ns, bool has_bytes)
+/* `key` is the socket address for bytes seen by syscalls, and the address with the low bit
+ * set (socket structs are 8-aligned) for plaintext seen inside OpenSSL: the two views of a
+ * TLS connection get separate state machines. */
+static __always_inline void on_data(const struct sock *sk, __u64 key, __u8 dir, const void *buf,
+				    __u64 n, __u32 first_len, __u64 enter_ns, __u64 exit_ns,
+				    bool has_bytes)
 {
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	struct http_conn *conn = conn_for(sk, tgid);
+	struct http_conn *conn = conn_for(sk, key, tgid);
 	__u8 peek[24] = {};
 	__u32 p = 0;
 	__u64 sz;
@@ -408,6 +412,136 @@ static __always_inline void on_data(const struct sock *sk, __u8 dir, const void 
 	}
 }
 
+/* ---- TLS: OpenSSL's SSL_read/SSL_write see the plaintext -------------------------------- */
+
+struct tls_args {
+	__u64 ssl;
+	__u64 buf;
+	__u64 out_len; /* SSL_*_ex: where the byte count is written; 0 for SSL_read/SSL_write */
+	__u64 enter_ns;
+	__u8 dir; /* 0 during a handshake: only learns which socket the SSL* uses */
+	__u8 _pad[7];
+};
+
+/* The thread inside an SSL call; its socket syscalls tie the SSL* to a struct sock. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct tls_args);
+} tls_calls SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, __u64);
+} tls_socks SEC(".maps");
+
+static __always_inline bool in_tls_call(__u64 id, const struct sock *sk)
+{
+	struct tls_args *t = bpf_map_lookup_elem(&tls_calls, &id);
+	__u64 skp = (__u64)sk;
+
+	if (!t)
+		return false;
+	bpf_map_update_elem(&tls_socks, &t->ssl, &skp, BPF_ANY);
+	return true;
+}
+
+static __always_inline int tls_enter(void *ssl, const void *buf, void *out_len, __u8 dir)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 tgid = id >> 32;
+	struct tls_args t = {};
+	__u64 key = (__u64)ssl;
+	__u64 *skp;
+
+	if (tgid == self_tgid || !is_traced(tgid, bpf_get_current_cgroup_id(), 0, 0))
+		return 0;
+	t.ssl = key;
+	t.buf = (__u64)buf;
+	t.out_len = (__u64)out_len;
+	t.enter_ns = bpf_ktime_get_ns();
+	t.dir = dir;
+	bpf_map_update_elem(&tls_calls, &id, &t, BPF_ANY);
+	skp = bpf_map_lookup_elem(&tls_socks, &key);
+	if (dir == DIR_IN && skp) {
+		/* As for sockets: a server reading again has finished its response. */
+		__u64 ckey = *skp | TLS_KEY_BIT;
+		struct http_conn *conn = bpf_map_lookup_elem(&http_conns, &ckey);
+
+		if (conn && conn->ex.role == HTTP_ROLE_SERVER &&
+		    conn->state == HTTP_STATE_RESPONSE) {
+			emit(conn);
+			conn->state = HTTP_STATE_IDLE;
+		}
+	}
+	return 0;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(tls_write_enter, void *ssl, const void *buf, int num)
+{
+	return tls_enter(ssl, buf, NULL, DIR_OUT);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(tls_read_enter, void *ssl, void *buf, int num)
+{
+	return tls_enter(ssl, buf, NULL, DIR_IN);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(tls_write_ex_enter, void *ssl, const void *buf, size_t num, size_t *written)
+{
+	return tls_enter(ssl, buf, written, DIR_OUT);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(tls_read_ex_enter, void *ssl, void *buf, size_t num, size_t *readbytes)
+{
+	return tls_enter(ssl, buf, readbytes, DIR_IN);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(tls_handshake_enter, void *ssl)
+{
+	return tls_enter(ssl, NULL, NULL, 0);
+}
+
+/* One return probe for every SSL function above: the parked arguments say which it was. */
+SEC("uretprobe")
+int BPF_KRETPROBE(tls_exit, long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct tls_args *tp = bpf_map_lookup_elem(&tls_calls, &id);
+	struct tls_args t;
+	__u64 n = 0, *skp, sk;
+
+	if (!tp)
+		return 0;
+	t = *tp;
+	bpf_map_delete_elem(&tls_calls, &id);
+	if (!t.dir)
+		return 0;
+	if (t.out_len) {
+		if ((int)ret != 1 || bpf_probe_read_user(&n, sizeof(n), (void *)t.out_len))
+			return 0;
+	} else {
+		if ((int)ret <= 0)
+			return 0;
+		n = (int)ret;
+	}
+	skp = bpf_map_lookup_elem(&tls_socks, &t.ssl);
+	if (!skp || !n)
+		return 0;
+	sk = *skp;
+	on_data((const struct sock *)sk, sk | TLS_KEY_BIT, t.dir, (const void *)t.buf, n,
+		n > 0xffffffff ? 0xffffffff : n, t.enter_ns, bpf_ktime_get_ns(), true);
+	return 0;
+}
+
 /* ---- enter: fd -> sock, park the arguments ------------------------------------------ */
 
 static __always_inline int enter_io(long fd, unsigned long buf, __u8 dir, __u8 io)
@@ -422,6 +556,8 @@ static __always_inline int enter_io(long fd, unsigned long buf, __u8 dir, __u8 i
 	sk = tcp_sock_of_fd(fd);
 	if (!sk)
 		return 0;
+	if (in_tls_call(id, sk))
+		return 0; /* ciphertext: the OpenSSL uprobes see this data in the clear */
 	if (dir == DIR_IN) {
 		/* A server reading again has finished its response: emit it now, not when the
 		 * next request (maybe minutes later on an idle keep-alive connection) arrives. */
@@ -473,7 +609,7 @@ static __always_inline int exit_io(long ret)
 		if (iov.iov_len < first_len)
 			first_len = iov.iov_len;
 	}
-	on_data((const struct sock *)args.sk, args.dir, data, ret, first_len, args.enter_ns,
+	on_data((const struct sock *)args.sk, args.sk, args.dir, data, ret, first_len, args.enter_ns,
 		bpf_ktime_get_ns(), args.io != IO_SENDFILE);
 	return 0;
 }
@@ -520,24 +656,12 @@ ENTER(writev, DIR_OUT, IO_IOV, 0, 1)
 ENTER(sendmsg, DIR_OUT, IO_MSG, 0, 1)
 ENTER(sendfile64, DIR_OUT, IO_SENDFILE, 0, 2)
 
-/* close(): a request with no response yet was aborted; a finished response is emitted. */
-SEC("tp/syscalls/sys_enter_close")
-int http_close(struct trace_event_raw_sys_enter *ctx)
+static __always_inline void finish_conn(__u64 key)
 {
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	struct http_conn *conn;
-	struct sock *sk;
-	__u64 key;
+	struct http_conn *conn = bpf_map_lookup_elem(&http_conns, &key);
 
-	if (tgid == self_tgid)
-		return 0;
-	sk = tcp_sock_of_fd(ctx->args[0]);
-	if (!sk)
-		return 0;
-	key = (__u64)sk;
-	conn = bpf_map_lookup_elem(&http_conns, &key);
 	if (!conn)
-		return 0;
+		return;
 	if (conn->proto == HTTP_PROTO_YES && conn->state != HTTP_STATE_IDLE) {
 		if (conn->state == HTTP_STATE_REQUEST) {
 			conn->ex.flags |= HTTP_FLAG_ABORTED;
@@ -547,5 +671,23 @@ int http_close(struct trace_event_raw_sys_enter *ctx)
 		emit(conn);
 	}
 	bpf_map_delete_elem(&http_conns, &key);
+}
+
+/* close(): a request with no response yet was aborted; a finished response is emitted. */
+SEC("tp/syscalls/sys_enter_close")
+int http_close(struct trace_event_raw_sys_enter *ctx)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct sock *sk;
+	__u64 key;
+
+	if (tgid == self_tgid)
+		return 0;
+	sk = tcp_sock_of_fd(ctx->args[0]);
+	if (!sk)
+		return 0;
+	key = (__u64)sk;
+	finish_conn(key);
+	finish_conn(key | TLS_KEY_BIT);
 	return 0;
 }

@@ -21,6 +21,7 @@
 
 #define HTTP_FLAG_ABORTED (1 << 0) /* connection closed before the response started */
 #define HTTP_FLAG_PIPELINED (1 << 1) /* not the first request of its read: parse the head */
+#define HTTP_FLAG_TLS (1 << 2) /* plaintext seen through OpenSSL uprobes */
 
 #define HTTP_RECORD_EXCHANGE 1
 

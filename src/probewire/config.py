@@ -31,7 +31,9 @@ from probewire.errors import ConfigError
 
 __all__ = [
     "Config",
+    "ExportConfig",
     "FilterConfig",
+    "OtlpConfig",
     "ProbeToggle",
     "ProbesConfig",
     "RingConfig",
@@ -116,6 +118,10 @@ class HttpConfig(_Model):
         default=(),
         description="route patterns tried before the heuristics, e.g. /users/{id} or "
         "/static/{*path}",
+    )
+    tls: bool = Field(
+        default=True,
+        description="capture HTTPS plaintext through uprobes on OpenSSL's libssl",
     )
     trace_agent: bool = Field(
         default=False,
@@ -297,6 +303,69 @@ class ServicesConfig(_Model):
     )
 
 
+class OtlpConfig(_Model):
+    """OpenTelemetry (OTLP) export of metrics and spans; off unless enabled."""
+
+    enabled: bool = Field(default=False, description="true to export over OTLP")
+    endpoint: str | None = Field(
+        default=None,
+        description="collector URL, e.g. http://localhost:4317 (grpc) or http://localhost:4318 "
+        "(http/protobuf; /v1/metrics and /v1/traces are appended); default by protocol",
+    )
+    protocol: Literal["grpc", "http/protobuf"] = Field(
+        default="grpc", description="grpc or http/protobuf"
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="a mapping of extra request headers, e.g. api-key: X"
+    )
+    insecure: bool = Field(
+        default=True,
+        description="grpc only: true for plaintext, false for TLS (https:// endpoints are TLS)",
+    )
+    certificate_file: str | None = Field(
+        default=None, description="PEM file of CA certificates to trust (TLS)"
+    )
+    client_certificate_file: str | None = Field(
+        default=None, description="PEM client certificate for mutual TLS"
+    )
+    client_key_file: str | None = Field(default=None, description="PEM client key for mutual TLS")
+    timeout_s: float = Field(
+        default=10.0, gt=0, allow_inf_nan=False, description="export timeout in seconds, > 0"
+    )
+    metrics: bool = Field(default=True, description="export the /metrics families over OTLP")
+    interval_s: float = Field(
+        default=15.0, gt=0, allow_inf_nan=False,
+        description="seconds between metric exports, a number > 0",
+    )
+    traces: bool = Field(default=True, description="export a span per HTTP exchange")
+    sampling_ratio: float = Field(
+        default=1.0, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="head sampling ratio of new traces, 0.0..1.0 (tail sampling: the collector)",
+    )
+    link_wait_ms: float = Field(
+        default=2000.0, ge=0, allow_inf_nan=False,
+        description="how long a client span waits for the server span that encloses it, in ms",
+    )
+    resource_attributes: dict[str, str] = Field(
+        default_factory=dict,
+        description="a mapping of extra resource attributes, e.g. deployment.environment: prod",
+    )
+
+    @model_validator(mode="after")
+    def _mtls_pair(self) -> OtlpConfig:
+        if (self.client_certificate_file is None) != (self.client_key_file is None):
+            raise ValueError(
+                "client_certificate_file and client_key_file go together; set both or neither"
+            )
+        return self
+
+
+class ExportConfig(_Model):
+    """Where signals go besides /metrics."""
+
+    otlp: OtlpConfig = Field(default_factory=lambda: OtlpConfig(), description="OTLP export")
+
+
 class Config(_Model):
     """The whole agent configuration."""
 
@@ -311,6 +380,9 @@ class Config(_Model):
     ring: RingConfig = Field(default=RingConfig(), description="ring buffer settings")
     filter: FilterConfig = Field(default=FilterConfig(), description="what to trace")
     services: ServicesConfig = Field(default=ServicesConfig(), description="service naming rules")
+    export: ExportConfig = Field(
+        default_factory=lambda: ExportConfig(), description="OTLP export settings"
+    )
 
     @field_validator("listen")
     @classmethod

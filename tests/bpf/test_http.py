@@ -339,3 +339,54 @@ def test_port_rule_names_the_server_and_label_budget_folds_overflow_into_other(s
         # 10 admitted + the overflow series: edge-proxy's, and this process's own scrapes.
         assert total(s, "probewire_active_series",
                      metric="http_server_request_duration_seconds") <= 12
+
+
+@pytest.fixture(scope="module")
+def tls_stack() -> Iterator[tuple[int, int]]:
+    """(nginx HTTPS port, upstream port)."""
+    with python_upstream() as up, nginx(upstream_port=up.port, tls=True) as ng:
+        yield ng.port, up.port
+
+
+def test_https_through_openssl_uprobes_counted_on_both_sides(agent, tls_stack) -> None:
+    """nginx with TLS, curl --http1.1 and Python's ssl module (both libssl.so.3) as clients."""
+    import ssl
+
+    a, listen = agent
+    ng, up = tls_stack
+    http_probe = a.probes["http"]
+    assert http_probe.tls is not None and http_probe.tls.attached, http_probe.tls
+    d = Delta(listen)
+    for _ in range(3):
+        out = subprocess.run(["curl", "-sk", "--http1.1", "-o", "/dev/null", "-w", "%{http_code}",
+                              f"https://127.0.0.1:{ng}/static/index.html"],
+                             capture_output=True, text=True, timeout=10)
+        assert out.stdout == "200"
+    conn = http.client.HTTPSConnection("127.0.0.1", ng, timeout=10,
+                                       context=ssl._create_unverified_context())
+    for path, status in (("/api/tls/1", 200), ("/missing", 404), ("/api/fail", 503)):
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == status
+    conn.close()
+    d.settle(SERVER, 6, service_name="nginx", url_scheme="https")
+    https = {"url_scheme": "https"}
+    assert server(d, "nginx", "GET", "/static/index.html", 200) == 3
+    assert d(SERVER, service_name="nginx", http_route="/static/index.html", **https) == 3
+    assert d(SERVER, service_name="nginx", http_route="/api/tls/{id}",
+             http_response_status_code="200", **https) == 1
+    assert d(SERVER, service_name="nginx", http_route="/missing",
+             http_response_status_code="404", **https) == 1
+    assert d(SERVER, service_name="nginx", http_route="/api/fail",
+             http_response_status_code="503", **https) == 1
+    assert d(SERVER, service_name="nginx", **https) == 6
+    # Nothing of the ciphertext was taken for plain HTTP.
+    assert d(SERVER, service_name="nginx", url_scheme="http") == 0
+    assert d(CLIENT, service_name="curl", server_port=str(ng), **https) == 3
+    assert d(CLIENT, service_name="pytest", server_port=str(ng), **https) == 3
+    # nginx -> upstream stays plain HTTP.
+    assert d(CLIENT, service_name="nginx", server_port=str(up), url_scheme="http") == 2
+    coverage = {c.pid: c for c in http_probe.tls.coverage()}
+    nginx_pids = [c for c in coverage.values() if c.comm == "nginx"]
+    assert nginx_pids and all(c.covered for c in nginx_pids)

@@ -44,7 +44,8 @@ http {{
     default_type text/html;
     upstream backend {{ server 127.0.0.1:{upstream_port}; keepalive 16; }}
     server {{
-        listen 127.0.0.1:{port} reuseport backlog=4096;
+        listen 127.0.0.1:{port} reuseport backlog=4096 {listen_opts};
+        {tls_conf}
         root {prefix}/www;
         location /static/ {{ }}
         location = /missing {{ return 404; }}
@@ -160,9 +161,22 @@ def python_upstream(port: int | None = None) -> Iterator[Server]:
             _stop(proc)
 
 
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """A throwaway certificate for 127.0.0.1 made with the openssl CLI."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    return cert, key
+
+
 @contextlib.contextmanager
 def nginx(port: int | None = None, upstream_port: int = 9, workers: int = 1,
-          access_log: bool = True) -> Iterator[Server]:
+          access_log: bool = True, tls: bool = False) -> Iterator[Server]:
+    """nginx on 127.0.0.1:port; with tls=True it serves HTTPS (HTTP/1.1 and HTTP/2)."""
     port = port or free_port()
     with tempfile.TemporaryDirectory(prefix="pw-nginx-") as tmp:
         prefix = Path(tmp)
@@ -171,9 +185,15 @@ def nginx(port: int | None = None, upstream_port: int = 9, workers: int = 1,
         (prefix / "www" / "static" / "index.html").write_bytes(STATIC_BODY)
         (prefix / "www" / "static" / "big.bin").write_bytes(b"b" * (1 << 20))
         conf = prefix / "nginx.conf"
+        tls_conf, listen_opts = "", ""
+        if tls:
+            cert, key = self_signed_cert(prefix)
+            tls_conf = f"ssl_certificate {cert}; ssl_certificate_key {key};"
+            listen_opts = "ssl http2"
         conf.write_text(NGINX_CONF.format(
             prefix=prefix, port=port, upstream_port=upstream_port, workers=workers,
             access_log=f"{prefix}/access.log" if access_log else "off",
+            tls_conf=tls_conf, listen_opts=listen_opts,
         ))
         proc = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(conf)],
                                 stderr=subprocess.DEVNULL)

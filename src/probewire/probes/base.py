@@ -78,6 +78,9 @@ class Probe:
     def on_batch(self, records: np.ndarray) -> None:
         """Handle a batch of ring records (called on the reader thread)."""
 
+    def on_stop(self) -> None:
+        """Release what after_load took beyond the declared hooks (e.g. uprobe links)."""
+
     def collect(self) -> Iterable[Metric]:
         """Metrics read at scrape time."""
         return ()
@@ -111,6 +114,7 @@ class RunningProbe:
         }
 
     def stop(self) -> None:
+        self.probe.on_stop()
         for link in self.links:
             link.destroy()
         self.links.clear()
@@ -160,7 +164,11 @@ def start_probe(
         for struct_name, dtype in probe.structs.items():
             obj.struct_layout(struct_name).check_dtype(dtype)
         choices = choose_programs(type(probe), support, obj, forced)
-        chosen = {c.program for c in choices if c.program} | set(probe.helper_programs)
+        chosen = {c.program for c in choices if c.program} | {
+            name for name in probe.helper_programs
+            if support.get(hook_type_of(obj.programs[name].section),
+                           HookSupport("", True, "")).available
+        }
         for prog in obj.programs.values():
             prog.set_autoload(prog.name in chosen)
         for name in SHARED_MAPS:

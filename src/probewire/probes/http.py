@@ -25,11 +25,12 @@ from probewire.aggregate.http_heads import nth_request, request_paths
 from probewire.aggregate.routes import RouteTemplater
 from probewire.aggregate.series import CounterSeries, HistogramSeries, group_rows
 from probewire.probes.base import Hook, Probe, ProbeContext
+from probewire.probes.tls import TLS_PROGRAMS, TlsAttacher
 from probewire.runtime.bpf import BpfObject
 
 HEAD_LEN = 256
 ROLE_SERVER, ROLE_CLIENT = 1, 2
-FLAG_ABORTED, FLAG_PIPELINED = 1, 2
+FLAG_ABORTED, FLAG_PIPELINED, FLAG_TLS = 1, 2, 4
 
 HTTP_EXCHANGE = np.dtype(
     [
@@ -71,7 +72,8 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 
                     10.0)
 SIZE_BUCKETS = (0, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
 
-SERVER_LABELS = ("service_name", "http_request_method", "http_response_status_code", "http_route")
+SERVER_LABELS = ("service_name", "http_request_method", "http_response_status_code", "http_route",
+                 "url_scheme")
 CLIENT_LABELS = (*SERVER_LABELS, "server_address", "server_port")
 EDGE_LABELS = ("client", "server")
 UNKNOWN_ROUTE = "unknown"
@@ -136,7 +138,7 @@ class HttpProbe(Probe):
         *(Hook(f"sys_exit_{s}", (f"http_exit_{s}",)) for s in SYSCALLS),
         Hook("sys_enter_close", ("http_close",)),
     )
-    helper_programs = ("http_exit_common",)
+    helper_programs = ("http_exit_common", *TLS_PROGRAMS)
     structs: ClassVar[dict[str, np.dtype]] = {"http_exchange": HTTP_EXCHANGE}
     record_dtype = HTTP_EXCHANGE
 
@@ -169,6 +171,17 @@ class HttpProbe(Probe):
         self.records = 0
         # Called after each batch with its decoded rows (e.g. the OTLP span exporter).
         self.sinks: list[ExchangeSink] = []
+        self.tls: TlsAttacher | None = None
+
+    def after_load(self, obj: BpfObject) -> None:
+        if self.ctx.config.probes.http.tls and obj.programs["tls_exit"].fd >= 0:
+            self.tls = TlsAttacher(obj)
+            self.tls.start()
+
+    def on_stop(self) -> None:
+        if self.tls is not None:
+            self.tls.stop()
+            self.tls = None
 
     def before_load(self, obj: BpfObject) -> None:
         if not self.ctx.config.probes.http.trace_agent:
@@ -263,9 +276,10 @@ class HttpProbe(Probe):
                 self.client_endpoints.put((local_names[local_idx[i]], int(lport[i])),
                                           services[svc[i]])
             ok = ~aborted
+            tls = (flags & FLAG_TLS) != 0
             gkeys, ginv = group_rows([role, svc, method, status, route_idx, peer_idx, rport,
-                                      aborted.astype(np.int64)])
-            for g, (r, s, m, st, ro, pe, rp, ab) in enumerate(gkeys.tolist()):
+                                      aborted.astype(np.int64), tls.astype(np.int64)])
+            for g, (r, s, m, st, ro, pe, rp, ab, tl) in enumerate(gkeys.tolist()):
                 rows = ginv == g
                 service = services[s]
                 if ab:
@@ -274,7 +288,8 @@ class HttpProbe(Probe):
                     self._edge(r, service, peer_names[pe], rp, rows, duration_s, failed=True,
                                rec=rec, lport=lport)
                     continue
-                base = (service, methods[m], str(st), routes[ro] if routes else UNKNOWN_ROUTE)
+                base = (service, methods[m], str(st), routes[ro] if routes else UNKNOWN_ROUTE,
+                        "https" if tl else "http")
                 if r == ROLE_SERVER:
                     labels = self.server_budget.admit(base, SERVER_LABELS)
                     self.server_duration.observe(labels, duration_s[rows & ok])
