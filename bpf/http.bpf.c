@@ -29,6 +29,7 @@ const volatile __u32 self_tgid = 0;
 struct http_args {
 	__u64 sk;
 	__u64 buf;
+	__u64 count; /* iovec count for readv/writev */
 	__u64 enter_ns;
 	__u8 dir;
 	__u8 io;
@@ -51,7 +52,23 @@ struct {
 	__type(value, struct http_args);
 } http_args SEC(".maps");
 
+/* probewire_http_unrecognized_connections_total{transport="tls"} */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} tls_unrecognized SEC(".maps");
+
 struct http_exchange *btf_export_http_exchange __attribute__((unused));
+struct h2_chunk *btf_export_h2_chunk __attribute__((unused));
+
+/* HTTP/2 chunks: larger records than exchanges, so a ring of their own (decoded as one
+ * fixed-size array per drain, like every ring). */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 22);
+} h2_events SEC(".maps");
 static struct http_conn zero_conn;
 
 static __always_inline struct sock *tcp_sock_of_fd(int fd)
@@ -264,12 +281,172 @@ static __always_inline void response_started(struct http_conn *conn, __u16 statu
 	head_append(conn->ex.resp_head, &conn->ex.resp_head_len, buf, first_len);
 }
 
+static __always_inline bool h2_preface(const __u8 *b)
+{
+	return b[0] == 'P' && b[1] == 'R' && b[2] == 'I' && b[3] == ' ' && b[4] == '*' &&
+	       b[5] == ' ' && b[6] == 'H' && b[7] == 'T' && b[8] == 'T' && b[9] == 'P' &&
+	       b[10] == '/' && b[11] == '2' && b[12] == '.' && b[13] == '0';
+}
+
+struct h2_pending {
+	__u64 key;
+	__u64 buf;
+	__u64 first_len;
+	__u64 iovs;
+	__u64 niov;
+	__u64 total;
+	__u64 now;
+	__u8 dir;
+	__u8 _pad[7];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct h2_pending);
+} h2_scratch SEC(".maps");
+
+/* Per-CPU hand-over to the tail-called shipper: nothing runs between the write and the call. */
+static __always_inline bool h2_pend(__u64 key, __u8 dir, const void *buf, __u64 first_len,
+				    const struct iovec *iovs, __u64 niov, __u64 total, __u64 now)
+{
+	__u32 zero = 0;
+	struct h2_pending *p = bpf_map_lookup_elem(&h2_scratch, &zero);
+
+	if (!p)
+		return false;
+	p->key = key;
+	p->buf = (__u64)buf;
+	p->first_len = first_len;
+	p->iovs = (__u64)iovs;
+	p->niov = niov;
+	p->total = total;
+	p->now = now;
+	p->dir = dir;
+	return true;
+}
+
+/* Ship what one syscall (or SSL call) moved on an HTTP/2 connection: the first segment is
+ * (buf, first_len); readv/writev/msg calls continue with iovs[1..]. Bounded on both loops. */
+static __always_inline int h2_ship(void)
+{
+	__u32 zero = 0;
+	struct h2_pending *p = bpf_map_lookup_elem(&h2_scratch, &zero);
+	struct http_conn *conn;
+	const struct iovec *iovs;
+	__u64 remaining, key;
+
+	if (!p)
+		return 0;
+	key = p->key;
+	conn = bpf_map_lookup_elem(&http_conns, &key);
+	if (!conn)
+		return 0;
+	remaining = p->total;
+	iovs = (const struct iovec *)p->iovs;
+	for (int s = 0; s < H2_MAX_IOV; s++) {
+		const void *base = (const void *)p->buf;
+		__u64 len = p->first_len;
+
+		if (s > 0) {
+			struct iovec v;
+
+			if (!iovs || s >= p->niov || !remaining)
+				break;
+			if (bpf_probe_read_user(&v, sizeof(v), &iovs[s]))
+				break;
+			base = v.iov_base;
+			len = v.iov_len;
+		}
+		if (len > remaining)
+			len = remaining;
+		for (int part = 0; part < H2_MAX_PARTS; part++) {
+			__u64 off = (__u64)part * H2_CHUNK;
+			struct h2_chunk *rec;
+			__u64 sz;
+
+			if (off >= len)
+				break;
+			rec = bpf_ringbuf_reserve(&h2_events, sizeof(*rec), 0);
+			conn->h2_seq += 1; /* counted even when dropped: the gap shows the loss */
+			if (!rec) {
+				count_drop();
+				return 0;
+			}
+			sz = len - off;
+			if (sz > H2_CHUNK)
+				sz = H2_CHUNK;
+			barrier_var(sz);
+			rec->kind = H2_RECORD_CHUNK;
+			rec->tgid = bpf_get_current_pid_tgid() >> 32;
+			rec->tid = (__u32)bpf_get_current_pid_tgid();
+			rec->len = sz;
+			rec->conn_id = conn->ex.conn_id;
+			rec->ts_ns = p->now;
+			rec->seq = conn->h2_seq;
+			rec->dir = p->dir;
+			rec->role = conn->ex.role;
+			rec->flags = (conn->ex.conn_id & TLS_KEY_BIT) ? H2_FLAG_TLS : 0;
+			rec->family = conn->ex.family;
+			rec->lport = conn->ex.lport;
+			rec->rport = conn->ex.rport;
+			rec->_pad = 0;
+			__builtin_memcpy(rec->laddr, conn->ex.laddr, 16);
+			__builtin_memcpy(rec->raddr, conn->ex.raddr, 16);
+			if (bpf_probe_read_user(rec->data, sz, base + off))
+				rec->len = 0;
+			if (part == H2_MAX_PARTS - 1 && off + sz < len)
+				rec->flags |= H2_FLAG_TRUNCATED;
+			if (s == H2_MAX_IOV - 1 && off + sz >= len && remaining > len)
+				rec->flags |= H2_FLAG_TRUNCATED;
+			bpf_ringbuf_submit(rec, 0);
+		}
+		if (len > (__u64)H2_MAX_PARTS * H2_CHUNK)
+			return 0;
+		remaining -= len;
+	}
+	return 0;
+}
+
+SEC("tp")
+int http_h2_ship_tp(void *ctx)
+{
+	return h2_ship();
+}
+
+SEC("uprobe")
+int http_h2_ship_uprobe(void *ctx)
+{
+	return h2_ship();
+}
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 1);
+	__uint(key_size, sizeof(__u32));
+	__array(values, int(void *));
+} h2_ship_tp SEC(".maps") = {
+	.values = { [0] = (void *)&http_h2_ship_tp },
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 1);
+	__uint(key_size, sizeof(__u32));
+	__array(values, int(void *));
+} h2_ship_uprobe SEC(".maps") = {
+	.values = { [0] = (void *)&http_h2_ship_uprobe },
+};
+
 /* `key` is the socket address for bytes seen by syscalls, and the address with the low bit
  * set (socket structs are 8-aligned) for plaintext seen inside OpenSSL: the two views of a
  * TLS connection get separate state machines. */
-static __always_inline void on_data(const struct sock *sk, __u64 key, __u8 dir, const void *buf,
+/* Returns true when the bytes belong to an HTTP/2 connection: the caller then tail-calls the
+ * chunk shipper, which h2_pending describes (kept out of this already large program). */
+static __always_inline bool on_data(const struct sock *sk, __u64 key, __u8 dir, const void *buf,
 				    __u64 n, __u32 first_len, __u64 enter_ns, __u64 exit_ns,
-				    bool has_bytes)
+				    bool has_bytes, const struct iovec *iovs, __u64 niov)
 {
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	struct http_conn *conn = conn_for(sk, key, tgid);
@@ -281,13 +458,15 @@ static __always_inline void on_data(const struct sock *sk, __u64 key, __u8 dir, 
 	bool turned;
 
 	if (!conn || conn->proto == HTTP_PROTO_FILTERED)
-		return;
+		return false;
 	turned = conn->last_dir != dir;
 	conn->last_dir = dir;
+	if (conn->proto == HTTP_PROTO_H2)
+		return has_bytes && h2_pend(key, dir, buf, first_len, iovs, niov, n, exit_ns);
 	/* A stream that is not HTTP costs this lookup; it is looked at again only when the
 	 * talk changes direction (a message boundary in request/response protocols). */
 	if (conn->proto == HTTP_PROTO_NO && !turned)
-		return;
+		return false;
 	if (has_bytes) {
 		p = conn->partial_len & 7;
 		for (int i = 0; i < 8; i++) {
@@ -314,15 +493,30 @@ static __always_inline void on_data(const struct sock *sk, __u64 key, __u8 dir, 
 		status = method ? 0 : status_of(peek);
 	}
 	if (conn->proto != HTTP_PROTO_YES) {
+		if (!method && !status && has_bytes && first_len >= 14 && h2_preface(peek)) {
+			conn->proto = HTTP_PROTO_H2;
+			conn->ex.role = dir == DIR_OUT ? HTTP_ROLE_CLIENT : HTTP_ROLE_SERVER;
+			conn->h2_seq = 0;
+			return h2_pend(key, dir, buf, first_len, iovs, niov, n, exit_ns);
+		}
 		if (!method && !status) {
 			if (has_bytes && maybe_split_method(peek, p + first_len)) {
 				__builtin_memcpy(conn->partial, peek, 8);
 				conn->partial_len = (p + first_len) & 7;
-				return;
+				return false;
+			}
+			if ((key & TLS_KEY_BIT) && conn->proto == HTTP_PROTO_UNKNOWN) {
+				/* TLS plaintext that starts mid-stream (e.g. HTTP/2 opened before
+				 * the agent) or is another protocol: counted, never guessed. */
+				__u32 zero = 0;
+				__u64 *n_unrec = bpf_map_lookup_elem(&tls_unrecognized, &zero);
+
+				if (n_unrec)
+					*n_unrec += 1;
 			}
 			conn->proto = HTTP_PROTO_NO;
 			conn->partial_len = 0;
-			return;
+			return false;
 		}
 		conn->proto = HTTP_PROTO_YES;
 		conn->ex.role = ((method && dir == DIR_IN) || (status && dir == DIR_OUT)) ?
@@ -334,7 +528,7 @@ static __always_inline void on_data(const struct sock *sk, __u64 key, __u8 dir, 
 	    maybe_split_method(peek, p + first_len)) {
 		__builtin_memcpy(conn->partial, peek, 8);
 		conn->partial_len = (p + first_len) & 7;
-		return;
+		return false;
 	}
 
 	if (conn->ex.role == HTTP_ROLE_SERVER) {
@@ -346,7 +540,7 @@ static __always_inline void on_data(const struct sock *sk, __u64 key, __u8 dir, 
 			if (conn->state == HTTP_STATE_IDLE) {
 				if (!method) {
 					conn->partial_len = 0;
-					return; /* bytes of an exchange that began before we looked */
+					return false; /* bytes of an exchange begun before we looked */
 				}
 				new_exchange(conn, method, exit_ns, n + p, tgid);
 				start_message(conn, conn->ex.req_head, &conn->ex.req_head_len, buf,
@@ -355,10 +549,10 @@ static __always_inline void on_data(const struct sock *sk, __u64 key, __u8 dir, 
 				conn->ex.req_bytes += n;
 				head_append(conn->ex.req_head, &conn->ex.req_head_len, buf, first_len);
 			}
-			return;
+			return false;
 		}
 		if (status >= 100 && status < 200)
-			return; /* interim (100 Continue): the final response follows */
+			return false; /* interim (100 Continue): the final response follows */
 		if (status) {
 			if (conn->state == HTTP_STATE_REQUEST) {
 				conn->state = HTTP_STATE_RESPONSE;
@@ -372,13 +566,13 @@ static __always_inline void on_data(const struct sock *sk, __u64 key, __u8 dir, 
 				conn->ex.req_bytes = 0;
 				response_started(conn, status, exit_ns, buf, n, first_len);
 			}
-			return;
+			return false;
 		}
 		if (conn->state == HTTP_STATE_RESPONSE) {
 			conn->ex.resp_bytes += n;
 			conn->ex.end_ns = exit_ns;
 		}
-		return;
+		return false;
 	}
 
 	/* Client. */
@@ -394,7 +588,7 @@ static __always_inline void on_data(const struct sock *sk, __u64 key, __u8 dir, 
 		} else if (conn->state == HTTP_STATE_REQUEST) {
 			conn->ex.req_bytes += n;
 		}
-		return;
+		return false;
 	}
 	if (status >= 200 && conn->state == HTTP_STATE_REQUEST) {
 		response_started(conn, status, exit_ns, buf, n, first_len);
@@ -410,6 +604,7 @@ static __always_inline void on_data(const struct sock *sk, __u64 key, __u8 dir, 
 			conn->state = HTTP_STATE_IDLE;
 		}
 	}
+	return false;
 }
 
 /* ---- TLS: OpenSSL's SSL_read/SSL_write see the plaintext -------------------------------- */
@@ -537,14 +732,15 @@ int BPF_KRETPROBE(tls_exit, long ret)
 	if (!skp || !n)
 		return 0;
 	sk = *skp;
-	on_data((const struct sock *)sk, sk | TLS_KEY_BIT, t.dir, (const void *)t.buf, n,
-		n > 0xffffffff ? 0xffffffff : n, t.enter_ns, bpf_ktime_get_ns(), true);
+	if (on_data((const struct sock *)sk, sk | TLS_KEY_BIT, t.dir, (const void *)t.buf, n,
+		    n > 0xffffffff ? 0xffffffff : n, t.enter_ns, bpf_ktime_get_ns(), true, NULL, 0))
+		bpf_tail_call(ctx, &h2_ship_uprobe, 0);
 	return 0;
 }
 
 /* ---- enter: fd -> sock, park the arguments ------------------------------------------ */
 
-static __always_inline int enter_io(long fd, unsigned long buf, __u8 dir, __u8 io)
+static __always_inline int enter_io(long fd, unsigned long buf, __u64 count, __u8 dir, __u8 io)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	__u32 tgid = id >> 32;
@@ -572,6 +768,7 @@ static __always_inline int enter_io(long fd, unsigned long buf, __u8 dir, __u8 i
 	}
 	args.sk = (__u64)sk;
 	args.buf = buf;
+	args.count = count;
 	args.enter_ns = bpf_ktime_get_ns();
 	args.dir = dir;
 	args.io = io;
@@ -579,7 +776,8 @@ static __always_inline int enter_io(long fd, unsigned long buf, __u8 dir, __u8 i
 	return 0;
 }
 
-static __always_inline int exit_io(long ret)
+/* True when HTTP/2 bytes wait to be shipped (the caller tail-calls the shipper). */
+static __always_inline bool exit_io(long ret)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct http_args *a = bpf_map_lookup_elem(&http_args, &id);
@@ -587,6 +785,8 @@ static __always_inline int exit_io(long ret)
 	struct iovec iov = {};
 	struct user_msghdr msg = {};
 	const void *data;
+	const struct iovec *iovs = NULL;
+	__u64 niov = 0;
 	__u32 first_len;
 
 	if (!a)
@@ -601,17 +801,19 @@ static __always_inline int exit_io(long ret)
 		if (bpf_probe_read_user(&msg, sizeof(msg), data))
 			return 0;
 		data = msg.msg_iov;
+		args.count = msg.msg_iovlen;
 	}
 	if (args.io == IO_IOV || args.io == IO_MSG) {
+		iovs = data;
+		niov = args.count;
 		if (bpf_probe_read_user(&iov, sizeof(iov), data))
 			return 0;
 		data = iov.iov_base;
 		if (iov.iov_len < first_len)
 			first_len = iov.iov_len;
 	}
-	on_data((const struct sock *)args.sk, args.sk, args.dir, data, ret, first_len, args.enter_ns,
-		bpf_ktime_get_ns(), args.io != IO_SENDFILE);
-	return 0;
+	return on_data((const struct sock *)args.sk, args.sk, args.dir, data, ret, first_len,
+		       args.enter_ns, bpf_ktime_get_ns(), args.io != IO_SENDFILE, iovs, niov);
 }
 
 /* The exit side is the heavy part (the state machine): it lives in one program that every
@@ -619,7 +821,9 @@ static __always_inline int exit_io(long ret)
 SEC("tp")
 int http_exit_common(struct trace_event_raw_sys_exit *ctx)
 {
-	return exit_io(ctx->ret);
+	if (exit_io(ctx->ret))
+		bpf_tail_call(ctx, &h2_ship_tp, 0);
+	return 0;
 }
 
 struct {
@@ -637,7 +841,8 @@ struct {
 	SEC("tp/syscalls/sys_enter_" #name)                                              \
 	int http_enter_##name(struct trace_event_raw_sys_enter *ctx)                     \
 	{                                                                                \
-		return enter_io(ctx->args[fd_arg], ctx->args[buf_arg], dir, io);         \
+		return enter_io(ctx->args[fd_arg], ctx->args[buf_arg], ctx->args[2], dir, \
+				io);                                                     \
 	}                                                                                \
 	SEC("tp/syscalls/sys_exit_" #name)                                               \
 	int http_exit_##name(struct trace_event_raw_sys_exit *ctx)                       \

@@ -61,6 +61,36 @@ struct http_exchange {
 #define HTTP_PROTO_UNKNOWN 0
 #define HTTP_PROTO_YES 1
 #define HTTP_PROTO_NO 2
+#define HTTP_PROTO_H2 4 /* HTTP/2: frames are parsed in user space from raw chunks */
+
+#define H2_CHUNK 4096 /* bytes of data per chunk record */
+#define H2_MAX_IOV 64 /* iovecs of one syscall walked (gRPC writes many small slices) */
+#define H2_MAX_PARTS 4 /* chunk records per iovec */
+#define H2_RECORD_CHUNK 2
+#define H2_FLAG_TLS (1 << 0)
+#define H2_FLAG_TRUNCATED (1 << 1) /* the syscall moved more than was shipped */
+
+/* Raw bytes of an HTTP/2 connection, in order per connection (seq counts every chunk, so a
+ * dropped one is noticed and the connection is given up rather than misparsed). */
+struct h2_chunk {
+	__u32 kind;
+	__u32 tgid;
+	__u32 tid;
+	__u32 len;
+	__u64 conn_id;
+	__u64 ts_ns;
+	__u32 seq;
+	__u8 dir; /* 1 in, 2 out, from this process's point of view */
+	__u8 role;
+	__u8 flags;
+	__u8 family;
+	__u16 lport;
+	__u16 rport;
+	__u32 _pad;
+	__u8 laddr[16];
+	__u8 raddr[16];
+	__u8 data[H2_CHUNK];
+};
 
 struct http_conn {
 	struct http_exchange ex;
@@ -70,5 +100,7 @@ struct http_conn {
 	__u8 partial_len; /* bytes of a split method kept in `partial` */
 	__u16 outstanding; /* client: pipelined requests awaiting a response */
 	__u16 _pad;
+	__u32 h2_seq;
+	__u32 _pad2;
 	__u8 partial[8];
 };

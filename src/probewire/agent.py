@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import resource
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from probewire.config import Config
 from probewire.enrich.service import ServiceResolver
 from probewire.errors import PrivilegeError
 from probewire.probes import REGISTRY
 from probewire.probes.base import SHARED_MAPS, Probe, ProbeContext, RunningProbe, start_probe
+from probewire.probes.http import HttpProbe
 from probewire.runtime.bpf import PRIVILEGE_FIX, StatsHandle, enable_stats
 from probewire.runtime.features import HookSupport, probe_hook_types
 from probewire.runtime.filter import Filter
 from probewire.runtime.ring import Ring, RingReader
+
+if TYPE_CHECKING:
+    from probewire.export.otlp import OtlpExporter
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +74,7 @@ class Agent:
         self.support: dict[str, HookSupport] = {}
         self.reader = RingReader(config.ring.batch_records, config.ring.flush_ms / 1000.0)
         self.filter: Filter | None = None
+        self.otlp: OtlpExporter | None = None
         self._stats: StatsHandle | None = None
         self.started_at = 0.0
         self.startup_s = 0.0
@@ -87,11 +94,17 @@ class Agent:
                 if probe.record_dtype is not None:
                     ring = Ring(self.running[name].obj.maps["events"], probe.record_dtype, name)
                     self.reader.add(ring, probe.on_batch)
+                for ring_name, dtype in probe.extra_rings.items():
+                    ring = Ring(self.running[name].obj.maps[ring_name], dtype,
+                                f"{name}:{ring_name}")
+                    self.reader.add(ring, functools.partial(probe.on_ring, ring_name))
             if self.running:
                 first = next(iter(self.running.values()))
                 self.filter = Filter({m: first.obj.maps[m] for m in SHARED_MAPS})
                 f = self.config.filter
                 self.filter.apply(list(f.pids), list(f.cgroups), list(f.ports))
+            if self.config.export.otlp.enabled:
+                self._start_otlp()
         except BaseException:
             self.stop()
             raise
@@ -101,8 +114,25 @@ class Agent:
         log.info("probes attached in %.3f s: %s", self.startup_s,
                  ", ".join(f"{s.probe}:{s.section}" for s in self.status()))
 
+    def _start_otlp(self) -> None:
+        from probewire.export.otlp import OtlpExporter
+        from probewire.export.prometheus import AgentCollector
+
+        cfg = self.config.export.otlp
+        self.otlp = OtlpExporter(cfg, AgentCollector(self).collect)
+        http = self.probes.get("http")
+        if cfg.traces and isinstance(http, HttpProbe):
+            http.sinks.append(self.otlp.sink)
+        self.otlp.start()
+
     def stop(self) -> None:
         self.reader.stop()
+        if self.otlp is not None:
+            http = self.probes.get("http")
+            if isinstance(http, HttpProbe) and self.otlp.sink in http.sinks:
+                http.sinks.remove(self.otlp.sink)
+            self.otlp.stop()
+            self.otlp = None
         for running in self.running.values():
             running.stop()
         self.running.clear()

@@ -497,6 +497,16 @@ class ServiceResolver:
         entry = self._lookup(pid)
         return entry.info if entry is not None else None
 
+    def remember(self, info: ProcessInfo) -> str:
+        """Name a process from what an event carried, for one already gone from /proc."""
+        entry = _Entry(info=info, name=_name(info, self._rules))
+        with self._lock:
+            self._cache[info.pid] = entry
+            self._cache.move_to_end(info.pid)
+            while len(self._cache) > self._max_entries:
+                self._cache.popitem(last=False)
+        return entry.name
+
     def forget(self, pid: int) -> None:
         """Drop ``pid`` from the cache; call on process exit (and exec, to rename at once)."""
         with self._lock:

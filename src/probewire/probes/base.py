@@ -61,6 +61,8 @@ class Probe:
     hooks: ClassVar[tuple[Hook, ...]]
     structs: ClassVar[dict[str, np.dtype]] = {}
     record_dtype: ClassVar[np.dtype | None] = None  # set when the family ships ring records
+    # Further ring buffers of the object (map name -> record dtype), drained like "events".
+    extra_rings: ClassVar[dict[str, np.dtype]] = {}
     # Loaded but never attached (e.g. the target of a tail call).
     helper_programs: ClassVar[tuple[str, ...]] = ()
 
@@ -77,6 +79,9 @@ class Probe:
 
     def on_batch(self, records: np.ndarray) -> None:
         """Handle a batch of ring records (called on the reader thread)."""
+
+    def on_ring(self, map_name: str, records: np.ndarray) -> None:
+        """Handle a batch from one of `extra_rings`."""
 
     def on_stop(self) -> None:
         """Release what after_load took beyond the declared hooks (e.g. uprobe links)."""
@@ -175,6 +180,8 @@ def start_probe(
             if name in shared and name in obj.maps:
                 obj.maps[name].reuse_fd(shared[name])
         obj.maps["events"].set_max_entries(ring_size_bytes if probe.record_dtype else 4096)
+        for ring_name in probe.extra_rings:
+            obj.maps[ring_name].set_max_entries(ring_size_bytes)
         probe.obj = obj
         probe.before_load(obj)
         obj.load()

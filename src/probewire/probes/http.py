@@ -25,12 +25,15 @@ from probewire.aggregate.http_heads import nth_request, request_paths
 from probewire.aggregate.routes import RouteTemplater
 from probewire.aggregate.series import CounterSeries, HistogramSeries, group_rows
 from probewire.probes.base import Hook, Probe, ProbeContext
+from probewire.probes.h2 import H2_CHUNK_DTYPE, H2Exchange, H2Tracker
 from probewire.probes.tls import TLS_PROGRAMS, TlsAttacher
 from probewire.runtime.bpf import BpfObject
 
 HEAD_LEN = 256
 ROLE_SERVER, ROLE_CLIENT = 1, 2
 FLAG_ABORTED, FLAG_PIPELINED, FLAG_TLS = 1, 2, 4
+# User-space only (never set by the kernel): rows made from HTTP/2 streams.
+FLAG_H2, FLAG_GRPC = 64, 128
 
 HTTP_EXCHANGE = np.dtype(
     [
@@ -76,6 +79,7 @@ SERVER_LABELS = ("service_name", "http_request_method", "http_response_status_co
                  "url_scheme")
 CLIENT_LABELS = (*SERVER_LABELS, "server_address", "server_port")
 EDGE_LABELS = ("client", "server")
+RPC_LABELS = ("service_name", "rpc_system", "rpc_service", "rpc_method", "rpc_grpc_status_code")
 UNKNOWN_ROUTE = "unknown"
 ENDPOINTS_MAX = 65536
 
@@ -138,9 +142,13 @@ class HttpProbe(Probe):
         *(Hook(f"sys_exit_{s}", (f"http_exit_{s}",)) for s in SYSCALLS),
         Hook("sys_enter_close", ("http_close",)),
     )
-    helper_programs = ("http_exit_common", *TLS_PROGRAMS)
-    structs: ClassVar[dict[str, np.dtype]] = {"http_exchange": HTTP_EXCHANGE}
+    helper_programs = ("http_exit_common", "http_h2_ship_tp", "http_h2_ship_uprobe",
+                       *TLS_PROGRAMS)
+    structs: ClassVar[dict[str, np.dtype]] = {
+        "http_exchange": HTTP_EXCHANGE, "h2_chunk": H2_CHUNK_DTYPE,
+    }
     record_dtype = HTTP_EXCHANGE
+    extra_rings: ClassVar[dict[str, np.dtype]] = {"h2_events": H2_CHUNK_DTYPE}
 
     def __init__(self, ctx: ProbeContext) -> None:
         super().__init__(ctx)
@@ -172,6 +180,10 @@ class HttpProbe(Probe):
         # Called after each batch with its decoded rows (e.g. the OTLP span exporter).
         self.sinks: list[ExchangeSink] = []
         self.tls: TlsAttacher | None = None
+        self.h2 = H2Tracker()
+        self.rpc_budget = LabelBudget(cfg.max_series_per_metric, {"rpc_method": "other"})
+        self.rpc_server = HistogramSeries(DURATION_BUCKETS)
+        self.rpc_client = HistogramSeries(DURATION_BUCKETS)
 
     def after_load(self, obj: BpfObject) -> None:
         if self.ctx.config.probes.http.tls and obj.programs["tls_exit"].fd >= 0:
@@ -277,9 +289,11 @@ class HttpProbe(Probe):
                                           services[svc[i]])
             ok = ~aborted
             tls = (flags & FLAG_TLS) != 0
+            grpc = (flags & FLAG_GRPC) != 0
             gkeys, ginv = group_rows([role, svc, method, status, route_idx, peer_idx, rport,
-                                      aborted.astype(np.int64), tls.astype(np.int64)])
-            for g, (r, s, m, st, ro, pe, rp, ab, tl) in enumerate(gkeys.tolist()):
+                                      aborted.astype(np.int64), tls.astype(np.int64),
+                                      grpc.astype(np.int64)])
+            for g, (r, s, m, st, ro, pe, rp, ab, tl, gr) in enumerate(gkeys.tolist()):
                 rows = ginv == g
                 service = services[s]
                 if ab:
@@ -287,6 +301,11 @@ class HttpProbe(Probe):
                     self.aborted.add((service, direction), float(rows.sum()))
                     self._edge(r, service, peer_names[pe], rp, rows, duration_s, failed=True,
                                rec=rec, lport=lport)
+                    continue
+                if gr:
+                    # gRPC has its own rpc_* metrics (on_ring); here it only feeds the graph.
+                    self._edge(r, service, peer_names[pe], rp, rows, duration_s,
+                               failed=st >= 500, rec=rec, lport=lport)
                     continue
                 base = (service, methods[m], str(st), routes[ro] if routes else UNKNOWN_ROUTE,
                         "https" if tl else "http")
@@ -316,6 +335,61 @@ class HttpProbe(Probe):
             )
             for sink in self.sinks:
                 sink(batch)
+
+    # --- HTTP/2 and gRPC ---------------------------------------------------------------------
+    def on_ring(self, map_name: str, records: np.ndarray) -> None:
+        exchanges = self.h2.feed(records)
+        if not exchanges:
+            return
+        with self._lock:
+            for ex in exchanges:
+                if ex.grpc:
+                    self._observe_rpc(ex)
+        self.on_batch(self._as_records(exchanges))
+
+    def _observe_rpc(self, ex: H2Exchange) -> None:
+        service_path = ex.path.lstrip("/")
+        rpc_service, _, rpc_method = service_path.partition("/")
+        if ex.role == ROLE_SERVER:
+            name = self.ctx.services.name_for_port(ex.tgid, ex.lport)
+        else:
+            name = self.ctx.services.name_for(ex.tgid)
+        code = "" if ex.grpc_status is None else str(ex.grpc_status)
+        labels = self.rpc_budget.admit(
+            (name, "grpc", rpc_service or UNKNOWN_ROUTE, rpc_method or UNKNOWN_ROUTE, code),
+            RPC_LABELS)
+        series = self.rpc_server if ex.role == ROLE_SERVER else self.rpc_client
+        series.observe(labels, np.array([max(ex.end_ns - ex.start_ns, 0) / 1e9]))
+
+    @staticmethod
+    def _as_records(exchanges: list[H2Exchange]) -> np.ndarray:
+        """HTTP/2 streams as exchange records, so metrics, graph and sinks treat them alike."""
+        rec = np.zeros(len(exchanges), dtype=HTTP_EXCHANGE)
+        for i, ex in enumerate(exchanges):
+            head = f"{ex.method or '_OTHER'} {ex.path or '/'} HTTP/2\r\n\r\n".encode()[:HEAD_LEN]
+            resp = f"HTTP/2 {ex.status}\r\n\r\n".encode()
+            r = rec[i]
+            r["kind"] = 1
+            r["tgid"], r["tid"], r["role"] = ex.tgid, ex.tid, ex.role
+            r["method"] = METHODS.index(ex.method) if ex.method in METHODS[1:] else 0
+            r["status"] = ex.status
+            r["family"] = ex.family
+            r["flags"] = ((FLAG_TLS if ex.tls else 0) | FLAG_H2 | (FLAG_GRPC if ex.grpc else 0)
+                          | (FLAG_ABORTED if ex.reset and not ex.status else 0))
+            r["start_ns"], r["end_ns"] = ex.start_ns, ex.end_ns
+            # Wire sizes as the HTTP/1 path expects them: head + body.
+            r["req_bytes"] = len(head) + ex.request_bytes
+            r["resp_bytes"] = len(resp) + ex.response_bytes
+            r["resp_first_write"] = len(resp)
+            r["conn_id"] = ex.conn_id
+            r["lport"], r["rport"] = ex.lport, ex.rport
+            r["laddr"] = np.frombuffer(ex.laddr, dtype=np.uint8)
+            r["raddr"] = np.frombuffer(ex.raddr, dtype=np.uint8)
+            r["req_head"][: len(head)] = np.frombuffer(head, dtype=np.uint8)
+            r["req_head_len"] = len(head)
+            r["resp_head"][: len(resp)] = np.frombuffer(resp, dtype=np.uint8)
+            r["resp_head_len"] = len(resp)
+        return rec
 
     def _addresses(self, family: np.ndarray, raw: np.ndarray) -> tuple[np.ndarray, list[str]]:
         keys, inverse = np.unique(
@@ -408,6 +482,29 @@ class HttpProbe(Probe):
             yield client_seconds.family(
                 "traces_service_graph_request_client_seconds",
                 "Client-side duration of requests between two services.", EDGE_LABELS)
+            yield self.rpc_server.family(
+                "rpc_server_duration_seconds", "Duration of RPCs served (gRPC over HTTP/2).",
+                RPC_LABELS)
+            yield self.rpc_client.family(
+                "rpc_client_duration_seconds", "Duration of RPCs called (gRPC over HTTP/2).",
+                RPC_LABELS)
+            lost = CounterMetricFamily(
+                "probewire_http2_connections_lost",
+                "HTTP/2 connections given up (no preface seen, chunk dropped, too large).",
+                labels=["reason"])
+            for reason, n in sorted(self.h2.lost.items()):
+                lost.add_metric([reason], n)
+            yield lost
+            unrec = CounterMetricFamily(
+                "probewire_http_unrecognized_connections",
+                "Connections whose first plaintext was neither HTTP/1.x nor an HTTP/2 preface "
+                "(for TLS: typically HTTP/2 opened before the agent started).",
+                labels=["transport"])
+            if self.obj is not None:
+                _, values = self.obj.maps["tls_unrecognized"].read_all(
+                    np.dtype(np.uint32), np.dtype(np.uint64))
+                unrec.add_metric(["tls"], float(values.sum()))
+            yield unrec
             overflow = CounterMetricFamily(
                 "probewire_cardinality_overflow",
                 "Label sets folded into an 'other' series because a metric hit its budget.",

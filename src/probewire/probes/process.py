@@ -17,7 +17,7 @@ from typing import ClassVar
 import numpy as np
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from probewire.enrich.service import ProcessInfo, service_name
+from probewire.enrich.service import ProcessInfo
 from probewire.probes.base import Hook, Probe, ProbeContext
 
 PROCESS_EXEC = 1
@@ -113,10 +113,8 @@ class ProcessProbe(Probe):
                 argv = decode_argv(args, args_len)
                 if service == "unknown":
                     # Gone before we could read /proc: name it from what the record holds.
-                    service = service_name(
-                        ProcessInfo(pid, ppid, comm_s, filename, argv, "", None, None, 0),
-                        self.ctx.config.services.rules,
-                    )
+                    service = services.remember(
+                        ProcessInfo(pid, ppid, comm_s, filename, argv, "", None, None, 0))
                     names[pid] = service
                 events.append(ProcessEvent(
                     "exec", pid, ppid, uid, ts, cgid, comm_s, service, filename=filename, argv=argv,

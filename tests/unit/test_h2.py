@@ -1,0 +1,134 @@
+"""HTTP/2 stream tracking from raw bytes: real conversations made by the `h2` library, split
+into chunks at random, and garbage that must never raise."""
+
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from probewire.probes.h2 import DIR_IN, DIR_OUT, H2_CHUNK, H2_CHUNK_DTYPE, ROLE_SERVER, H2Tracker
+
+
+def conversation(requests: list[tuple[str, str, int, bool]]) -> list[tuple[int, bytes]]:
+    """(side, bytes) in wire order; side 0 client->server. Each request: method, path,
+    status, grpc (adds content-type and a grpc-status trailer)."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    server = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+    client.initiate_connection()
+    server.initiate_connection()
+    wire: list[tuple[int, bytes]] = []
+
+    def pump() -> None:
+        while True:
+            c, s = client.data_to_send(), server.data_to_send()
+            if not c and not s:
+                return
+            if c:
+                wire.append((0, c))
+                server.receive_data(c)
+            if s:
+                wire.append((1, s))
+                client.receive_data(s)
+
+    pump()
+    for method, path, status, grpc in requests:
+        sid = client.get_next_available_stream_id()
+        headers = [(":method", method), (":path", path), (":scheme", "https"),
+                   (":authority", "example")]
+        if grpc:
+            headers.append(("content-type", "application/grpc"))
+        client.send_headers(sid, headers, end_stream=not grpc)
+        if grpc:
+            client.send_data(sid, b"\0\0\0\0\x03abc", end_stream=True)
+        pump()
+        resp = [(":status", str(status))]
+        if grpc:
+            server.send_headers(sid, [*resp, ("content-type", "application/grpc")])
+            server.send_data(sid, b"\0\0\0\0\x02ok")
+            server.send_headers(sid, [("grpc-status", "0" if status == 200 else "13")],
+                                end_stream=True)
+        else:
+            server.send_headers(sid, resp)
+            server.send_data(sid, b"x" * 100, end_stream=True)
+        pump()
+    return wire
+
+
+def records_for(wire: list[tuple[int, bytes]], cuts: list[int] | None = None,
+                conn_id: int = 0x1000) -> np.ndarray:
+    """The server's view: client->server bytes are reads (IN), the rest writes (OUT)."""
+    chunks: list[tuple[int, bytes]] = []
+    for side, data in wire:
+        step = max(1, (cuts or [H2_CHUNK])[len(chunks) % len(cuts or [1])])
+        for i in range(0, len(data), min(step, H2_CHUNK)):
+            chunks.append((side, data[i:i + min(step, H2_CHUNK)]))
+    rec = np.zeros(len(chunks), dtype=H2_CHUNK_DTYPE)
+    for i, (side, data) in enumerate(chunks):
+        rec[i]["kind"] = 2
+        rec[i]["tgid"] = 42
+        rec[i]["conn_id"] = conn_id
+        rec[i]["seq"] = i + 1
+        rec[i]["ts_ns"] = 1000 + i
+        rec[i]["dir"] = DIR_IN if side == 0 else DIR_OUT
+        rec[i]["role"] = ROLE_SERVER
+        rec[i]["len"] = len(data)
+        rec[i]["data"][: len(data)] = np.frombuffer(data, dtype=np.uint8)
+    return rec
+
+
+REQUESTS = [("GET", "/a", 200, False), ("POST", "/pkg.Svc/Do", 200, True),
+            ("GET", "/missing", 404, False), ("POST", "/pkg.Svc/Fail", 500, True)]
+
+
+def test_real_conversation_gives_one_exchange_per_stream() -> None:
+    tracker = H2Tracker()
+    out = tracker.feed(records_for(conversation(REQUESTS)))
+    got = [(e.method, e.path, e.status, e.grpc, e.grpc_status) for e in out]
+    assert got == [("GET", "/a", 200, False, None), ("POST", "/pkg.Svc/Do", 200, True, 0),
+                   ("GET", "/missing", 404, False, None),
+                   ("POST", "/pkg.Svc/Fail", 500, True, 13)]
+    assert all(e.end_ns > e.start_ns for e in out)
+    assert out[0].response_bytes == 100
+    assert tracker.lost == {}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=200), min_size=1, max_size=6))
+def test_any_chunking_gives_the_same_exchanges(cuts: list[int]) -> None:
+    tracker = H2Tracker()
+    out = tracker.feed(records_for(conversation(REQUESTS), cuts))
+    assert [(e.path, e.status) for e in out] == [(p, s) for _, p, s, _ in REQUESTS]
+
+
+def test_a_gap_in_the_sequence_gives_the_connection_up() -> None:
+    rec = records_for(conversation(REQUESTS), [50])
+    tracker = H2Tracker()
+    keep = np.ones(len(rec), dtype=bool)
+    keep[len(rec) // 2] = False
+    out = tracker.feed(rec[keep])
+    assert len(out) < len(REQUESTS)
+    assert tracker.lost == {"chunk dropped": 1}
+
+
+def test_connection_seen_mid_stream_is_counted_not_guessed() -> None:
+    rec = records_for(conversation(REQUESTS), [30])
+    tracker = H2Tracker()
+    assert tracker.feed(rec[5:]) == []
+    assert tracker.lost == {"started before the agent or lost its start": 1}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), st.binary(min_size=1, max_size=300)),
+                min_size=1, max_size=12))
+def test_garbage_never_raises(chunks: list[tuple[int, bytes]]) -> None:
+    from probewire.probes.h2 import PREFACE
+
+    tracker = H2Tracker()
+    # Both with and without a valid preface in front.
+    for prefix in (b"", PREFACE):
+        wire = [(0, prefix), *chunks] if prefix else chunks
+        tracker.feed(records_for(wire, conn_id=0x2000 + len(prefix)))
