@@ -17,6 +17,7 @@ setup:
 
 build:
 	$(MAKE) -C bpf
+	scripts/vendor-ui.sh
 
 run: setup
 	$(MAKE) build

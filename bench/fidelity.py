@@ -24,6 +24,10 @@ def run(quick: bool) -> list[Row]:
                       target="== 1 (every drop counted)", goal=("==", 1.0), judge="all",
                       note="all http records, both sides: each request is one nginx server "
                            "record and one wrk client record")
+    excess = Row("fidelity: (http events + dropped) - 2 x access-log lines", "records",
+                 target="== 0", goal=("==", 0.0), judge="all",
+                 note="the same check in records: > 0 means records from traffic other than "
+                      "this nginx/wrk pair (a concurrent test) or double counting")
     notes = []
     for _ in range(repeats):
         with running_agent("default") as agent, pinned_nginx(access_log=True) as ng:
@@ -51,6 +55,7 @@ def run(quick: bool) -> list[Row]:
             ev, cli = records()
             ev, cli = ev - ev0, cli - cli0
             all_records.add((ev + drop) / (2 * log_lines) if log_lines else float("nan"))
+            excess.add(ev + drop - 2 * log_lines)
             rate.add(w.requests / w.duration_s)
             vs_log.add((rec + drop) / log_lines if log_lines else float("nan"))
             recorded_share.add(rec / log_lines if log_lines else float("nan"))
@@ -59,4 +64,4 @@ def run(quick: bool) -> list[Row]:
             notes.append(f"log {log_lines:.0f}, wrk {w.requests}, recorded {rec:.0f}, "
                          f"dropped {drop:.0f}, http events {ev:.0f}, wrk client recorded {cli:.0f}")
     vs_log.note = "; ".join(notes) + " (dropped counts every http record, any role)"
-    return [rate, vs_log, all_records, recorded_share, vs_wrk, log_vs_wrk]
+    return [rate, vs_log, all_records, excess, recorded_share, vs_wrk, log_vs_wrk]

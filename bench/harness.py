@@ -255,8 +255,11 @@ def running_agent(config: str = "default", timeout_s: float = 30.0) -> Iterator[
                 deadline = t0 + timeout_s
                 while True:
                     if proc.poll() is not None:
-                        raise RuntimeError(f"agent exited with {proc.returncode}:\n"
-                                           f"{log_path.read_text()[-3000:]}")
+                        text = log_path.read_text()
+                        cause = [ln for ln in text.splitlines()
+                                 if re.match(r"^(\w+Error|\w+Exception|error):", ln)]
+                        raise RuntimeError(f"agent exited with {proc.returncode}: "
+                                           f"{cause[-1] if cause else ''}\n{text[-3000:]}")
                     with contextlib.suppress(OSError, urllib.error.URLError):
                         if get(f"http://{listen}/healthz", 1.0):
                             break

@@ -290,11 +290,13 @@ static __always_inline bool h2_preface(const __u8 *b)
 
 struct h2_pending {
 	__u64 key;
-	__u64 buf;
-	__u64 first_len;
+	__u64 buf; /* current segment */
+	__u64 len; /* its length */
+	__u64 off; /* shipped of it */
+	__u64 remaining; /* bytes of the call not yet walked, current segment included */
+	__u64 seg; /* index of the current iovec */
 	__u64 iovs;
 	__u64 niov;
-	__u64 total;
 	__u64 now;
 	__u8 dir;
 	__u8 _pad[7];
@@ -318,94 +320,91 @@ static __always_inline bool h2_pend(__u64 key, __u8 dir, const void *buf, __u64 
 		return false;
 	p->key = key;
 	p->buf = (__u64)buf;
-	p->first_len = first_len;
+	p->len = first_len < total ? first_len : total;
+	p->off = 0;
+	p->remaining = total;
+	p->seg = 0;
 	p->iovs = (__u64)iovs;
 	p->niov = niov;
-	p->total = total;
 	p->now = now;
 	p->dir = dir;
 	return true;
 }
 
-/* Ship what one syscall (or SSL call) moved on an HTTP/2 connection: the first segment is
- * (buf, first_len); readv/writev/msg calls continue with iovs[1..]. Bounded on both loops. */
-static __always_inline int h2_ship(void)
+/* One chunk per call. bpf_loop has the verifier check this body, not every iteration; the
+ * walk's state lives in the per-CPU scratch map (not the stack) so its values stay unknown
+ * to the verifier and its states converge at once. */
+static long ship_chunk(__u32 i, void *unused)
 {
 	__u32 zero = 0;
 	struct h2_pending *p = bpf_map_lookup_elem(&h2_scratch, &zero);
 	struct http_conn *conn;
-	const struct iovec *iovs;
-	__u64 remaining, key;
+	struct h2_chunk *rec;
+	__u64 key, sz;
 
 	if (!p)
-		return 0;
+		return 1;
 	key = p->key;
 	conn = bpf_map_lookup_elem(&http_conns, &key);
 	if (!conn)
-		return 0;
-	remaining = p->total;
-	iovs = (const struct iovec *)p->iovs;
-	for (int s = 0; s < H2_MAX_IOV; s++) {
-		const void *base = (const void *)p->buf;
-		__u64 len = p->first_len;
+		return 1;
+	if (p->off >= p->len) {
+		const struct iovec *iovs = (const struct iovec *)p->iovs;
+		struct iovec v;
 
-		if (s > 0) {
-			struct iovec v;
-
-			if (!iovs || s >= p->niov || !remaining)
-				break;
-			if (bpf_probe_read_user(&v, sizeof(v), &iovs[s]))
-				break;
-			base = v.iov_base;
-			len = v.iov_len;
-		}
-		if (len > remaining)
-			len = remaining;
-		for (int part = 0; part < H2_MAX_PARTS; part++) {
-			__u64 off = (__u64)part * H2_CHUNK;
-			struct h2_chunk *rec;
-			__u64 sz;
-
-			if (off >= len)
-				break;
-			rec = bpf_ringbuf_reserve(&h2_events, sizeof(*rec), 0);
-			conn->h2_seq += 1; /* counted even when dropped: the gap shows the loss */
-			if (!rec) {
-				count_drop();
-				return 0;
-			}
-			sz = len - off;
-			if (sz > H2_CHUNK)
-				sz = H2_CHUNK;
-			barrier_var(sz);
-			rec->kind = H2_RECORD_CHUNK;
-			rec->tgid = bpf_get_current_pid_tgid() >> 32;
-			rec->tid = (__u32)bpf_get_current_pid_tgid();
-			rec->len = sz;
-			rec->conn_id = conn->ex.conn_id;
-			rec->ts_ns = p->now;
-			rec->seq = conn->h2_seq;
-			rec->dir = p->dir;
-			rec->role = conn->ex.role;
-			rec->flags = (conn->ex.conn_id & TLS_KEY_BIT) ? H2_FLAG_TLS : 0;
-			rec->family = conn->ex.family;
-			rec->lport = conn->ex.lport;
-			rec->rport = conn->ex.rport;
-			rec->_pad = 0;
-			__builtin_memcpy(rec->laddr, conn->ex.laddr, 16);
-			__builtin_memcpy(rec->raddr, conn->ex.raddr, 16);
-			if (bpf_probe_read_user(rec->data, sz, base + off))
-				rec->len = 0;
-			if (part == H2_MAX_PARTS - 1 && off + sz < len)
-				rec->flags |= H2_FLAG_TRUNCATED;
-			if (s == H2_MAX_IOV - 1 && off + sz >= len && remaining > len)
-				rec->flags |= H2_FLAG_TRUNCATED;
-			bpf_ringbuf_submit(rec, 0);
-		}
-		if (len > (__u64)H2_MAX_PARTS * H2_CHUNK)
+		p->remaining -= p->len;
+		p->seg += 1;
+		if (!p->remaining || !iovs || p->seg >= p->niov || p->seg >= 1024)
+			return 1;
+		if (bpf_probe_read_user(&v, sizeof(v), &iovs[p->seg & 1023]))
+			return 1;
+		p->buf = (__u64)v.iov_base;
+		p->len = v.iov_len < p->remaining ? v.iov_len : p->remaining;
+		p->off = 0;
+		if (!p->len)
 			return 0;
-		remaining -= len;
 	}
+	rec = bpf_ringbuf_reserve(&h2_events, sizeof(*rec), 0);
+	conn->h2_seq += 1; /* counted even when dropped: the gap shows the loss */
+	if (!rec) {
+		count_drop();
+		return 1;
+	}
+	sz = p->len - p->off;
+	if (sz > H2_CHUNK)
+		sz = H2_CHUNK;
+	barrier_var(sz);
+	rec->kind = H2_RECORD_CHUNK;
+	rec->tgid = bpf_get_current_pid_tgid() >> 32;
+	rec->tid = (__u32)bpf_get_current_pid_tgid();
+	rec->len = sz;
+	rec->conn_id = conn->ex.conn_id;
+	rec->ts_ns = p->now;
+	rec->seq = conn->h2_seq;
+	rec->dir = p->dir;
+	rec->role = conn->ex.role;
+	rec->flags = (conn->ex.conn_id & TLS_KEY_BIT) ? H2_FLAG_TLS : 0;
+	rec->family = conn->ex.family;
+	rec->lport = conn->ex.lport;
+	rec->rport = conn->ex.rport;
+	rec->_pad = 0;
+	__builtin_memcpy(rec->laddr, conn->ex.laddr, 16);
+	__builtin_memcpy(rec->raddr, conn->ex.raddr, 16);
+	if (bpf_probe_read_user(rec->data, sz, (const void *)(p->buf + p->off)))
+		rec->len = 0;
+	p->off += sz;
+	/* Out of chunks with bytes left: the parser must know it missed some. */
+	if (i == H2_MAX_CHUNKS - 1 && (p->off < p->len || p->remaining > p->len))
+		rec->flags |= H2_FLAG_TRUNCATED;
+	bpf_ringbuf_submit(rec, 0);
+	return 0;
+}
+
+/* Ship what one syscall (or SSL call) moved on an HTTP/2 connection: the first segment is
+ * (buf, first_len); readv/writev/msg calls continue with iovs[1..]. */
+static __always_inline int h2_ship(void)
+{
+	bpf_loop(H2_MAX_CHUNKS, ship_chunk, NULL, 0);
 	return 0;
 }
 

@@ -64,8 +64,7 @@ struct http_exchange {
 #define HTTP_PROTO_H2 4 /* HTTP/2: frames are parsed in user space from raw chunks */
 
 #define H2_CHUNK 4096 /* bytes of data per chunk record */
-#define H2_MAX_IOV 64 /* iovecs of one syscall walked (gRPC writes many small slices) */
-#define H2_MAX_PARTS 4 /* chunk records per iovec */
+#define H2_MAX_CHUNKS 64 /* chunk records per syscall: walks iovecs (gRPC writes many slices) */
 #define H2_RECORD_CHUNK 2
 #define H2_FLAG_TLS (1 << 0)
 #define H2_FLAG_TRUNCATED (1 << 1) /* the syscall moved more than was shipped */

@@ -12,8 +12,11 @@ STAMP=$VENV/.probewire-setup.stamp
 APT_PACKAGES=(
     clang llvm libbpf-dev bpftool make        # BPF objects (bpf/Makefile)
     iproute2 nftables procps                  # ip/tc/ss/nstat, loss rules, ps
-    nginx-light wrk curl tmux                 # e2e servers, load generator, demos
+    nginx-light wrk curl tmux openssl         # e2e servers, load generator, demos, test certs
+    bpftrace                                  # the peer `make bench` compares against
     python3 python3-venv                      # the venv (Debian's python3 needs python3-venv)
+    chromium                                  # e2e web UI tests (driven by Playwright)
+    prometheus                                # e2e Prometheus server + promtool (rules checks/tests)
 )
 
 SUDO=()
@@ -33,7 +36,7 @@ fi
 key=$( { printf '%s\n' "${APT_PACKAGES[@]}" "$PYTHON"; cat pyproject.toml setup.py; } | sha256sum | cut -d' ' -f1)
 tools_present() {
     local t
-    for t in clang llc bpftool make ip tc nft nstat ss nginx wrk curl; do
+    for t in clang llc bpftool make ip tc nft nstat ss nginx wrk curl prometheus promtool chromium tmux npm; do
         command -v "$t" >/dev/null || PATH=$PATH:/usr/sbin:/sbin command -v "$t" >/dev/null || return 1
     done
     [ -r /usr/include/bpf/bpf_helpers.h ]
@@ -53,6 +56,15 @@ if [ ${#missing[@]} -gt 0 ]; then
         -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "${APT_PACKAGES[@]}"
 fi
 
+# npm fetches the web UI's charting library at build time (scripts/vendor-ui.sh). Some nodejs
+# builds bundle npm and conflict with Debian's npm package, so install it only when missing.
+if ! command -v npm >/dev/null; then
+    log "installing npm"
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends npm
+fi
+scripts/vendor-ui.sh
+
 if [ ! -x "$VENV/bin/python" ]; then
     log "creating $VENV with $($PYTHON -V 2>&1)"
     "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
@@ -60,7 +72,9 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 log "installing probewire (editable) with dev tools into $VENV"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]'
+# Playwright drives Debian's chromium (apt above); it must never download a browser of its own.
+PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 \
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]'
 
 echo "$key" > "$STAMP"
 log "done"

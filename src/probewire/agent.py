@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 import resource
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from probewire.config import Config
 from probewire.enrich.service import ServiceResolver
-from probewire.errors import PrivilegeError
+from probewire.errors import PrivilegeError, ProbewireError
 from probewire.probes import REGISTRY
 from probewire.probes.base import SHARED_MAPS, Probe, ProbeContext, RunningProbe, start_probe
 from probewire.probes.http import HttpProbe
-from probewire.runtime.bpf import PRIVILEGE_FIX, StatsHandle, enable_stats
-from probewire.runtime.features import HookSupport, probe_hook_types
+from probewire.runtime.bpf import (
+    PRIVILEGE_FIX,
+    BpfObject,
+    StandaloneMap,
+    StatsHandle,
+    enable_stats,
+)
+from probewire.runtime.features import HookSupport, hook_type_of, probe_hook_types
 from probewire.runtime.filter import Filter
+from probewire.runtime.objects import object_path
 from probewire.runtime.ring import Ring, RingReader
 
 if TYPE_CHECKING:
@@ -78,19 +87,37 @@ class Agent:
         self._stats: StatsHandle | None = None
         self.started_at = 0.0
         self.startup_s = 0.0
+        self._shared: dict[str, StandaloneMap] = {}
 
     def start(self) -> None:
         check_privileges()
         raise_memlock()
         t0 = time.monotonic()
         self._stats = enable_stats()
-        self.support = probe_hook_types()
-        shared: dict[str, int] = {}
         try:
+            self.support = probe_hook_types(self._prepare())
+            # The filter is in place before any program is attached: nothing untraced is
+            # ever seen, not even during start-up.
+            self.filter = Filter(dict(self._shared))
+            f = self.config.filter
+            self.filter.apply(list(f.pids), list(f.cgroups), list(f.ports))
+            # Families load side by side: verification is the slow part of start-up, and
+            # ctypes releases the GIL while the kernel verifies.
+            with ThreadPoolExecutor(max_workers=len(self.probes) or 1) as pool:
+                futures = {
+                    name: pool.submit(start_probe, probe, self.support, self._shared,
+                                      self.config.ring.size_bytes, self.forced_hooks)
+                    for name, probe in self.probes.items()
+                }
+                errors = []
+                for name, future in futures.items():
+                    try:
+                        self.running[name] = future.result()
+                    except ProbewireError as exc:
+                        errors.append(exc)
+                if errors:
+                    raise errors[0]
             for name, probe in self.probes.items():
-                self.running[name] = start_probe(
-                    probe, self.support, shared, self.config.ring.size_bytes, self.forced_hooks
-                )
                 if probe.record_dtype is not None:
                     ring = Ring(self.running[name].obj.maps["events"], probe.record_dtype, name)
                     self.reader.add(ring, probe.on_batch)
@@ -98,11 +125,6 @@ class Agent:
                     ring = Ring(self.running[name].obj.maps[ring_name], dtype,
                                 f"{name}:{ring_name}")
                     self.reader.add(ring, functools.partial(probe.on_ring, ring_name))
-            if self.running:
-                first = next(iter(self.running.values()))
-                self.filter = Filter({m: first.obj.maps[m] for m in SHARED_MAPS})
-                f = self.config.filter
-                self.filter.apply(list(f.pids), list(f.cgroups), list(f.ports))
             if self.config.export.otlp.enabled:
                 self._start_otlp()
         except BaseException:
@@ -125,6 +147,20 @@ class Agent:
             http.sinks.append(self.otlp.sink)
         self.otlp.start()
 
+    def _prepare(self) -> set[str]:
+        """Create the maps all families share (the filter) and return the hook types the
+        enabled probes attach through: only those are tried at start-up. (Helper programs
+        are loaded, not attached, so their types need no attach test.)"""
+        types: set[str] = set()
+        for probe in self.probes.values():
+            with BpfObject(object_path(probe.object_name)) as obj:
+                for name in SHARED_MAPS:
+                    if name not in self._shared:
+                        self._shared[name] = StandaloneMap(obj.maps[name])
+                names = [p for h in probe.hooks for p in h.programs]
+                types.update(hook_type_of(obj.programs[n].section) for n in names)
+        return types
+
     def stop(self) -> None:
         self.reader.stop()
         if self.otlp is not None:
@@ -136,9 +172,25 @@ class Agent:
         for running in self.running.values():
             running.stop()
         self.running.clear()
+        for shared in self._shared.values():
+            shared.close()
+        self._shared.clear()
         if self._stats:
             self._stats.close()
             self._stats = None
+
+    def tls_status(self) -> dict[str, Any]:
+        """OpenSSL coverage: libraries attached (or why not) and the processes using TLS."""
+        http = self.probes.get("http")
+        tls = http.tls if isinstance(http, HttpProbe) else None
+        if tls is None:
+            return {"libraries": [], "failed": {}, "links": 0, "processes": []}
+        return {
+            "libraries": sorted(tls.attached.values()),
+            "failed": dict(tls.failed),
+            "links": len(tls.links),
+            "processes": [dataclasses.asdict(c) for c in tls.coverage()],
+        }
 
     def status(self) -> list[ProbeStatus]:
         out = []

@@ -140,6 +140,21 @@ def probes(config: ConfigOpt = None, listen: ListenOpt = None) -> None:
             p["fallback_reason"] or "",
         )
     console.print(table)
+    tls = data.get("tls")
+    if tls is not None:
+        cov = Table(title="TLS capture (OpenSSL uprobes): processes using libssl")
+        for col in ("pid", "comm", "library", "covered", "why not"):
+            cov.add_column(col, overflow="fold")
+        for p in tls["processes"]:
+            cov.add_row(str(p["pid"]), p["comm"], p["library"], "yes" if p["covered"] else "no",
+                        p["reason"])
+        console.print(cov)
+        console.print(
+            f"libssl attached: {', '.join(tls['libraries']) or 'none'}; "
+            + "; ".join(f"{k}: {v}" for k, v in tls["failed"].items())
+            + " TLS linked statically (Go crypto/tls, BoringSSL in grpcio or Chrome) is not seen.",
+            highlight=False, soft_wrap=True,
+        )
 
 
 def _probe_locally(cfg: Config) -> dict[str, Any]:
@@ -150,7 +165,8 @@ def _probe_locally(cfg: Config) -> dict[str, Any]:
     agent = Agent(cfg)
     agent.start()
     try:
-        return {"probes": [{**dataclasses.asdict(s), "avg_ns": s.avg_ns} for s in agent.status()]}
+        return {"probes": [{**dataclasses.asdict(s), "avg_ns": s.avg_ns} for s in agent.status()],
+                "tls": agent.tls_status()}
     finally:
         agent.stop()
 
@@ -162,6 +178,25 @@ def doctor(listen: ListenOpt = None) -> None:
 
     ok = run_checks(console, listen or "127.0.0.1:9464")
     raise typer.Exit(0 if ok else 3)
+
+
+@app.command()
+def top(
+    listen: ListenOpt = None,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes.", min=0.1)] = 1.0,
+    once: Annotated[bool, typer.Option("--once", help="Print one frame and exit.")] = False,
+    limit: Annotated[int, typer.Option(help="Services shown at most.", min=1)] = 30,
+) -> None:
+    """Live view of the running agent's services: rate, error ratio, p50/p99. Ctrl-C quits."""
+    from probewire.serve.top import run_top
+
+    try:
+        target = listen or "127.0.0.1:9464"
+        parse_listen(target)
+    except ProbewireError as exc:
+        raise _fail(exc) from None
+    # Exit 1 when --once finds no agent (a script's "nothing to read", not a usage error).
+    raise typer.Exit(0 if run_top(console, target, interval, once, limit) else 1)
 
 
 @app.command()

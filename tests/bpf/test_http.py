@@ -145,10 +145,12 @@ def test_latency_lands_in_the_right_buckets(agent, stack) -> None:
     slow = {"service_name": "upstream", "http_route": "/api/slow"}
     fast = {"service_name": "upstream", "http_route": "/api/fast/{id}"}
     bucket = "http_server_request_duration_seconds_bucket"
+    # The sleep bounds the slow route from below, whatever the machine's load: none of its
+    # samples may sit in a bucket under 100 ms. The fast one answers in well under 100 ms.
     assert d(bucket, le="0.075", **slow) == 0
-    assert d(bucket, le="0.25", **slow) == 3
+    assert d(bucket, le="+Inf", **slow) == 3
     assert d("http_server_request_duration_seconds_sum", **slow) >= 0.3
-    assert d(bucket, le="0.025", **fast) == 5
+    assert d(bucket, le="0.1", **fast) == 5
     # The client saw the same 100 ms.
     assert d("http_client_request_duration_seconds_bucket", le="0.075", service_name="pytest",
              server_port=str(up), http_route="/api/slow") == 0

@@ -66,15 +66,22 @@ def _expected_programs(listen: str) -> tuple[Counter[str], Counter[str]]:
     """Kernel-truncated names of (every program the agent should hold, those it attaches):
     the program chosen per hook, as the agent reports it, plus each family's helpers."""
     with urllib.request.urlopen(f"http://{listen}/api/probes", timeout=10) as resp:
-        status = json.load(resp)["probes"]
+        payload = json.load(resp)
+    status = payload["probes"]
     attached = Counter(s["program"][:KERNEL_NAME_LEN] for s in status if s["attached"])
     assert sum(attached.values()) == len(status), status
+    # OpenSSL uprobes: one link per (program, function) for every libssl file attached.
+    from probewire.probes.tls import TLS_PROBES
+
+    libraries = len(payload["tls"]["libraries"])
+    assert payload["tls"]["links"] == libraries * len(TLS_PROBES)
+    tls_links = Counter(p[:KERNEL_NAME_LEN] for p, _, _ in TLS_PROBES for _ in range(libraries))
     helpers = Counter(
         name[:KERNEL_NAME_LEN]
         for probe in REGISTRY.values()
         for name in getattr(probe, "helper_programs", ())
     )
-    return attached + helpers, attached
+    return attached + helpers, attached + tls_links
 
 
 def _held_bpf_ids(pid: int) -> tuple[set[int], set[int]]:
@@ -153,8 +160,10 @@ def agent_process(out_dir: Path, *extra: str) -> Iterator[tuple[subprocess.Popen
 
 
 def _parse_table(text: str) -> tuple[str, list[list[str]]]:
-    """A rich box table -> (title line, body rows); folded continuation lines are joined."""
+    """The first rich box table -> (title line, body rows); folded continuation lines joined."""
     lines = text.splitlines()
+    end = next((i for i, ln in enumerate(lines) if ln.startswith("└")), len(lines))
+    lines = lines[: end + 1]
     title = next((ln.strip() for ln in lines if ln.strip()), "")
     rows: list[list[str]] = []
     header_done = False
@@ -289,9 +298,10 @@ def _agent_bpf_state(
     assert Counter(loaded[i].name for i in held_progs) == expected_held
     assert held_progs <= _bpftool_prog_ids()
     # Attached means a link the agent holds references the program.
-    linked = {lk.prog_id for lk in inventory.links() if lk.id in held_links}
+    held = [lk for lk in inventory.links() if lk.id in held_links]
+    linked = {lk.prog_id for lk in held}
     assert len(held_links) == sum(expected_attached.values())
-    assert Counter(loaded[i].name for i in linked) == expected_attached
+    assert Counter(loaded[lk.prog_id].name for lk in held) == expected_attached
     assert linked <= _bpftool_linked_prog_ids()
     return held_progs, held_links
 

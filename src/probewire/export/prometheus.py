@@ -33,6 +33,8 @@ class AgentCollector(Collector):
                 yield from running.probe.collect()
             except Exception:  # one broken family must not empty the whole scrape
                 log.exception("collecting probe %s failed", name)
+        if self.agent.otlp is not None:
+            yield from self.agent.otlp.collect()
         yield from self._self_metrics()
 
     def _map_fill(self) -> list[tuple[str, str, int, int]]:

@@ -8,7 +8,7 @@ first, fallbacks after), the C structs its dtypes mirror, and its metrics. Every
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -18,7 +18,7 @@ from prometheus_client.core import Metric
 from probewire.config import Config
 from probewire.enrich.service import ServiceResolver
 from probewire.errors import KernelFeatureError, ProbewireError
-from probewire.runtime.bpf import BpfObject, Link, Map, ProgStats
+from probewire.runtime.bpf import BpfObject, Link, Map, ProgStats, destroy_links
 from probewire.runtime.features import HookSupport, hook_type_of
 from probewire.runtime.objects import object_path
 
@@ -120,8 +120,7 @@ class RunningProbe:
 
     def stop(self) -> None:
         self.probe.on_stop()
-        for link in self.links:
-            link.destroy()
+        destroy_links(self.links)
         self.links.clear()
         self.obj.close()
 
@@ -159,11 +158,12 @@ def choose_programs(
 def start_probe(
     probe: Probe,
     support: dict[str, HookSupport],
-    shared: dict[str, int],
+    shared: Mapping[str, Map],
     ring_size_bytes: int,
     forced: dict[str, str] | None = None,
 ) -> RunningProbe:
-    """Open, configure, load and attach one family; `shared` holds the shared map fds."""
+    """Open, configure, load and attach one family; `shared` holds the maps every family
+    uses (the filter), created once by the agent."""
     obj = BpfObject(object_path(probe.object_name))
     try:
         for struct_name, dtype in probe.structs.items():
@@ -178,15 +178,13 @@ def start_probe(
             prog.set_autoload(prog.name in chosen)
         for name in SHARED_MAPS:
             if name in shared and name in obj.maps:
-                obj.maps[name].reuse_fd(shared[name])
+                obj.maps[name].reuse_fd(shared[name].fd)
         obj.maps["events"].set_max_entries(ring_size_bytes if probe.record_dtype else 4096)
         for ring_name in probe.extra_rings:
             obj.maps[ring_name].set_max_entries(ring_size_bytes)
         probe.obj = obj
         probe.before_load(obj)
         obj.load()
-        for name in SHARED_MAPS:
-            shared.setdefault(name, obj.maps[name].fd)
         running = RunningProbe(probe, obj, choices)
         for choice in choices:
             if not choice.program:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from probewire.errors import ProbewireError
-from probewire.runtime.bpf import BpfObject, Link
+from probewire.runtime.bpf import BpfObject, Link, destroy_links
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +151,7 @@ class TlsAttacher:
         if self._thread:
             self._thread.join(timeout=5)
         with self._lock:
-            for link in self.links:
-                link.destroy()
+            destroy_links(self.links)
             self.links.clear()
 
     def coverage(self, pids: Iterable[int] | None = None) -> list[Coverage]:

@@ -11,6 +11,7 @@ import ctypes
 import errno
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -312,6 +313,55 @@ class Map:
                 f"map {self.name}: dtype sizes ({key_dtype.itemsize}, {value_dtype.itemsize}) "
                 f"do not match key/value sizes ({self.key_size}, {self.value_size})"
             )
+
+
+class StandaloneMap(Map):
+    """A map created by the agent itself (bpf_map_create), shared by several objects."""
+
+    def __init__(self, like: Map) -> None:
+        self.name = like.name
+        self._spec = (like.type, like.key_size, like.value_size, like.max_entries)
+        fd = lib().bpf_map_create(like.type, like.name.encode(), like.key_size,
+                                  like.value_size, like.max_entries, None)
+        if fd < 0:
+            _raise_for(f"create map {like.name}", fd)
+        self._fd = int(fd)
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def type(self) -> int:
+        return self._spec[0]
+
+    @property
+    def key_size(self) -> int:
+        return self._spec[1]
+
+    @property
+    def value_size(self) -> int:
+        return self._spec[2]
+
+    @property
+    def max_entries(self) -> int:
+        return self._spec[3]
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def destroy_links(links: list[Link]) -> None:
+    """Detach many links at once: each detach waits for an RCU grace period (tens of ms), and
+    ctypes releases the GIL, so doing them side by side makes shutdown fast."""
+    if len(links) <= 1:
+        for link in links:
+            link.destroy()
+        return
+    with ThreadPoolExecutor(max_workers=min(16, len(links))) as pool:
+        list(pool.map(Link.destroy, links))
 
 
 class BpfObject:

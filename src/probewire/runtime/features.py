@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes.util
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,13 +84,48 @@ def _try(hook_type: str, program: str) -> HookSupport:
         obj.close()
 
 
-def probe_hook_types() -> dict[str, HookSupport]:
-    """Try every hook type once; quiet libbpf while doing it (failures are expected)."""
+def _try_together(types: list[str]) -> dict[str, HookSupport] | None:
+    """Load the feature programs of `types` in one object and attach each: one load (and one
+    parse of the kernel's BTF) instead of one per type. None if the joint load fails."""
+    obj = BpfObject(object_path("features"))
+    try:
+        wanted = {HOOK_TYPES[t] for t in types}
+        for prog in obj.programs.values():
+            prog.set_autoload(prog.name in wanted)
+        obj.load()
+        out = {}
+        for t in types:
+            prog = obj.programs[HOOK_TYPES[t]]
+            try:
+                uprobe = t == "uprobe"
+                link = prog.attach_uprobe(libc_path(), "getppid") if uprobe else prog.attach()
+                link.destroy()
+                out[t] = HookSupport(t, True, "")
+            except ProbewireError as exc:
+                out[t] = HookSupport(t, False, str(exc))
+        return out
+    except ProbewireError:
+        return None
+    finally:
+        obj.close()
+
+
+def probe_hook_types(types: Iterable[str] | None = None) -> dict[str, HookSupport]:
+    """Try each hook type (all, or just `types`); libbpf is quieted: failures are expected."""
     ensure_tracefs()
+    wanted = [t for t in HOOK_TYPES if types is None or t in set(types)]
     libbpf_log = logging.getLogger("probewire.libbpf")
     saved = libbpf_log.level
     libbpf_log.setLevel(logging.CRITICAL)
     try:
-        return {t: _try(t, prog) for t, prog in HOOK_TYPES.items()}
+        # Types that fail at load (fentry under lockdown) would sink a joint load: try them
+        # on their own, the rest together.
+        alone = [t for t in wanted if t == "fentry"]
+        together = [t for t in wanted if t not in alone]
+        found = (_try_together(together) if together else {}) or {
+            t: _try(t, HOOK_TYPES[t]) for t in together
+        }
+        found.update({t: _try(t, HOOK_TYPES[t]) for t in alone})
+        return {t: found[t] for t in wanted}
     finally:
         libbpf_log.setLevel(saved)

@@ -6,7 +6,7 @@ Every program consults it first; the agent rewrites it while running.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,7 @@ def cgroup_id(entry: str | int) -> int:
 class Filter:
     """Writes the filter into the shared maps (fds by map name)."""
 
-    def __init__(self, maps: dict[str, Map]) -> None:
+    def __init__(self, maps: Mapping[str, Map]) -> None:
         self._maps = maps
 
     def _replace(self, name: str, keys: list[bytes]) -> None:

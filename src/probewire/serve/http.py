@@ -1,12 +1,14 @@
-"""The agent's HTTP endpoint: /metrics (Prometheus), /api/* (JSON), /healthz."""
+"""The agent's HTTP endpoint: /metrics (Prometheus), /api/* (JSON, see /api/openapi.json),
+/healthz, and the web UI (/ and /ui/*) on the same listen address."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
+import mimetypes
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -14,15 +16,32 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from probewire.agent import Agent
-from probewire.probes.process import ProcessProbe
+from probewire.serve.api import Api, ApiError
+from probewire.serve.history import SAMPLE_INTERVAL_S, History, Sampler
 
 log = logging.getLogger(__name__)
 
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+# The charting library is fetched from the npm registry at build time (scripts/vendor-ui.sh).
+VENDOR_HINT = b"/* uPlot is missing: run `make build` (scripts/vendor-ui.sh) to vendor it */\n"
+
+
+def static_file(name: str) -> Path | None:
+    """A file under static/, never outside it."""
+    path = (STATIC_DIR / name).resolve()
+    if STATIC_DIR not in path.parents or not path.is_file():
+        return None
+    return path
+
 
 class AgentServer:
-    def __init__(self, agent: Agent, registry: CollectorRegistry, host: str, port: int) -> None:
+    def __init__(self, agent: Agent, registry: CollectorRegistry, host: str, port: int,
+                 sample_interval_s: float = SAMPLE_INTERVAL_S) -> None:
         self.agent = agent
         self.registry = registry
+        self.history = History(sample_interval_s)
+        self.api = Api(agent, registry, self.history)
+        self.sampler = Sampler(self.history, self.api.snapshot)
         handler = self._handler_class()
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
@@ -33,24 +52,6 @@ class AgentServer:
         host, port = self.httpd.server_address[:2]
         return str(host), int(port)
 
-    def api(self, path: str, query: dict[str, list[str]]) -> Any:
-        if path == "/api/probes":
-            return {
-                "startup_seconds": self.agent.startup_s,
-                "hook_types": {k: dataclasses.asdict(v) for k, v in self.agent.support.items()},
-                "probes": [
-                    {**dataclasses.asdict(s), "avg_ns": s.avg_ns} for s in self.agent.status()
-                ],
-            }
-        if path == "/api/events":
-            probe = self.agent.probes.get("process")
-            if not isinstance(probe, ProcessProbe):
-                return {"events": []}
-            kind = query.get("kind", [None])[0]
-            limit = int(query.get("limit", ["2048"])[0])
-            return {"events": [dataclasses.asdict(e) for e in probe.events(kind, limit)]}
-        return None
-
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
@@ -58,42 +59,67 @@ class AgentServer:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("http: " + format, *args)
 
-            def _send(self, code: int, body: bytes, content_type: str) -> None:
+            def _send(self, code: int, body: bytes, content_type: str,
+                      cache: str = "no-store") -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", cache)
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _json(self, code: int, data: Any) -> None:
+                self._send(code, json.dumps(data).encode(), "application/json")
+
             def do_GET(self) -> None:
                 url = urlparse(self.path)
-                if url.path == "/metrics":
+                path = url.path
+                if path == "/metrics":
                     self._send(200, generate_latest(server.registry), CONTENT_TYPE_LATEST)
-                elif url.path == "/healthz":
+                elif path == "/healthz":
                     self._send(200, b"ok\n", "text/plain")
-                elif url.path.startswith("/api/"):
+                elif path.startswith("/api/"):
                     try:
-                        data = server.api(url.path, parse_qs(url.query))
-                    except ValueError as exc:
-                        self._send(400, json.dumps({"error": str(exc)}).encode(),
-                                   "application/json")
-                        return
-                    if data is None:
-                        self._send(404, b'{"error": "no such endpoint"}', "application/json")
+                        data = server.api.handle(path, parse_qs(url.query))
+                    except ApiError as exc:
+                        self._json(exc.status, {"error": str(exc)})
+                    except Exception as exc:
+                        log.exception("GET %s failed", self.path)
+                        self._json(500, {"error": f"{type(exc).__name__}: {exc}"})
                     else:
-                        self._send(200, json.dumps(data).encode(), "application/json")
+                        self._json(200, data)
+                elif path in ("/", "/index.html"):
+                    self._static("index.html")
+                elif path.startswith("/ui/"):
+                    self._static(path[len("/ui/"):])
                 else:
-                    self._send(404, b"not found; try /metrics or /api/probes\n", "text/plain")
+                    self._send(404, b"not found; try / (UI), /metrics or /api/openapi.json\n",
+                               "text/plain")
+
+            def _static(self, name: str) -> None:
+                file = static_file(name)
+                if file is None:
+                    if name.startswith("vendor/") and name.endswith(".js"):
+                        self._send(200, VENDOR_HINT, "text/javascript")
+                    else:
+                        self._send(404, b"not found\n", "text/plain")
+                    return
+                ctype = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+                if ctype.startswith("text/") or ctype.endswith("javascript"):
+                    ctype += "; charset=utf-8"
+                self._send(200, file.read_bytes(), ctype, cache="no-cache")
 
         return Handler
 
     def start(self) -> None:
+        self.sampler.start()
         self._thread = threading.Thread(
             target=self.httpd.serve_forever, name="probewire-http", daemon=True
         )
         self._thread.start()
 
     def stop(self) -> None:
+        self.sampler.stop()
         # shutdown() waits for serve_forever, which never ran if start() was not reached.
         if self._thread is not None:
             self.httpd.shutdown()

@@ -1,0 +1,397 @@
+"""Spans from HTTP exchanges: one span per server or client exchange the http probe decoded.
+
+Kernel records carry CLOCK_MONOTONIC timestamps, the thread that started the exchange and the
+first bytes of the request head. From those this module builds OpenTelemetry spans:
+
+- start/end are the kernel timestamps moved to wall clock (an offset sampled from both clocks);
+- a client exchange started by a thread while that thread was serving a request (its start lies
+  within [server.start, server.end] of a server exchange of the same tgid and tid) is the server
+  span's child. The server record only arrives when its response is complete, after the records
+  of its outgoing calls, so client records of processes that serve wait up to ``link_wait_ms``;
+- a W3C ``traceparent`` in a server's request head makes the server span join that trace with
+  that parent; one in a client's request head (the application propagates) gives the client
+  span its trace id and span id, so the downstream server's span points at it;
+- head sampling is parent-based: a traceparent's sampled flag decides, else the trace-id ratio
+  (the same rule as the SDK's ``ParentBased(TraceIdRatioBased)``). Tail sampling belongs in the
+  collector (deploy/otel-collector/).
+
+Nothing here does I/O except reading /proc once per new process to learn whether it listens.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+from probewire import __version__
+from probewire.aggregate.http_heads import nth_request, parse_request_line
+from probewire.probes.http import FLAG_ABORTED, ROLE_SERVER, ExchangeBatch
+
+__all__ = ["SpanAssembler", "Traceparent", "parse_traceparent", "wall_clock_offset_ns"]
+
+SCOPE = InstrumentationScope("probewire", __version__)
+_TRACEPARENT = re.compile(
+    rb"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?:-|$)"
+)
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+# Processes whose "do I listen?" answer is cached, and for how long (ns).
+_LISTEN_CACHE_MAX = 4096
+_LISTEN_TTL_NS = 10_000_000_000
+_TCP_LISTEN = "0A"
+
+
+def wall_clock_offset_ns() -> int:
+    """CLOCK_REALTIME - CLOCK_MONOTONIC, read as tightly as two calls allow."""
+    best = None
+    for _ in range(3):
+        a = time.monotonic_ns()
+        wall = time.time_ns()
+        b = time.monotonic_ns()
+        if best is None or b - a < best[0]:
+            best = (b - a, wall - (a + b) // 2)
+    assert best is not None
+    return best[1]
+
+
+@dataclass(frozen=True)
+class Traceparent:
+    trace_id: int
+    span_id: int
+    sampled: bool
+
+
+def parse_traceparent(value: bytes) -> Traceparent | None:
+    """A W3C trace-context ``traceparent`` value (version 00), None if invalid."""
+    m = _TRACEPARENT.match(value.strip().lower())
+    if not m:
+        return None
+    trace_id, span_id = int(m[1], 16), int(m[2], 16)
+    if not trace_id or not span_id:
+        return None  # all-zero ids are invalid by the spec
+    return Traceparent(trace_id, span_id, bool(int(m[3], 16) & 1))
+
+
+@dataclass
+class _Head:
+    method: str | None = None
+    target: bytes = b""
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+
+
+def _parse_head(head: bytes, pipe_idx: int) -> _Head:
+    """Request line and headers of the request this exchange answered (cut heads are fine)."""
+    if pipe_idx:
+        parsed = nth_request(head, pipe_idx)
+        # Headers of later pipelined requests are rarely inside the captured bytes.
+        return _Head(parsed[0], parsed[1]) if parsed else _Head()
+    parsed = parse_request_line(head)
+    if parsed is None:
+        return _Head()
+    out = _Head(parsed[0], parsed[1])
+    lines = head.split(b"\r\n")
+    for line in lines[1:-1]:  # the last piece may be cut mid-line
+        if not line:
+            break
+        name, sep, value = line.partition(b":")
+        if sep:
+            out.headers[name.strip().lower()] = value.strip()
+    return out
+
+
+@dataclass
+class _Exchange:
+    server: bool
+    tgid: int
+    tid: int
+    start_ns: int
+    end_ns: int
+    status: int
+    aborted: bool
+    service: str
+    method: str
+    route: str
+    head: _Head
+    peer: str
+    peer_port: int
+    local: str
+    local_port: int
+    arrived_ns: int
+    trace_id: int = 0
+    span_id: int = 0
+    parent_id: int = 0
+    parent_remote: bool = False
+    sampled: bool = True
+    propagated: Traceparent | None = None
+
+
+def _listening_tgids_probe(tgid: int) -> bool:
+    """Whether the process has a listening TCP socket (so it may serve requests)."""
+    try:
+        inodes = set()
+        for fd in os.listdir(f"/proc/{tgid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{tgid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        if not inodes:
+            return False
+        for table in ("tcp", "tcp6"):
+            try:
+                with open(f"/proc/{tgid}/net/{table}") as f:
+                    next(f, None)
+                    for line in f:
+                        cols = line.split()
+                        if len(cols) > 9 and cols[3] == _TCP_LISTEN and cols[9] in inodes:
+                            return True
+            except OSError:
+                continue
+    except OSError:
+        return False
+    return False
+
+
+class SpanAssembler:
+    """Turns ExchangeBatches into finished spans; not thread-safe (one exporter thread owns it)."""
+
+    def __init__(
+        self,
+        sampling_ratio: float = 1.0,
+        link_wait_ns: int = 2_000_000_000,
+        resource_attributes: Mapping[str, str] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.sampling_bound = int(sampling_ratio * (1 << 64))
+        self.link_wait_ns = link_wait_ns
+        self.resource_attributes = dict(resource_attributes or {})
+        self.host_name = socket.gethostname()
+        self.offset_ns = wall_clock_offset_ns()
+        self._offset_at = time.monotonic_ns()
+        self._rng = rng or random.SystemRandom()
+        self._pending: OrderedDict[tuple[int, int], list[_Exchange]] = OrderedDict()
+        self._listens: OrderedDict[int, tuple[bool, int]] = OrderedDict()
+        self._resources: dict[tuple[str, int], Resource] = {}
+        self.unsampled = 0
+        self.linked = 0
+
+    # --- public ------------------------------------------------------------------------------
+    def add(self, batch: ExchangeBatch, now_ns: int | None = None) -> list[ReadableSpan]:
+        """Spans finished by this batch (in order); client spans may wait for their parent."""
+        now_ns = time.monotonic_ns() if now_ns is None else now_ns
+        if now_ns - self._offset_at > 60_000_000_000:  # follow NTP slews
+            self.offset_ns, self._offset_at = wall_clock_offset_ns(), now_ns
+        done: list[_Exchange] = []
+        for ex in self._decode(batch, now_ns):
+            if ex.server:
+                self._start_trace(ex, ex.head.headers.get(b"traceparent"))
+                self._adopt_children(ex, done)
+                done.append(ex)
+            else:
+                self._client_ids(ex)
+                if self.link_wait_ns and self._may_serve(ex.tgid, now_ns):
+                    self._pending.setdefault((ex.tgid, ex.tid), []).append(ex)
+                else:
+                    self._finish_root_client(ex)
+                    done.append(ex)
+        done.extend(self._expire(now_ns))
+        return self._to_spans(done)
+
+    def flush(self, now_ns: int | None = None, everything: bool = False) -> list[ReadableSpan]:
+        """Client spans that waited long enough (or all of them) as spans without a parent."""
+        now_ns = time.monotonic_ns() if now_ns is None else now_ns
+        return self._to_spans(self._expire(now_ns, everything))
+
+    @property
+    def pending(self) -> int:
+        return sum(len(v) for v in self._pending.values())
+
+    # --- internals ---------------------------------------------------------------------------
+    def _decode(self, batch: ExchangeBatch, now_ns: int) -> Iterable[_Exchange]:
+        rec = batch.records
+        for i in range(len(rec)):
+            r = rec[i]
+            head = bytes(r["req_head"][: int(r["req_head_len"])])
+            yield _Exchange(
+                server=int(r["role"]) == ROLE_SERVER,
+                tgid=int(r["tgid"]), tid=int(r["tid"]),
+                start_ns=int(r["start_ns"]), end_ns=int(r["end_ns"]),
+                status=int(r["status"]), aborted=bool(int(r["flags"]) & FLAG_ABORTED),
+                service=batch.service[i], method=batch.method[i], route=batch.route[i],
+                head=_parse_head(head, int(r["pipe_idx"])),
+                peer=batch.peer_address[i], peer_port=int(r["rport"]),
+                local=batch.local_address[i], local_port=int(r["lport"]),
+                arrived_ns=now_ns,
+            )
+
+    def _new_id(self, bits: int) -> int:
+        value = 0
+        while not value:
+            value = self._rng.getrandbits(bits)
+        return value
+
+    def _start_trace(self, ex: _Exchange, header: bytes | None) -> None:
+        ex.span_id = self._new_id(64)
+        parent = parse_traceparent(header) if header else None
+        if parent is not None:
+            ex.trace_id, ex.parent_id, ex.parent_remote = parent.trace_id, parent.span_id, True
+            ex.sampled = parent.sampled
+        else:
+            ex.trace_id = self._new_id(128)
+            ex.sampled = (ex.trace_id & ((1 << 64) - 1)) < self.sampling_bound
+
+    def _client_ids(self, ex: _Exchange) -> None:
+        header = ex.head.headers.get(b"traceparent")
+        ex.propagated = parse_traceparent(header) if header else None
+
+    def _finish_root_client(self, ex: _Exchange) -> None:
+        if ex.propagated is not None:
+            ex.trace_id, ex.span_id = ex.propagated.trace_id, ex.propagated.span_id
+            ex.sampled = ex.propagated.sampled
+        else:
+            self._start_trace(ex, None)
+
+    def _adopt_children(self, server: _Exchange, done: list[_Exchange]) -> None:
+        key = (server.tgid, server.tid)
+        waiting = self._pending.get(key)
+        if not waiting:
+            return
+        keep = []
+        for child in waiting:
+            if server.start_ns <= child.start_ns <= server.end_ns:
+                if child.propagated is not None:
+                    # The application chose the ids; it is our child only if it kept the trace.
+                    child.trace_id, child.span_id = (child.propagated.trace_id,
+                                                     child.propagated.span_id)
+                    if child.trace_id == server.trace_id:
+                        child.parent_id = server.span_id
+                else:
+                    child.trace_id, child.span_id = server.trace_id, self._new_id(64)
+                    child.parent_id = server.span_id
+                child.sampled = server.sampled
+                self.linked += 1
+                done.append(child)
+            else:
+                keep.append(child)
+        if keep:
+            self._pending[key] = keep
+        else:
+            del self._pending[key]
+
+    def _expire(self, now_ns: int, everything: bool = False) -> list[_Exchange]:
+        out: list[_Exchange] = []
+        for key in list(self._pending):
+            waiting = self._pending[key]
+            old = [c for c in waiting if everything or now_ns - c.arrived_ns >= self.link_wait_ns]
+            if not old:
+                continue
+            for c in old:
+                self._finish_root_client(c)
+            out.extend(old)
+            rest = [c for c in waiting if c not in old]
+            if rest:
+                self._pending[key] = rest
+            else:
+                del self._pending[key]
+        return out
+
+    def _may_serve(self, tgid: int, now_ns: int) -> bool:
+        cached = self._listens.get(tgid)
+        if cached is not None and now_ns - cached[1] < _LISTEN_TTL_NS:
+            return cached[0]
+        answer = _listening_tgids_probe(tgid)
+        self._listens[tgid] = (answer, now_ns)
+        self._listens.move_to_end(tgid)
+        if len(self._listens) > _LISTEN_CACHE_MAX:
+            self._listens.popitem(last=False)
+        return answer
+
+    def _resource(self, service: str, tgid: int) -> Resource:
+        res = self._resources.get((service, tgid))
+        if res is None:
+            if len(self._resources) > _LISTEN_CACHE_MAX:
+                self._resources.clear()
+            attrs: dict[str, str | int] = {
+                "service.name": service, "host.name": self.host_name, "process.pid": tgid,
+                "telemetry.distro.name": "probewire", "telemetry.distro.version": __version__,
+            }
+            try:
+                attrs["process.executable.path"] = os.readlink(f"/proc/{tgid}/exe")
+                attrs["process.executable.name"] = os.path.basename(
+                    str(attrs["process.executable.path"]))
+            except OSError:
+                pass
+            attrs.update(self.resource_attributes)
+            res = Resource.create(attrs)
+            self._resources[(service, tgid)] = res
+        return res
+
+    def _to_spans(self, done: list[_Exchange]) -> list[ReadableSpan]:
+        spans = []
+        for ex in done:
+            if not ex.sampled:
+                self.unsampled += 1
+                continue
+            spans.append(self._span(ex))
+        return spans
+
+    def _span(self, ex: _Exchange) -> ReadableSpan:
+        target = ex.head.target.decode("latin-1")
+        path = target.split("?", 1)[0]
+        attrs: dict[str, str | int] = {
+            "http.request.method": ex.method,
+            "network.protocol.name": "http",
+            "network.protocol.version": "1.1",
+            "network.peer.address": ex.peer,
+            "network.peer.port": ex.peer_port,
+            "thread.id": ex.tid,
+        }
+        if not ex.aborted:
+            attrs["http.response.status_code"] = ex.status
+        user_agent = ex.head.headers.get(b"user-agent")
+        if user_agent:
+            attrs["user_agent.original"] = user_agent.decode("latin-1")
+        if ex.server:
+            kind = SpanKind.SERVER
+            name = f"{ex.method} {ex.route}"
+            attrs.update({
+                "http.route": ex.route, "url.path": path, "url.scheme": "http",
+                "server.address": ex.local, "server.port": ex.local_port,
+                "client.address": ex.peer, "client.port": ex.peer_port,
+            })
+            if "?" in target:
+                attrs["url.query"] = target.split("?", 1)[1]
+            failed = ex.aborted or ex.status >= 500
+        else:
+            kind = SpanKind.CLIENT
+            name = ex.method
+            host = ex.head.headers.get(b"host", b"").decode("latin-1") or (
+                f"{ex.peer}:{ex.peer_port}")
+            attrs.update({
+                "server.address": ex.peer, "server.port": ex.peer_port,
+                "url.full": f"http://{host}{target}" if target.startswith("/") else target,
+            })
+            failed = ex.aborted or ex.status >= 400
+        if failed:
+            attrs["error.type"] = "aborted" if ex.aborted else str(ex.status)
+        status = Status(StatusCode.ERROR) if failed else Status(StatusCode.UNSET)
+        ctx = SpanContext(ex.trace_id, ex.span_id, is_remote=False, trace_flags=_SAMPLED)
+        parent = (SpanContext(ex.trace_id, ex.parent_id, is_remote=ex.parent_remote,
+                              trace_flags=_SAMPLED) if ex.parent_id else None)
+        return ReadableSpan(
+            name=name, context=ctx, parent=parent, resource=self._resource(ex.service, ex.tgid),
+            attributes=attrs, kind=kind, status=status, instrumentation_scope=SCOPE,
+            start_time=ex.start_ns + self.offset_ns,
+            end_time=max(ex.end_ns, ex.start_ns) + self.offset_ns,
+        )

@@ -1,0 +1,282 @@
+"""The JSON API behind the web UI and `probewire top` (described by serve/openapi.py).
+
+Every handler reads one Snapshot (the metric families /metrics renders at that moment), so counts
+here equal the Prometheus series; rates and service quantiles come from the History window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import unquote
+
+from prometheus_client.registry import CollectorRegistry
+
+from probewire import __version__
+from probewire.agent import Agent
+from probewire.probes.process import RECENT_EVENTS, ProcessProbe
+from probewire.serve.history import RATE_WINDOW_S, History, Window
+from probewire.serve.openapi import openapi_document
+from probewire.serve.snapshot import Histogram, Snapshot, is_error_status, take
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+Query = dict[str, list[str]]
+
+
+def _int_param(query: Query, name: str, default: int, lo: int, hi: int) -> int:
+    raw = query.get(name, [str(default)])[-1]
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"query parameter {name}={raw!r}: expected an integer") from None
+    if not lo <= value <= hi:
+        raise ApiError(400, f"query parameter {name}={value}: expected {lo}..{hi}")
+    return value
+
+
+def _ratio(part: float, whole: float) -> float:
+    return part / whole if whole > 0 else 0.0
+
+
+def _looks_external(name: str) -> bool:
+    host = name.rsplit(":", 1)[0] if name.count(":") == 1 else name
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+class Api:
+    def __init__(self, agent: Agent, registry: CollectorRegistry, history: History) -> None:
+        self.agent = agent
+        self.registry = registry
+        self.history = history
+        self.routes: dict[str, Callable[[Query], Any]] = {
+            "/api/openapi.json": lambda q: openapi_document(__version__),
+            "/api/services": self.services,
+            "/api/graph": self.graph,
+            "/api/tcp": self.tcp,
+            "/api/events": self.events,
+            "/api/probes": self.probes,
+            "/api/agent": self.agent_info,
+            "/api/history": self.history_of,
+        }
+
+    def snapshot(self) -> Snapshot:
+        return take(self.registry)
+
+    def handle(self, path: str, query: Query) -> Any:
+        fn = self.routes.get(path)
+        if fn is not None:
+            return fn(query)
+        prefix = "/api/services/"
+        if path.startswith(prefix) and len(path) > len(prefix):
+            return self.service(unquote(path[len(prefix):]))
+        raise ApiError(404, f"no such endpoint: {path}; see /api/openapi.json")
+
+    # --- services --------------------------------------------------------------------------
+    def _kind(self, snap: Snapshot, name: str) -> str:
+        if name in {k[0] for k in snap.server}:
+            return "service"
+        if name in {k[0] for k in snap.client}:
+            return "client"
+        return "external" if _looks_external(name) else "service"
+
+    def _summary(self, snap: Snapshot, win: Window, name: str) -> dict[str, Any]:
+        requests = sum(h.count for k, h in snap.server.items() if k[0] == name)
+        errors = sum(h.count for k, h in snap.server.items()
+                     if k[0] == name and is_error_status(k[2]))
+        routes = {(k[1], k[3]) for k in snap.server if k[0] == name}
+        calls = sum(e.requests for (c, _s), e in snap.edges.items() if c == name)
+        return {
+            "name": name,
+            "kind": self._kind(snap, name),
+            "requests": requests,
+            "errors": errors,
+            "error_ratio": _ratio(errors, requests),
+            "rate": win.rate(("svc", name)),
+            "error_rate": win.rate(("svc_err", name)),
+            "p50_seconds": win.service_quantile(name, 0.5),
+            "p99_seconds": win.service_quantile(name, 0.99),
+            "routes": len(routes),
+            "outgoing_requests": calls,
+        }
+
+    def services(self, query: Query) -> dict[str, Any]:
+        snap = self.snapshot()
+        win = self.history.window(snap)
+        rows = [self._summary(snap, win, n) for n in snap.services()]
+        rows.sort(key=lambda r: (-r["rate"], -r["requests"], r["name"]))
+        return {"taken_at": snap.taken_at, "window_seconds": win.seconds, "services": rows}
+
+    def service(self, name: str) -> dict[str, Any]:
+        snap = self.snapshot()
+        if name not in snap.services():
+            raise ApiError(404, f"no service named {name!r}; see /api/services")
+        win = self.history.window(snap)
+        routes: dict[tuple[str, str], dict[str, Any]] = {}
+        hists: dict[tuple[str, str], Histogram] = {}
+        for (svc, method, status, route), h in snap.server.items():
+            if svc != name:
+                continue
+            r = routes.setdefault((method, route), {
+                "method": method, "route": route, "requests": 0.0, "errors": 0.0,
+                "statuses": {},
+            })
+            r["requests"] += h.count
+            if is_error_status(status):
+                r["errors"] += h.count
+            r["statuses"][status] = r["statuses"].get(status, 0.0) + h.count
+            hists.setdefault((method, route), Histogram()).merge(h)
+        for key, r in routes.items():
+            r["error_ratio"] = _ratio(r["errors"], r["requests"])
+            r["rate"] = win.rate(("route", name, *key))
+            r["p50_seconds"] = hists[key].quantile(0.5)
+            r["p99_seconds"] = hists[key].quantile(0.99)
+        route_rows = sorted(routes.values(), key=lambda r: (-r["requests"], r["route"]))
+        return {
+            **self._summary(snap, win, name),
+            "taken_at": snap.taken_at,
+            "window_seconds": win.seconds,
+            "route_list": route_rows,
+            "outgoing": [self._edge(c, s, snap, win) for (c, s) in sorted(snap.edges) if c == name],
+            "incoming": [self._edge(c, s, snap, win) for (c, s) in sorted(snap.edges) if s == name],
+            "client_calls": self._client_calls(snap, name),
+        }
+
+    def _client_calls(self, snap: Snapshot, name: str) -> list[dict[str, Any]]:
+        calls: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+        hists: dict[tuple[str, str, str, str], Histogram] = {}
+        for (svc, method, status, route, addr, port), h in snap.client.items():
+            if svc != name:
+                continue
+            key = (addr, port, method, route)
+            c = calls.setdefault(key, {"server_address": addr, "server_port": port,
+                                       "method": method, "route": route, "requests": 0.0,
+                                       "errors": 0.0})
+            c["requests"] += h.count
+            if is_error_status(status):
+                c["errors"] += h.count
+            hists.setdefault(key, Histogram()).merge(h)
+        for key, c in calls.items():
+            c["p99_seconds"] = hists[key].quantile(0.99)
+        return sorted(calls.values(), key=lambda c: (-c["requests"], c["route"]))
+
+    # --- graph -----------------------------------------------------------------------------
+    def _edge(self, client: str, server: str, snap: Snapshot, win: Window) -> dict[str, Any]:
+        e = snap.edges[(client, server)]
+        return {
+            "client": client,
+            "server": server,
+            "requests": e.requests,
+            "failed": e.failed,
+            "error_ratio": _ratio(e.failed, e.requests),
+            "rate": win.rate(("edge", client, server)),
+            "p50_seconds": e.duration.quantile(0.5),
+            "p99_seconds": e.duration.quantile(0.99),
+        }
+
+    def graph(self, query: Query) -> dict[str, Any]:
+        snap = self.snapshot()
+        win = self.history.window(snap)
+        nodes = [
+            {"id": n, "kind": self._kind(snap, n),
+             "requests": sum(h.count for k, h in snap.server.items() if k[0] == n),
+             "rate": win.rate(("svc", n))}
+            for n in sorted(snap.services())
+        ]
+        edges = [self._edge(c, s, snap, win) for (c, s) in sorted(snap.edges)]
+        return {"taken_at": snap.taken_at, "window_seconds": win.seconds, "nodes": nodes,
+                "edges": edges}
+
+    # --- tcp -------------------------------------------------------------------------------
+    def tcp(self, query: Query) -> dict[str, Any]:
+        snap = self.snapshot()
+        peers = []
+        for (svc, direction, addr, port), t in sorted(snap.tcp.items()):
+            c = t.counters
+            peers.append({
+                "service_name": svc, "direction": direction, "server_address": addr,
+                "server_port": port,
+                **{k: c.get(k, 0.0) for k in ("opened", "closed", "failed", "retransmits",
+                                              "resets_sent", "resets_received", "bytes_sent",
+                                              "bytes_received")},
+                "active": max(c.get("opened", 0.0) - c.get("closed", 0.0), 0.0),
+                "rtt_count": t.rtt.count,
+                "rtt_avg_seconds": t.rtt.sum / t.rtt.count if t.rtt.count else None,
+                "rtt_p99_seconds": t.rtt.quantile(0.99),
+            })
+        return {"taken_at": snap.taken_at, "peers": peers}
+
+    # --- events, probes, agent -------------------------------------------------------------
+    def events(self, query: Query) -> dict[str, Any]:
+        kind = query.get("kind", [None])[-1]
+        if kind not in (None, "exec", "exit"):
+            raise ApiError(400, f"query parameter kind={kind!r}: expected exec or exit")
+        limit = _int_param(query, "limit", RECENT_EVENTS, 1, RECENT_EVENTS)
+        since = _int_param(query, "since_ns", 0, 0, 2**63 - 1)
+        probe = self.agent.probes.get("process")
+        if not isinstance(probe, ProcessProbe):
+            return {"events": []}
+        events = [e for e in probe.events(kind) if e.timestamp_ns > since][-limit:]
+        return {"events": [dataclasses.asdict(e) for e in events]}
+
+    def probes(self, query: Query) -> dict[str, Any]:
+        return {
+            "startup_seconds": self.agent.startup_s,
+            "hook_types": {k: dataclasses.asdict(v) for k, v in self.agent.support.items()},
+            "probes": [
+                {**dataclasses.asdict(s), "avg_ns": s.avg_ns} for s in self.agent.status()
+            ],
+            "tls": self.agent.tls_status(),
+        }
+
+    def agent_info(self, query: Query) -> dict[str, Any]:
+        snap = self.snapshot()
+        per_probe: dict[str, dict[str, Any]] = {
+            name: {"probe": name, "events": 0.0, "dropped": 0.0} for name in self.agent.running
+        }
+        for name, labels, value in snap.self_samples:
+            probe = labels.get("probe")
+            if probe in per_probe and name == "probewire_events_total":
+                per_probe[probe]["events"] = value
+            elif probe in per_probe and name == "probewire_events_dropped_total":
+                per_probe[probe]["dropped"] = value
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "listen": self.agent.config.listen,
+            "started_at": self.agent.started_at,
+            "uptime_seconds": time.time() - self.agent.started_at if self.agent.started_at
+            else 0.0,
+            "startup_seconds": self.agent.startup_s,
+            "history": {"interval_seconds": self.history.interval_s,
+                        "window_seconds": RATE_WINDOW_S,
+                        "services": len(self.history.services()),
+                        "services_not_kept": self.history.dropped_services},
+            "probes": list(per_probe.values()),
+            "self_metrics": [{"name": n, "labels": lbl, "value": v}
+                             for n, lbl, v in snap.self_samples],
+        }
+
+    def history_of(self, query: Query) -> dict[str, Any]:
+        service = query.get("service", [None])[-1]
+        if service is None:
+            return {"interval_seconds": self.history.interval_s,
+                    "services": self.history.services()}
+        series = self.history.series(service)
+        if series is None:
+            raise ApiError(404, f"no history for service {service!r} (yet); sampled every "
+                                f"{self.history.interval_s:g} s")
+        return {"service": service, "interval_seconds": self.history.interval_s, **series}

@@ -1,0 +1,196 @@
+"""In-memory history for the UI: RED points per service over the last 15 minutes, and short-window
+rates for services, routes and edges.
+
+Memory is bounded: a fixed numpy ring per service (15 min / 5 s = 180 x 5 floats, ~7 KiB), at most
+MAX_SERVICES services, and a few whole-counter samples covering RATE_WINDOW_S.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+
+from probewire.serve.snapshot import Snapshot, is_error_status, quantile
+
+log = logging.getLogger(__name__)
+
+SAMPLE_INTERVAL_S = 5.0
+HISTORY_S = 15 * 60.0
+MAX_SERVICES = 500
+RATE_WINDOW_S = 60.0
+
+Key = tuple[str, ...]
+# Columns of a service's ring: unix time, requests/s, error ratio, p50 s, p99 s.
+COLUMNS = ("time", "rate", "error_ratio", "p50_seconds", "p99_seconds")
+
+
+def counters(snap: Snapshot) -> dict[Key, float]:
+    """Every monotonic count a rate is shown for: per service, per route, per edge."""
+    out: dict[Key, float] = {}
+
+    def add(key: Key, v: float) -> None:
+        out[key] = out.get(key, 0.0) + v
+
+    for (svc, method, status, route), h in snap.server.items():
+        add(("svc", svc), h.count)
+        for le, c in h.buckets.items():
+            add(("svc_le", svc, repr(le)), c)
+        add(("route", svc, method, route), h.count)
+        if is_error_status(status):
+            add(("svc_err", svc), h.count)
+            add(("route_err", svc, method, route), h.count)
+    for (client, server), e in snap.edges.items():
+        add(("edge", client, server), e.requests)
+        add(("edge_err", client, server), e.failed)
+    return out
+
+
+class _Ring:
+    def __init__(self, points: int) -> None:
+        self.points = points
+        self.data = np.full((points, len(COLUMNS)), np.nan)
+        self.next = 0
+        self.filled = 0
+
+    def append(self, row: tuple[float, ...]) -> None:
+        self.data[self.next] = row
+        self.next = (self.next + 1) % self.points
+        self.filled = min(self.filled + 1, self.points)
+
+    def rows(self) -> np.ndarray:
+        if self.filled < self.points:
+            return self.data[: self.filled]
+        return np.concatenate([self.data[self.next:], self.data[: self.next]])
+
+
+class History:
+    def __init__(self, interval_s: float = SAMPLE_INTERVAL_S,
+                 started_at: float | None = None) -> None:
+        self.interval_s = interval_s
+        self.points = max(int(HISTORY_S / interval_s), 1)
+        self._lock = threading.Lock()
+        start = time.time() if started_at is None else started_at
+        # Whole-counter samples for windowed rates; the first is the agent's zero.
+        self._samples: deque[tuple[float, dict[Key, float]]] = deque([(start, {})])
+        self._rings: dict[str, _Ring] = {}
+        self._prev: dict[str, tuple[float, float, list[tuple[float, float]]]] = {}
+        self._prev_t = start
+        self.dropped_services = 0
+
+    def add(self, snap: Snapshot) -> None:
+        now = snap.taken_at
+        current = counters(snap)
+        per_service: dict[str, tuple[float, float, dict[float, float]]] = {}
+        for (svc, _m, status, _r), h in snap.server.items():
+            n, err, buckets = per_service.get(svc, (0.0, 0.0, {}))
+            for le, c in h.buckets.items():
+                buckets[le] = buckets.get(le, 0.0) + c
+            per_service[svc] = (n + h.count, err + (h.count if is_error_status(status) else 0.0),
+                                buckets)
+        with self._lock:
+            self._samples.append((now, current))
+            # Keep exactly one sample at or before the window start.
+            while len(self._samples) > 2 and self._samples[1][0] <= now - RATE_WINDOW_S:
+                self._samples.popleft()
+            dt = max(now - self._prev_t, 1e-9)
+            for svc, (n, err, buckets) in per_service.items():
+                ring = self._rings.get(svc)
+                if ring is None:
+                    if len(self._rings) >= MAX_SERVICES:
+                        self.dropped_services += 1
+                        continue
+                    ring = self._rings[svc] = _Ring(self.points)
+                cum = sorted(buckets.items())
+                pn, perr, pcum = self._prev.get(svc, (0.0, 0.0, []))
+                prev = dict(pcum)
+                delta = [(le, c - prev.get(le, 0.0)) for le, c in cum]
+                dn, derr = n - pn, err - perr
+                ring.append((
+                    now, dn / dt, derr / dn if dn > 0 else 0.0,
+                    _nan(quantile(0.5, delta)) if dn > 0 else np.nan,
+                    _nan(quantile(0.99, delta)) if dn > 0 else np.nan,
+                ))
+                self._prev[svc] = (n, err, cum)
+            self._prev_t = now
+
+    def window(self, snap: Snapshot) -> Window:
+        """Deltas of every counter key over the last RATE_WINDOW_S (or since the agent started)."""
+        with self._lock:
+            base_t, base = self._samples[0]
+        return Window(counters(snap), base, snap.taken_at - base_t)
+
+    def series(self, service: str) -> dict[str, list[float | None]] | None:
+        with self._lock:
+            ring = self._rings.get(service)
+            if ring is None:
+                return None
+            rows = ring.rows().copy()
+        return {
+            col: [None if np.isnan(v) else float(v) for v in rows[:, i]]
+            for i, col in enumerate(COLUMNS)
+        }
+
+    def services(self) -> list[str]:
+        with self._lock:
+            return sorted(self._rings)
+
+
+class Window:
+    def __init__(self, current: dict[Key, float], base: dict[Key, float], seconds: float) -> None:
+        self.current = current
+        self.base = base
+        self.seconds = seconds
+        self._buckets: dict[str, list[tuple[float, float]]] | None = None
+
+    def delta(self, key: Key) -> float:
+        return max(self.current.get(key, 0.0) - self.base.get(key, 0.0), 0.0)
+
+    def rate(self, key: Key) -> float:
+        return self.delta(key) / self.seconds if self.seconds > 0 else 0.0
+
+    def service_quantile(self, service: str, q: float) -> float | None:
+        if self._buckets is None:
+            self._buckets = {}
+            for k in self.current:
+                if k[0] == "svc_le":
+                    self._buckets.setdefault(k[1], []).append((float(k[2]), self.delta(k)))
+            for cum in self._buckets.values():
+                cum.sort()
+        return quantile(q, self._buckets.get(service, []))
+
+
+def _nan(v: float | None) -> float:
+    return np.nan if v is None else v
+
+
+class Sampler:
+    """Feeds a History from snapshots every SAMPLE_INTERVAL_S on a daemon thread."""
+
+    def __init__(self, history: History, take: Callable[[], Snapshot]) -> None:
+        self.history = history
+        self.take = take
+        self.interval_s = history.interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.history.add(self.take())
+            except Exception:  # a failed reading must not end the history
+                log.exception("history sample failed")
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="probewire-history", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None

@@ -1,0 +1,202 @@
+"""OpenAPI 3 description of the agent's JSON API, served at /api/openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+BOOL = {"type": "boolean"}
+NUM = {"type": "number"}
+STR = {"type": "string"}
+INT = {"type": "integer"}
+SECONDS_OR_NULL = {"type": "number", "nullable": True,
+                   "description": "Seconds; null without requests to measure."}
+
+
+def _obj(props: dict[str, Any], required: list[str] | None = None,
+         extra: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "object", "properties": props,
+                           "required": list(props) if required is None else required}
+    if not extra:
+        out["additionalProperties"] = False
+    return out
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+ERROR = _json(_ref("Error"), "Bad request")
+NOT_FOUND = _json(_ref("Error"), "Not found")
+
+SCHEMAS: dict[str, Any] = {
+    "Error": _obj({"error": STR}),
+    "ServiceSummary": _obj({
+        "name": STR,
+        "kind": {"type": "string", "enum": ["service", "client", "external"],
+                 "description": "service: serves HTTP here; client: a local process that only "
+                                "calls; external: a peer address outside this host"},
+        "requests": {**NUM, "description": "HTTP requests served since the agent started"},
+        "errors": {**NUM, "description": "Of those, responses with a 5xx status"},
+        "error_ratio": NUM,
+        "rate": {**NUM, "description": "Requests per second over the rate window"},
+        "error_rate": NUM,
+        "p50_seconds": {**SECONDS_OR_NULL, "description": "Median duration over the window"},
+        "p99_seconds": {**SECONDS_OR_NULL, "description": "99th percentile over the window"},
+        "routes": INT,
+        "outgoing_requests": {**NUM, "description": "Requests this service made to others"},
+    }),
+    "Route": _obj({
+        "method": STR, "route": STR, "requests": NUM, "errors": NUM, "error_ratio": NUM,
+        "rate": NUM,
+        "statuses": {"type": "object", "additionalProperties": NUM,
+                     "description": "Requests per response status code"},
+        "p50_seconds": {**SECONDS_OR_NULL, "description": "Since the agent started"},
+        "p99_seconds": {**SECONDS_OR_NULL, "description": "Since the agent started"},
+    }),
+    "Edge": _obj({
+        "client": STR, "server": STR, "requests": NUM, "failed": NUM, "error_ratio": NUM,
+        "rate": NUM, "p50_seconds": SECONDS_OR_NULL, "p99_seconds": SECONDS_OR_NULL,
+    }),
+    "ClientCall": _obj({
+        "server_address": STR, "server_port": STR, "method": STR, "route": STR,
+        "requests": NUM, "errors": NUM, "p99_seconds": SECONDS_OR_NULL,
+    }),
+    "TcpPeer": _obj({
+        "service_name": STR,
+        "direction": {"type": "string", "enum": ["client", "server", "unknown"]},
+        "server_address": STR, "server_port": STR,
+        "opened": NUM, "closed": NUM, "failed": NUM, "active": NUM, "retransmits": NUM,
+        "resets_sent": NUM, "resets_received": NUM, "bytes_sent": NUM, "bytes_received": NUM,
+        "rtt_count": NUM, "rtt_avg_seconds": SECONDS_OR_NULL, "rtt_p99_seconds": SECONDS_OR_NULL,
+    }),
+    "ProcessEvent": _obj({
+        "kind": {"type": "string", "enum": ["exec", "exit"]},
+        "pid": INT, "ppid": INT, "uid": INT,
+        "timestamp_ns": {**INT, "description": "CLOCK_MONOTONIC nanoseconds"},
+        "cgroup_id": INT, "comm": STR, "service_name": STR, "filename": STR,
+        "argv": {"type": "array", "items": STR},
+        "exit_code": {"type": "integer", "nullable": True},
+        "exit_signal": {"type": "integer", "nullable": True},
+        "lifetime_s": {"type": "number", "nullable": True},
+    }),
+    "ProbeHook": _obj({
+        "probe": STR, "hook": STR, "program": {"type": "string", "nullable": True},
+        "section": STR, "attached": {"type": "boolean"}, "fallback_reason": STR,
+        "run_time_ns": INT, "run_cnt": INT, "avg_ns": NUM,
+    }),
+}
+
+WINDOW = {"type": "number", "description": "Seconds the rates are measured over"}
+
+
+def _get(summary: str, ok: dict[str, Any], params: list[dict[str, Any]] | None = None,
+         errors: dict[str, Any] | None = None) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": {"200": ok, **(errors or {})}}
+    if params:
+        op["parameters"] = params
+    return {"get": op}
+
+
+def openapi_document(version: str) -> dict[str, Any]:
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "probewire agent API",
+            "version": version,
+            "description": "What the agent observes on this host. Counts equal the /metrics "
+                           "series of the same moment; rates are over the last minute (or "
+                           "since the agent started, if sooner).",
+        },
+        "paths": {
+            "/api/services": _get("Services sorted by request rate", _json(_obj({
+                "taken_at": NUM, "window_seconds": WINDOW,
+                "services": {"type": "array", "items": _ref("ServiceSummary")},
+            }), "Services")),
+            "/api/services/{name}": _get(
+                "One service: RED summary, routes, outgoing and incoming calls",
+                _json({"allOf": [_ref("ServiceSummary"), _obj({
+                    "taken_at": NUM, "window_seconds": WINDOW,
+                    "route_list": {"type": "array", "items": _ref("Route")},
+                    "outgoing": {"type": "array", "items": _ref("Edge")},
+                    "incoming": {"type": "array", "items": _ref("Edge")},
+                    "client_calls": {"type": "array", "items": _ref("ClientCall")},
+                })]}, "The service"),
+                [{"name": "name", "in": "path", "required": True, "schema": STR}],
+                {"404": NOT_FOUND},
+            ),
+            "/api/graph": _get("Service map: nodes and call edges", _json(_obj({
+                "taken_at": NUM, "window_seconds": WINDOW,
+                "nodes": {"type": "array", "items": _obj({
+                    "id": STR,
+                    "kind": {"type": "string", "enum": ["service", "client", "external"]},
+                    "requests": NUM, "rate": NUM,
+                })},
+                "edges": {"type": "array", "items": _ref("Edge")},
+            }), "Graph")),
+            "/api/tcp": _get("TCP health per service and peer", _json(_obj({
+                "taken_at": NUM, "peers": {"type": "array", "items": _ref("TcpPeer")},
+            }), "TCP peers")),
+            "/api/events": _get(
+                "Recent process execs and exits, oldest first",
+                _json(_obj({"events": {"type": "array", "items": _ref("ProcessEvent")}}),
+                      "Events"),
+                [
+                    {"name": "kind", "in": "query", "required": False,
+                     "schema": {"type": "string", "enum": ["exec", "exit"]}},
+                    {"name": "limit", "in": "query", "required": False,
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 2048}},
+                    {"name": "since_ns", "in": "query", "required": False,
+                     "description": "Only events with a later timestamp_ns",
+                     "schema": {"type": "integer", "minimum": 0,
+                                "maximum": 9223372036854775807}},
+                ],
+                {"400": ERROR},
+            ),
+            "/api/probes": _get("Probes, hooks chosen, fallbacks and kernel cost", _json(_obj({
+                "startup_seconds": NUM,
+                "hook_types": {"type": "object", "additionalProperties": {"type": "object"}},
+                "probes": {"type": "array", "items": _ref("ProbeHook")},
+                "tls": _obj({
+                    "libraries": {"type": "array", "items": STR},
+                    "failed": {"type": "object", "additionalProperties": STR},
+                    "links": INT,
+                    "processes": {"type": "array", "items": _obj({
+                        "pid": INT, "comm": STR, "library": STR, "covered": BOOL,
+                        "reason": STR})},
+                }),
+            }), "Probes")),
+            "/api/agent": _get("The agent itself: uptime, events and drops per probe", _json(_obj({
+                "version": STR, "pid": INT, "listen": STR, "started_at": NUM,
+                "uptime_seconds": NUM, "startup_seconds": NUM,
+                "history": _obj({"interval_seconds": NUM, "window_seconds": NUM,
+                                 "services": INT, "services_not_kept": INT}),
+                "probes": {"type": "array", "items": _obj({
+                    "probe": STR, "events": NUM, "dropped": NUM})},
+                "self_metrics": {"type": "array", "items": _obj({
+                    "name": STR,
+                    "labels": {"type": "object", "additionalProperties": STR},
+                    "value": NUM,
+                })},
+            }), "Agent")),
+            "/api/history": _get(
+                "RED points of one service over the last 15 minutes (without `service`: the "
+                "services that have history)",
+                _json(_obj({
+                    "interval_seconds": NUM,
+                    "services": {"type": "array", "items": STR},
+                    "service": STR,
+                    **{col: {"type": "array", "items": {"type": "number", "nullable": True}}
+                       for col in ("time", "rate", "error_ratio", "p50_seconds",
+                                   "p99_seconds")},
+                }, required=["interval_seconds"]), "History"),
+                [{"name": "service", "in": "query", "required": False, "schema": STR}],
+                {"404": NOT_FOUND},
+            ),
+            "/api/openapi.json": _get("This document", _json({"type": "object"}, "OpenAPI")),
+        },
+        "components": {"schemas": SCHEMAS},
+    }

@@ -1,0 +1,178 @@
+"""A real OTLP receiver for tests: gRPC (opentelemetry-proto + grpcio) and HTTP/protobuf.
+
+    with otlp_receiver("grpc") as rx:          # or "http/protobuf"
+        ... agent configured with endpoint=rx.endpoint ...
+        rx.spans()                              # every span received, flattened
+        rx.latest_metrics()                     # name -> {attributes: point} from the last export
+
+It decodes exactly what an OpenTelemetry collector would receive; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import threading
+import zlib
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+
+def any_value(v: AnyValue) -> Any:
+    kind = v.WhichOneof("value")
+    return getattr(v, kind) if kind else None
+
+
+def attrs(kvs: Any) -> dict[str, Any]:
+    return {kv.key: any_value(kv.value) for kv in kvs}
+
+
+@dataclass
+class ReceivedSpan:
+    resource: dict[str, Any]
+    span: Span
+
+    @property
+    def attributes(self) -> dict[str, Any]:
+        return attrs(self.span.attributes)
+
+    @property
+    def service(self) -> str:
+        return str(self.resource.get("service.name"))
+
+
+@dataclass
+class Receiver:
+    protocol: str
+    endpoint: str = ""
+    trace_requests: list[trace_service_pb2.ExportTraceServiceRequest] = field(
+        default_factory=list)
+    metric_requests: list[metrics_service_pb2.ExportMetricsServiceRequest] = field(
+        default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def spans(self) -> list[ReceivedSpan]:
+        with self.lock:
+            out = []
+            for req in self.trace_requests:
+                for rs in req.resource_spans:
+                    res = attrs(rs.resource.attributes)
+                    for ss in rs.scope_spans:
+                        out.extend(ReceivedSpan(res, s) for s in ss.spans)
+            return out
+
+    def latest_metrics(self) -> tuple[dict[str, Any], dict[str, Metric]]:
+        """(resource attributes, name -> Metric) of the most recent metric export."""
+        with self.lock:
+            if not self.metric_requests:
+                return {}, {}
+            req = self.metric_requests[-1]
+        res: dict[str, Any] = {}
+        metrics: dict[str, Metric] = {}
+        for rm in req.resource_metrics:
+            res = attrs(rm.resource.attributes)
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    metrics[m.name] = m
+        return res, metrics
+
+    def _add(self, req: Any, headers: dict[str, str]) -> None:
+        with self.lock:
+            if isinstance(req, trace_service_pb2.ExportTraceServiceRequest):
+                self.trace_requests.append(req)
+            else:
+                self.metric_requests.append(req)
+            self.headers.append(headers)
+
+
+class _Traces(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, rx: Receiver) -> None:
+        self.rx = rx
+
+    def Export(self, request: Any, context: Any) -> Any:
+        self.rx._add(request, dict(context.invocation_metadata()))
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+class _Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def __init__(self, rx: Receiver) -> None:
+        self.rx = rx
+
+    def Export(self, request: Any, context: Any) -> Any:
+        self.rx._add(request, dict(context.invocation_metadata()))
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
+def _http_handler(rx: Receiver) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            encoding = self.headers.get("Content-Encoding", "")
+            if encoding == "gzip":
+                body = gzip.decompress(body)
+            elif encoding == "deflate":
+                body = zlib.decompress(body)
+            req: Any
+            if self.path == "/v1/traces":
+                req = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+                resp = trace_service_pb2.ExportTraceServiceResponse()
+            elif self.path == "/v1/metrics":
+                req = metrics_service_pb2.ExportMetricsServiceRequest.FromString(body)
+                resp = metrics_service_pb2.ExportMetricsServiceResponse()
+            else:
+                self.send_error(404)
+                return
+            rx._add(req, {k.lower(): v for k, v in self.headers.items()})
+            data = resp.SerializeToString()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    return Handler
+
+
+@contextlib.contextmanager
+def otlp_receiver(protocol: str = "grpc") -> Iterator[Receiver]:
+    rx = Receiver(protocol)
+    if protocol == "grpc":
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Traces(rx), server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_Metrics(rx), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        rx.endpoint = f"http://127.0.0.1:{port}"
+        try:
+            yield rx
+        finally:
+            server.stop(grace=None)
+        return
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _http_handler(rx))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    rx.endpoint = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        yield rx
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+__all__ = ["ReceivedSpan", "Receiver", "otlp_receiver"]

@@ -1,0 +1,115 @@
+"""Span assembly from decoded HTTP exchanges, and Prometheus → OTLP metric conversion."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+from probewire.export.otlp import families_to_otlp
+from probewire.export.spans import SpanAssembler, parse_traceparent
+from probewire.probes.http import (
+    FLAG_ABORTED,
+    HTTP_EXCHANGE,
+    ROLE_CLIENT,
+    ROLE_SERVER,
+    ExchangeBatch,
+)
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT = "00f067aa0ba902b7"
+
+
+def batch(*rows: dict[str, object]) -> ExchangeBatch:
+    rec = np.zeros(len(rows), dtype=HTTP_EXCHANGE)
+    for i, row in enumerate(rows):
+        head = bytes(row.pop("head", b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n"))  # type: ignore[arg-type]
+        rec[i]["req_head"][: len(head)] = np.frombuffer(head, np.uint8)
+        rec[i]["req_head_len"] = len(head)
+        base = {"tgid": 10, "tid": 10, "status": 200, "lport": 80, "rport": 5000}
+        for key, value in {**base, **row}.items():
+            rec[i][key] = value
+    n = len(rows)
+    return ExchangeBatch(rec, ["svc"] * n, ["GET"] * n, ["/x"] * n, ["10.0.0.2"] * n,
+                         ["10.0.0.1"] * n)
+
+
+def assembler(ratio: float = 1.0, serves: bool = True) -> SpanAssembler:
+    a = SpanAssembler(ratio, link_wait_ns=1000, rng=random.Random(1))
+    a._may_serve = lambda tgid, now: serves  # type: ignore[method-assign]
+    return a
+
+
+def test_client_started_inside_a_server_exchange_of_its_thread_is_its_child() -> None:
+    a = assembler()
+    # The client record arrives first: it waits for the server record.
+    assert a.add(batch({"role": ROLE_CLIENT, "start_ns": 150, "end_ns": 180}), now_ns=0) == []
+    other = batch({"role": ROLE_CLIENT, "tid": 11, "start_ns": 150, "end_ns": 180})
+    assert a.add(other, now_ns=0) == []
+    spans = a.add(batch({"role": ROLE_SERVER, "start_ns": 100, "end_ns": 200}), now_ns=1)
+    assert [s.kind for s in spans] == [SpanKind.CLIENT, SpanKind.SERVER]
+    client, server = spans
+    assert client.parent is not None and client.parent.span_id == server.context.span_id
+    assert client.context.trace_id == server.context.trace_id
+    assert server.parent is None
+    assert server.end_time - server.start_time == 100
+    # Another thread's client is not adopted; it leaves as a root once its wait is over.
+    (late,) = a.flush(now_ns=2000)
+    assert late.parent is None and late.context.trace_id != server.context.trace_id
+
+
+def test_server_span_joins_an_incoming_traceparent() -> None:
+    head = f"GET /x HTTP/1.1\r\ntraceparent: 00-{TRACE}-{PARENT}-01\r\n\r\n".encode()
+    (span,) = assembler().add(batch({"role": ROLE_SERVER, "start_ns": 1, "end_ns": 2,
+                                     "head": head}))
+    assert f"{span.context.trace_id:032x}" == TRACE
+    assert span.parent is not None and f"{span.parent.span_id:016x}" == PARENT
+    assert span.parent.is_remote
+
+
+def test_client_span_takes_the_ids_the_application_propagated() -> None:
+    head = f"GET /x HTTP/1.1\r\ntraceparent: 00-{TRACE}-{PARENT}-01\r\n\r\n".encode()
+    (span,) = assembler(serves=False).add(batch({"role": ROLE_CLIENT, "start_ns": 1,
+                                                 "end_ns": 2, "head": head}))
+    assert f"{span.context.trace_id:032x}" == TRACE
+    assert f"{span.context.span_id:016x}" == PARENT
+
+
+def test_status_error_for_5xx_servers_and_4xx_clients() -> None:
+    spans = assembler(serves=False).add(batch(
+        {"role": ROLE_SERVER, "status": 404}, {"role": ROLE_SERVER, "status": 503},
+        {"role": ROLE_CLIENT, "status": 404}, {"role": ROLE_SERVER, "flags": FLAG_ABORTED}))
+    assert [s.status.status_code for s in spans] == [
+        StatusCode.UNSET, StatusCode.ERROR, StatusCode.ERROR, StatusCode.ERROR]
+    assert spans[1].attributes["error.type"] == "503"
+    assert spans[3].attributes["error.type"] == "aborted"
+
+
+def test_head_sampling_ratio_zero_keeps_only_sampled_parents() -> None:
+    sampled = f"GET /x HTTP/1.1\r\ntraceparent: 00-{TRACE}-{PARENT}-01\r\n\r\n".encode()
+    a = assembler(ratio=0.0)
+    spans = a.add(batch({"role": ROLE_SERVER}, {"role": ROLE_SERVER, "head": sampled}))
+    assert len(spans) == 1 and a.unsampled == 1
+
+
+def test_invalid_traceparents_are_ignored() -> None:
+    assert parse_traceparent(f"00-{'0' * 32}-{PARENT}-01".encode()) is None
+    assert parse_traceparent(b"garbage") is None
+    assert parse_traceparent(f"00-{TRACE}-{PARENT}-00".encode()).sampled is False  # type: ignore[union-attr]
+
+
+def test_histogram_and_counter_families_become_cumulative_otlp_points() -> None:
+    h = HistogramMetricFamily("d_seconds", "d", labels=["s"])
+    h.add_metric(["a"], [("0.1", 2), ("1", 5), ("+Inf", 6)], 3.5)
+    c = CounterMetricFamily("e", "e", labels=["p"])
+    c.add_metric(["http"], 7)
+    hist, counter = families_to_otlp([h, c], 1, 2)
+    (point,) = hist.data.data_points
+    assert hist.name == "d_seconds" and hist.unit == "s"
+    assert list(point.explicit_bounds) == [0.1, 1.0]
+    assert list(point.bucket_counts) == [2, 3, 1] and point.count == 6 and point.sum == 3.5
+    assert counter.name == "e" and counter.data.is_monotonic
+    assert counter.data.data_points[0].value == 7
+    assert dict(counter.data.data_points[0].attributes) == {"p": "http"}
