@@ -331,7 +331,7 @@ def test_malformed_stat_reads_as_gone(tmp_path: Path, stat: str) -> None:
 
 
 def test_reused_pid_is_read_again(tmp_path: Path) -> None:
-    resolver = ServiceResolver(proc=tmp_path)
+    resolver = ServiceResolver(proc=tmp_path, revalidate_s=0.0)
     fake_process(tmp_path, 20, comm="old", exe="/usr/bin/old", start_time_ticks=100)
     assert resolver.name_for(20) == "old"
     # Same pid, same comm, new process: only the start time tells them apart.
@@ -342,11 +342,23 @@ def test_reused_pid_is_read_again(tmp_path: Path) -> None:
 
 
 def test_exec_in_place_is_noticed_through_comm(tmp_path: Path) -> None:
-    resolver = ServiceResolver(proc=tmp_path)
+    resolver = ServiceResolver(proc=tmp_path, revalidate_s=0.0)
     fake_process(tmp_path, 21, comm="bash", cmdline=("bash",), exe="/usr/bin/bash")
     assert resolver.name_for(21) == "bash"
     fake_process(tmp_path, 21, comm="worker", cmdline=("worker",), exe="/opt/worker")
     assert resolver.name_for(21) == "worker"
+
+
+def test_cached_names_are_revalidated_at_most_once_a_period_and_exec_forgets(
+    tmp_path: Path,
+) -> None:
+    resolver = ServiceResolver(proc=tmp_path, revalidate_s=3600.0)
+    fake_process(tmp_path, 22, comm="bash", cmdline=("bash",), exe="/usr/bin/bash")
+    assert resolver.name_for(22) == "bash"
+    fake_process(tmp_path, 22, comm="worker", cmdline=("worker",), exe="/opt/worker")
+    assert resolver.name_for(22) == "bash"  # not re-read within the period
+    resolver.forget(22)  # what an exec event does
+    assert resolver.name_for(22) == "worker"
 
 
 def test_cache_is_bounded_and_evicts_least_recently_used(tmp_path: Path) -> None:

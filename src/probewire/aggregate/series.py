@@ -69,8 +69,43 @@ class CounterSeries:
         return fam
 
 
+# Odd 64-bit multipliers (from splitmix64) for hashing rows; wrapping arithmetic is intended.
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+_MIX2 = np.uint64(0xBF58476D1CE4E5B9)
+
+
+def row_hashes(rows: np.ndarray) -> np.ndarray:
+    """One 64-bit hash per row of a 2-D integer or byte array.
+
+    np.unique(axis=0) sorts whole rows as bytes and dominated a batch's cost; hashing the
+    rows first leaves a 1-D sort of integers. (Rows that collide would merge two label sets;
+    at 2^-64 per pair, that is not a practical concern for a few hundred rows.)
+    """
+    rows = np.ascontiguousarray(rows)
+    width = rows.shape[1] * rows.itemsize
+    if width % 8:
+        pad = np.zeros((rows.shape[0], 8 - width % 8), dtype=np.uint8)
+        words = np.concatenate([rows.view(np.uint8).reshape(rows.shape[0], -1), pad], axis=1)
+    else:
+        words = rows.view(np.uint8).reshape(rows.shape[0], -1)
+    words = words.view(np.uint64)
+    h = np.zeros(len(rows), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(words.shape[1]):
+            h = (h ^ words[:, j]) * _MIX
+            h ^= h >> np.uint64(31)
+        h *= _MIX2
+    return h
+
+
+def unique_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(one representative index per distinct row, inverse index per row)."""
+    _, first, inverse = np.unique(row_hashes(rows), return_index=True, return_inverse=True)
+    return first, inverse.reshape(-1)
+
+
 def group_rows(columns: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Group rows by several integer columns: (unique key rows, inverse index per row)."""
     stacked = np.stack([np.asarray(c, dtype=np.int64) for c in columns], axis=1)
-    keys, inverse = np.unique(stacked, axis=0, return_inverse=True)
-    return keys, inverse.reshape(-1)
+    first, inverse = unique_rows(stacked)
+    return stacked[first], inverse

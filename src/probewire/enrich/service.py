@@ -428,10 +428,16 @@ def service_name(info: ProcessInfo, rules: Sequence[ServiceRule] = ()) -> str:
     return _name(info, [_CompiledRule.of(rule) for rule in rules])
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Entry:
     info: ProcessInfo
     name: str
+    checked_at: float = 0.0  # time.monotonic() of the last /proc revalidation
+
+
+# A cached name is revalidated against /proc at most this often: the hot path asks for the
+# same few pids hundreds of times a second, and exec renames arrive as forget() from events.
+REVALIDATE_S = 1.0
 
 
 class ServiceResolver:
@@ -448,12 +454,14 @@ class ServiceResolver:
         rules: Sequence[ServiceRule] = (),
         proc: Path = Path("/proc"),
         max_entries: int = 65536,
+        revalidate_s: float = REVALIDATE_S,
     ) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         self._rules = tuple(_CompiledRule.of(rule) for rule in rules)
         self._proc = proc
         self._max_entries = max_entries
+        self._revalidate_s = revalidate_s
         self._cache: OrderedDict[int, _Entry] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -467,10 +475,17 @@ class ServiceResolver:
         with self._lock:
             cached = self._cache.get(pid)
         if cached is not None:
+            now = time.monotonic()
+            if now - cached.checked_at < self._revalidate_s:
+                with self._lock:
+                    if pid in self._cache:
+                        self._cache.move_to_end(pid)
+                return cached
             current = _read_stat(self._proc / str(pid) / "stat")
             if current is None:
                 return cached  # exited: the last known identity is still the right one
             if current[2] == cached.info.start_time_ticks and current[0] == cached.info.comm:
+                cached.checked_at = now
                 with self._lock:
                     if pid in self._cache:
                         self._cache.move_to_end(pid)
@@ -479,7 +494,7 @@ class ServiceResolver:
         info = read_process(pid, self._proc)
         if info is None:
             return None
-        entry = _Entry(info=info, name=_name(info, self._rules))
+        entry = _Entry(info=info, name=_name(info, self._rules), checked_at=time.monotonic())
         with self._lock:
             self._cache[pid] = entry
             self._cache.move_to_end(pid)

@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from probewire.aggregate.budget import LabelBudget
 from probewire.aggregate.http_heads import nth_request, request_paths
 from probewire.aggregate.routes import RouteTemplater
-from probewire.aggregate.series import CounterSeries, HistogramSeries, group_rows
+from probewire.aggregate.series import CounterSeries, HistogramSeries, group_rows, unique_rows
 from probewire.probes.base import Hook, Probe, ProbeContext
 from probewire.probes.h2 import H2_CHUNK_DTYPE, H2Exchange, H2Tracker
 from probewire.probes.tls import TLS_PROGRAMS, TlsAttacher
@@ -212,11 +212,11 @@ class HttpProbe(Probe):
         if len(fast):
             paths = request_paths(rec["req_head"][fast], rec["req_head_len"][fast].astype(np.int64),
                                   METHOD_LEN[method[fast]])
-            uniq, inverse = np.unique(paths, axis=0, return_inverse=True)
+            first, inverse = unique_rows(paths)
             base = len(route_names)
-            for row in uniq:
+            for row in paths[first]:
                 route_names.append(self.routes.template(row.tobytes().rstrip(b"\0")))
-            route_idx[fast] = base + inverse.reshape(-1)
+            route_idx[fast] = base + inverse
         for i in np.flatnonzero(slow).tolist():
             head = rec["req_head"][i][: int(rec["req_head_len"][i])].tobytes()
             parsed = nth_request(head, int(rec["pipe_idx"][i]))
@@ -281,12 +281,10 @@ class HttpProbe(Probe):
         with self._lock:
             self.records += n
             self.local_addresses.update(local_names)
-            for i in np.flatnonzero(role == ROLE_SERVER).tolist():
-                self.server_endpoints.put((local_names[local_idx[i]], int(lport[i])),
-                                          services[svc[i]])
-            for i in np.flatnonzero(role == ROLE_CLIENT).tolist():
-                self.client_endpoints.put((local_names[local_idx[i]], int(lport[i])),
-                                          services[svc[i]])
+            ends, _ = group_rows([role, local_idx, lport, svc])
+            for r, li, lp, s in ends.tolist():
+                table = self.server_endpoints if r == ROLE_SERVER else self.client_endpoints
+                table.put((local_names[li], lp), services[s])
             ok = ~aborted
             tls = (flags & FLAG_TLS) != 0
             grpc = (flags & FLAG_GRPC) != 0
@@ -392,11 +390,9 @@ class HttpProbe(Probe):
         return rec
 
     def _addresses(self, family: np.ndarray, raw: np.ndarray) -> tuple[np.ndarray, list[str]]:
-        keys, inverse = np.unique(
-            np.concatenate([family.astype(np.uint8)[:, None], raw], axis=1), axis=0,
-            return_inverse=True,
-        )
-        return inverse.reshape(-1), [address(int(k[0]), k[1:]) for k in keys]
+        rows = np.concatenate([family.astype(np.uint8)[:, None], raw], axis=1)
+        first, inverse = unique_rows(rows)
+        return inverse, [address(int(k[0]), k[1:]) for k in rows[first]]
 
     def _edge(self, role: int, service: str, peer: str, peer_port: int, rows: np.ndarray,
               duration_s: np.ndarray, failed: bool, rec: np.ndarray, lport: np.ndarray) -> None:

@@ -100,6 +100,9 @@ class ProcessProbe(Probe):
     def on_batch(self, records: np.ndarray) -> None:
         # Service names need /proc per pid: resolve each distinct pid once per batch.
         services = self.ctx.services
+        # An exec renames its pid at once (the cache would otherwise wait to revalidate).
+        for pid in np.unique(records["pid"][records["kind"] == PROCESS_EXEC]).tolist():
+            services.forget(pid)
         pids = np.unique(records["pid"]).tolist()
         names = services.names_for(pids)
         now = time.monotonic()
