@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 LISTEN ?= 127.0.0.1:9464
 # Extra pytest arguments, e.g. make test PYTEST_ARGS='-k retrans -x'
 PYTEST_ARGS ?=
+# Extra bench arguments, e.g. make bench BENCH_ARGS=--quick
+BENCH_ARGS ?=
 # Loading BPF programs needs root; fall back to sudo for a non-root user.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -29,7 +31,7 @@ test: setup
 
 bench: setup
 	$(MAKE) build
-	$(SUDO) $(BIN)/python -m bench
+	$(SUDO) $(BIN)/python -m bench $(BENCH_ARGS)
 
 lint:
 	$(BIN)/ruff check src

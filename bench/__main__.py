@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from bench import fidelity, latency, overhead, peers, startup
+from bench import export_latency, fidelity, latency, overhead, peers, startup
 from bench.harness import REPO_ROOT, _kill_leftovers, foreign_bpf_holders
 from bench.report import Row, render
 
@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
     "startup": startup.run,
     "latency": latency.run,
     "peers": peers.run,
+    "export_latency": export_latency.run,
 }
 RESULTS = REPO_ROOT / "bench" / "results" / "latest.md"
 
