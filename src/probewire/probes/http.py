@@ -8,9 +8,7 @@ templated once per distinct path, and rows are grouped by label set before any P
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -24,6 +22,7 @@ from probewire.aggregate.budget import LabelBudget
 from probewire.aggregate.http_heads import nth_request, request_paths
 from probewire.aggregate.routes import RouteTemplater
 from probewire.aggregate.series import CounterSeries, HistogramSeries, group_rows, unique_rows
+from probewire.enrich.net import format_address
 from probewire.probes.base import Hook, Probe, ProbeContext
 from probewire.probes.h2 import H2_CHUNK_DTYPE, H2Exchange, H2Tracker
 from probewire.probes.tls import TLS_PROGRAMS, TlsAttacher
@@ -82,16 +81,6 @@ EDGE_LABELS = ("client", "server")
 RPC_LABELS = ("service_name", "rpc_system", "rpc_service", "rpc_method", "rpc_grpc_status_code")
 UNKNOWN_ROUTE = "unknown"
 ENDPOINTS_MAX = 65536
-
-
-def address(family: int, raw: np.ndarray) -> str:
-    data = bytes(raw)
-    if family == socket.AF_INET:
-        return str(ipaddress.IPv4Address(data[:4]))
-    if family == socket.AF_INET6:
-        addr = ipaddress.IPv6Address(data)
-        return str(addr.ipv4_mapped or addr)
-    return ""
 
 
 def header_lengths(heads: np.ndarray, head_lens: np.ndarray) -> np.ndarray:
@@ -392,7 +381,7 @@ class HttpProbe(Probe):
     def _addresses(self, family: np.ndarray, raw: np.ndarray) -> tuple[np.ndarray, list[str]]:
         rows = np.concatenate([family.astype(np.uint8)[:, None], raw], axis=1)
         first, inverse = unique_rows(rows)
-        return inverse, [address(int(k[0]), k[1:]) for k in rows[first]]
+        return inverse, [format_address(int(k[0]), k[1:]) for k in rows[first]]
 
     def _edge(self, role: int, service: str, peer: str, peer_port: int, rows: np.ndarray,
               duration_s: np.ndarray, failed: bool, rec: np.ndarray, lport: np.ndarray) -> None:

@@ -6,8 +6,6 @@ records); this module reads it at scrape time and folds owner processes into ser
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ import numpy as np
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from probewire.aggregate.histogram import Log2Buckets
+from probewire.enrich.net import format_address
 from probewire.probes.base import Hook, Probe, ProbeContext
 from probewire.runtime.bpf import BpfObject
 
@@ -63,16 +62,6 @@ DIRECTIONS = {0: "unknown", 1: "client", 2: "server"}
 # Labels of every probewire_tcp_* series: bounded by the kernel map (LRU) and by the fold
 # below (tgid -> service; the remote address only for the client side).
 LABELS = ("service_name", "direction", "server_address", "server_port")
-
-
-def _address(family: int, raw: np.ndarray) -> str:
-    data = bytes(raw)
-    if family == socket.AF_INET:
-        return str(ipaddress.IPv4Address(data[:4]))
-    if family == socket.AF_INET6:
-        addr = ipaddress.IPv6Address(data)
-        return str(addr.ipv4_mapped or addr)
-    return ""
 
 
 @dataclass
@@ -162,7 +151,7 @@ class TcpProbe(Probe):
 
     def _labels(self, key: np.void) -> tuple[str, ...]:
         direction = DIRECTIONS.get(int(key["direction"]), "unknown")
-        address = _address(int(key["family"]), key["raddr"]) if direction == "client" else ""
+        address = format_address(int(key["family"]), key["raddr"]) if direction == "client" else ""
         return (
             self.ctx.services.name_for(int(key["tgid"])),
             direction,
