@@ -44,9 +44,10 @@ struct {
 	__type(value, struct http_conn);
 } http_conns SEC(".maps");
 
-/* Syscall arguments between enter and exit, per thread. */
+/* Syscall arguments between enter and exit, per thread; deleted at exit, so a plain
+ * (preallocated) hash: an LRU update costs several times more on this hot path. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
 	__type(key, __u64);
 	__type(value, struct http_args);
@@ -190,7 +191,8 @@ static __always_inline void head_append(__u8 *head, __u16 *len, const void *buf,
 
 static __always_inline void emit(struct http_conn *conn)
 {
-	if (bpf_ringbuf_output(&events, &conn->ex, sizeof(conn->ex), 0))
+	if (bpf_ringbuf_output(&events, &conn->ex, sizeof(conn->ex),
+			       wakeup_flags(&events, sizeof(conn->ex))))
 		count_drop();
 }
 
@@ -396,7 +398,7 @@ static long ship_chunk(__u32 i, void *unused)
 	/* Out of chunks with bytes left: the parser must know it missed some. */
 	if (i == H2_MAX_CHUNKS - 1 && (p->off < p->len || p->remaining > p->len))
 		rec->flags |= H2_FLAG_TRUNCATED;
-	bpf_ringbuf_submit(rec, 0);
+	bpf_ringbuf_submit(rec, wakeup_flags(&h2_events, sizeof(*rec)));
 	return 0;
 }
 
@@ -617,9 +619,10 @@ struct tls_args {
 	__u8 _pad[7];
 };
 
-/* The thread inside an SSL call; its socket syscalls tie the SSL* to a struct sock. */
+/* The thread inside an SSL call; its socket syscalls tie the SSL* to a struct sock.
+ * Deleted when the call returns: a plain hash. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
 	__type(key, __u64);
 	__type(value, struct tls_args);

@@ -97,6 +97,19 @@ static __always_inline void count_drop(void)
 		*drops += 1;
 }
 
+/* Load-time setting: wake the reader once this many records wait (the user-space batch size);
+ * below that it finds them on its own flush timer (ring.flush_ms). A wake-up per record would
+ * cost a Python loop iteration per record, the very thing batching is for. */
+const volatile __u32 wakeup_records = 128;
+
+static __always_inline __u64 wakeup_flags(void *ring, __u64 record_size)
+{
+	__u64 waiting = bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA);
+
+	return waiting >= (__u64)wakeup_records * (record_size + 8) ? BPF_RB_FORCE_WAKEUP :
+								       BPF_RB_NO_WAKEUP;
+}
+
 /* Never block the kernel: a full ring drops the record and counts it. */
 #define RESERVE_OR_DROP(type)                                                   \
 	({                                                                      \

@@ -106,7 +106,8 @@ class Agent:
             with ThreadPoolExecutor(max_workers=len(self.probes) or 1) as pool:
                 futures = {
                     name: pool.submit(start_probe, probe, self.support, self._shared,
-                                      self.config.ring.size_bytes, self.forced_hooks)
+                                      self.config.ring.size_bytes, self.forced_hooks,
+                                      self.config.ring.batch_records)
                     for name, probe in self.probes.items()
                 }
                 errors = []

@@ -161,6 +161,7 @@ def start_probe(
     shared: Mapping[str, Map],
     ring_size_bytes: int,
     forced: dict[str, str] | None = None,
+    wakeup_records: int = 128,
 ) -> RunningProbe:
     """Open, configure, load and attach one family; `shared` holds the maps every family
     uses (the filter), created once by the agent."""
@@ -183,6 +184,7 @@ def start_probe(
         for ring_name in probe.extra_rings:
             obj.maps[ring_name].set_max_entries(ring_size_bytes)
         probe.obj = obj
+        obj.set_rodata(wakeup_records=wakeup_records)
         probe.before_load(obj)
         obj.load()
         running = RunningProbe(probe, obj, choices)

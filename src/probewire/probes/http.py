@@ -277,23 +277,23 @@ class HttpProbe(Probe):
             ok = ~aborted
             tls = (flags & FLAG_TLS) != 0
             grpc = (flags & FLAG_GRPC) != 0
-            gkeys, ginv = group_rows([role, svc, method, status, route_idx, peer_idx, rport,
+            is_server = role == ROLE_SERVER
+            # The peer only labels client-side series: a server's clients (one ephemeral port
+            # each) must not split its groups.
+            gkeys, ginv = group_rows([role, svc, method, status, route_idx,
+                                      np.where(is_server, 0, peer_idx),
+                                      np.where(is_server, 0, rport),
                                       aborted.astype(np.int64), tls.astype(np.int64),
                                       grpc.astype(np.int64)])
             for g, (r, s, m, st, ro, pe, rp, ab, tl, gr) in enumerate(gkeys.tolist()):
-                rows = ginv == g
                 service = services[s]
                 if ab:
                     direction = "server" if r == ROLE_SERVER else "client"
-                    self.aborted.add((service, direction), float(rows.sum()))
-                    self._edge(r, service, peer_names[pe], rp, rows, duration_s, failed=True,
-                               rec=rec, lport=lport)
+                    self.aborted.add((service, direction), float(np.count_nonzero(ginv == g)))
                     continue
                 if gr:
-                    # gRPC has its own rpc_* metrics (on_ring); here it only feeds the graph.
-                    self._edge(r, service, peer_names[pe], rp, rows, duration_s,
-                               failed=st >= 500, rec=rec, lport=lport)
-                    continue
+                    continue  # gRPC has its own rpc_* metrics (on_ring); it still feeds edges
+                rows = ginv == g
                 base = (service, methods[m], str(st), routes[ro] if routes else UNKNOWN_ROUTE,
                         "https" if tl else "http")
                 if r == ROLE_SERVER:
@@ -309,8 +309,8 @@ class HttpProbe(Probe):
                     self.client_duration.observe(labels, duration_s[rows])
                     sizes = req_body[rows]
                     self.client_req_size.observe(labels, sizes[sizes >= 0].astype(np.float64))
-                self._edge(r, service, peer_names[pe], rp, rows, duration_s,
-                           failed=st >= 500, rec=rec, lport=lport)
+            self._edges(role, svc, services, peer_idx, peer_names, rport,
+                        aborted | (status >= 500), duration_s)
         if self.sinks:
             batch = ExchangeBatch(
                 records=rec,
@@ -383,28 +383,51 @@ class HttpProbe(Probe):
         first, inverse = unique_rows(rows)
         return inverse, [format_address(int(k[0]), k[1:]) for k in rows[first]]
 
-    def _edge(self, role: int, service: str, peer: str, peer_port: int, rows: np.ndarray,
-              duration_s: np.ndarray, failed: bool, rec: np.ndarray, lport: np.ndarray) -> None:
-        count = float(rows.sum())
-        if role == ROLE_CLIENT:
-            key = (service, (peer, peer_port))
-            totals = self.edge_client_total.setdefault(key, [0.0, 0.0])
-            totals[0] += count
-            totals[1] += count if failed else 0.0
-            self.edge_client_seconds.observe((service, f"{peer}:{peer_port}"), duration_s[rows])
+    def _edges(self, role: np.ndarray, svc: np.ndarray, services: list[str],
+               peer_idx: np.ndarray, peer_names: list[str], rport: np.ndarray,
+               failed: np.ndarray, duration_s: np.ndarray) -> None:
+        """Service-graph edges of a batch, grouped before any Python per row."""
+        client = role == ROLE_CLIENT
+        if client.any():
+            # Client side: kept by server endpoint until a scrape can name it.
+            keys, inv = group_rows([svc[client], peer_idx[client], rport[client]])
+            dur, bad = duration_s[client], failed[client]
+            for g, (s, pe, rp) in enumerate(keys.tolist()):
+                rows = inv == g
+                totals = self.edge_client_total.setdefault(
+                    (services[s], (peer_names[pe], rp)), [0.0, 0.0])
+                totals[0] += float(np.count_nonzero(rows))
+                totals[1] += float(np.count_nonzero(bad[rows]))
+                self.edge_client_seconds.observe((services[s], f"{peer_names[pe]}:{rp}"),
+                                                 dur[rows])
+        server = role == ROLE_SERVER
+        if not server.any():
             return
-        # Server side: a client on this host has its own records (and counts the edge);
-        # a remote client is named by its address.
-        if peer in self.local_addresses:
-            client = self.client_endpoints.get((peer, peer_port), "unknown")
-        else:
-            client = peer
-            labels = self.edge_budget.admit((client, service), EDGE_LABELS)
-            self.edge_server_total.add(labels, count)
-            if failed:
-                self.edge_server_failed.add(labels, count)
-        labels = self.edge_budget.admit((client, service), EDGE_LABELS)
-        self.edge_server_seconds.observe(labels, duration_s[rows])
+        # Server side: a client on this host has its own records (and counts the edge); a
+        # remote client is named by its address. Each distinct client endpoint is named once.
+        keys, inv = group_rows([peer_idx[server], rport[server]])
+        names: dict[str, int] = {}
+        per_key, remote = [], []
+        for pe, rp in keys.tolist():
+            peer = peer_names[pe]
+            local = peer in self.local_addresses
+            name = self.client_endpoints.get((peer, rp), "unknown") if local else peer
+            per_key.append(names.setdefault(name, len(names)))
+            remote.append(not local)
+        client_of = np.array(per_key, dtype=np.int64)[inv]
+        is_remote = np.array(remote, dtype=np.int64)[inv]
+        name_list = list(names)
+        keys2, inv2 = group_rows([client_of, svc[server], is_remote])
+        dur, bad = duration_s[server], failed[server]
+        for g, (c, s, rem) in enumerate(keys2.tolist()):
+            rows = inv2 == g
+            labels = self.edge_budget.admit((name_list[c], services[s]), EDGE_LABELS)
+            if rem:
+                self.edge_server_total.add(labels, float(np.count_nonzero(rows)))
+                nbad = float(np.count_nonzero(bad[rows]))
+                if nbad:
+                    self.edge_server_failed.add(labels, nbad)
+            self.edge_server_seconds.observe(labels, dur[rows])
 
     # --- export ----------------------------------------------------------------------------
     def _server_name(self, endpoint: tuple[str, int]) -> str:

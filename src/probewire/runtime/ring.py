@@ -191,7 +191,8 @@ class RingReader:
     def _next_timeout(self) -> float:
         deadlines = [p.first_ns + self.flush_ns for _, _, p in self._rings if p.count]
         if not deadlines:
-            return 0.1
+            # The kernel wakes us only for a full batch; smaller ones are collected here.
+            return self.flush_ns / 1e9
         return max(0.0, (min(deadlines) - time.monotonic_ns()) / 1e9)
 
     def _flush(self, handler: BatchHandler, pending: _Pending) -> None:
