@@ -94,7 +94,8 @@ def row_hashes(rows: np.ndarray) -> np.ndarray:
     words = raw.view(np.uint64)
     mults = _MULTS if words.shape[1] <= len(_MULTS) else _multipliers(words.shape[1])
     with np.errstate(over="ignore"):
-        return (words * mults[: words.shape[1]]).sum(axis=1, dtype=np.uint64)
+        hashed: np.ndarray = (words * mults[: words.shape[1]]).sum(axis=1, dtype=np.uint64)
+    return hashed
 
 
 def unique_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

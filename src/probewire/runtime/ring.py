@@ -130,6 +130,9 @@ class Ring:
         return np.frombuffer(b"".join(out), dtype=self.record_dtype).copy()
 
     def close(self) -> None:
+        """Unmap the ring; safe to call again (an agent stopping after a failed start)."""
+        if self._consumer.closed:
+            return
         # numpy views keep exported buffers alive; drop them before unmapping.
         del self._cons_pos, self._prod_pos, self._area
         self._consumer.close()
@@ -229,6 +232,8 @@ class RingReader:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
+            self._thread = None
         for ring, _, _ in self._rings:
             ring.close()
+        self._rings.clear()
         self._epoll.close()
