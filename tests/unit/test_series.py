@@ -34,3 +34,13 @@ def test_histogram_uses_le_semantics() -> None:
     h.observe(("a",), np.array([0.1, 0.5, 1.0, 2.0]))
     assert h.counts[("a",)].tolist() == [1, 2, 1]
     assert h.sums[("a",)] == 3.6
+
+
+def test_rows_differing_only_in_high_bytes_stay_apart() -> None:
+    # A bare multiply-sum hash let such rows collide (one in 256 pairs); the mix must not.
+    rows = np.zeros((256 * 4, 128), dtype=np.uint8)
+    for i in range(len(rows)):
+        rows[i, 7] = i % 256  # the top byte of word 0
+        rows[i, 15] = i // 256  # the top byte of word 1
+    first, _ = unique_rows(rows)
+    assert len(first) == len(rows)
