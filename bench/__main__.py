@@ -19,7 +19,15 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from bench import export_latency, fidelity, latency, overhead, peers, startup
+from bench import (
+    export_latency,
+    fidelity,
+    latency,
+    overhead,
+    peers,
+    series_memory,
+    startup,
+)
 from bench.harness import REPO_ROOT, _kill_leftovers, foreign_bpf_holders
 from bench.report import Row, render
 
@@ -30,6 +38,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
     "latency": latency.run,
     "peers": peers.run,
     "export_latency": export_latency.run,
+    "series_memory": series_memory.run,
 }
 RESULTS = REPO_ROOT / "bench" / "results" / "latest.md"
 
