@@ -131,8 +131,11 @@ def _healthy(listen: str) -> bool:
 
 @pytest.fixture
 def bpftool() -> None:
-    if shutil.which("bpftool") is None:
-        pytest.skip("needs bpftool (apt-get install bpftool) to cross-check the kernel's view")
+    # scripts/setup.sh installs bpftool: its absence is a broken set-up, not a reason to skip.
+    assert shutil.which("bpftool") is not None, (
+        "bpftool is missing (run make setup, or apt-get install bpftool); it cross-checks "
+        "the kernel's view of the agent's programs"
+    )
 
 
 @contextmanager
@@ -252,11 +255,11 @@ def _as_nobody_cmd(argv: list[str]) -> tuple[list[str], object]:
             return argv, _drop_to_nobody
     except PermissionError:
         pass  # exec itself was refused
-    if shutil.which("setpriv") is None:
-        pytest.skip(
-            f"{sys.executable} is not readable by uid {NOBODY} and setpriv (util-linux) is "
-            "missing: cannot run the CLI unprivileged"
-        )
+    # setpriv comes with util-linux (essential on Debian): missing, the machine is broken.
+    assert shutil.which("setpriv") is not None, (
+        f"{sys.executable} is not readable by uid {NOBODY} and setpriv (util-linux) is "
+        "missing: cannot run the CLI unprivileged"
+    )
     return [
         "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
         "--inh-caps=-all,+dac_read_search", "--ambient-caps=-all,+dac_read_search",

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# A dev dependency (pyproject.toml): without it the set-up is broken, so import, never skip.
+import playwright.sync_api as playwright
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bpf"))
@@ -32,7 +34,6 @@ from probewire.probes.process import ProcessProbe
 
 pytestmark = pytest.mark.e2e
 
-playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Debian's chromium, never a browser Playwright would download; nothing reaches the network.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
