@@ -189,8 +189,10 @@ class HttpProbe(Probe):
             obj.set_rodata(self_tgid=os.getpid())
 
     # --- decoding --------------------------------------------------------------------------
-    def _routes_and_methods(self, rec: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """Per row: method index into METHODS-like list, route index into the returned list."""
+    def _routes_and_methods(
+        self, rec: np.ndarray
+    ) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+        """(route names, method names, per-row method index, per-row route index)."""
         n = len(rec)
         method = rec["method"].astype(np.int64)
         slow = (method == 0) | (rec["pipe_idx"] > 0)
@@ -222,7 +224,7 @@ class HttpProbe(Probe):
         # Same route string from several paths: collapse to one index so grouping merges them.
         canon: dict[str, int] = {}
         remap = np.array([canon.setdefault(r, len(canon)) for r in route_names] or [0])
-        return list(canon), method, remap[route_idx] if route_names else route_idx
+        return list(canon), method_names, method, remap[route_idx] if route_names else route_idx
 
     def on_batch(self, records: np.ndarray) -> None:
         rec = records
@@ -235,16 +237,7 @@ class HttpProbe(Probe):
         aborted = (flags & FLAG_ABORTED) != 0
         duration_s = np.maximum(rec["end_ns"].astype(np.int64) - rec["start_ns"].astype(np.int64),
                                 0) / 1e9
-        routes, method, route_idx = self._routes_and_methods(rec)
-        methods = list(METHODS)
-        # Methods parsed from heads may extend the list: rebuild names for the indices used.
-        if method.max(initial=0) >= len(methods):
-            for i in np.flatnonzero(method >= len(methods)).tolist():
-                head = rec["req_head"][i][: int(rec["req_head_len"][i])].tobytes()
-                parsed = nth_request(head, int(rec["pipe_idx"][i]))
-                name = parsed[0] if parsed else "_OTHER"
-                while len(methods) <= method[i]:
-                    methods.append(name)
+        routes, methods, method, route_idx = self._routes_and_methods(rec)
         # Service per (tgid, local port): port rules name the server side.
         server_port = np.where(role == ROLE_SERVER, rec["lport"], 0)
         keys, svc_inverse = group_rows([rec["tgid"], server_port])
