@@ -22,14 +22,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # tests/support: the nginx/upstream peers
 
+from support.metrics import Samples, parse_metrics, total  # noqa: E402
 from support.servers import Server, free_port, nginx, wait_port  # noqa: E402
 
-__all__ = ["Server", "free_port", "nginx", "wait_port"]
+__all__ = ["Samples", "Server", "free_port", "nginx", "parse_metrics", "total", "wait_port"]
 
 PROBEWIRE = REPO_ROOT / ".venv" / "bin" / "probewire"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -38,7 +37,6 @@ NCPU = os.cpu_count() or 1
 NGINX_CPU = 0
 WRK_CPU = NCPU - 1
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 _live: list[subprocess.Popen[bytes]] = []
 
@@ -183,19 +181,6 @@ def run_wrk(url: str, duration_s: int, connections: int = 32) -> WrkResult:
 def get(url: str, timeout_s: float = 10.0) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout_s) as resp:
         return bytes(resp.read())
-
-
-def parse_metrics(text: str) -> Samples:
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return samples
-
-
-def total(samples: Samples, name: str, **labels: str) -> float:
-    want = set(labels.items())
-    return sum(v for (n, lbls), v in samples.items() if n == name and want <= set(lbls))
 
 
 def by_label(samples: Samples, name: str, label: str) -> dict[str, float]:

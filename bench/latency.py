@@ -72,24 +72,26 @@ def run(quick: bool) -> list[Row]:
     lost = 0
     with running_agent("default") as agent, pinned_nginx(access_log=False) as ng:
         scrape_s: list[float] = []
-        for _ in range(samples):
-            v = _probe_once(ng.port, agent.listen, scrape_s)
-            if v == v:
-                idle.add(1e3 * v)
-            else:
-                lost += 1
+
+        def probe_into(row: Row) -> int:
+            """Take `samples` probes into row (ms); return how many never showed up (NaN)."""
+            missed = 0
+            for _ in range(samples):
+                v = _probe_once(ng.port, agent.listen, scrape_s)
+                if v == v:
+                    row.add(1e3 * v)
+                else:
+                    missed += 1
+            return missed
+
+        lost += probe_into(idle)
         s = agent.scrape()
         wait_idle.add(1e3 * s[("probewire_ring_batch_wait_max_seconds", ())])
         wrk = spawn(wrk_argv(f"{ng.url}/static/index.html", 3 * samples + 30),
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             time.sleep(1.0)
-            for _ in range(samples):
-                v = _probe_once(ng.port, agent.listen, scrape_s)
-                if v == v:
-                    load.add(1e3 * v)
-                else:
-                    lost += 1
+            lost += probe_into(load)
         finally:
             stop_process(wrk)
         series = len(parse_metrics(get(f"http://{agent.listen}/metrics").decode()))

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from probewire.agent import Agent
 from probewire.config import Config, config_from_mapping
 from probewire.export.prometheus import make_registry
 from probewire.serve.http import AgentServer
+from support.metrics import Samples, parse_metrics, total
+from support.servers import free_port
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+# Re-exported for the test modules, which import them from here.
+__all__ = ["Samples", "free_port", "parse_metrics", "running_agent", "scrape", "total", "wait_for"]
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -51,18 +51,7 @@ def running_agent(
 
 def scrape(listen: str) -> Samples:
     with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return samples
-
-
-def total(samples: Samples, name: str, **labels: str) -> float:
-    """Sum of every sample of `name` whose labels include `labels`."""
-    want = set(labels.items())
-    return sum(v for (n, lbls), v in samples.items() if n == name and want <= set(lbls))
+        return parse_metrics(resp.read().decode())
 
 
 def wait_for(fn: Callable[[], bool], timeout_s: float = 10.0, interval_s: float = 0.05) -> bool:
@@ -73,9 +62,3 @@ def wait_for(fn: Callable[[], bool], timeout_s: float = 10.0, interval_s: float 
             return True
         time.sleep(interval_s)
     return fn()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
