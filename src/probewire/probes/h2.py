@@ -72,12 +72,11 @@ class Stream:
 
 
 @dataclass(frozen=True)
-class H2Exchange:
-    """A finished stream, from the point of view of the process that saw it."""
+class H2Connection:
+    """Which connection, seen by which process: fixed from its first chunk."""
 
     conn_id: int
     tgid: int
-    tid: int
     role: int
     tls: bool
     family: int
@@ -85,6 +84,14 @@ class H2Exchange:
     raddr: bytes
     lport: int
     rport: int
+
+
+@dataclass(frozen=True)
+class H2Exchange:
+    """A finished stream, from the point of view of the process that saw it."""
+
+    conn: H2Connection
+    tid: int
     start_ns: int
     end_ns: int
     method: str
@@ -116,14 +123,7 @@ class _Direction:
 
 @dataclass
 class _Conn:
-    role: int
-    tls: bool
-    family: int
-    laddr: bytes
-    raddr: bytes
-    lport: int
-    rport: int
-    tgid: int
+    info: H2Connection
     next_seq: int = 1
     lost: str = ""
     # Index 0: client -> server bytes; 1: server -> client.
@@ -152,12 +152,12 @@ class H2Tracker:
             seq = int(rec["seq"])
             conn = self.conns.get(conn_id)
             if conn is None or (seq == 1 and conn.next_seq != 1):
-                conn = _Conn(
-                    role=int(rec["role"]), tls=bool(rec["flags"] & FLAG_TLS),
-                    family=int(rec["family"]), laddr=rec["laddr"].tobytes(),
-                    raddr=rec["raddr"].tobytes(), lport=int(rec["lport"]),
-                    rport=int(rec["rport"]), tgid=int(rec["tgid"]),
-                )
+                conn = _Conn(H2Connection(
+                    conn_id=conn_id, tgid=int(rec["tgid"]), role=int(rec["role"]),
+                    tls=bool(rec["flags"] & FLAG_TLS), family=int(rec["family"]),
+                    laddr=rec["laddr"].tobytes(), raddr=rec["raddr"].tobytes(),
+                    lport=int(rec["lport"]), rport=int(rec["rport"]),
+                ))
                 self.conns[conn_id] = conn
                 if seq != 1:
                     self._give_up(conn_id, conn, "started before the agent or lost its start")
@@ -173,7 +173,7 @@ class H2Tracker:
             if rec["flags"] & FLAG_TRUNCATED:
                 self._give_up(conn_id, conn, "syscall larger than the capture")
                 continue
-            to_server = (int(rec["dir"]) == DIR_OUT) == (conn.role == ROLE_CLIENT)
+            to_server = (int(rec["dir"]) == DIR_OUT) == (conn.info.role == ROLE_CLIENT)
             data = rec["data"][: int(rec["len"])].tobytes()
             try:
                 self._consume(conn, 0 if to_server else 1, data, int(rec["ts_ns"]),
@@ -280,9 +280,7 @@ class H2Tracker:
     def _finish(self, conn: _Conn, stream_id: int, conn_id: int, out: list[H2Exchange]) -> None:
         s = conn.streams.pop(stream_id)
         out.append(H2Exchange(
-            conn_id=conn_id, tgid=conn.tgid, tid=s.tid, role=conn.role, tls=conn.tls,
-            family=conn.family, laddr=conn.laddr, raddr=conn.raddr, lport=conn.lport,
-            rport=conn.rport, start_ns=s.start_ns, end_ns=s.end_ns, method=s.method,
+            conn=conn.info, tid=s.tid, start_ns=s.start_ns, end_ns=s.end_ns, method=s.method,
             path=s.path, status=s.status, grpc=s.grpc, grpc_status=s.grpc_status,
             request_bytes=s.request_bytes, response_bytes=s.response_bytes, reset=s.reset,
         ))

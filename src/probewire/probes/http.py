@@ -330,15 +330,16 @@ class HttpProbe(Probe):
     def _observe_rpc(self, ex: H2Exchange) -> None:
         service_path = ex.path.lstrip("/")
         rpc_service, _, rpc_method = service_path.partition("/")
-        if ex.role == ROLE_SERVER:
-            name = self.ctx.services.name_for_port(ex.tgid, ex.lport)
+        c = ex.conn
+        if c.role == ROLE_SERVER:
+            name = self.ctx.services.name_for_port(c.tgid, c.lport)
         else:
-            name = self.ctx.services.name_for(ex.tgid)
+            name = self.ctx.services.name_for(c.tgid)
         code = "" if ex.grpc_status is None else str(ex.grpc_status)
         labels = self.rpc_budget.admit(
             (name, "grpc", rpc_service or UNKNOWN_ROUTE, rpc_method or UNKNOWN_ROUTE, code),
             RPC_LABELS)
-        series = self.rpc_server if ex.role == ROLE_SERVER else self.rpc_client
+        series = self.rpc_server if c.role == ROLE_SERVER else self.rpc_client
         series.observe(labels, np.array([max(ex.end_ns - ex.start_ns, 0) / 1e9]))
 
     @staticmethod
@@ -350,21 +351,22 @@ class HttpProbe(Probe):
             resp = f"HTTP/2 {ex.status}\r\n\r\n".encode()
             r = rec[i]
             r["kind"] = 1
-            r["tgid"], r["tid"], r["role"] = ex.tgid, ex.tid, ex.role
+            c = ex.conn
+            r["tgid"], r["tid"], r["role"] = c.tgid, ex.tid, c.role
             r["method"] = METHODS.index(ex.method) if ex.method in METHODS[1:] else 0
             r["status"] = ex.status
-            r["family"] = ex.family
-            r["flags"] = ((FLAG_TLS if ex.tls else 0) | FLAG_H2 | (FLAG_GRPC if ex.grpc else 0)
+            r["family"] = c.family
+            r["flags"] = ((FLAG_TLS if c.tls else 0) | FLAG_H2 | (FLAG_GRPC if ex.grpc else 0)
                           | (FLAG_ABORTED if ex.reset and not ex.status else 0))
             r["start_ns"], r["end_ns"] = ex.start_ns, ex.end_ns
             # Wire sizes as the HTTP/1 path expects them: head + body.
             r["req_bytes"] = len(head) + ex.request_bytes
             r["resp_bytes"] = len(resp) + ex.response_bytes
             r["resp_first_write"] = len(resp)
-            r["conn_id"] = ex.conn_id
-            r["lport"], r["rport"] = ex.lport, ex.rport
-            r["laddr"] = np.frombuffer(ex.laddr, dtype=np.uint8)
-            r["raddr"] = np.frombuffer(ex.raddr, dtype=np.uint8)
+            r["conn_id"] = c.conn_id
+            r["lport"], r["rport"] = c.lport, c.rport
+            r["laddr"] = np.frombuffer(c.laddr, dtype=np.uint8)
+            r["raddr"] = np.frombuffer(c.raddr, dtype=np.uint8)
             r["req_head"][: len(head)] = np.frombuffer(head, dtype=np.uint8)
             r["req_head_len"] = len(head)
             r["resp_head"][: len(resp)] = np.frombuffer(resp, dtype=np.uint8)
