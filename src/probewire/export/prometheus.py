@@ -45,8 +45,7 @@ class AgentCollector(Collector):
         for name, running in self.agent.running.items():
             for m in running.obj.maps.values():
                 if m.type in (1, 5, 9, 10):  # hash, percpu hash, LRU hash, LRU percpu hash
-                    n = sum(1 for _ in m.keys())  # noqa: SIM118 (Map is not a dict)
-                    fill.append((name, m.name, n, m.max_entries))
+                    fill.append((name, m.name, m.count(), m.max_entries))
         self._fill, self._fill_at = fill, now
         return fill
 

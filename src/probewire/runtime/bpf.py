@@ -255,6 +255,13 @@ class Map:
             yield key.raw
             prev = ctypes.create_string_buffer(key.raw, self.key_size)
 
+    def count(self) -> int:
+        """Entries in the map, read in batches (iterating keys costs a syscall per key)."""
+        value_size = (self.value_size + 7) // 8 * 8 if self.percpu else self.value_size
+        keys, _ = self.read_all(np.dtype((np.void, self.key_size)),
+                                np.dtype((np.void, value_size)))
+        return len(keys)
+
     def read_all(self, key_dtype: np.dtype, value_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
         """All entries as (keys, values); per-CPU values come as shape (n, ncpus).
 
