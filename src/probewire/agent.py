@@ -88,6 +88,7 @@ class Agent:
         self.started_at = 0.0
         self.startup_s = 0.0
         self._shared: dict[str, StandaloneMap] = {}
+        self._opened: dict[str, BpfObject] = {}
 
     def start(self) -> None:
         check_privileges()
@@ -107,7 +108,7 @@ class Agent:
                 futures = {
                     name: pool.submit(start_probe, probe, self.support, self._shared,
                                       self.config.ring.size_bytes, self.forced_hooks,
-                                      self.config.ring.batch_records)
+                                      self.config.ring.batch_records, self._opened.pop(name))
                     for name, probe in self.probes.items()
                 }
                 errors = []
@@ -153,13 +154,14 @@ class Agent:
         enabled probes attach through: only those are tried at start-up. (Helper programs
         are loaded, not attached, so their types need no attach test.)"""
         types: set[str] = set()
-        for probe in self.probes.values():
-            with BpfObject(object_path(probe.object_name)) as obj:
-                for name in SHARED_MAPS:
-                    if name not in self._shared:
-                        self._shared[name] = StandaloneMap(obj.maps[name])
-                names = [p for h in probe.hooks for p in h.programs]
-                types.update(hook_type_of(obj.programs[n].section) for n in names)
+        for name, probe in self.probes.items():
+            # Kept open for start_probe: opening parses the object's ELF and BTF.
+            obj = self._opened[name] = BpfObject(object_path(probe.object_name))
+            for map_name in SHARED_MAPS:
+                if map_name not in self._shared:
+                    self._shared[map_name] = StandaloneMap(obj.maps[map_name])
+            types.update(hook_type_of(obj.programs[p].section)
+                         for h in probe.hooks for p in h.programs)
         return types
 
     def stop(self) -> None:
@@ -173,6 +175,9 @@ class Agent:
         for running in self.running.values():
             running.stop()
         self.running.clear()
+        for obj in self._opened.values():  # opened, but start failed before loading them
+            obj.close()
+        self._opened.clear()
         for shared in self._shared.values():
             shared.close()
         self._shared.clear()

@@ -162,10 +162,12 @@ def start_probe(
     ring_size_bytes: int,
     forced: dict[str, str] | None = None,
     wakeup_records: int = 128,
+    obj: BpfObject | None = None,
 ) -> RunningProbe:
     """Open, configure, load and attach one family; `shared` holds the maps every family
     uses (the filter), created once by the agent."""
-    obj = BpfObject(object_path(probe.object_name))
+    if obj is None:
+        obj = BpfObject(object_path(probe.object_name))
     try:
         for struct_name, dtype in probe.structs.items():
             obj.struct_layout(struct_name).check_dtype(dtype)
