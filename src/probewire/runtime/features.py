@@ -65,28 +65,9 @@ def ensure_tracefs() -> None:
                     TRACEFS)
 
 
-def _try(hook_type: str, program: str) -> HookSupport:
-    obj = BpfObject(object_path("features"))
-    try:
-        for prog in obj.programs.values():
-            prog.set_autoload(prog.name == program)
-        obj.load()
-        prog = obj.programs[program]
-        if hook_type == "uprobe":
-            link = prog.attach_uprobe(libc_path(), "getppid")
-        else:
-            link = prog.attach()
-        link.destroy()
-        return HookSupport(hook_type, True, "")
-    except ProbewireError as exc:
-        return HookSupport(hook_type, False, str(exc))
-    finally:
-        obj.close()
-
-
-def _try_together(types: list[str]) -> dict[str, HookSupport] | None:
-    """Load the feature programs of `types` in one object and attach each: one load (and one
-    parse of the kernel's BTF) instead of one per type. None if the joint load fails."""
+def _try_group(types: list[str]) -> dict[str, HookSupport] | str:
+    """Load the feature programs of `types` in one object (one parse of the kernel's BTF) and
+    attach each on its own; the load error if the object does not load."""
     obj = BpfObject(object_path("features"))
     try:
         wanted = {HOOK_TYPES[t] for t in types}
@@ -104,10 +85,15 @@ def _try_together(types: list[str]) -> dict[str, HookSupport] | None:
             except ProbewireError as exc:
                 out[t] = HookSupport(t, False, str(exc))
         return out
-    except ProbewireError:
-        return None
+    except ProbewireError as exc:
+        return str(exc)
     finally:
         obj.close()
+
+
+def _try(hook_type: str) -> HookSupport:
+    found = _try_group([hook_type])
+    return HookSupport(hook_type, False, found) if isinstance(found, str) else found[hook_type]
 
 
 def probe_hook_types(types: Iterable[str] | None = None) -> dict[str, HookSupport]:
@@ -122,10 +108,9 @@ def probe_hook_types(types: Iterable[str] | None = None) -> dict[str, HookSuppor
         # on their own, the rest together.
         alone = [t for t in wanted if t == "fentry"]
         together = [t for t in wanted if t not in alone]
-        found = (_try_together(together) if together else {}) or {
-            t: _try(t, HOOK_TYPES[t]) for t in together
-        }
-        found.update({t: _try(t, HOOK_TYPES[t]) for t in alone})
+        joint = _try_group(together) if together else {}
+        found = {t: _try(t) for t in together} if isinstance(joint, str) else joint
+        found.update({t: _try(t) for t in alone})
         return {t: found[t] for t in wanted}
     finally:
         libbpf_log.setLevel(saved)
