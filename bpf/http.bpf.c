@@ -15,6 +15,11 @@ char LICENSE[] SEC("license") = "GPL";
 /* Load-time setting: the agent's own pid, whose /metrics traffic is not the host's. */
 const volatile __u32 self_tgid = 0;
 
+static __always_inline bool traced_task(__u32 tgid)
+{
+	return tgid != self_tgid && is_traced_task(tgid, 0, 0);
+}
+
 #define DIR_IN 1
 #define DIR_OUT 2
 #define IO_PLAIN 0
@@ -26,15 +31,6 @@ const volatile __u32 self_tgid = 0;
 #define HTTP_PROTO_FILTERED 3
 #define TLS_KEY_BIT 1ULL
 
-struct http_args {
-	__u64 sk;
-	__u64 buf;
-	__u64 count; /* iovec count for readv/writev */
-	__u64 enter_ns;
-	__u8 dir;
-	__u8 io;
-	__u8 _pad[6];
-};
 
 /* Connection state; LRU because a close we never see (process exit) must not leak it. */
 struct {
@@ -43,15 +39,6 @@ struct {
 	__type(key, __u64);
 	__type(value, struct http_conn);
 } http_conns SEC(".maps");
-
-/* Syscall arguments between enter and exit, per thread; deleted at exit, so a plain
- * (preallocated) hash: an LRU update costs several times more on this hot path. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
-	__type(key, __u64);
-	__type(value, struct http_args);
-} http_args SEC(".maps");
 
 /* probewire_http_unrecognized_connections_total{transport="tls"} */
 struct {
@@ -196,6 +183,220 @@ static __always_inline void emit(struct http_conn *conn)
 		count_drop();
 }
 
+/* ---- In-kernel aggregation (see http.h) ------------------------------------------------- */
+
+/* Load-time settings: off when every exchange must reach user space (spans); the bucket
+ * boundaries are user space's, so kernel and exported buckets are one and the same. */
+const volatile __u8 aggregate = 1;
+const volatile __u64 duration_bounds_ns[HTTP_DURATION_BOUNDS] = {
+	5000000, 10000000, 25000000, 50000000, 75000000, 100000000, 250000000,
+	500000000, 750000000, 1000000000, 2500000000, 5000000000, 7500000000, 10000000000,
+};
+const volatile __u64 size_bounds[HTTP_SIZE_BOUNDS] = {
+	0, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216,
+};
+
+/* path hash -> route id, written by user space when it has templated a path. LRU: a path
+ * forgotten is learnt again from its next record. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, __u32);
+} http_routes SEC(".maps");
+
+/* http_server_request_duration_seconds and friends, per label-ish key, per CPU. Entries are
+ * never deleted while their process lives (user space adds each key's growth), so no count
+ * is lost to a race; a full map sends the exchange through the ring instead. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct http_agg_key);
+	__type(value, struct http_agg);
+} http_aggs SEC(".maps");
+
+/* Local end of each HTTP client connection -> its process (see struct http_endpoint). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct http_endpoint);
+	__type(value, __u32);
+} http_clients SEC(".maps");
+
+/* probewire_http_exchanges_total{via="kernel"}: exchanges counted in http_aggs. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} http_aggregated SEC(".maps");
+
+static const struct http_agg zero_agg;
+struct http_agg_key *btf_export_http_agg_key __attribute__((unused));
+struct http_agg *btf_export_http_agg __attribute__((unused));
+struct http_endpoint *btf_export_http_endpoint __attribute__((unused));
+
+static __always_inline __u32 duration_bucket(__u64 v)
+{
+	__u32 idx = 0;
+
+	for (int i = 0; i < HTTP_DURATION_BOUNDS; i++)
+		idx += duration_bounds_ns[i] < v;
+	return idx;
+}
+
+static __always_inline __u32 size_bucket(__u64 v)
+{
+	__u32 idx = 0;
+
+	for (int i = 0; i < HTTP_SIZE_BOUNDS; i++)
+		idx += size_bounds[i] < v;
+	return idx;
+}
+
+static const __u8 method_len[] = { 0, 3, 4, 3, 6, 4, 5, 7, 7, 5 };
+
+/* FNV-1a over the path: from after "METHOD " to the first space, CR, LF or '?' (the bytes
+ * user space's request_paths() cuts out), at most HTTP_PATH_MAX of them. 0 means "no path". */
+static __noinline __u64 path_hash(const __u8 *head, __u32 head_len, __u32 method)
+{
+	__u64 h = 0xcbf29ce484222325ULL;
+	__u32 start, end, i;
+
+	if (method >= sizeof(method_len))
+		return 0;
+	start = method_len[method] + 1;
+	end = head_len < start + HTTP_PATH_MAX ? head_len : start + HTTP_PATH_MAX;
+	for (i = start; i < end && i < HTTP_HEAD_LEN; i++) {
+		__u8 c = head[i];
+
+		if (c == ' ' || c == '\r' || c == '\n' || c == '?')
+			break;
+		h = (h ^ c) * 0x100000001b3ULL;
+	}
+	return h ? h : 1;
+}
+
+/* Bytes up to and including the first CRLFCRLF of a head, or -1 when the head does not hold
+ * it (user space's header_lengths() rule). */
+static __noinline int header_end(const __u8 *head, __u32 len)
+{
+	__u32 i;
+
+	if (len > HTTP_HEAD_LEN)
+		len = HTTP_HEAD_LEN;
+	for (i = 0; i + 4 <= len && i < HTTP_HEAD_LEN - 3; i++) {
+		if (head[i] == '\r' && head[i + 1] == '\n' && head[i + 2] == '\r' &&
+		    head[i + 3] == '\n')
+			return i + 4;
+	}
+	return -1;
+}
+
+/* Server side: the process at the other end when it is a client on this host. Looked up per
+ * exchange until found: the client's own hook may run after the server has read. */
+static __always_inline void find_peer(struct http_exchange *ex)
+{
+	struct http_endpoint ep = {};
+	__u32 *tgid;
+
+	if (ex->role != HTTP_ROLE_SERVER || ex->peer_tgid)
+		return;
+	__builtin_memcpy(ep.addr, ex->raddr, 16);
+	ep.port = ex->rport;
+	ep.family = ex->family;
+	tgid = bpf_map_lookup_elem(&http_clients, &ep);
+	if (tgid)
+		ex->peer_tgid = *tgid;
+}
+
+static __always_inline void remember_client(const struct http_exchange *ex)
+{
+	struct http_endpoint ep = {};
+	__u32 tgid = ex->tgid;
+
+	__builtin_memcpy(ep.addr, ex->laddr, 16);
+	ep.port = ex->lport;
+	ep.family = ex->family;
+	bpf_map_update_elem(&http_clients, &ep, &tgid, BPF_ANY);
+}
+
+/* A global function: the verifier checks it once, not once per completion site (its loops
+ * would otherwise be walked for each of them). Returns 1 when the exchange was counted. */
+__noinline int aggregate_exchange(struct http_exchange *ex)
+{
+	struct http_agg_key key = {};
+	struct http_agg *agg;
+	__u32 *route, zero = 0;
+	__u64 *n, duration;
+	int req_hdr, resp_hdr;
+
+	if (!ex || !ex->method || ex->pipe_idx)
+		return 0; /* user space reads the head */
+	ex->path_hash = path_hash(ex->req_head, ex->req_head_len, ex->method);
+	route = bpf_map_lookup_elem(&http_routes, &ex->path_hash);
+	if (!route)
+		return 0; /* a new path: its record teaches user space the route */
+	key.tgid = ex->tgid;
+	key.route = *route;
+	key.status = ex->status;
+	key.role = ex->role;
+	key.method = ex->method;
+	key.flags = ex->flags & (HTTP_FLAG_TLS | HTTP_FLAG_ABORTED);
+	key.family = ex->family;
+	__builtin_memcpy(key.raddr, ex->raddr, 16);
+	if (ex->role == HTTP_ROLE_SERVER) {
+		key.peer_tgid = ex->peer_tgid;
+		key.lport = ex->lport;
+		__builtin_memcpy(key.laddr, ex->laddr, 16);
+	} else {
+		key.rport = ex->rport;
+	}
+	agg = bpf_map_lookup_elem(&http_aggs, &key);
+	if (!agg) {
+		bpf_map_update_elem(&http_aggs, &key, &zero_agg, BPF_NOEXIST);
+		agg = bpf_map_lookup_elem(&http_aggs, &key);
+		if (!agg)
+			return 0; /* full: the ring still counts it */
+	}
+	duration = ex->end_ns > ex->start_ns ? ex->end_ns - ex->start_ns : 0;
+	agg->count += 1;
+	agg->duration_ns += duration;
+	agg->duration[duration_bucket(duration) & 15] += 1;
+	req_hdr = header_end(ex->req_head, ex->req_head_len);
+	if (req_hdr >= 0) {
+		__u64 body = ex->req_bytes > (__u64)req_hdr ? ex->req_bytes - req_hdr : 0;
+
+		agg->req_body_count += 1;
+		agg->req_body_bytes += body;
+		agg->req_body[size_bucket(body) & 15] += 1;
+	}
+	if (ex->role == HTTP_ROLE_SERVER) {
+		__u64 body;
+
+		resp_hdr = header_end(ex->resp_head, ex->resp_head_len);
+		if (resp_hdr < 0)
+			resp_hdr = ex->resp_first_write;
+		body = ex->resp_bytes > (__u64)resp_hdr ? ex->resp_bytes - resp_hdr : 0;
+		agg->resp_body_bytes += body;
+		agg->resp_body[size_bucket(body) & 15] += 1;
+	}
+	n = bpf_map_lookup_elem(&http_aggregated, &zero);
+	if (n)
+		*n += 1;
+	return 1;
+}
+
+/* An exchange is over: count it in the kernel if its route is known, else ship it. */
+static __always_inline void complete(struct http_conn *conn)
+{
+	find_peer(&conn->ex);
+	if (aggregate && aggregate_exchange(&conn->ex))
+		return;
+	emit(conn);
+}
+
 static __always_inline void fill_tuple(struct http_exchange *ex, const struct sock *sk)
 {
 	ex->family = BPF_CORE_READ(sk, __sk_common.skc_family);
@@ -231,7 +432,7 @@ static __always_inline struct http_conn *conn_for(const struct sock *sk, __u64 k
 	conn->ex.conn_id = key;
 	conn->ex.tgid = tgid;
 	fill_tuple(&conn->ex, sk);
-	if (!is_traced(tgid, bpf_get_current_cgroup_id(), conn->ex.lport, conn->ex.rport))
+	if (!is_traced_task(tgid, conn->ex.lport, conn->ex.rport))
 		conn->proto = HTTP_PROTO_FILTERED;
 	return conn;
 }
@@ -269,6 +470,7 @@ static __always_inline void new_exchange(struct http_conn *conn, __u8 method, __
 	conn->ex.resp_bytes = 0;
 	conn->ex.resp_head_len = 0;
 	conn->ex.resp_first_write = 0;
+	conn->ex.path_hash = 0;
 	conn->state = HTTP_STATE_REQUEST;
 }
 
@@ -524,6 +726,8 @@ static __always_inline bool on_data(const struct sock *sk, __u64 key, __u8 dir, 
 					HTTP_ROLE_SERVER :
 					HTTP_ROLE_CLIENT;
 		conn->state = HTTP_STATE_IDLE;
+		if (conn->ex.role == HTTP_ROLE_CLIENT)
+			remember_client(&conn->ex);
 	}
 	if (!method && !status && has_bytes && conn->state != HTTP_STATE_REQUEST &&
 	    maybe_split_method(peek, p + first_len)) {
@@ -535,7 +739,7 @@ static __always_inline bool on_data(const struct sock *sk, __u64 key, __u8 dir, 
 	if (conn->ex.role == HTTP_ROLE_SERVER) {
 		if (dir == DIR_IN) {
 			if (conn->state == HTTP_STATE_RESPONSE) {
-				emit(conn); /* the enter hook missed it (e.g. a read we do not hook) */
+				complete(conn); /* the enter hook missed it (e.g. a read we do not hook) */
 				conn->state = HTTP_STATE_IDLE;
 			}
 			if (conn->state == HTTP_STATE_IDLE) {
@@ -560,7 +764,7 @@ static __always_inline bool on_data(const struct sock *sk, __u64 key, __u8 dir, 
 				response_started(conn, status, exit_ns, buf, n, first_len);
 			} else if (conn->state == HTTP_STATE_RESPONSE) {
 				/* Next pipelined request answered: its line is further in the head. */
-				emit(conn);
+				complete(conn);
 				conn->ex.pipe_idx += 1;
 				conn->ex.flags |= HTTP_FLAG_PIPELINED;
 				conn->ex.method = 0;
@@ -593,7 +797,7 @@ static __always_inline bool on_data(const struct sock *sk, __u64 key, __u8 dir, 
 	}
 	if (status >= 200 && conn->state == HTTP_STATE_REQUEST) {
 		response_started(conn, status, exit_ns, buf, n, first_len);
-		emit(conn);
+		complete(conn);
 		if (conn->outstanding > 1) {
 			conn->outstanding -= 1;
 			conn->ex.pipe_idx += 1;
@@ -654,7 +858,7 @@ static __always_inline int tls_enter(void *ssl, const void *buf, void *out_len, 
 	__u64 key = (__u64)ssl;
 	__u64 *skp;
 
-	if (tgid == self_tgid || !is_traced(tgid, bpf_get_current_cgroup_id(), 0, 0))
+	if (!traced_task(tgid))
 		return 0;
 	t.ssl = key;
 	t.buf = (__u64)buf;
@@ -670,7 +874,7 @@ static __always_inline int tls_enter(void *ssl, const void *buf, void *out_len, 
 
 		if (conn && conn->ex.role == HTTP_ROLE_SERVER &&
 		    conn->state == HTTP_STATE_RESPONSE) {
-			emit(conn);
+			complete(conn);
 			conn->state = HTTP_STATE_IDLE;
 		}
 	}
@@ -740,82 +944,87 @@ int BPF_KRETPROBE(tls_exit, long ret)
 	return 0;
 }
 
-/* ---- enter: fd -> sock, park the arguments ------------------------------------------ */
+/* ---- syscalls: the exit sees the bytes, its arguments are still in the saved registers --- */
 
-static __always_inline int enter_io(long fd, unsigned long buf, __u64 count, __u8 dir, __u8 io)
+/* What the per-syscall exit program tells the shared one it tail-calls (same CPU, nothing in
+ * between). */
+struct http_io {
+	__u8 dir;
+	__u8 io;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct http_io);
+} http_io_scratch SEC(".maps");
+
+static __always_inline bool pass_io(__u8 dir, __u8 io)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	__u32 tgid = id >> 32;
-	struct http_args args = {};
-	struct sock *sk;
+	__u32 zero = 0;
+	struct http_io *p = bpf_map_lookup_elem(&http_io_scratch, &zero);
 
-	if (tgid == self_tgid || !is_traced(tgid, bpf_get_current_cgroup_id(), 0, 0))
-		return 0;
-	sk = tcp_sock_of_fd(fd);
-	if (!sk)
-		return 0;
-	if (in_tls_call(id, sk))
-		return 0; /* ciphertext: the OpenSSL uprobes see this data in the clear */
-	if (dir == DIR_IN) {
-		/* A server reading again has finished its response: emit it now, not when the
-		 * next request (maybe minutes later on an idle keep-alive connection) arrives. */
-		__u64 key = (__u64)sk;
-		struct http_conn *conn = bpf_map_lookup_elem(&http_conns, &key);
-
-		if (conn && conn->ex.role == HTTP_ROLE_SERVER &&
-		    conn->state == HTTP_STATE_RESPONSE) {
-			emit(conn);
-			conn->state = HTTP_STATE_IDLE;
-		}
-	}
-	args.sk = (__u64)sk;
-	args.buf = buf;
-	args.count = count;
-	args.enter_ns = bpf_ktime_get_ns();
-	args.dir = dir;
-	args.io = io;
-	bpf_map_update_elem(&http_args, &id, &args, BPF_ANY);
-	return 0;
+	if (!p)
+		return false;
+	p->dir = dir;
+	p->io = io;
+	return true;
 }
 
-/* True when HTTP/2 bytes wait to be shipped (the caller tail-calls the shipper). */
+/* True when HTTP/2 bytes wait to be shipped (the caller tail-calls the shipper). Only calls
+ * that moved bytes get here. A syscall's arguments are read back from the registers saved at
+ * entry (the kernel does not change them for these calls), so no enter hook has to park
+ * them: one map update and delete fewer per call. The request's start is thereby the end of
+ * its first write: the same instant unless that write blocked on a full send buffer. */
 static __always_inline bool exit_io(long ret)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	struct http_args *a = bpf_map_lookup_elem(&http_args, &id);
-	struct http_args args;
+	__u32 zero = 0;
+	struct http_io *pio = bpf_map_lookup_elem(&http_io_scratch, &zero);
+	struct pt_regs *regs;
 	struct iovec iov = {};
 	struct user_msghdr msg = {};
 	const void *data;
 	const struct iovec *iovs = NULL;
-	__u64 niov = 0;
+	__u64 niov = 0, count, now;
 	__u32 first_len;
+	struct sock *sk;
+	__u8 dir, io;
 
-	if (!a)
-		return 0;
-	args = *a;
-	bpf_map_delete_elem(&http_args, &id);
-	if (ret <= 0)
-		return 0;
-	data = (const void *)args.buf;
+	if (!pio)
+		return false;
+	dir = pio->dir;
+	io = pio->io;
+	if (!traced_task(id >> 32))
+		return false;
+	regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	sk = tcp_sock_of_fd(PT_REGS_PARM1_CORE_SYSCALL(regs));
+	if (!sk)
+		return false;
+	if (in_tls_call(id, sk))
+		return false; /* ciphertext: the OpenSSL uprobes see this data in the clear */
+	data = (const void *)PT_REGS_PARM2_CORE_SYSCALL(regs);
+	count = PT_REGS_PARM3_CORE_SYSCALL(regs);
 	first_len = ret;
-	if (args.io == IO_MSG) {
+	if (io == IO_MSG) {
 		if (bpf_probe_read_user(&msg, sizeof(msg), data))
-			return 0;
+			return false;
 		data = msg.msg_iov;
-		args.count = msg.msg_iovlen;
+		count = msg.msg_iovlen;
 	}
-	if (args.io == IO_IOV || args.io == IO_MSG) {
+	if (io == IO_IOV || io == IO_MSG) {
 		iovs = data;
-		niov = args.count;
+		niov = count;
 		if (bpf_probe_read_user(&iov, sizeof(iov), data))
-			return 0;
+			return false;
 		data = iov.iov_base;
 		if (iov.iov_len < first_len)
 			first_len = iov.iov_len;
 	}
-	return on_data((const struct sock *)args.sk, args.sk, args.dir, data, ret, first_len,
-		       args.enter_ns, bpf_ktime_get_ns(), args.io != IO_SENDFILE, iovs, niov);
+	now = bpf_ktime_get_ns();
+	return on_data(sk, (__u64)sk, dir, data, ret, first_len, now, now, io != IO_SENDFILE, iovs,
+		       niov);
 }
 
 /* The exit side is the heavy part (the state machine): it lives in one program that every
@@ -837,31 +1046,61 @@ struct {
 	.values = { [0] = (void *)&http_exit_common },
 };
 
-/* One enter and one exit tracepoint per data syscall: they fire only for these syscalls, and
- * an untraced process or a non-socket fd returns after the filter and fd checks. */
-#define ENTER(name, dir, io, fd_arg, buf_arg)                                            \
-	SEC("tp/syscalls/sys_enter_" #name)                                              \
-	int http_enter_##name(struct trace_event_raw_sys_enter *ctx)                     \
-	{                                                                                \
-		return enter_io(ctx->args[fd_arg], ctx->args[buf_arg], ctx->args[2], dir, \
-				io);                                                     \
-	}                                                                                \
+/* One exit tracepoint per data syscall: it fires only for that syscall, and a call that
+ * moved no bytes returns at once. */
+#define EXIT(name, dir, io)                                                              \
 	SEC("tp/syscalls/sys_exit_" #name)                                               \
 	int http_exit_##name(struct trace_event_raw_sys_exit *ctx)                       \
 	{                                                                                \
-		bpf_tail_call(ctx, &http_exit_prog, 0);                                  \
+		if (ctx->ret > 0 && pass_io(dir, io))                                    \
+			bpf_tail_call(ctx, &http_exit_prog, 0);                          \
 		return 0;                                                                \
 	}
 
-ENTER(read, DIR_IN, IO_PLAIN, 0, 1)
-ENTER(recvfrom, DIR_IN, IO_PLAIN, 0, 1)
-ENTER(readv, DIR_IN, IO_IOV, 0, 1)
-ENTER(recvmsg, DIR_IN, IO_MSG, 0, 1)
-ENTER(write, DIR_OUT, IO_PLAIN, 0, 1)
-ENTER(sendto, DIR_OUT, IO_PLAIN, 0, 1)
-ENTER(writev, DIR_OUT, IO_IOV, 0, 1)
-ENTER(sendmsg, DIR_OUT, IO_MSG, 0, 1)
-ENTER(sendfile64, DIR_OUT, IO_SENDFILE, 0, 2)
+EXIT(read, DIR_IN, IO_PLAIN)
+EXIT(recvfrom, DIR_IN, IO_PLAIN)
+EXIT(readv, DIR_IN, IO_IOV)
+EXIT(recvmsg, DIR_IN, IO_MSG)
+EXIT(write, DIR_OUT, IO_PLAIN)
+EXIT(sendto, DIR_OUT, IO_PLAIN)
+EXIT(writev, DIR_OUT, IO_IOV)
+EXIT(sendmsg, DIR_OUT, IO_MSG)
+EXIT(sendfile64, DIR_OUT, IO_SENDFILE)
+
+/* A server reading again has finished its response: count it now, not when the next request
+ * (maybe minutes later on an idle keep-alive connection) arrives. Only reads need an enter
+ * hook, and only for this. */
+static __always_inline int enter_read(long fd)
+{
+	struct http_conn *conn;
+	struct sock *sk;
+	__u64 key;
+
+	if (!traced_task(bpf_get_current_pid_tgid() >> 32))
+		return 0;
+	sk = tcp_sock_of_fd(fd);
+	if (!sk)
+		return 0;
+	key = (__u64)sk;
+	conn = bpf_map_lookup_elem(&http_conns, &key);
+	if (conn && conn->ex.role == HTTP_ROLE_SERVER && conn->state == HTTP_STATE_RESPONSE) {
+		complete(conn);
+		conn->state = HTTP_STATE_IDLE;
+	}
+	return 0;
+}
+
+#define ENTER_READ(name)                                                                 \
+	SEC("tp/syscalls/sys_enter_" #name)                                              \
+	int http_enter_##name(struct trace_event_raw_sys_enter *ctx)                     \
+	{                                                                                \
+		return enter_read(ctx->args[0]);                                         \
+	}
+
+ENTER_READ(read)
+ENTER_READ(recvfrom)
+ENTER_READ(readv)
+ENTER_READ(recvmsg)
 
 static __always_inline void finish_conn(__u64 key)
 {
@@ -875,7 +1114,7 @@ static __always_inline void finish_conn(__u64 key)
 			conn->ex.status = 0;
 			conn->ex.end_ns = bpf_ktime_get_ns();
 		}
-		emit(conn);
+		complete(conn);
 	}
 	bpf_map_delete_elem(&http_conns, &key);
 }

@@ -48,10 +48,59 @@ struct http_exchange {
 	__u16 resp_head_len;
 	__u32 resp_first_write; /* length of the response's first write (its header block) */
 	__u32 tid; /* thread that started the exchange: parents client calls made while serving */
+	__u32 peer_tgid; /* server side: the local client's process (0: remote or not yet seen) */
+	__u32 _pad;
+	__u64 path_hash; /* of the request path (aggregation on): user space maps it to a route */
 	__u8 laddr[16];
 	__u8 raddr[16];
 	__u8 req_head[HTTP_HEAD_LEN];
 	__u8 resp_head[HTTP_HEAD_LEN];
+};
+
+/* ---- In-kernel aggregation --------------------------------------------------------------
+ * An exchange whose path user space has already templated (its hash is in http_routes) is
+ * counted in http_aggs instead of being shipped: the buckets below are the exported ones, so
+ * user space only adds each key's growth to its series. Everything else (a new path, a
+ * pipelined request, an unknown method, a full map, or spans wanted for every exchange) goes
+ * through the ring as an http_exchange record. */
+#define HTTP_DURATION_BOUNDS 14 /* OpenTelemetry's http.*.request.duration boundaries */
+#define HTTP_SIZE_BOUNDS 11
+#define HTTP_PATH_MAX 128 /* path bytes hashed; user space templates the same bytes */
+
+struct http_agg_key {
+	__u32 tgid;
+	__u32 route; /* user space's route id (http_routes value) */
+	__u32 peer_tgid; /* server side: local client process, 0 if remote or unknown */
+	__u16 lport; /* server side: the local port (names the service by port rules) */
+	__u16 rport; /* client side: the server's port; 0 on the server side */
+	__u16 status;
+	__u8 role;
+	__u8 method;
+	__u8 flags; /* HTTP_FLAG_TLS, HTTP_FLAG_ABORTED */
+	__u8 family;
+	__u16 _pad;
+	__u8 laddr[16]; /* server side: local address; zero on the client side */
+	__u8 raddr[16]; /* client side: server address; server side: client address */
+};
+
+struct http_agg {
+	__u64 count;
+	__u64 duration_ns; /* sum */
+	__u64 req_body_count; /* exchanges whose request head (so body size) was seen whole */
+	__u64 req_body_bytes; /* sum */
+	__u64 resp_body_bytes; /* sum (server side; one observation per exchange) */
+	__u64 duration[HTTP_DURATION_BOUNDS + 1];
+	__u64 req_body[HTTP_SIZE_BOUNDS + 1];
+	__u64 resp_body[HTTP_SIZE_BOUNDS + 1];
+};
+
+/* A client connection's local end, so the server side of a connection on this host can name
+ * the process at the other end without the ephemeral port in any key. */
+struct http_endpoint {
+	__u8 addr[16];
+	__u16 port;
+	__u8 family;
+	__u8 _pad;
 };
 
 #define HTTP_STATE_IDLE 0

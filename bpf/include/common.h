@@ -88,6 +88,19 @@ static __always_inline bool is_traced(__u32 tgid, __u64 cgroup_id, __u16 port_a,
 	return true;
 }
 
+/* The same check for the current task: its cgroup id is looked up only when a cgroup filter
+ * is set (it costs a walk of the task's css_set on every call). */
+static __always_inline bool is_traced_task(__u32 tgid, __u16 port_a, __u16 port_b)
+{
+	__u32 zero = 0;
+	struct filter_config *cfg = bpf_map_lookup_elem(&filter_config, &zero);
+
+	if (!cfg || !cfg->flags)
+		return true;
+	return is_traced(tgid, (cfg->flags & FILTER_CGROUPS) ? bpf_get_current_cgroup_id() : 0,
+			 port_a, port_b);
+}
+
 static __always_inline void count_drop(void)
 {
 	__u32 zero = 0;

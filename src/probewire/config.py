@@ -133,6 +133,19 @@ class HttpConfig(_Model):
         strict=True,
         description="label sets one HTTP metric may hold; more go to http_route=\"other\"",
     )
+    kernel_aggregation: bool = Field(
+        default=True,
+        description="count exchanges of known routes in kernel maps instead of sending each "
+        "one to user space (forced off while export.otlp.traces needs every exchange)",
+    )
+    kernel_keys: int = Field(
+        default=16384,
+        ge=16,
+        le=1 << 20,
+        strict=True,
+        description="label-ish keys the kernel aggregation map holds; an exchange that "
+        "finds it full is sent to user space instead (never lost)",
+    )
 
     @field_validator("routes")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from probewire.enrich.net import format_address
 from probewire.probes.base import Hook, Probe, ProbeContext
 from probewire.probes.h2 import H2_CHUNK_DTYPE, H2Exchange, H2Tracker
 from probewire.probes.tls import TLS_PROGRAMS, TlsAttacher
-from probewire.runtime.bpf import BpfObject
+from probewire.runtime.bpf import BpfObject, Map
 
 HEAD_LEN = 256
 ROLE_SERVER, ROLE_CLIENT = 1, 2
@@ -55,11 +56,35 @@ HTTP_EXCHANGE = np.dtype(
         ("resp_head_len", np.uint16),
         ("resp_first_write", np.uint32),
         ("tid", np.uint32),
+        ("peer_tgid", np.uint32),
+        ("_pad", np.uint32),
+        ("path_hash", np.uint64),
         ("laddr", np.uint8, (16,)),
         ("raddr", np.uint8, (16,)),
         ("req_head", np.uint8, (HEAD_LEN,)),
         ("resp_head", np.uint8, (HEAD_LEN,)),
     ]
+)
+
+HTTP_AGG_KEY = np.dtype(
+    [
+        ("tgid", np.uint32),
+        ("route", np.uint32),
+        ("peer_tgid", np.uint32),
+        ("lport", np.uint16),
+        ("rport", np.uint16),
+        ("status", np.uint16),
+        ("role", np.uint8),
+        ("method", np.uint8),
+        ("flags", np.uint8),
+        ("family", np.uint8),
+        ("_pad", np.uint16),
+        ("laddr", np.uint8, (16,)),
+        ("raddr", np.uint8, (16,)),
+    ]
+)
+HTTP_ENDPOINT = np.dtype(
+    [("addr", np.uint8, (16,)), ("port", np.uint16), ("family", np.uint8), ("_pad", np.uint8)]
 )
 
 # Kernel method codes (bpf/http.h); index 0 means "parse the head".
@@ -68,11 +93,27 @@ METHODS = ("_OTHER", "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS",
 METHOD_LEN = np.array([0] + [len(m) for m in METHODS[1:]], dtype=np.int64)
 SYSCALLS = ("read", "recvfrom", "readv", "recvmsg", "write", "sendto", "writev", "sendmsg",
             "sendfile64")
+# Reads also need their enter hook: a server reading again has finished its response.
+READ_SYSCALLS = SYSCALLS[:4]
 
 # OpenTelemetry's recommended boundaries for http.*.request.duration (seconds).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                     10.0)
 SIZE_BUCKETS = (0, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
+# The kernel counts exchanges of known routes in these very buckets (http.h http_agg).
+HTTP_AGG = np.dtype(
+    [
+        ("count", np.uint64),
+        ("duration_ns", np.uint64),
+        ("req_body_count", np.uint64),
+        ("req_body_bytes", np.uint64),
+        ("resp_body_bytes", np.uint64),
+        ("duration", np.uint64, (len(DURATION_BUCKETS) + 1,)),
+        ("req_body", np.uint64, (len(SIZE_BUCKETS) + 1,)),
+        ("resp_body", np.uint64, (len(SIZE_BUCKETS) + 1,)),
+    ]
+)
+_AGG_WORDS = HTTP_AGG.itemsize // 8
 
 SERVER_LABELS = ("service_name", "http_request_method", "http_response_status_code", "http_route",
                  "url_scheme")
@@ -80,7 +121,16 @@ CLIENT_LABELS = (*SERVER_LABELS, "server_address", "server_port")
 EDGE_LABELS = ("client", "server")
 RPC_LABELS = ("service_name", "rpc_system", "rpc_service", "rpc_method", "rpc_grpc_status_code")
 UNKNOWN_ROUTE = "unknown"
+OVERFLOW_ROUTE = "other"
 ENDPOINTS_MAX = 65536
+# Route ids handed to the kernel (http_routes values). Past this many distinct routes a new
+# path is registered as "other": the label budget would fold it there anyway.
+ROUTE_IDS_MAX = 16384
+# Aggregation keys of processes gone from /proc are read a last time and deleted this often.
+AGG_REAP_S = 30.0
+# A key of a process not named yet (it exited before its exec record was read) waits at most
+# this long for the name before it is counted as "unknown".
+NAME_WAIT_S = 2.0
 
 
 def header_lengths(heads: np.ndarray, head_lens: np.ndarray) -> np.ndarray:
@@ -127,7 +177,7 @@ class HttpProbe(Probe):
     name = "http"
     object_name = "http"
     hooks = (
-        *(Hook(f"sys_enter_{s}", (f"http_enter_{s}",)) for s in SYSCALLS),
+        *(Hook(f"sys_enter_{s}", (f"http_enter_{s}",)) for s in READ_SYSCALLS),
         *(Hook(f"sys_exit_{s}", (f"http_exit_{s}",)) for s in SYSCALLS),
         Hook("sys_enter_close", ("http_close",)),
     )
@@ -135,6 +185,7 @@ class HttpProbe(Probe):
                        *TLS_PROGRAMS)
     structs: ClassVar[dict[str, np.dtype]] = {
         "http_exchange": HTTP_EXCHANGE, "h2_chunk": H2_CHUNK_DTYPE,
+        "http_agg_key": HTTP_AGG_KEY, "http_agg": HTTP_AGG, "http_endpoint": HTTP_ENDPOINT,
     }
     record_dtype = HTTP_EXCHANGE
     extra_rings: ClassVar[dict[str, np.dtype]] = {"h2_events": H2_CHUNK_DTYPE}
@@ -173,6 +224,19 @@ class HttpProbe(Probe):
         self.rpc_budget = LabelBudget(cfg.max_series_per_metric, {"rpc_method": "other"})
         self.rpc_server = HistogramSeries(DURATION_BUCKETS)
         self.rpc_client = HistogramSeries(DURATION_BUCKETS)
+        # In-kernel aggregation: route ids the kernel keys on, and each key's last total.
+        otlp = ctx.config.export.otlp
+        self.aggregate = cfg.kernel_aggregation and not (otlp.enabled and otlp.traces)
+        self.route_names: list[str] = []
+        self.route_ids: dict[str, int] = {}
+        self._agg_last: dict[bytes, np.ndarray] = {}
+        self._sync_lock = threading.Lock()
+        self._reaped_at = time.monotonic()
+        self._dead_before: set[bytes] = set()
+        self._name_wait: dict[bytes, float] = {}
+        self.aggregated = 0  # exchanges counted in the kernel, as of the last sync
+        self._aggregated_gone = 0
+        self.exchanges_from_records = 0
 
     def after_load(self, obj: BpfObject) -> None:
         if self.ctx.config.probes.http.tls and obj.programs["tls_exit"].fd >= 0:
@@ -187,6 +251,12 @@ class HttpProbe(Probe):
     def before_load(self, obj: BpfObject) -> None:
         if not self.ctx.config.probes.http.trace_agent:
             obj.set_rodata(self_tgid=os.getpid())
+        obj.maps["http_aggs"].set_max_entries(self.ctx.config.probes.http.kernel_keys)
+        obj.set_rodata(
+            aggregate=int(self.aggregate),
+            duration_bounds_ns=np.array([round(b * 1e9) for b in DURATION_BUCKETS], np.uint64),
+            size_bounds=np.array(SIZE_BUCKETS, np.uint64),
+        )
 
     # --- decoding --------------------------------------------------------------------------
     def _routes_and_methods(
@@ -226,6 +296,31 @@ class HttpProbe(Probe):
         remap = np.array([canon.setdefault(r, len(canon)) for r in route_names] or [0])
         return list(canon), method_names, method, remap[route_idx] if route_names else route_idx
 
+    def _route_id(self, route: str) -> int:
+        rid = self.route_ids.get(route)
+        if rid is None:
+            if len(self.route_names) >= ROUTE_IDS_MAX:
+                route = OVERFLOW_ROUTE
+                rid = self.route_ids.get(route)
+            if rid is None:
+                rid = self.route_ids[route] = len(self.route_names)
+                self.route_names.append(route)
+        return rid
+
+    def _register_routes(self, rec: np.ndarray, routes: list[str], route_idx: np.ndarray) -> None:
+        """Tell the kernel the route of each new path it shipped: later exchanges on that
+        path are counted in the kernel. Only rows the kernel could have aggregated (a known
+        method, first in their head) carry a hash of the path user space templated."""
+        hashes = rec["path_hash"]
+        fast = np.flatnonzero((hashes != 0) & (rec["method"] != 0) & (rec["pipe_idx"] == 0))
+        if not len(fast) or not routes:
+            return
+        uniq, first = np.unique(hashes[fast], return_index=True)
+        routes_map = self.map("http_routes")
+        for h, i in zip(uniq.tolist(), fast[first].tolist(), strict=True):
+            rid = self._route_id(routes[int(route_idx[i])])
+            routes_map.update(int(h).to_bytes(8, "little"), rid.to_bytes(4, "little"))
+
     def on_batch(self, records: np.ndarray) -> None:
         rec = records
         n = len(rec)
@@ -238,6 +333,8 @@ class HttpProbe(Probe):
         duration_s = np.maximum(rec["end_ns"].astype(np.int64) - rec["start_ns"].astype(np.int64),
                                 0) / 1e9
         routes, methods, method, route_idx = self._routes_and_methods(rec)
+        if self.aggregate and self.obj is not None:
+            self._register_routes(rec, routes, route_idx)
         # Service per (tgid, local port): port rules name the server side.
         server_port = np.where(role == ROLE_SERVER, rec["lport"], 0)
         keys, svc_inverse = group_rows([rec["tgid"], server_port])
@@ -262,6 +359,7 @@ class HttpProbe(Probe):
         rport = rec["rport"].astype(np.int64)
         with self._lock:
             self.records += n
+            self.exchanges_from_records += n
             self.local_addresses.update(local_names)
             ends, _ = group_rows([role, local_idx, lport, svc])
             for r, li, lp, s in ends.tolist():
@@ -303,7 +401,8 @@ class HttpProbe(Probe):
                     sizes = req_body[rows]
                     self.client_req_size.observe(labels, sizes[sizes >= 0].astype(np.float64))
             self._edges(role, svc, services, peer_idx, peer_names, rport,
-                        aborted | (status >= 500), duration_s)
+                        rec["peer_tgid"].astype(np.int64), aborted | (status >= 500),
+                        duration_s)
         if self.sinks:
             batch = ExchangeBatch(
                 records=rec,
@@ -380,7 +479,7 @@ class HttpProbe(Probe):
 
     def _edges(self, role: np.ndarray, svc: np.ndarray, services: list[str],
                peer_idx: np.ndarray, peer_names: list[str], rport: np.ndarray,
-               failed: np.ndarray, duration_s: np.ndarray) -> None:
+               peer_tgid: np.ndarray, failed: np.ndarray, duration_s: np.ndarray) -> None:
         """Service-graph edges of a batch, grouped before any Python per row."""
         client = role == ROLE_CLIENT
         if client.any():
@@ -400,13 +499,11 @@ class HttpProbe(Probe):
             return
         # Server side: a client on this host has its own records (and counts the edge); a
         # remote client is named by its address. Each distinct client endpoint is named once.
-        keys, inv = group_rows([peer_idx[server], rport[server]])
+        keys, inv = group_rows([peer_idx[server], rport[server], peer_tgid[server]])
         names: dict[str, int] = {}
         per_key, remote = [], []
-        for pe, rp in keys.tolist():
-            peer = peer_names[pe]
-            local = peer in self.local_addresses
-            name = self.client_endpoints.get((peer, rp), "unknown") if local else peer
+        for pe, rp, pt in keys.tolist():
+            name, local = self._client_name(peer_names[pe], pt, (peer_names[pe], rp))
             per_key.append(names.setdefault(name, len(names)))
             remote.append(not local)
         client_of = np.array(per_key, dtype=np.int64)[inv]
@@ -424,6 +521,132 @@ class HttpProbe(Probe):
                     self.edge_server_failed.add(labels, nbad)
             self.edge_server_seconds.observe(labels, dur[rows])
 
+    def _client_name(self, peer: str, peer_tgid: int,
+                     endpoint: tuple[str, int] | None) -> tuple[str, bool]:
+        """(client name, is it on this host) for the far end of a server's connection: the
+        kernel names a local client's process; a remote client is named by its address."""
+        if peer_tgid:
+            return self.ctx.services.name_for(peer_tgid), True
+        if peer in self.local_addresses:
+            found = self.client_endpoints.get(endpoint) if endpoint else None
+            return found or "unknown", True
+        return peer, False
+
+    # --- in-kernel aggregates ------------------------------------------------------------------
+    def sync(self) -> None:
+        """Add what the kernel counted since the last call (http_aggs) to the series.
+
+        Kernel entries are cumulative and per CPU; each key's growth since its last reading is
+        merged, so a series never goes down and no exchange is counted twice. A key whose
+        process cannot be named yet (it exited before its exec record was read) waits a
+        moment for that record. Keys of processes gone for a whole reap period are read a
+        last time and deleted (nothing adds to them any more).
+        """
+        if self.obj is None or not self.aggregate:
+            return
+        with self._sync_lock:
+            aggs = self.map("http_aggs")
+            keys, values = aggs.read_all(HTTP_AGG_KEY, HTTP_AGG)
+            n = len(keys)
+            totals = (values.view(np.uint64).reshape(n, -1, _AGG_WORDS).sum(axis=1)
+                      if n else np.zeros((0, _AGG_WORDS), np.uint64))
+            raw_keys = [k.tobytes() for k in keys]
+            last = self._agg_last
+            zero = np.zeros(_AGG_WORDS, np.uint64)
+            deltas = totals - np.array([last.get(raw, zero) for raw in raw_keys]
+                                       ).reshape(n, _AGG_WORDS)
+            now = time.monotonic()
+            ready = [i for i in np.flatnonzero(deltas[:, 0] > 0).tolist()
+                     if self._nameable(keys[i], raw_keys[i], now)]
+            if ready:
+                with self._lock:
+                    self._merge_aggregates(keys[ready], deltas[ready].view(HTTP_AGG)[:, 0])
+                for i in ready:
+                    last[raw_keys[i]] = totals[i]
+            if now - self._reaped_at >= AGG_REAP_S:
+                self._reaped_at = now
+                self._reap(aggs, keys, raw_keys, totals)
+            self.aggregated = self._aggregated_gone + int(sum(int(v[0]) for v in last.values()))
+
+    def _nameable(self, key: np.void, raw: bytes, now: float) -> bool:
+        """True when the key's processes have names, or waiting for them is over."""
+        services = self.ctx.services
+        tgids = (int(key["tgid"]), int(key["peer_tgid"]))
+        if all(t == 0 or services.info_for(t) is not None for t in tgids):
+            self._name_wait.pop(raw, None)
+            return True
+        if now - self._name_wait.setdefault(raw, now) < NAME_WAIT_S:
+            return False
+        del self._name_wait[raw]
+        return True  # named "unknown"
+
+    def _reap(self, aggs: Map, keys: np.ndarray, raw_keys: list[bytes],
+              totals: np.ndarray) -> None:
+        """Delete keys whose process (or, server side, client process) was gone at this reap
+        and the one before: an exchange of theirs still in flight has landed by then."""
+        pids = np.unique(np.concatenate([keys["tgid"], keys["peer_tgid"]])).tolist()
+        gone = {p for p in pids if p and not os.path.exists(f"/proc/{p}")}
+        dead = {raw for key, raw in zip(keys, raw_keys, strict=True)
+                if int(key["tgid"]) in gone or int(key["peer_tgid"]) in gone}
+        last = self._agg_last
+        for i, raw in enumerate(raw_keys):
+            if raw in dead and raw in self._dead_before and raw in last \
+                    and np.array_equal(last[raw], totals[i]):
+                aggs.delete(raw)
+                # Every count of the key is merged already; `aggregated` keeps them.
+                self._aggregated_gone += int(last.pop(raw)[0])
+        self._dead_before = dead
+
+    def _merge_aggregates(self, keys: np.ndarray, d: np.ndarray) -> None:
+        """Kernel counts (growth per key) into the same series the records feed."""
+        for k, v in zip(keys, d, strict=True):
+            role, tgid, lport = int(k["role"]), int(k["tgid"]), int(k["lport"])
+            service = (self.ctx.services.name_for_port(tgid, lport) if role == ROLE_SERVER
+                       else self.ctx.services.name_for(tgid))
+            status = int(k["status"])
+            flags = int(k["flags"])
+            count = float(v["count"])
+            duration = v["duration"].astype(np.int64)
+            seconds = float(v["duration_ns"]) / 1e9
+            failed = count if (flags & FLAG_ABORTED or status >= 500) else 0.0
+            peer = format_address(int(k["family"]), k["raddr"])
+            rid = int(k["route"])
+            route = self.route_names[rid] if rid < len(self.route_names) else UNKNOWN_ROUTE
+            base = (service, METHODS[int(k["method"])], str(status), route,
+                    "https" if flags & FLAG_TLS else "http")
+            if role == ROLE_SERVER:
+                local = format_address(int(k["family"]), k["laddr"])
+                self.local_addresses.add(local)
+                self.server_endpoints.put((local, lport), service)
+                client, is_local = self._client_name(peer, int(k["peer_tgid"]), None)
+                labels = self.edge_budget.admit((client, service), EDGE_LABELS)
+                if not is_local:
+                    self.edge_server_total.add(labels, count)
+                    if failed:
+                        self.edge_server_failed.add(labels, failed)
+                self.edge_server_seconds.merge(labels, duration, seconds)
+            else:
+                rport = int(k["rport"])
+                totals = self.edge_client_total.setdefault((service, (peer, rport)), [0.0, 0.0])
+                totals[0] += count
+                totals[1] += failed
+                self.edge_client_seconds.merge((service, f"{peer}:{rport}"), duration, seconds)
+            if flags & FLAG_ABORTED:
+                self.aborted.add((service, "server" if role == ROLE_SERVER else "client"), count)
+                continue
+            req = v["req_body"].astype(np.int64)
+            if role == ROLE_SERVER:
+                labels = self.server_budget.admit(base, SERVER_LABELS)
+                self.server_duration.merge(labels, duration, seconds)
+                self.server_req_size.merge(labels, req, float(v["req_body_bytes"]))
+                self.server_resp_size.merge(labels, v["resp_body"].astype(np.int64),
+                                            float(v["resp_body_bytes"]))
+            else:
+                labels = self.client_budget.admit((*base, peer, str(int(k["rport"]))),
+                                                  CLIENT_LABELS)
+                self.client_duration.merge(labels, duration, seconds)
+                self.client_req_size.merge(labels, req, float(v["req_body_bytes"]))
+
     # --- export ----------------------------------------------------------------------------
     def _server_name(self, endpoint: tuple[str, int]) -> str:
         name = self.server_endpoints.get(endpoint)
@@ -433,6 +656,7 @@ class HttpProbe(Probe):
         return name or f"{endpoint[0]}:{endpoint[1]}"
 
     def collect(self) -> Iterable[Metric]:
+        self.sync()
         with self._lock:
             yield self.server_duration.family(
                 "http_server_request_duration_seconds",
@@ -521,3 +745,10 @@ class HttpProbe(Probe):
                 active.add_metric([metric], budget.active_series)
             yield overflow
             yield active
+            via = CounterMetricFamily(
+                "probewire_http_exchanges",
+                "HTTP exchanges seen: counted in kernel maps (route already known) or sent to "
+                "user space as a ring record.", labels=["via"])
+            via.add_metric(["kernel"], float(self.aggregated))
+            via.add_metric(["ring"], float(self.exchanges_from_records))
+            yield via

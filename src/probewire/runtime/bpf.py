@@ -265,33 +265,40 @@ class Map:
     def read_all(self, key_dtype: np.dtype, value_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
         """All entries as (keys, values); per-CPU values come as shape (n, ncpus).
 
-        Uses the batch lookup (one syscall per 4096 entries) and falls back to key iteration
-        where a map type has no batch support.
+        Uses the batch lookup (one syscall per chunk of up to 4096 entries, buffers sized per
+        chunk, not per map capacity) and falls back to key iteration where a map type has no
+        batch support.
         """
         self._check_sizes(key_dtype, value_dtype)
         ncpu = possible_cpus() if self.percpu else 1
         cap = max(1, self.max_entries)
-        keys = np.zeros(cap, dtype=key_dtype)
-        values = np.zeros((cap, ncpu) if self.percpu else cap, dtype=value_dtype)
         token_in = ctypes.create_string_buffer(max(8, self.key_size))
         token_out = ctypes.create_string_buffer(max(8, self.key_size))
         opts = _libbpf.MapBatchOpts(sz=ctypes.sizeof(_libbpf.MapBatchOpts))
+        key_parts: list[np.ndarray] = []
+        value_parts: list[np.ndarray] = []
         got = 0
         first = True
         while got < cap:
-            count = ctypes.c_uint32(min(4096, cap - got))
+            chunk = min(4096, cap - got)
+            keys = np.zeros(chunk, dtype=key_dtype)
+            values = np.zeros((chunk, ncpu) if self.percpu else chunk, dtype=value_dtype)
+            count = ctypes.c_uint32(chunk)
             rc = lib().bpf_map_lookup_batch(
                 self.fd,
                 None if first else token_in,
                 token_out,
-                keys.ctypes.data + got * key_dtype.itemsize,
-                values.ctypes.data + got * self.value_stride,
+                keys.ctypes.data,
+                values.ctypes.data,
                 ctypes.byref(count),
                 ctypes.byref(opts),
             )
             err = abs(rc) if rc else 0
             if err in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP) and first:
                 return self._read_by_iteration(key_dtype, value_dtype)
+            if count.value:
+                key_parts.append(keys[: count.value])
+                value_parts.append(values[: count.value])
             got += count.value
             if err == errno.ENOENT:
                 break
@@ -299,7 +306,12 @@ class Map:
                 _raise_for(f"batch read of map {self.name}", rc)
             ctypes.memmove(token_in, token_out, len(token_out))
             first = False
-        return keys[:got], values[:got]
+        if not key_parts:
+            empty_values = np.zeros((0, ncpu) if self.percpu else 0, dtype=value_dtype)
+            return np.zeros(0, dtype=key_dtype), empty_values
+        if len(key_parts) == 1:
+            return key_parts[0], value_parts[0]
+        return np.concatenate(key_parts), np.concatenate(value_parts)
 
     def _read_by_iteration(
         self, key_dtype: np.dtype, value_dtype: np.dtype
@@ -428,8 +440,9 @@ class BpfObject:
             )
         return StructLayout(name=name, size=t.size_or_type, fields=tuple(fields))
 
-    def set_rodata(self, **values: int) -> None:
-        """Set `const volatile` globals before load (load-time settings)."""
+    def set_rodata(self, **values: int | np.ndarray) -> None:
+        """Set `const volatile` globals before load (load-time settings). An array global takes
+        a numpy array of exactly its size (e.g. ``np.array([...], np.uint64)``)."""
         if self.loaded:
             raise BpfError("const volatile globals can only be set before load")
         rodata = next((m for m in self.maps.values() if m.name.endswith(".rodata")), None)
@@ -450,7 +463,14 @@ class BpfObject:
             var = lib().btf__type_by_id(btf, info.type).contents
             name = lib().btf__name_by_offset(btf, var.name_off).decode()
             if name in values:
-                raw = int(values[name]).to_bytes(info.size, "little", signed=values[name] < 0)
+                value = values[name]
+                if isinstance(value, np.ndarray):
+                    raw = value.tobytes()
+                    if len(raw) != info.size:
+                        raise BpfError(f"{self.path}: {name} takes {info.size} bytes, "
+                                       f"got an array of {len(raw)}")
+                else:
+                    raw = int(value).to_bytes(info.size, "little", signed=value < 0)
                 ctypes.memmove(data + info.offset, raw, info.size)
                 placed.add(name)
         missing = set(values) - placed
