@@ -37,7 +37,7 @@ from bench.harness import (
     stop_process,
     wrk_argv,
 )
-from bench.report import Row
+from bench.report import Row, fmt
 
 # Tool -> the line it prints right after BPF(text=...) returns. BPF() compiles, loads and, for
 # TRACEPOINT_PROBE functions, attaches (bcc/__init__.py _trace_autoload) before it returns, so
@@ -173,11 +173,17 @@ class BccTool:
                                               self.out.read_bytes()))
 
 
+def _head(path: Path) -> bytes:
+    with path.open("rb") as f:
+        return f.read(65536)
+
+
 @contextlib.contextmanager
 def running_bcc_tool(exe: str, headers: Headers, tmp: Path, timeout_s: float = 60.0
                      ) -> Iterator[BccTool]:
     """The tool with its output in a file (a pipe nobody drains would stall it under load)."""
     name = Path(exe).name
+    # The tools are scripts for Debian's /usr/bin/python3: the bench's venv paths are not theirs.
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env["PYTHONUNBUFFERED"] = "1"  # the attached line must reach the file when it is printed
     if headers.source is not None:
@@ -188,7 +194,7 @@ def running_bcc_tool(exe: str, headers: Headers, tmp: Path, timeout_s: float = 6
         proc = spawn([exe], stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                      env=env)
     try:
-        while TOOLS[name] not in out.read_bytes()[:65536]:
+        while TOOLS[name] not in _head(out):
             if proc.poll() is not None or time.monotonic() - t0 > timeout_s:
                 text = out.read_bytes()[-4000:].decode(errors="replace")
                 state = (f"exited with {proc.returncode}" if proc.poll() is not None
@@ -377,7 +383,7 @@ def run(quick: bool) -> list[Row]:
     kns[PEER].note = "its tcp_state program on sock:inet_sock_set_state, from its /metrics"
     for s, rates in runs.items():
         if rates:
-            kns[s].note += f"; {statistics.median(rates):,.0f} runs/s"
+            kns[s].note += f"; {fmt(statistics.median(rates))} runs/s"
     per_subject = [tput, p99, start, rss, cpu, kns]
     for s, why in failed.items():
         for rows in per_subject:
