@@ -306,7 +306,8 @@ def run(quick: bool) -> list[Row]:
     vs_start = Row("vs bcc: start-up, probewire ÷ bcc", "x", target="≤ 0.1x (≥ 10x faster)",
                    goal=("<=", 0.1),
                    note="probewire (tcp family) spawn → /healthz ÷ the slower of tcplife and "
-                        "tcpretrans spawn → attached (the two start side by side)")
+                        "tcpretrans spawn → attached (run side by side, the job is on when "
+                        "both are)")
     vs_rss = Row("vs bcc: RSS, bcc ÷ probewire", "x", target="≥ 3x", goal=(">=", 3.0),
                  note="tcplife + tcpretrans (the job needs both) ÷ probewire with its tcp "
                       "family only, each under the same load")

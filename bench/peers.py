@@ -53,6 +53,7 @@ def run(quick: bool) -> list[Row]:
     # bcc has no HTTP RED tool, so it is compared on the tcp job instead.
     http_job = Row("bcc tool (HTTP job)", "", status="not run",
                    note="no bcc HTTP RED tool; bcc is compared on the tcp job (rows bcc ...)")
+    bpftrace_rows = _bpftrace(quick)
     try:
         bcc_rows = bcc.run(quick)
     except Exception as exc:  # a broken bcc set-up must not lose the bpftrace figures
@@ -60,7 +61,7 @@ def run(quick: bool) -> list[Row]:
         bcc_rows = [Row("bcc peers", "", status="error",
                         note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                         if str(exc) else type(exc).__name__)]
-    return [*_bpftrace(quick), http_job, *bcc_rows]
+    return [*bpftrace_rows, http_job, *bcc_rows]
 
 
 def _bpftrace(quick: bool) -> list[Row]:
