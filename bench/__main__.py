@@ -2,7 +2,8 @@
 
 Benchmarks (in this order): overhead (nginx under wrk with/without the agent; also agent CPU,
 RSS under load, kernel ns/event per program, user-space records per CPU-second), fidelity,
-startup (start-up time and idle RSS), latency (event → exported), peers (bpftrace).
+startup (start-up time and idle RSS), latency (event → exported), peers (bpftrace; bcc's
+tcplife/tcpretrans beside probewire's tcp family).
 """
 
 from __future__ import annotations

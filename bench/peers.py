@@ -1,7 +1,8 @@
-"""Peers: bpftrace counting the same syscall tracepoints into a map, under the same wrk load.
+"""Peers: bpftrace counting the same syscall tracepoints into a map, under the same wrk load; and
+bcc's tcplife/tcpretrans beside probewire's tcp family (bench/bcc.py).
 
-Absent tools are reported as "not installed" (Debian packages: bpftrace, bpfcc-tools); the bench
-never installs anything.
+Absent tools are reported as "not installed" (Debian packages: bpftrace, bpfcc-tools; scripts/
+setup.sh installs them); the bench never installs anything.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import contextlib
 import shutil
 import subprocess
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
+from bench import bcc
 from bench.harness import cpu_seconds, pinned_nginx, rss_mb, run_wrk, spawn, stop_process
 from bench.report import Row
 
@@ -47,14 +50,28 @@ def running_bpftrace(exe: str, timeout_s: float = 60.0) -> Iterator[tuple[int, f
 
 
 def run(quick: bool) -> list[Row]:
+    # bcc has no HTTP RED tool, so it is compared on the tcp job instead.
+    http_job = Row("bcc tool (HTTP job)", "", status="not run",
+                   note="no bcc HTTP RED tool; bcc is compared on the tcp job (rows bcc ...)")
+    bpftrace_rows = _bpftrace(quick)
+    try:
+        bcc_rows = bcc.run(quick)
+    except Exception as exc:  # a broken bcc set-up must not lose the bpftrace figures
+        traceback.print_exc()
+        bcc_rows = [Row("bcc peers", "", status="error",
+                        note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                        if str(exc) else type(exc).__name__)]
+    return [*bpftrace_rows, http_job, *bcc_rows]
+
+
+def _bpftrace(quick: bool) -> list[Row]:
     exe = shutil.which("bpftrace") or ("/usr/bin/bpftrace"
                                        if Path("/usr/bin/bpftrace").exists() else None)
     names = ("bpftrace: throughput ratio", "bpftrace: p99 ratio", "bpftrace: start-up",
              "bpftrace: RSS under load", "bpftrace: CPU")
     if exe is None:
         return [Row(n, "", status="not installed", note="Debian package bpftrace")
-                for n in names] + [Row("bcc tool (same job)", "", status="not installed",
-                                       note="Debian package bpfcc-tools")]
+                for n in names]
     rounds, d = (1, 3) if quick else (3, 10)
     tput = Row(names[0], "x no agent", note="same syscall tracepoints counted into a map")
     p99 = Row(names[1], "x no agent")
@@ -74,5 +91,4 @@ def run(quick: bool) -> list[Row]:
                 rss.add(rss_mb(pid))
             tput.add(w.rps / base.rps)
             p99.add(w.p99_ms / base.p99_ms)
-    return [tput, p99, start, rss, cpu,
-            Row("bcc tool (same job)", "", status="not run", note="no bcc HTTP RED tool")]
+    return [tput, p99, start, rss, cpu]

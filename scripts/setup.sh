@@ -13,7 +13,9 @@ APT_PACKAGES=(
     clang llvm libbpf-dev bpftool make        # BPF objects (bpf/Makefile)
     iproute2 nftables procps                  # ip/tc/ss/nstat, loss rules, ps
     nginx-light wrk curl tmux openssl         # e2e servers, load generator, demos, test certs
-    bpftrace                                  # the peer `make bench` compares against
+    bpftrace bpfcc-tools                      # the peers `make bench` compares against
+    linux-headers-amd64                       # bcc compiles against headers; our kernel ships
+                                              # none, so bench/bcc.py points bcc at these
     python3 python3-venv                      # the venv (Debian's python3 needs python3-venv)
     chromium                                  # e2e web UI tests (driven by Playwright)
     prometheus                                # e2e Prometheus server + promtool (rules checks/tests)
