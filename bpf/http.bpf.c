@@ -59,8 +59,17 @@ struct {
 } h2_events SEC(".maps");
 static struct http_conn zero_conn;
 
-/* Runs for every data syscall of a traced process, so it reads through BTF pointers (inline,
- * fault-safe loads) rather than one bpf_probe_read_kernel call per field. */
+/* Socket and file fields are read with plain loads through bpf_rdonly_cast (a kfunc the
+ * verifier turns into a register move; Linux 6.2+): a bpf_probe_read_kernel call per field
+ * cost more than the rest of a syscall's work. Kernels without it take the probe-read path;
+ * `use_kfuncs` lets tests cover that path here too. */
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
+const volatile __u8 use_kfuncs = 1;
+#define KFUNCS (use_kfuncs && bpf_rdonly_cast)
+#define CAST(type, p) ((type *)bpf_rdonly_cast((const void *)(p), bpf_core_type_id_kernel(type)))
+
+/* Runs for every data syscall of a traced process. The fd table slot is the one read that
+ * needs a helper (a variable index into a pointer array). */
 static __always_inline struct sock *tcp_sock_of_fd(int fd)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
@@ -74,16 +83,48 @@ static __always_inline struct sock *tcp_sock_of_fd(int fd)
 		return NULL;
 	if (bpf_probe_read_kernel(&file, sizeof(file), &fdt->fd[fd]) || !file)
 		return NULL;
-	if ((BPF_CORE_READ(file, f_inode, i_mode) & S_IFMT_) != S_IFSOCK_)
-		return NULL;
-	sock = BPF_CORE_READ(file, private_data);
-	sk = BPF_CORE_READ(sock, sk);
-	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
-		return NULL;
-	family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (KFUNCS) {
+		struct file *f = CAST(struct file, file);
+
+		if ((f->f_inode->i_mode & S_IFMT_) != S_IFSOCK_)
+			return NULL;
+		const struct sock *s;
+
+		sock = CAST(struct socket, f->private_data);
+		/* Read by helper: a plain load would make it a kernel pointer to the verifier,
+		 * and the socket's address is hashed and masked as a map key. */
+		if (bpf_probe_read_kernel(&sk, sizeof(sk), &sock->sk))
+			return NULL;
+		s = CAST(struct sock, sk);
+		if (!sk || s->sk_protocol != IPPROTO_TCP)
+			return NULL;
+		family = s->__sk_common.skc_family;
+	} else {
+		if ((BPF_CORE_READ(file, f_inode, i_mode) & S_IFMT_) != S_IFSOCK_)
+			return NULL;
+		sock = BPF_CORE_READ(file, private_data);
+		sk = BPF_CORE_READ(sock, sk);
+		if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+			return NULL;
+		family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	}
 	if (family != AF_INET && family != AF_INET6)
 		return NULL;
 	return sk;
+}
+
+/* (local port, remote port in network order) of a socket. */
+static __always_inline void sock_ports(const struct sock *sk, __u16 *lport, __u16 *dport_be)
+{
+	if (KFUNCS) {
+		const struct sock *s = CAST(struct sock, sk);
+
+		*lport = s->__sk_common.skc_num;
+		*dport_be = s->__sk_common.skc_dport;
+	} else {
+		*lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+		*dport_be = BPF_CORE_READ(sk, __sk_common.skc_dport);
+	}
 }
 
 static __always_inline bool target_start(__u8 c)
@@ -224,14 +265,6 @@ struct {
 	__type(value, __u32);
 } http_clients SEC(".maps");
 
-/* probewire_http_exchanges_total{via="kernel"}: exchanges counted in http_aggs. */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u64);
-} http_aggregated SEC(".maps");
-
 static const struct http_agg zero_agg;
 struct http_agg_key *btf_export_http_agg_key __attribute__((unused));
 struct http_agg *btf_export_http_agg __attribute__((unused));
@@ -278,20 +311,63 @@ static __noinline __u64 path_hash(const __u8 *head, __u32 head_len, __u32 method
 	return h ? h : 1;
 }
 
-/* Bytes up to and including the first CRLFCRLF of a head, or -1 when the head does not hold
- * it (user space's header_lengths() rule). */
-static __noinline int header_end(const __u8 *head, __u32 len)
-{
-	__u32 i;
+#define BYTES_EQ(w, c) /* 0x80 in each byte of w equal to c (exact: no carries between bytes) */ \
+	(~((((w) ^ (c)) & 0x7f7f7f7f7f7f7f7fULL) + 0x7f7f7f7f7f7f7f7fULL | ((w) ^ (c)) |     \
+	   0x7f7f7f7f7f7f7f7fULL))
 
-	if (len > HTTP_HEAD_LEN)
-		len = HTTP_HEAD_LEN;
-	for (i = 0; i + 4 <= len && i < HTTP_HEAD_LEN - 3; i++) {
-		if (head[i] == '\r' && head[i + 1] == '\n' && head[i + 2] == '\r' &&
-		    head[i + 3] == '\n')
-			return i + 4;
+struct header_scan {
+	const __u8 *head;
+	__u32 len;
+	int end;
+};
+
+/* One 8-byte word of a head: find its LFs at once, then check each for the CR LF CR before
+ * it. Run by bpf_loop, so the verifier checks it once rather than for every word. */
+static __always_inline bool header_scan_one(struct header_scan *sc, const __u8 *head, __u32 k,
+					    __u32 len)
+{
+	__u64 lf;
+
+	if (k >= len)
+		return true;
+	lf = BYTES_EQ(*(const __u64 *)(head + k), 0x0a0a0a0a0a0a0a0aULL);
+	if (len - k < 8)
+		lf &= (1ULL << ((len - k) * 8)) - 1; /* bytes past len are stale */
+	if (!lf)
+		return false;
+#pragma unroll
+	for (__u32 j = 0; j < 8; j++) {
+		if (((lf >> (8 * j + 7)) & 1) && k + j >= 3 &&
+		    *(const __u32 *)(head + k + j - 3) == 0x0a0d0a0d) {
+			sc->end = k + j + 1;
+			return true;
+		}
 	}
-	return -1;
+	return false;
+}
+
+/* Four words a call (a call per word cost more than the word's work). */
+static long header_scan_word(__u32 i, struct header_scan *sc)
+{
+	__u32 k = (i & (HTTP_HEAD_LEN / 32 - 1)) * 32, len = sc->len;
+	const __u8 *head = sc->head;
+
+	if (i >= HTTP_HEAD_LEN / 32)
+		return 1;
+	return header_scan_one(sc, head, k, len) || header_scan_one(sc, head, k + 8, len) ||
+	       header_scan_one(sc, head, k + 16, len) || header_scan_one(sc, head, k + 24, len);
+}
+
+/* Bytes up to and including the first CRLFCRLF of a head, or -1 when the head does not hold
+ * it (user space's header_lengths() rule). Eight bytes a step: a byte loop cost ~300 ns a
+ * request. */
+static __always_inline int header_end(const __u8 *head, __u32 len)
+{
+	struct header_scan sc = { .head = head, .len = len < HTTP_HEAD_LEN ? len : HTTP_HEAD_LEN,
+				  .end = -1 };
+
+	bpf_loop(HTTP_HEAD_LEN / 32, header_scan_word, &sc, 0);
+	return sc.end;
 }
 
 /* Server side: the process at the other end when it is a client on this host. Looked up per
@@ -328,8 +404,8 @@ __noinline int aggregate_exchange(struct http_exchange *ex)
 {
 	struct http_agg_key key = {};
 	struct http_agg *agg;
-	__u32 *route, zero = 0;
-	__u64 *n, duration;
+	__u32 *route;
+	__u64 duration;
 	int req_hdr, resp_hdr;
 
 	if (!ex || !ex->method || ex->pipe_idx)
@@ -382,9 +458,6 @@ __noinline int aggregate_exchange(struct http_exchange *ex)
 		agg->resp_body_bytes += body;
 		agg->resp_body[size_bucket(body) & 15] += 1;
 	}
-	n = bpf_map_lookup_elem(&http_aggregated, &zero);
-	if (n)
-		*n += 1;
 	return 1;
 }
 
@@ -418,10 +491,10 @@ static __always_inline struct http_conn *conn_for(const struct sock *sk, __u64 k
 	if (conn) {
 		/* The address of a freed socket is reused: different ports mean a new connection.
 		 * A reset socket has already given its local port back (inet_put_port zeroes it). */
-		__u16 lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+		__u16 lport, dport_be;
 
-		if (conn->ex.rport == bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport)) &&
-		    (conn->ex.lport == lport || lport == 0))
+		sock_ports(sk, &lport, &dport_be);
+		if (conn->ex.rport == bpf_ntohs(dport_be) && (conn->ex.lport == lport || lport == 0))
 			return conn;
 	}
 	bpf_map_update_elem(&http_conns, &key, &zero_conn, BPF_ANY);
@@ -820,15 +893,17 @@ struct tls_args {
 	__u64 out_len; /* SSL_*_ex: where the byte count is written; 0 for SSL_read/SSL_write */
 	__u64 enter_ns;
 	__u8 dir; /* 0 during a handshake: only learns which socket the SSL* uses */
-	__u8 _pad[7];
+	__u8 active; /* the thread is inside this SSL call */
+	__u8 _pad[6];
 };
 
-/* The thread inside an SSL call; its socket syscalls tie the SSL* to a struct sock.
- * Deleted when the call returns: a plain hash. */
+/* The thread inside an SSL call; its socket syscalls tie the SSL* to a struct sock. Task
+ * storage: every data syscall asks, and for a thread that never used OpenSSL the answer is
+ * one pointer load (a hash lookup cost ~25 ns a syscall). */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
-	__type(key, __u64);
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, struct tls_args);
 } tls_calls SEC(".maps");
 
@@ -839,12 +914,12 @@ struct {
 	__type(value, __u64);
 } tls_socks SEC(".maps");
 
-static __always_inline bool in_tls_call(__u64 id, const struct sock *sk)
+static __always_inline bool in_tls_call(const struct sock *sk)
 {
-	struct tls_args *t = bpf_map_lookup_elem(&tls_calls, &id);
+	struct tls_args *t = bpf_task_storage_get(&tls_calls, bpf_get_current_task_btf(), 0, 0);
 	__u64 skp = (__u64)sk;
 
-	if (!t)
+	if (!t || !t->active)
 		return false;
 	bpf_map_update_elem(&tls_socks, &t->ssl, &skp, BPF_ANY);
 	return true;
@@ -852,20 +927,23 @@ static __always_inline bool in_tls_call(__u64 id, const struct sock *sk)
 
 static __always_inline int tls_enter(void *ssl, const void *buf, void *out_len, __u8 dir)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	__u32 tgid = id >> 32;
-	struct tls_args t = {};
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	__u64 key = (__u64)ssl;
+	struct tls_args *t;
 	__u64 *skp;
 
 	if (!traced_task(tgid))
 		return 0;
-	t.ssl = key;
-	t.buf = (__u64)buf;
-	t.out_len = (__u64)out_len;
-	t.enter_ns = bpf_ktime_get_ns();
-	t.dir = dir;
-	bpf_map_update_elem(&tls_calls, &id, &t, BPF_ANY);
+	t = bpf_task_storage_get(&tls_calls, bpf_get_current_task_btf(), 0,
+				 BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!t)
+		return 0;
+	t->ssl = key;
+	t->buf = (__u64)buf;
+	t->out_len = (__u64)out_len;
+	t->enter_ns = bpf_ktime_get_ns();
+	t->dir = dir;
+	t->active = 1;
 	skp = bpf_map_lookup_elem(&tls_socks, &key);
 	if (dir == DIR_IN && skp) {
 		/* As for sockets: a server reading again has finished its response. */
@@ -915,15 +993,14 @@ int BPF_KPROBE(tls_handshake_enter, void *ssl)
 SEC("uretprobe")
 int BPF_KRETPROBE(tls_exit, long ret)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	struct tls_args *tp = bpf_map_lookup_elem(&tls_calls, &id);
+	struct tls_args *tp = bpf_task_storage_get(&tls_calls, bpf_get_current_task_btf(), 0, 0);
 	struct tls_args t;
 	__u64 n = 0, *skp, sk;
 
-	if (!tp)
+	if (!tp || !tp->active)
 		return 0;
 	t = *tp;
-	bpf_map_delete_elem(&tls_calls, &id);
+	tp->active = 0;
 	if (!t.dir)
 		return 0;
 	if (t.out_len) {
@@ -1002,7 +1079,7 @@ static __always_inline bool exit_io(long ret)
 	sk = tcp_sock_of_fd(PT_REGS_PARM1_CORE_SYSCALL(regs));
 	if (!sk)
 		return false;
-	if (in_tls_call(id, sk))
+	if (in_tls_call(sk))
 		return false; /* ciphertext: the OpenSSL uprobes see this data in the clear */
 	data = (const void *)PT_REGS_PARM2_CORE_SYSCALL(regs);
 	count = PT_REGS_PARM3_CORE_SYSCALL(regs);
