@@ -20,14 +20,16 @@ def run(quick: bool) -> list[Row]:
     vs_wrk = Row("fidelity: (recorded + dropped) / wrk completed requests", "ratio",
                  note="wrk does not count requests in flight when it stops")
     log_vs_wrk = Row("fidelity: access-log lines - wrk completed", "requests")
-    all_records = Row("fidelity: (http events + dropped) / (2 x access-log lines)", "ratio",
+    all_records = Row("fidelity: (http exchanges + dropped) / (2 x access-log lines)", "ratio",
                       target="== 1 (every drop counted)", goal=("==", 1.0), judge="all",
-                      note="all http records, both sides: each request is one nginx server "
-                           "record and one wrk client record")
-    excess = Row("fidelity: (http events + dropped) - 2 x access-log lines", "records",
+                      note="every exchange, both sides, counted in kernel maps or sent as a "
+                           "record (probewire_http_exchanges_total): each request is one nginx "
+                           "server exchange and one wrk client exchange")
+    excess = Row("fidelity: (http exchanges + dropped) - 2 x access-log lines", "exchanges",
                  target="== 0", goal=("==", 0.0), judge="all",
-                 note="the same check in records: > 0 means records from traffic other than "
-                      "this nginx/wrk pair (a concurrent test) or double counting")
+                 note="the same check in exchanges: > 0 means traffic other than this "
+                      "nginx/wrk pair (a concurrent test) or double counting; < 0 exchanges "
+                      "missed")
     notes = []
     for _ in range(repeats):
         with running_agent("default") as agent, pinned_nginx(access_log=True) as ng:
@@ -39,7 +41,7 @@ def run(quick: bool) -> list[Row]:
 
             def records() -> tuple[float, float]:
                 s = agent.scrape()
-                return (total(s, "probewire_events_total", probe="http"),
+                return (total(s, "probewire_http_exchanges_total"),
                         total(s, "http_client_request_duration_seconds_count",
                               service_name="wrk"))
             rec0, drop0 = counts()
@@ -62,6 +64,7 @@ def run(quick: bool) -> list[Row]:
             vs_wrk.add((rec + drop) / w.requests if w.requests else float("nan"))
             log_vs_wrk.add(log_lines - w.requests)
             notes.append(f"log {log_lines:.0f}, wrk {w.requests}, recorded {rec:.0f}, "
-                         f"dropped {drop:.0f}, http events {ev:.0f}, wrk client recorded {cli:.0f}")
+                         f"dropped {drop:.0f}, http exchanges {ev:.0f}, wrk client recorded "
+                         f"{cli:.0f}")
     vs_log.note = "; ".join(notes) + " (dropped counts every http record, any role)"
     return [rate, vs_log, all_records, excess, recorded_share, vs_wrk, log_vs_wrk]

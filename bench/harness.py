@@ -217,6 +217,8 @@ class AgentProc:
 AGENT_CONFIGS = {
     "default": "{}\n",
     "http_off": "probes: {http: {enabled: false}}\n",
+    # Every exchange through the ring to user space, as when OTLP spans are exported.
+    "records": "probes: {http: {kernel_aggregation: false}}\n",
 }
 
 

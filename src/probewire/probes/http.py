@@ -235,6 +235,7 @@ class HttpProbe(Probe):
         self._agg_last: dict[bytes, np.ndarray] = {}
         self._sync_lock = threading.Lock()
         self._reaped_at = time.monotonic()
+        self.reap_s = AGG_REAP_S
         self._dead_before: set[bytes] = set()
         self._name_wait: dict[bytes, float] = {}
         self.aggregated = 0  # exchanges counted in the kernel, as of the last sync
@@ -567,7 +568,7 @@ class HttpProbe(Probe):
                     self._merge_aggregates(keys[ready], deltas[ready].view(HTTP_AGG)[:, 0])
                 for i in ready:
                     last[raw_keys[i]] = totals[i]
-            if now - self._reaped_at >= AGG_REAP_S:
+            if now - self._reaped_at >= self.reap_s:
                 self._reaped_at = now
                 self._reap(aggs, keys, raw_keys, totals)
             self.aggregated = self._aggregated_gone + int(sum(int(v[0]) for v in last.values()))
