@@ -220,7 +220,7 @@ static __always_inline void head_append(__u8 *head, __u16 *len, const void *buf,
 static __always_inline void emit(struct http_conn *conn)
 {
 	if (bpf_ringbuf_output(&events, &conn->ex, sizeof(conn->ex),
-			       wakeup_flags(&events, sizeof(conn->ex))))
+			       wakeup_flags(&events, sizeof(conn->ex), false)))
 		count_drop();
 }
 
@@ -673,7 +673,7 @@ static long ship_chunk(__u32 i, void *unused)
 	/* Out of chunks with bytes left: the parser must know it missed some. */
 	if (i == H2_MAX_CHUNKS - 1 && (p->off < p->len || p->remaining > p->len))
 		rec->flags |= H2_FLAG_TRUNCATED;
-	bpf_ringbuf_submit(rec, wakeup_flags(&h2_events, sizeof(*rec)));
+	bpf_ringbuf_submit(rec, wakeup_flags(&h2_events, sizeof(*rec), true));
 	return 0;
 }
 

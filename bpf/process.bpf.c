@@ -49,7 +49,7 @@ static __always_inline int handle_exec(struct task_struct *task, const char *fil
 	if (len && bpf_probe_read_user(e->args, len & (PROCESS_ARGS_LEN - 1 | PROCESS_ARGS_LEN),
 				       (void *)arg_start) == 0)
 		e->args_len = len;
-	bpf_ringbuf_submit(e, wakeup_flags(&events, sizeof(*e)));
+	bpf_ringbuf_submit(e, wakeup_flags(&events, sizeof(*e), true));
 	return 0;
 }
 
@@ -91,7 +91,7 @@ static __always_inline int handle_exit(struct task_struct *task)
 	e->_pad = 0;
 	e->filename[0] = 0;
 	e->args[0] = 0;
-	bpf_ringbuf_submit(e, wakeup_flags(&events, sizeof(*e)));
+	bpf_ringbuf_submit(e, wakeup_flags(&events, sizeof(*e), true));
 	return 0;
 }
 

@@ -110,17 +110,21 @@ static __always_inline void count_drop(void)
 		*drops += 1;
 }
 
-/* Load-time setting: wake the reader once this many records wait (the user-space batch size);
- * below that it finds them on its own flush timer (ring.flush_ms). A wake-up per record would
- * cost a Python loop iteration per record, the very thing batching is for. */
+/* Load-time setting: wake the reader once this many records wait (the user-space batch size),
+ * or when a record lands in an empty ring (the first after a quiet spell, so a lone event is
+ * not held for the flush timer). Records in between are found by the reader's flush timer
+ * (ring.flush_ms): a wake-up per record would cost a Python loop iteration per record, the very
+ * thing batching is for. `reserved`: the record is already counted in the ring's data. */
 const volatile __u32 wakeup_records = 128;
 
-static __always_inline __u64 wakeup_flags(void *ring, __u64 record_size)
+static __always_inline __u64 wakeup_flags(void *ring, __u64 record_size, bool reserved)
 {
+	__u64 stride = (record_size + 8 + 7) & ~7ULL;
 	__u64 waiting = bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA);
 
-	return waiting >= (__u64)wakeup_records * (record_size + 8) ? BPF_RB_FORCE_WAKEUP :
-								       BPF_RB_NO_WAKEUP;
+	if (waiting <= (reserved ? stride : 0) || waiting >= (__u64)wakeup_records * stride)
+		return BPF_RB_FORCE_WAKEUP;
+	return BPF_RB_NO_WAKEUP;
 }
 
 /* Never block the kernel: a full ring drops the record and counts it. */

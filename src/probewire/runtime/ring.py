@@ -23,7 +23,7 @@ import select
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -74,6 +74,10 @@ class Ring:
         self._prod_pos = np.frombuffer(self._data, dtype=np.uint64, count=1)
         self._area = np.frombuffer(self._data, dtype=np.uint8, offset=PAGE_SIZE)
         self.records_read = 0
+
+    def waiting(self) -> int:
+        """Records in the ring not yet drained (reserved ones included)."""
+        return (int(self._prod_pos[0]) - int(self._cons_pos[0])) // self.stride
 
     def drain(self) -> np.ndarray:
         """Copy out every committed record and release the space to the kernel."""
@@ -140,28 +144,38 @@ class Ring:
 
 
 @dataclass
-class _Pending:
-    parts: list[np.ndarray] = field(default_factory=list)
-    count: int = 0
-    first_ns: int = 0
+class _RingState:
+    first_ns: int = 0  # when records were first seen waiting in the ring (0: none waiting)
+    last_flush_ns: int = 0
 
 
 @dataclass
 class FlushStats:
     batches: int = 0
     records: int = 0
-    # Time from a batch's first record being drained to its hand-off downstream.
+    # Time from a batch's first record being seen in the ring to its hand-off downstream.
     last_wait_ns: int = 0
     max_wait_ns: int = 0
 
 
+# With nothing waiting the reader blocks on epoll; it wakes this often to see a stop request.
+IDLE_POLL_S = 0.25
+
+
 class RingReader:
-    """Drains several rings from one thread; flushes each at `batch` records or `flush_s`."""
+    """Drains several rings from one thread. Records stay in the kernel's ring until their
+    batch is due: `batch` records waiting, the oldest waiting `flush_s`, or the previous hand-off
+    `flush_s` ago (the first record after a quiet spell goes at once).
+
+    Rings are watched edge-triggered: the kernel wakes the reader when a record lands in an
+    empty ring or a batch's worth waits (bpf/include/common.h wakeup_flags). Records left
+    waiting keep the ring non-empty, so they cost no further wake-ups until the batch is due.
+    """
 
     def __init__(self, batch_records: int = 128, flush_s: float = 0.005) -> None:
         self.batch_records = batch_records
         self.flush_ns = int(flush_s * 1e9)
-        self._rings: list[tuple[Ring, BatchHandler, _Pending]] = []
+        self._rings: list[tuple[Ring, BatchHandler, _RingState]] = []
         self._epoll = select.epoll()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -169,40 +183,39 @@ class RingReader:
         self.errors = 0
 
     def add(self, ring: Ring, handler: BatchHandler) -> None:
-        self._epoll.register(ring.fd, select.EPOLLIN)
-        self._rings.append((ring, handler, _Pending()))
+        self._epoll.register(ring.fd, select.EPOLLIN | select.EPOLLET)
+        self._rings.append((ring, handler, _RingState()))
 
     def poll_once(self, timeout_s: float) -> int:
-        """Wait up to `timeout_s` for data, drain every ring, flush what is due."""
+        """Wait up to `timeout_s` for a wake-up, then hand downstream every batch that is due."""
         self._epoll.poll(timeout_s)
         got = 0
         now = time.monotonic_ns()
-        for ring, handler, pending in self._rings:
-            records = ring.drain()
-            if len(records):
-                if not pending.count:
-                    pending.first_ns = now
-                pending.parts.append(records)
-                pending.count += len(records)
-                got += len(records)
-            if pending.count and (
-                pending.count >= self.batch_records or now - pending.first_ns >= self.flush_ns
-            ):
-                self._flush(handler, pending)
+        for ring, handler, state in self._rings:
+            if not ring.waiting():
+                state.first_ns = 0
+                continue
+            if not state.first_ns:
+                state.first_ns = now
+            if (ring.waiting() >= self.batch_records or now - state.first_ns >= self.flush_ns
+                    or now - state.last_flush_ns >= self.flush_ns):
+                got += self._flush(ring, handler, state, now)
         return got
 
     def _next_timeout(self) -> float:
-        deadlines = [p.first_ns + self.flush_ns for _, _, p in self._rings if p.count]
+        deadlines = [min(s.first_ns, s.last_flush_ns) + self.flush_ns
+                     for _, _, s in self._rings if s.first_ns]
         if not deadlines:
-            # The kernel wakes us only for a full batch; smaller ones are collected here.
-            return self.flush_ns / 1e9
+            return IDLE_POLL_S
         return max(0.0, (min(deadlines) - time.monotonic_ns()) / 1e9)
 
-    def _flush(self, handler: BatchHandler, pending: _Pending) -> None:
-        batch = pending.parts[0] if len(pending.parts) == 1 else np.concatenate(pending.parts)
-        wait = time.monotonic_ns() - pending.first_ns
-        pending.parts = []
-        pending.count = 0
+    def _flush(self, ring: Ring, handler: BatchHandler, state: _RingState, now: int) -> int:
+        batch = ring.drain()
+        wait = time.monotonic_ns() - (state.first_ns or now)
+        state.first_ns = 0
+        if not len(batch):
+            return 0  # only uncommitted records: they are due at the next poll
+        state.last_flush_ns = now
         self.stats.batches += 1
         self.stats.records += len(batch)
         self.stats.last_wait_ns = wait
@@ -212,16 +225,17 @@ class RingReader:
         except Exception:  # a bad batch must not stop the reader
             self.errors += 1
             log.exception("handler failed on a batch of %d records", len(batch))
+        return len(batch)
 
     def flush_all(self) -> None:
-        for _, handler, pending in self._rings:
-            if pending.count:
-                self._flush(handler, pending)
+        now = time.monotonic_ns()
+        for ring, handler, state in self._rings:
+            if ring.waiting():
+                self._flush(ring, handler, state, now)
 
     def run(self) -> None:
         while not self._stop.is_set():
             self.poll_once(self._next_timeout())
-        self.poll_once(0)
         self.flush_all()
 
     def start(self) -> None:
