@@ -73,6 +73,27 @@ class UprobeOpts(Structure):
     ]
 
 
+class TestRunOpts(Structure):
+    # struct bpf_test_run_opts in libbpf 1.1
+    _fields_ = [
+        ("sz", c_size_t),
+        ("data_in", c_void_p),
+        ("data_out", c_void_p),
+        ("data_size_in", c_uint32),
+        ("data_size_out", c_uint32),
+        ("ctx_in", c_void_p),
+        ("ctx_out", c_void_p),
+        ("ctx_size_in", c_uint32),
+        ("ctx_size_out", c_uint32),
+        ("retval", c_uint32),
+        ("repeat", c_int),
+        ("duration", c_uint32),
+        ("flags", c_uint32),
+        ("cpu", c_uint32),
+        ("batch_size", c_uint32),
+    ]
+
+
 PRINT_FN = CFUNCTYPE(c_int, c_int, c_char_p, c_void_p)
 
 _SIGNATURES: dict[str, tuple[object, list[object]]] = {
@@ -121,6 +142,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
         [c_int, c_void_p, c_void_p, c_void_p, c_void_p, POINTER(c_uint32), POINTER(MapBatchOpts)],
     ),
     "bpf_enable_stats": (c_int, [c_int]),
+    "bpf_prog_test_run_opts": (c_int, [c_int, POINTER(TestRunOpts)]),
     "bpf_prog_get_next_id": (c_int, [c_uint32, POINTER(c_uint32)]),
     "bpf_prog_get_fd_by_id": (c_int, [c_uint32]),
     "bpf_link_get_next_id": (c_int, [c_uint32, POINTER(c_uint32)]),

@@ -166,6 +166,19 @@ class Program:
         _check_ptr(ptr, f"attach {kind} {binary}:{func_name}")
         return Link(ptr, f"{kind}:{binary}:{func_name}")
 
+    def test_run(self, ctx: bytes) -> tuple[int, bytes]:
+        """BPF_PROG_TEST_RUN of a SEC("syscall") program with `ctx` as its context, which the
+        program may write its results into: (return value, context after the run)."""
+        ctx_io = ctypes.create_string_buffer(ctx, len(ctx))
+        opts = _libbpf.TestRunOpts(
+            sz=ctypes.sizeof(_libbpf.TestRunOpts), ctx_in=ctypes.addressof(ctx_io),
+            ctx_size_in=len(ctx),
+        )
+        rc = lib().bpf_prog_test_run_opts(self.fd, ctypes.byref(opts))
+        if rc:
+            _raise_for(f"test run of {self.name}", rc)
+        return int(opts.retval), ctx_io.raw
+
     def stats(self) -> ProgStats:
         """Run time and count from BPF stats (non-zero only while stats are enabled)."""
         fd = self.fd

@@ -1,0 +1,153 @@
+"""The http family's kernel parsers (bpf/http_parse.h) against user space's, on random input.
+
+The kernel decides, per exchange, where a head's header block ends (for body sizes) and which
+bytes of the path it hashes (the key user space maps to a route), and recognises methods and
+status lines. Counted in the kernel, an exchange never reaches user space, so the two sides must
+agree byte for byte: a SEC("syscall") harness (http_parse_harness.bpf.c) runs the very C code
+through BPF_PROG_TEST_RUN, and hypothesis feeds it heads, including stale bytes past a head's
+length (the kernel reuses its buffers).
+
+Needs: BPF_PROG_TYPE_SYSCALL with BPF_PROG_TEST_RUN and bpf_loop (Linux 5.17+), clang.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from probewire.aggregate.http_heads import request_paths
+from probewire.probes.http import HEAD_LEN, METHOD_LEN, METHODS, header_lengths
+from probewire.runtime.bpf import BpfObject, Program
+
+pytestmark = pytest.mark.bpf
+
+REPO = Path(__file__).resolve().parents[2]
+HARNESS = Path(__file__).with_name("http_parse_harness.bpf.c")
+PATH_MAX = 128
+IO = np.dtype([
+    ("head", np.uint8, (HEAD_LEN,)), ("len", np.uint32), ("method_in", np.uint32),
+    ("header_end", np.int32), ("method", np.uint32), ("status", np.uint32), ("_pad", np.uint32),
+    ("path_hash", np.uint64),
+])
+ARCH = {"x86_64": "x86", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+
+
+@pytest.fixture(scope="module")
+def parse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Program]:
+    clang = shutil.which("clang")
+    assert clang, "clang is needed to build the parser harness (scripts/setup.sh installs it)"
+    vmlinux = REPO / "bpf" / ".output" / "vmlinux.h"
+    assert vmlinux.exists(), "bpf/.output/vmlinux.h is made by `make build`"
+    out = tmp_path_factory.mktemp("harness") / "http_parse_harness.bpf.o"
+    subprocess.run([clang, "-O2", "-g", "-target", "bpf", f"-D__TARGET_ARCH_{ARCH}", "-Wall",
+                    "-I", str(REPO / "bpf" / "include"), "-I", str(vmlinux.parent),
+                    "-I", str(REPO / "bpf"), "-c", str(HARNESS), "-o", str(out)], check=True)
+    obj = BpfObject(out)
+    obj.load()
+    try:
+        yield obj.programs["parse"]
+    finally:
+        obj.close()
+
+
+def run(prog: Program, buffer: bytes, length: int, method: int) -> np.void:
+    io = np.zeros(1, IO)
+    io["head"][0] = np.frombuffer(buffer.ljust(HEAD_LEN, b"\0")[:HEAD_LEN], np.uint8)
+    io["len"], io["method_in"] = length, method
+    rc, out = prog.test_run(io.tobytes())
+    assert rc == 0
+    return np.frombuffer(out, IO)[0]
+
+
+def fnv1a(data: bytes) -> int:
+    h = 0xCBF29CE484222325
+    for c in data:
+        h = ((h ^ c) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h or 1
+
+
+def kernel_path(head: bytes, length: int, method: int) -> bytes:
+    """The bytes the kernel hashes, by its own rule (checked against request_paths below)."""
+    start = METHOD_LEN[method] + 1
+    out = bytearray()
+    for c in head[start:min(length, start + PATH_MAX, HEAD_LEN)]:
+        if c in b" \r\n?":
+            break
+        out.append(c)
+    return bytes(out)
+
+
+def expected_method(b: bytes) -> int:
+    for code, name in enumerate(METHODS[1:], start=1):
+        word = name.encode() + b" "
+        if b.startswith(word) and len(b) > len(word):
+            nxt = b[len(word)]
+            if (nxt > 0x20) if name == "CONNECT" else (nxt in b"/*h"):
+                return code
+    return 0
+
+
+def expected_status(b: bytes) -> int:
+    if (len(b) >= 12 and b[:7] == b"HTTP/1." and b[7:8] in (b"0", b"1") and b[8:9] == b" "
+            and b[9:12].isdigit() and b[9:10] != b"0"):
+        return int(b[9:12])
+    return 0
+
+
+HTTPISH = st.sampled_from([b"\r\n", b"\r\n\r\n", b"\r", b"\n", b" ", b"?", b"GET ", b"POST ",
+                           b"HTTP/1.1 200 OK", b"/a/b", b"Host: x", b"\r\n\r", b"\n\r\n"])
+CHUNKS = st.one_of(HTTPISH, st.binary(min_size=1, max_size=12))
+
+
+@st.composite
+def heads(draw: st.DrawFn) -> tuple[bytes, int]:
+    """(256-byte buffer, head length): a head made of HTTP-ish pieces, then stale bytes."""
+    head = b"".join(draw(st.lists(CHUNKS, max_size=40)))[:HEAD_LEN]
+    length = draw(st.integers(0, len(head)))
+    stale = b"".join(draw(st.lists(CHUNKS, max_size=40)))
+    return (head[:length] + stale)[:HEAD_LEN].ljust(HEAD_LEN, b"\r"), length
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=heads(), method=st.integers(1, len(METHODS) - 1))
+def test_header_end_and_path_hash_match_user_space(parse: Program, case: tuple[bytes, int],
+                                                    method: int) -> None:
+    buffer, length = case
+    got = run(parse, buffer, length, method)
+    row = np.frombuffer(buffer, np.uint8)[None, :]
+    assert int(got["header_end"]) == int(header_lengths(row, np.array([length]))[0])
+    path = kernel_path(buffer, length, method)
+    # The kernel hashes exactly the bytes user space cuts out and templates.
+    user = request_paths(row, np.array([length]), np.array([METHOD_LEN[method]]), PATH_MAX)[0]
+    assert user.tobytes()[: len(path)] == path and not user[len(path):].any()
+    assert int(got["path_hash"]) == fnv1a(path)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=heads())
+def test_method_and_status_lines_are_recognised_as_specified(parse: Program,
+                                                             case: tuple[bytes, int]) -> None:
+    buffer, length = case
+    got = run(parse, buffer, length, 1)
+    assert int(got["method"]) == expected_method(buffer)
+    assert int(got["status"]) == expected_status(buffer)
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /static/index.html HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    b"POST /api/upload?x=1 HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 10\r\n\r\n0123456789",
+    b"GET / HTTP/1.1\r\n" + b"X: " + b"y" * 230,  # no end of headers within 256 bytes
+])
+def test_real_heads(parse: Program, head: bytes) -> None:
+    got = run(parse, head + b"\r\n\r\n" * 8, len(head), 1)
+    row = np.frombuffer(head.ljust(HEAD_LEN, b"\0")[:HEAD_LEN], np.uint8)[None, :]
+    assert int(got["header_end"]) == int(header_lengths(row, np.array([min(len(head), 256)]))[0])
