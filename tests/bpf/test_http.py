@@ -18,8 +18,8 @@ from collections.abc import Iterator
 import pytest
 from agentlib import Samples, scrape, total, wait_for
 
-from support.servers import nginx, python_upstream
 from probewire.probes.http import HttpProbe
+from support.servers import nginx, python_upstream
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(180)]
 
