@@ -23,6 +23,7 @@ from probewire.runtime.bpf import (
     BpfObject,
     StandaloneMap,
     StatsHandle,
+    StatsSampler,
     enable_stats,
 )
 from probewire.runtime.features import HookSupport, hook_type_of, probe_hook_types
@@ -84,7 +85,7 @@ class Agent:
         self.reader = RingReader(config.ring.batch_records, config.ring.flush_ms / 1000.0)
         self.filter: Filter | None = None
         self.otlp: OtlpExporter | None = None
-        self._stats: StatsHandle | None = None
+        self._stats: StatsHandle | StatsSampler | None = None
         self.started_at = 0.0
         self.startup_s = 0.0
         self._shared: dict[str, StandaloneMap] = {}
@@ -94,7 +95,11 @@ class Agent:
         check_privileges()
         raise_memlock()
         t0 = time.monotonic()
-        self._stats = enable_stats()
+        if self.config.bpf_stats == "on":
+            self._stats = enable_stats()
+        elif self.config.bpf_stats == "sampled":
+            self._stats = StatsSampler()
+            self._stats.start()
         try:
             self.support = probe_hook_types(self._prepare())
             # The filter is in place before any program is attached: nothing untraced is

@@ -389,6 +389,11 @@ class Config(_Model):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="one of debug, info, warning, error"
     )
+    bpf_stats: Literal["on", "sampled", "off"] = Field(
+        default="sampled",
+        description="BPF run-time statistics (probewire_bpf_run_*): on, off, or sampled (on one "
+        "second in five; they are host-wide and cost every BPF program two clock reads a run)",
+    )
     probes: ProbesConfig = Field(default=ProbesConfig(), description="probe families")
     ring: RingConfig = Field(default=RingConfig(), description="ring buffer settings")
     filter: FilterConfig = Field(default=FilterConfig(), description="what to trace")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -531,3 +532,40 @@ def enable_stats() -> StatsHandle:
     if fd < 0:
         _raise_for("enable BPF run-time stats", fd)
     return StatsHandle(int(fd))
+
+
+class StatsSampler:
+    """Keeps BPF run-time stats on for `window_s` of every `period_s`.
+
+    Stats are host-wide: while on, every BPF program on the host (not only ours) pays two
+    sched_clock() reads per run; on a VM whose sched_clock is the paravirtual clock that was
+    2.7% of all CPU samples in a perf profile of nginx under wrk. Run time and run count both
+    grow only inside the windows, so their ratio (ns per run) is still right.
+    """
+
+    def __init__(self, window_s: float = 1.0, period_s: float = 5.0) -> None:
+        self.window_s = window_s
+        self.period_s = period_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        enable_stats().close()  # fail now (and loudly) if stats cannot be turned on at all
+        self._thread = threading.Thread(target=self._run, name="probewire-bpf-stats",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            handle = enable_stats()
+            try:
+                self._stop.wait(self.window_s)
+            finally:
+                handle.close()
+            self._stop.wait(self.period_s - self.window_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
