@@ -304,7 +304,7 @@ __noinline int aggregate_exchange(struct http_exchange *ex)
 	if (ex->role == HTTP_ROLE_SERVER) {
 		__u64 body;
 
-		resp_hdr = header_end(ex->resp_head, ex->resp_head_len);
+		resp_hdr = ex->resp_header_end;
 		if (resp_hdr < 0)
 			resp_hdr = ex->resp_first_write;
 		body = ex->resp_bytes > (__u64)resp_hdr ? ex->resp_bytes - resp_hdr : 0;
@@ -397,6 +397,7 @@ static __always_inline void new_exchange(struct http_conn *conn, __u8 method, __
 	conn->ex.resp_head_len = 0;
 	conn->ex.resp_first_write = 0;
 	conn->ex.path_hash = 0;
+	conn->ex.resp_header_end = -1;
 	conn->state = HTTP_STATE_REQUEST;
 }
 
@@ -409,6 +410,25 @@ static __always_inline void response_started(struct http_conn *conn, __u16 statu
 	conn->ex.resp_first_write = first_len;
 	conn->ex.resp_head_len = 0;
 	head_append(conn->ex.resp_head, &conn->ex.resp_head_len, buf, first_len);
+	conn->resp_end_at = 0;
+	if (conn->ex.role == HTTP_ROLE_SERVER)
+		/* A pipelined request's method is not known here: no end for it (HEAD?). */
+		conn->ex.resp_header_end = response_bounds(
+			conn->ex.resp_head, conn->ex.resp_head_len, status,
+			conn->ex.method == HTTP_HEAD, &conn->resp_end_at);
+	if (!conn->ex.method)
+		conn->resp_end_at = 0;
+}
+
+/* Server: count the exchange as soon as its response's last byte is written (the head said
+ * how many there are), not when the next request arrives: an idle keep-alive connection
+ * would hold it back, and an event-driven server reads only when a request is there. */
+static __always_inline void response_written(struct http_conn *conn)
+{
+	if (conn->resp_end_at && conn->ex.resp_bytes >= conn->resp_end_at) {
+		complete(conn);
+		conn->state = HTTP_STATE_DONE;
+	}
 }
 
 static __always_inline bool h2_preface(const __u8 *b)
@@ -664,10 +684,10 @@ static __always_inline bool on_data(const struct sock *sk, __u64 key, __u8 dir, 
 
 	if (conn->ex.role == HTTP_ROLE_SERVER) {
 		if (dir == DIR_IN) {
-			if (conn->state == HTTP_STATE_RESPONSE) {
+			if (conn->state == HTTP_STATE_RESPONSE)
 				complete(conn); /* the enter hook missed it (e.g. a read we do not hook) */
+			if (conn->state == HTTP_STATE_RESPONSE || conn->state == HTTP_STATE_DONE)
 				conn->state = HTTP_STATE_IDLE;
-			}
 			if (conn->state == HTTP_STATE_IDLE) {
 				if (!method) {
 					conn->partial_len = 0;
@@ -688,9 +708,13 @@ static __always_inline bool on_data(const struct sock *sk, __u64 key, __u8 dir, 
 			if (conn->state == HTTP_STATE_REQUEST) {
 				conn->state = HTTP_STATE_RESPONSE;
 				response_started(conn, status, exit_ns, buf, n, first_len);
-			} else if (conn->state == HTTP_STATE_RESPONSE) {
+				response_written(conn);
+			} else if (conn->state == HTTP_STATE_RESPONSE ||
+				   conn->state == HTTP_STATE_DONE) {
 				/* Next pipelined request answered: its line is further in the head. */
-				complete(conn);
+				if (conn->state == HTTP_STATE_RESPONSE)
+					complete(conn);
+				conn->state = HTTP_STATE_RESPONSE;
 				conn->ex.pipe_idx += 1;
 				conn->ex.flags |= HTTP_FLAG_PIPELINED;
 				conn->ex.method = 0;
@@ -702,6 +726,7 @@ static __always_inline bool on_data(const struct sock *sk, __u64 key, __u8 dir, 
 		if (conn->state == HTTP_STATE_RESPONSE) {
 			conn->ex.resp_bytes += n;
 			conn->ex.end_ns = exit_ns;
+			response_written(conn);
 		}
 		return false;
 	}
@@ -1038,7 +1063,8 @@ static __always_inline void finish_conn(__u64 key)
 
 	if (!conn)
 		return;
-	if (conn->proto == HTTP_PROTO_YES && conn->state != HTTP_STATE_IDLE) {
+	if (conn->proto == HTTP_PROTO_YES && conn->state != HTTP_STATE_IDLE &&
+	    conn->state != HTTP_STATE_DONE) {
 		if (conn->state == HTTP_STATE_REQUEST) {
 			conn->ex.flags |= HTTP_FLAG_ABORTED;
 			conn->ex.status = 0;

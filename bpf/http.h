@@ -49,7 +49,7 @@ struct http_exchange {
 	__u32 resp_first_write; /* length of the response's first write (its header block) */
 	__u32 tid; /* thread that started the exchange: parents client calls made while serving */
 	__u32 peer_tgid; /* server side: the local client's process (0: remote or not yet seen) */
-	__u32 _pad;
+	__s32 resp_header_end; /* server side: the response head's CRLFCRLF end, -1 if not in it */
 	__u64 path_hash; /* of the request path (aggregation on): user space maps it to a route */
 	__u8 laddr[16];
 	__u8 raddr[16];
@@ -106,6 +106,7 @@ struct http_endpoint {
 #define HTTP_STATE_IDLE 0
 #define HTTP_STATE_REQUEST 1 /* request seen, no response yet */
 #define HTTP_STATE_RESPONSE 2 /* server: response being written */
+#define HTTP_STATE_DONE 3 /* server: response written to its last byte, counted */
 
 #define HTTP_PROTO_UNKNOWN 0
 #define HTTP_PROTO_YES 1
@@ -150,5 +151,6 @@ struct http_conn {
 	__u16 _pad;
 	__u32 h2_seq;
 	__u32 _pad2;
+	__u64 resp_end_at; /* server: response bytes at which it is complete (0: not known) */
 	__u8 partial[8];
 };

@@ -101,13 +101,46 @@ static __noinline __u64 path_hash(const __u8 *head, __u32 head_len, __u32 method
 struct header_scan {
 	const __u8 *head;
 	__u32 len;
-	int end;
+	int end; /* bytes up to and including the first CRLFCRLF, or -1 */
+	__u8 te; /* a Transfer-Encoding line */
+	__u8 _pad[3];
+	int cl_at; /* offset just past the first "Content-Length:", or -1 */
 };
 
-/* One 8-byte word of a head: find its LFs at once, then check each for the CR LF CR before
- * it. Run by bpf_loop, so the verifier checks it once rather than for every word. */
+#define LE8(a, b, c, d, e, f, g, h)                                                        \
+	((__u64)(a) | (__u64)(b) << 8 | (__u64)(c) << 16 | (__u64)(d) << 24 | (__u64)(e) << 32 | \
+	 (__u64)(f) << 40 | (__u64)(g) << 48 | (__u64)(h) << 56)
+
+/* A header line starting at `ls`: Content-Length or Transfer-Encoding, in any case? Letters
+ * are compared with bit 0x20 set (that folds only their case); '-' and ':' exactly. */
+static __always_inline void header_line(struct header_scan *sc, const __u8 *head, __u32 ls,
+					__u32 len)
+{
+	__u64 w0, w1;
+
+	barrier_var(ls);
+	if (ls > HTTP_HEAD_LEN - 18 || ls + 15 > len)
+		return;
+	w0 = *(const __u64 *)(head + ls);
+	w1 = *(const __u64 *)(head + ls + 7);
+	if ((w0 | 0x0020202020202020ULL) == LE8('c', 'o', 'n', 't', 'e', 'n', 't', '-') &&
+	    (w1 | 0x0020202020202000ULL) == LE8('-', 'l', 'e', 'n', 'g', 't', 'h', ':')) {
+		if (sc->cl_at < 0)
+			sc->cl_at = ls + 15;
+		return;
+	}
+	if (ls + 18 > len)
+		return;
+	w1 = *(const __u64 *)(head + ls + 8);
+	if ((w0 | 0x2020202020202020ULL) == LE8('t', 'r', 'a', 'n', 's', 'f', 'e', 'r') &&
+	    (w1 | 0x2020202020202000ULL) == LE8('-', 'e', 'n', 'c', 'o', 'd', 'i', 'n') &&
+	    (*(const __u64 *)(head + ls + 10) | 0x0020202020202020ULL) ==
+		    LE8('n', 'c', 'o', 'd', 'i', 'n', 'g', ':'))
+		sc->te = 1;
+}
+
 static __always_inline bool header_scan_one(struct header_scan *sc, const __u8 *head, __u32 k,
-					    __u32 len)
+					    __u32 len, const bool fields)
 {
 	__u64 lf;
 
@@ -122,14 +155,19 @@ static __always_inline bool header_scan_one(struct header_scan *sc, const __u8 *
 	for (__u32 j = 0; j < 8; j++) {
 		__u32 at = k + j; /* an LF: is it the end of CR LF CR LF? */
 
-		if (!((lf >> (8 * j + 7)) & 1) || at < 3)
+		if (!((lf >> (8 * j + 7)) & 1))
 			continue;
-		at -= 3;
-		barrier_var(at); /* the verifier must see the bound on the register used */
-		if (at <= HTTP_HEAD_LEN - 4 && *(const __u32 *)(head + at) == 0x0a0d0a0d) {
-			sc->end = at + 4;
-			return true;
+		if (at >= 3) {
+			at -= 3;
+			barrier_var(at); /* the verifier must see the bound on the register used */
+			if (at <= HTTP_HEAD_LEN - 4 &&
+			    *(const __u32 *)(head + at) == 0x0a0d0a0d) {
+				sc->end = at + 4;
+				return true;
+			}
 		}
+		if (fields)
+			header_line(sc, head, k + j + 1, len);
 	}
 	return false;
 }
@@ -142,8 +180,21 @@ static long header_scan_word(__u32 i, struct header_scan *sc)
 
 	if (i >= HTTP_HEAD_LEN / 32)
 		return 1;
-	return header_scan_one(sc, head, k, len) || header_scan_one(sc, head, k + 8, len) ||
-	       header_scan_one(sc, head, k + 16, len) || header_scan_one(sc, head, k + 24, len);
+	return header_scan_one(sc, head, k, len, false) ||
+	       header_scan_one(sc, head, k + 8, len, false) ||
+	       header_scan_one(sc, head, k + 16, len, false) ||
+	       header_scan_one(sc, head, k + 24, len, false);
+}
+
+/* The same, one word a call, also noting Content-Length and Transfer-Encoding lines (more
+ * branches a word: four words a call would be too many paths for the verifier). */
+static long header_fields_word(__u32 i, struct header_scan *sc)
+{
+	__u32 k = (i & (HTTP_HEAD_LEN / 8 - 1)) * 8;
+
+	if (i >= HTTP_HEAD_LEN / 8)
+		return 1;
+	return header_scan_one(sc, sc->head, k, sc->len, true);
 }
 
 /* Bytes up to and including the first CRLFCRLF of a head, or -1 when the head does not hold
@@ -152,8 +203,66 @@ static long header_scan_word(__u32 i, struct header_scan *sc)
 static __always_inline int header_end(const __u8 *head, __u32 len)
 {
 	struct header_scan sc = { .head = head, .len = len < HTTP_HEAD_LEN ? len : HTTP_HEAD_LEN,
-				  .end = -1 };
+				  .end = -1, .cl_at = -1 };
 
 	bpf_loop(HTTP_HEAD_LEN / 32, header_scan_word, &sc, 0);
+	return sc.end;
+}
+
+/* The value of a Content-Length line: optional blanks, 1 to 18 digits, then CR (or blanks
+ * before it). -1 for anything else. */
+static __always_inline __s64 content_length_at(const __u8 *head, __u32 at, __u32 len)
+{
+	__u64 v = 0;
+	int digits = 0;
+
+	for (int i = 0; i < 32; i++) {
+		__u32 o = at + i;
+		__u8 c;
+
+		if (o >= len || o >= HTTP_HEAD_LEN)
+			return -1;
+		barrier_var(o); /* index by the checked register (not a hoisted head + at) */
+		c = head[o & (HTTP_HEAD_LEN - 1)];
+		if (c >= '0' && c <= '9') {
+			if (digits == 18)
+				return -1;
+			v = v * 10 + (c - '0');
+			digits++;
+		} else if (c == ' ' || c == '\t') {
+			if (digits)
+				break;
+		} else if (c == '\r') {
+			break;
+		} else {
+			return -1;
+		}
+	}
+	return digits ? (__s64)v : -1;
+}
+
+/* Where a response's head ends and, when its head says so, where its body ends: header block
+ * plus Content-Length, or the header block alone when there is no body (HEAD, 204, 304).
+ * `end_at` is 0 when the head does not tell (chunked, close-delimited, head cut off). */
+static __always_inline int response_bounds(const __u8 *head, __u32 len, __u16 status,
+					   bool head_request, __u64 *end_at)
+{
+	struct header_scan sc = { .head = head, .len = len < HTTP_HEAD_LEN ? len : HTTP_HEAD_LEN,
+				  .end = -1, .cl_at = -1 };
+	__s64 body;
+
+	*end_at = 0;
+	bpf_loop(HTTP_HEAD_LEN / 8, header_fields_word, &sc, 0);
+	if (sc.end < 0)
+		return sc.end;
+	if (head_request || status == 204 || status == 304) {
+		*end_at = sc.end;
+		return sc.end;
+	}
+	if (sc.te || sc.cl_at < 0)
+		return sc.end;
+	body = content_length_at(head, sc.cl_at, sc.end);
+	if (body >= 0)
+		*end_at = sc.end + body;
 	return sc.end;
 }

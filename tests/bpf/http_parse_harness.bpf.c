@@ -12,12 +12,16 @@ struct parse_io {
 	__u8 head[HTTP_HEAD_LEN];
 	__u32 len;
 	__u32 method_in; /* method code path_hash is given */
+	__u16 status_in; /* response_bounds: the response's status */
+	__u16 head_request; /* response_bounds: the request was a HEAD */
+	__u32 _pad_in;
 	/* results */
 	__s32 header_end;
 	__u32 method;
 	__u32 status;
-	__u32 _pad;
+	__s32 resp_header_end;
 	__u64 path_hash;
+	__u64 resp_end_at;
 };
 
 /* The parsers take map memory, as in http.bpf.c (context memory takes constant offsets only). */
@@ -42,5 +46,8 @@ int parse(struct parse_io *ctx)
 	ctx->method = method_of(io->head);
 	ctx->status = status_of(io->head);
 	ctx->path_hash = path_hash(io->head, io->len, ctx->method_in);
+	ctx->resp_header_end = response_bounds(io->head, io->len, ctx->status_in,
+					       ctx->head_request, &io->resp_end_at);
+	ctx->resp_end_at = io->resp_end_at;
 	return 0;
 }

@@ -125,6 +125,31 @@ def test_nginx_and_upstream_counted_exactly_per_route_and_status_on_both_sides(
              server="upstream") == 5
 
 
+def test_response_counted_at_its_last_byte_while_the_keepalive_connection_idles(
+    agent, stack
+) -> None:
+    """nginx reads a keep-alive connection only when the next request is there: the kernel
+    counts each response when the last of its Content-Length bytes is written."""
+    _, listen = agent
+    ng, _ = stack
+    d = Delta(listen)
+    conn = http.client.HTTPConnection("127.0.0.1", ng, timeout=30)
+    try:
+        for method, path in (("GET", "/static/index.html"), ("GET", "/static/big.bin"),
+                             ("GET", "/missing"), ("HEAD", "/static/index.html")):
+            conn.request(method, path)
+            conn.getresponse().read()
+        d.settle(SERVER, 4, service_name="nginx")  # the connection is open and idle
+        assert d(SERVER, service_name="nginx") == 4
+        assert server(d, "nginx", "GET", "/static/big.bin", 200) == 1
+        assert server(d, "nginx", "GET", "/missing", 404) == 1
+        assert server(d, "nginx", "HEAD", "/static/index.html", 200) == 1
+        assert d("http_server_response_body_size_bytes_sum", service_name="nginx",
+                 http_route="/static/big.bin") == 1 << 20
+    finally:
+        conn.close()
+
+
 def test_sendfile_response_body_is_measured_exactly(agent, stack) -> None:
     _, listen = agent
     ng, _ = stack

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from probewire.aggregate.http_heads import request_paths
+from probewire.aggregate.http_heads import content_length, request_paths
 from probewire.probes.http import HEAD_LEN, METHOD_LEN, METHODS, header_lengths
 from probewire.runtime.bpf import BpfObject, Program
 
@@ -34,8 +34,9 @@ HARNESS = Path(__file__).with_name("http_parse_harness.bpf.c")
 PATH_MAX = 128
 IO = np.dtype([
     ("head", np.uint8, (HEAD_LEN,)), ("len", np.uint32), ("method_in", np.uint32),
-    ("header_end", np.int32), ("method", np.uint32), ("status", np.uint32), ("_pad", np.uint32),
-    ("path_hash", np.uint64),
+    ("status_in", np.uint16), ("head_request", np.uint16), ("_pad_in", np.uint32),
+    ("header_end", np.int32), ("method", np.uint32), ("status", np.uint32),
+    ("resp_header_end", np.int32), ("path_hash", np.uint64), ("resp_end_at", np.uint64),
 ])
 # The module-scoped harness is shared by every example on purpose.
 FIXTURE_OK = [HealthCheck.function_scoped_fixture]
@@ -60,10 +61,12 @@ def parse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Program]:
         obj.close()
 
 
-def run(prog: Program, buffer: bytes, length: int, method: int) -> np.void:
+def run(prog: Program, buffer: bytes, length: int, method: int, status: int = 200,
+        head_request: bool = False) -> np.void:
     io = np.zeros(1, IO)
     io["head"][0] = np.frombuffer(buffer.ljust(HEAD_LEN, b"\0")[:HEAD_LEN], np.uint8)
     io["len"], io["method_in"] = length, method
+    io["status_in"], io["head_request"] = status, head_request
     rc, out = prog.test_run(io.tobytes())
     assert rc == 0
     return np.frombuffer(out, IO)[0]
@@ -104,8 +107,44 @@ def expected_status(b: bytes) -> int:
     return 0
 
 
+def kernel_bounds(buf: bytes, length: int, status: int, head_request: bool) -> tuple[int, int]:
+    """(header end, response end) by the kernel's rule: the first Content-Length line among
+    those starting within the first 238 bytes (the scan reads 18 bytes of a line), no
+    Transfer-Encoding line, and a value of optional blanks, digits, then CR or blanks."""
+    n = min(length, HEAD_LEN)
+    end, cl_at, te = -1, -1, False
+    for pos in range(n):
+        if buf[pos] != 0x0A:
+            continue
+        if pos >= 3 and buf[pos - 3:pos + 1] == b"\r\n\r\n":
+            end = pos + 1
+            break
+        ls = pos + 1
+        if ls > HEAD_LEN - 18 or ls + 15 > n:
+            continue
+        if buf[ls:ls + 15].lower() == b"content-length:":
+            cl_at = cl_at if cl_at >= 0 else ls + 15
+        elif ls + 18 <= n and buf[ls:ls + 18].lower() == b"transfer-encoding:":
+            te = True
+    if end < 0:
+        return -1, 0
+    if head_request or status in (204, 304):
+        return end, end
+    if te or cl_at < 0:
+        return end, 0
+    value = buf[cl_at:end]
+    digits = value.lstrip(b" \t")
+    number = digits[:len(digits) - len(digits.lstrip(b"0123456789"))]
+    rest = digits[len(number):]
+    if not number or len(number) > 18 or not rest.lstrip(b" \t").startswith(b"\r"):
+        return end, 0
+    return end, end + int(number)
+
+
 HTTPISH = st.sampled_from([b"\r\n", b"\r\n\r\n", b"\r", b"\n", b" ", b"?", b"GET ", b"POST ",
-                           b"HTTP/1.1 200 OK", b"/a/b", b"Host: x", b"\r\n\r", b"\n\r\n"])
+                           b"HTTP/1.1 200 OK", b"/a/b", b"Host: x", b"\r\n\r", b"\n\r\n",
+                           b"\r\nContent-Length: ", b"\r\ncontent-LENGTH:", b"12", b"0", b"\t",
+                           b"\r\nTransfer-Encoding: chunked", b"\r\nContent-Length:7\r\n"])
 CHUNKS = st.one_of(HTTPISH, st.binary(min_size=1, max_size=12))
 
 
@@ -153,3 +192,18 @@ def test_real_heads(parse: Program, head: bytes) -> None:
     got = run(parse, head + b"\r\n\r\n" * 8, len(head), 1)
     row = np.frombuffer(head.ljust(HEAD_LEN, b"\0")[:HEAD_LEN], np.uint8)[None, :]
     assert int(got["header_end"]) == int(header_lengths(row, np.array([min(len(head), 256)]))[0])
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(case=heads(), status=st.sampled_from([200, 204, 304, 404]), head_request=st.booleans())
+def test_response_end_follows_content_length_like_user_space(
+        parse: Program, case: tuple[bytes, int], status: int, head_request: bool) -> None:
+    buffer, length = case
+    got = run(parse, buffer, length, 1, status, head_request)
+    end, end_at = kernel_bounds(buffer, length, status, head_request)
+    assert (int(got["resp_header_end"]), int(got["resp_end_at"])) == (end, end_at)
+    # Where the kernel knows the body's length, user space's parser reads the same one.
+    head = buffer[:min(length, HEAD_LEN)]
+    has_body = not head_request and status not in (204, 304)
+    if end >= 0 and end_at and has_body and head.lower().count(b"\ncontent-length:") == 1:
+        assert content_length(head[:end]) == end_at - end

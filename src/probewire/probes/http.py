@@ -57,7 +57,7 @@ HTTP_EXCHANGE = np.dtype(
         ("resp_first_write", np.uint32),
         ("tid", np.uint32),
         ("peer_tgid", np.uint32),
-        ("_pad", np.uint32),
+        ("resp_header_end", np.int32),
         ("path_hash", np.uint64),
         ("laddr", np.uint8, (16,)),
         ("raddr", np.uint8, (16,)),
