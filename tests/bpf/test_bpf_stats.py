@@ -61,7 +61,7 @@ def test_stats_on_count_every_run_and_off_count_none(mode: str, stats_ours_alone
 
 def test_sampled_stats_count_inside_windows_only(stats_ours_alone: None) -> None:
     with running_agent({"bpf_stats": "off"}) as (_, listen):
-        sampler = StatsSampler(window_s=0.5, period_s=3600.0)  # one window, opening now
+        sampler = StatsSampler(window_s=0.5, period_s=3600.0, delay_s=0.0)  # one, now
         sampler.start()
         try:
             base = total(scrape(listen), RUNS, probe="process")

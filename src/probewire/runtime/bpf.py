@@ -543,9 +543,12 @@ class StatsSampler:
     grow only inside the windows, so their ratio (ns per run) is still right.
     """
 
-    def __init__(self, window_s: float = 1.0, period_s: float = 5.0) -> None:
+    def __init__(self, window_s: float = 1.0, period_s: float = 5.0, delay_s: float = 1.0) -> None:
         self.window_s = window_s
         self.period_s = period_s
+        # The first window opens after start-up settled (loading and attaching is no steady
+        # state to measure).
+        self.delay_s = delay_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -556,6 +559,7 @@ class StatsSampler:
         self._thread.start()
 
     def _run(self) -> None:
+        self._stop.wait(self.delay_s)
         while not self._stop.is_set():
             handle = enable_stats()
             try:
