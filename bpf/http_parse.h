@@ -190,11 +190,12 @@ static long header_scan_word(__u32 i, struct header_scan *sc)
  * branches a word: four words a call would be too many paths for the verifier). */
 static long header_fields_word(__u32 i, struct header_scan *sc)
 {
-	__u32 k = (i & (HTTP_HEAD_LEN / 8 - 1)) * 8;
+	__u32 k = (i & (HTTP_HEAD_LEN / 16 - 1)) * 16;
 
-	if (i >= HTTP_HEAD_LEN / 8)
+	if (i >= HTTP_HEAD_LEN / 16)
 		return 1;
-	return header_scan_one(sc, sc->head, k, sc->len, true);
+	return header_scan_one(sc, sc->head, k, sc->len, true) ||
+	       header_scan_one(sc, sc->head, k + 8, sc->len, true);
 }
 
 /* Bytes up to and including the first CRLFCRLF of a head, or -1 when the head does not hold
@@ -252,7 +253,7 @@ static __always_inline int response_bounds(const __u8 *head, __u32 len, __u16 st
 	__s64 body;
 
 	*end_at = 0;
-	bpf_loop(HTTP_HEAD_LEN / 8, header_fields_word, &sc, 0);
+	bpf_loop(HTTP_HEAD_LEN / 16, header_fields_word, &sc, 0);
 	if (sc.end < 0)
 		return sc.end;
 	if (head_request || status == 204 || status == 304) {

@@ -408,6 +408,12 @@ class Config(_Model):
         _split_listen(listen)
         return listen.strip()
 
+    @field_validator("bpf_stats", mode="before")
+    @classmethod
+    def _bpf_stats_yaml_bool(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `on`/`off` as a boolean.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _log_level_lowercase(cls, level: Any) -> Any:

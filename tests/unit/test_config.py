@@ -187,6 +187,19 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert "filter.ports.0" in message and "1..65535" in message
 
 
+@pytest.mark.parametrize(("text", "mode"), [("bpf_stats: on", "on"), ("bpf_stats: off", "off"),
+                                           ("bpf_stats: sampled", "sampled"), ("{}", "sampled")])
+def test_bpf_stats_reads_yaml_on_and_off_as_written(tmp_path: Path, text: str, mode: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "\n")
+    assert load_config(path).bpf_stats == mode
+
+
+def test_bpf_stats_names_its_choices(tmp_path: Path) -> None:
+    message = load_error(tmp_path, "bpf_stats: sometimes\n")
+    assert "bpf_stats" in message and "'on', 'sampled' or 'off'" in message
+
+
 def test_log_level_is_case_insensitive() -> None:
     assert config_from_mapping({"log_level": "WARNING"}).log_level == "warning"
 
