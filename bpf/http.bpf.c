@@ -152,13 +152,6 @@ static __always_inline void head_append(__u8 *head, __u16 *len, const void *buf,
 	*len = off + sz;
 }
 
-static __always_inline void emit(struct http_conn *conn)
-{
-	if (bpf_ringbuf_output(&events, &conn->ex, sizeof(conn->ex),
-			       wakeup_flags(&events, sizeof(conn->ex), false)))
-		count_drop();
-}
-
 /* ---- In-kernel aggregation (see http.h) ------------------------------------------------- */
 
 /* Load-time settings: off when every exchange must reach user space (spans); the bucket
@@ -314,13 +307,24 @@ __noinline int aggregate_exchange(struct http_exchange *ex)
 	return 1;
 }
 
-/* An exchange is over: count it in the kernel if its route is known, else ship it. */
-static __always_inline void complete(struct http_conn *conn)
+/* An exchange is over: count it in the kernel if its route is known, else ship it. Global
+ * (verified once): it is reached from many places of the state machine. */
+__noinline int complete_exchange(struct http_conn *conn)
 {
+	if (!conn)
+		return 0;
 	find_peer(&conn->ex);
 	if (aggregate && aggregate_exchange(&conn->ex))
-		return;
-	emit(conn);
+		return 0;
+	if (bpf_ringbuf_output(&events, &conn->ex, sizeof(conn->ex),
+			       wakeup_flags(&events, sizeof(conn->ex), false)))
+		count_drop();
+	return 0;
+}
+
+static __always_inline void complete(struct http_conn *conn)
+{
+	complete_exchange(conn);
 }
 
 static __always_inline void fill_tuple(struct http_exchange *ex, const struct sock *sk)
@@ -401,6 +405,25 @@ static __always_inline void new_exchange(struct http_conn *conn, __u8 method, __
 	conn->state = HTTP_STATE_REQUEST;
 }
 
+/* Global (verified once): copies the response head and reads its bounds. */
+__noinline int response_head(struct http_conn *conn, __u64 buf)
+{
+	if (!conn)
+		return 0;
+	conn->ex.resp_head_len = 0;
+	head_append(conn->ex.resp_head, &conn->ex.resp_head_len, (const void *)buf,
+		    conn->ex.resp_first_write);
+	conn->resp_end_at = 0;
+	if (conn->ex.role == HTTP_ROLE_SERVER && conn->ex.method)
+		/* A pipelined request's method is not known here: no end for it (HEAD?). */
+		conn->ex.resp_header_end = response_bounds(
+			conn->ex.resp_head, conn->ex.resp_head_len, conn->ex.status,
+			conn->ex.method == HTTP_HEAD, &conn->resp_end_at);
+	else if (conn->ex.role == HTTP_ROLE_SERVER)
+		conn->ex.resp_header_end = header_end(conn->ex.resp_head, conn->ex.resp_head_len);
+	return 0;
+}
+
 static __always_inline void response_started(struct http_conn *conn, __u16 status, __u64 now,
 					     const void *buf, __u64 n, __u32 first_len)
 {
@@ -408,27 +431,91 @@ static __always_inline void response_started(struct http_conn *conn, __u16 statu
 	conn->ex.end_ns = now;
 	conn->ex.resp_bytes = n;
 	conn->ex.resp_first_write = first_len;
-	conn->ex.resp_head_len = 0;
-	head_append(conn->ex.resp_head, &conn->ex.resp_head_len, buf, first_len);
-	conn->resp_end_at = 0;
-	if (conn->ex.role == HTTP_ROLE_SERVER)
-		/* A pipelined request's method is not known here: no end for it (HEAD?). */
-		conn->ex.resp_header_end = response_bounds(
-			conn->ex.resp_head, conn->ex.resp_head_len, status,
-			conn->ex.method == HTTP_HEAD, &conn->resp_end_at);
-	if (!conn->ex.method)
-		conn->resp_end_at = 0;
+	response_head(conn, (__u64)buf);
+}
+
+struct iovecs8 {
+	struct iovec v[8];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct iovecs8);
+} iov_scratch SEC(".maps");
+
+/* Did this write end with the last chunk? Its final bytes are CRLF "0" CRLF CRLF (the CRLF
+ * that ends the previous chunk or the head), or just "0" CRLF CRLF when written alone. Up to
+ * 8 iovecs are followed to the one holding the write's last byte; more, or sendfile, is not
+ * looked at (the next request or close then ends the exchange). */
+static __always_inline bool wrote_last_chunk(const void *buf, __u32 first_len, __u64 n,
+					     const struct iovec *iovs, __u64 niov)
+{
+	__u8 tail[8] = {};
+	const __u8 *end = NULL;
+	__u64 rem = n;
+
+	if (!buf || n < 5)
+		return false;
+	if (first_len >= n) {
+		end = (const __u8 *)buf + n;
+	} else if (iovs && niov <= 8) {
+		__u32 zero = 0;
+		struct iovec *v = bpf_map_lookup_elem(&iov_scratch, &zero); /* not the stack */
+
+		if (!v || bpf_probe_read_user(v, sizeof(v[0]) * (niov & 7 ? niov & 7 : 8), iovs))
+			return false;
+		for (int i = 0; i < 8; i++) {
+			__u64 len;
+
+			if (i >= niov)
+				return false;
+			len = v[i].iov_len < rem ? v[i].iov_len : rem;
+			if (len == rem) {
+				if (len < 5)
+					return false; /* the last chunk straddles iovecs */
+				end = (const __u8 *)v[i].iov_base + len;
+				rem = len;
+				break;
+			}
+			rem -= len;
+		}
+	}
+	if (!end)
+		return false;
+	if (rem >= 7) {
+		if (bpf_probe_read_user(tail + 1, 7, end - 7))
+			return false;
+		return tail[1] == '\r' && tail[2] == '\n' && tail[3] == '0' && tail[4] == '\r' &&
+		       tail[5] == '\n' && tail[6] == '\r' && tail[7] == '\n';
+	}
+	if (n != 5 || bpf_probe_read_user(tail + 3, 5, end - 5))
+		return false;
+	return tail[3] == '0' && tail[4] == '\r' && tail[5] == '\n' && tail[6] == '\r' &&
+	       tail[7] == '\n';
 }
 
 /* Server: count the exchange as soon as its response's last byte is written (the head said
- * how many there are), not when the next request arrives: an idle keep-alive connection
- * would hold it back, and an event-driven server reads only when a request is there. */
-static __always_inline void response_written(struct http_conn *conn)
+ * how many there are, or the last chunk went out), not when the next request arrives: an
+ * idle keep-alive connection would hold it back, and an event-driven server reads only when
+ * a request is there. So reads need no enter hook. */
+/* Global (verified once). `lens` is the call's byte count << 32 | its first segment's. */
+__noinline int response_written(struct http_conn *conn, __u64 buf, __u64 lens, __u64 iovs,
+				 __u64 niov)
 {
-	if (conn->resp_end_at && conn->ex.resp_bytes >= conn->resp_end_at) {
-		complete(conn);
-		conn->state = HTTP_STATE_DONE;
+	if (!conn || !conn->resp_end_at)
+		return 0;
+	if (conn->resp_end_at == RESP_END_CHUNKED) {
+		if (!wrote_last_chunk((const void *)buf, (__u32)lens, lens >> 32,
+				      (const struct iovec *)iovs, niov))
+			return 0;
+	} else if (conn->ex.resp_bytes < conn->resp_end_at) {
+		return 0;
 	}
+	complete(conn);
+	conn->state = HTTP_STATE_DONE;
+	return 0;
 }
 
 static __always_inline bool h2_preface(const __u8 *b)
@@ -684,8 +771,10 @@ static __always_inline bool on_data(const struct sock *sk, __u64 key, __u8 dir, 
 
 	if (conn->ex.role == HTTP_ROLE_SERVER) {
 		if (dir == DIR_IN) {
+			/* A response of unknown length (close-delimited, or its end not seen) ends
+			 * when the next request arrives. */
 			if (conn->state == HTTP_STATE_RESPONSE)
-				complete(conn); /* the enter hook missed it (e.g. a read we do not hook) */
+				complete(conn);
 			if (conn->state == HTTP_STATE_RESPONSE || conn->state == HTTP_STATE_DONE)
 				conn->state = HTTP_STATE_IDLE;
 			if (conn->state == HTTP_STATE_IDLE) {
@@ -708,7 +797,8 @@ static __always_inline bool on_data(const struct sock *sk, __u64 key, __u8 dir, 
 			if (conn->state == HTTP_STATE_REQUEST) {
 				conn->state = HTTP_STATE_RESPONSE;
 				response_started(conn, status, exit_ns, buf, n, first_len);
-				response_written(conn);
+				response_written(conn, has_bytes ? (__u64)buf : 0,
+						 n << 32 | first_len, (__u64)iovs, niov);
 			} else if (conn->state == HTTP_STATE_RESPONSE ||
 				   conn->state == HTTP_STATE_DONE) {
 				/* Next pipelined request answered: its line is further in the head. */
@@ -726,7 +816,8 @@ static __always_inline bool on_data(const struct sock *sk, __u64 key, __u8 dir, 
 		if (conn->state == HTTP_STATE_RESPONSE) {
 			conn->ex.resp_bytes += n;
 			conn->ex.end_ns = exit_ns;
-			response_written(conn);
+			response_written(conn, has_bytes ? (__u64)buf : 0, n << 32 | first_len,
+					 (__u64)iovs, niov);
 		}
 		return false;
 	}
@@ -1021,41 +1112,6 @@ EXIT(sendto, DIR_OUT, IO_PLAIN)
 EXIT(writev, DIR_OUT, IO_IOV)
 EXIT(sendmsg, DIR_OUT, IO_MSG)
 EXIT(sendfile64, DIR_OUT, IO_SENDFILE)
-
-/* A server reading again has finished its response: count it now, not when the next request
- * (maybe minutes later on an idle keep-alive connection) arrives. Only reads need an enter
- * hook, and only for this. */
-static __always_inline int enter_read(long fd)
-{
-	struct http_conn *conn;
-	struct sock *sk;
-	__u64 key;
-
-	if (!traced_task(bpf_get_current_pid_tgid() >> 32))
-		return 0;
-	sk = tcp_sock_of_fd(fd);
-	if (!sk)
-		return 0;
-	key = (__u64)sk;
-	conn = bpf_map_lookup_elem(&http_conns, &key);
-	if (conn && conn->ex.role == HTTP_ROLE_SERVER && conn->state == HTTP_STATE_RESPONSE) {
-		complete(conn);
-		conn->state = HTTP_STATE_IDLE;
-	}
-	return 0;
-}
-
-#define ENTER_READ(name)                                                                 \
-	SEC("tp/syscalls/sys_enter_" #name)                                              \
-	int http_enter_##name(struct trace_event_raw_sys_enter *ctx)                     \
-	{                                                                                \
-		return enter_read(ctx->args[0]);                                         \
-	}
-
-ENTER_READ(read)
-ENTER_READ(recvfrom)
-ENTER_READ(readv)
-ENTER_READ(recvmsg)
 
 static __always_inline void finish_conn(__u64 key)
 {

@@ -242,9 +242,13 @@ static __always_inline __s64 content_length_at(const __u8 *head, __u32 at, __u32
 	return digits ? (__s64)v : -1;
 }
 
+/* A response whose body ends with the last chunk ("0" CRLF CRLF) rather than at a length. */
+#define RESP_END_CHUNKED (~0ULL)
+
 /* Where a response's head ends and, when its head says so, where its body ends: header block
- * plus Content-Length, or the header block alone when there is no body (HEAD, 204, 304).
- * `end_at` is 0 when the head does not tell (chunked, close-delimited, head cut off). */
+ * plus Content-Length, the header block alone when there is no body (HEAD, 204, 304), or
+ * RESP_END_CHUNKED with a Transfer-Encoding. `end_at` is 0 when the head does not tell
+ * (close-delimited, head cut off). */
 static __always_inline int response_bounds(const __u8 *head, __u32 len, __u16 status,
 					   bool head_request, __u64 *end_at)
 {
@@ -260,7 +264,11 @@ static __always_inline int response_bounds(const __u8 *head, __u32 len, __u16 st
 		*end_at = sc.end;
 		return sc.end;
 	}
-	if (sc.te || sc.cl_at < 0)
+	if (sc.te) {
+		*end_at = RESP_END_CHUNKED;
+		return sc.end;
+	}
+	if (sc.cl_at < 0)
 		return sc.end;
 	body = content_length_at(head, sc.cl_at, sc.end);
 	if (body >= 0)

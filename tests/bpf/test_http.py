@@ -248,6 +248,29 @@ def test_chunked_megabyte_response_is_one_request(agent, stack) -> None:
     assert sizes >= 2 * (1 << 20)
 
 
+def test_chunked_response_counted_at_its_last_chunk_while_the_connection_idles(
+    agent, stack
+) -> None:
+    """The Python upstream blocks reading the next request, nginx waits for one: only the
+    last chunk written ("0" CRLF CRLF) tells the kernel these exchanges are over."""
+    _, listen = agent
+    ng, up = stack
+    d = Delta(listen)
+    conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=30) for port in (up, ng)]
+    try:
+        for conn in conns:
+            conn.request("GET", "/api/chunked")
+            resp = conn.getresponse()
+            assert resp.status == 200 and len(resp.read()) == 16 * 65536
+        d.settle(SERVER, 2, service_name="upstream")
+        d.settle(SERVER, 1, service_name="nginx")  # both connections are still open
+        assert server(d, "upstream", "GET", "/api/chunked", 200) == 2
+        assert server(d, "nginx", "GET", "/api/chunked", 200) == 1
+    finally:
+        for conn in conns:
+            conn.close()
+
+
 def test_thousand_requests_on_one_keepalive_connection(agent, stack) -> None:
     _, listen = agent
     ng, _ = stack

@@ -93,8 +93,6 @@ METHODS = ("_OTHER", "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS",
 METHOD_LEN = np.array([0] + [len(m) for m in METHODS[1:]], dtype=np.int64)
 SYSCALLS = ("read", "recvfrom", "readv", "recvmsg", "write", "sendto", "writev", "sendmsg",
             "sendfile64")
-# Reads also need their enter hook: a server reading again has finished its response.
-READ_SYSCALLS = SYSCALLS[:4]
 
 # OpenTelemetry's recommended boundaries for http.*.request.duration (seconds).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -177,7 +175,6 @@ class HttpProbe(Probe):
     name = "http"
     object_name = "http"
     hooks = (
-        *(Hook(f"sys_enter_{s}", (f"http_enter_{s}",)) for s in READ_SYSCALLS),
         *(Hook(f"sys_exit_{s}", (f"http_exit_{s}",)) for s in SYSCALLS),
         Hook("sys_enter_close", ("http_close",)),
     )
