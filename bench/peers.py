@@ -18,14 +18,12 @@ from pathlib import Path
 from bench import bcc
 from bench.harness import cpu_seconds, pinned_nginx, rss_mb, run_wrk, spawn, stop_process
 from bench.report import Row
+from probewire.probes.http import HttpProbe
 
-# The syscalls probewire's http family hooks (see probes/http.py SYSCALLS and close).
-SYSCALLS = ("read", "recvfrom", "readv", "recvmsg", "write", "sendto", "writev", "sendmsg",
-            "sendfile64")
+# Exactly the syscall tracepoints probewire's http family hooks (HttpProbe.hooks).
 PROGRAM = (
-    ",".join(f"tracepoint:syscalls:sys_enter_{s},tracepoint:syscalls:sys_exit_{s}"
-             for s in SYSCALLS)
-    + ",tracepoint:syscalls:sys_enter_close { @[probe] = count(); }\n"
+    ",".join(f"tracepoint:syscalls:{hook.name}" for hook in HttpProbe.hooks)
+    + " { @[probe] = count(); }\n"
     + 'BEGIN { printf("attached\\n"); }\n'
 )
 
