@@ -1,4 +1,5 @@
-"""`python -m bench --quick` runs end to end and writes its table (no timing assertions)."""
+"""`python -m bench --quick` runs every benchmark end to end and writes its table (no timing
+assertions: the figures are the benchmark's business, not the test's)."""
 
 from __future__ import annotations
 
@@ -12,26 +13,31 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.e2e
 
+# One row (by its start) of each benchmark in bench/__main__.py BENCHMARKS.
 EXPECTED_ROWS = (
+    "overhead (default probes): throughput ratio",
+    "user space: records per agent CPU-second",
+    "fidelity: (recorded + dropped) / nginx access-log lines",
     "start-up: load + attach default probes",
-    "start-up: process start → /healthz answers",
     "agent RSS idle (default probes)",
     "event → /metrics, idle",
-    "event → /metrics, under wrk load",
-    "/metrics scrape time",
+    "bpftrace: throughput ratio",
+    "vs bcc: start-up",
+    "event → OTLP span export p99, idle",
+    "agent RSS holding HTTP series",
 )
 
 
-@pytest.mark.timeout(180)
-def test_quick_bench_subset_writes_a_table_with_every_row(tmp_path: Path) -> None:
+@pytest.mark.timeout(330)
+def test_quick_bench_runs_every_benchmark_and_writes_one_table(tmp_path: Path) -> None:
     out = tmp_path / "bench.md"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--only", "startup,latency", "--out", str(out)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=170, stdin=subprocess.DEVNULL,
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=320, stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = out.read_text()
     assert table in proc.stdout  # the same table is printed and written
     for name in EXPECTED_ROWS:
-        assert f"| {name} |" in table, f"row {name!r} missing from:\n{table}"
+        assert f"| {name}" in table, f"row {name!r} missing from:\n{table}"
     assert "| error |" not in table
