@@ -405,21 +405,23 @@ static __always_inline void new_exchange(struct http_conn *conn, __u8 method, __
 	conn->state = HTTP_STATE_REQUEST;
 }
 
-/* Global (verified once): copies the response head and reads its bounds. */
+/* Global (verified once): a server's response head is copied and its bounds read (its
+ * header length gives the body size). A client's is not needed: its status is known. */
 __noinline int response_head(struct http_conn *conn, __u64 buf)
 {
 	if (!conn)
 		return 0;
 	conn->ex.resp_head_len = 0;
+	conn->resp_end_at = 0;
+	if (conn->ex.role != HTTP_ROLE_SERVER)
+		return 0;
 	head_append(conn->ex.resp_head, &conn->ex.resp_head_len, (const void *)buf,
 		    conn->ex.resp_first_write);
-	conn->resp_end_at = 0;
-	if (conn->ex.role == HTTP_ROLE_SERVER && conn->ex.method)
-		/* A pipelined request's method is not known here: no end for it (HEAD?). */
+	if (conn->ex.method)
 		conn->ex.resp_header_end = response_bounds(
 			conn->ex.resp_head, conn->ex.resp_head_len, conn->ex.status,
 			conn->ex.method == HTTP_HEAD, &conn->resp_end_at);
-	else if (conn->ex.role == HTTP_ROLE_SERVER)
+	else /* a pipelined request's method is not known here: no end for it (HEAD?) */
 		conn->ex.resp_header_end = header_end(conn->ex.resp_head, conn->ex.resp_head_len);
 	return 0;
 }
