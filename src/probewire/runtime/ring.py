@@ -6,13 +6,18 @@ libbpf 1.1 has no `ring_buffer__ring`, and its callback API costs a Python call 
 
   offset 0          consumer page (read-write): u64 consumer_pos
   offset PAGE       producer page (read-only):  u64 producer_pos
-  offset 2*PAGE     data area of `size` bytes, mapped twice back to back (read-only), so a
-                    record that wraps is still contiguous in memory.
+  offset 2*PAGE     data area of `size` bytes (read-only). The kernel offers it twice back to
+                    back so that a record that wraps is contiguous; we map it only once.
 
 Each record is an 8-byte header (u32 len with BUSY bit 31 and DISCARD bit 30, u32 page
 offset) followed by the sample, padded to 8 bytes. A family's records all have one fixed
 size, so a drained span is a strided array: one `np.frombuffer` decodes every record in it,
 and one vectorised check finds the first uncommitted (BUSY) record.
+
+Why once: the kernel maps every page of a ring into the process at mmap time
+(remap_vmalloc_range), so each mapping of the data area counts its full size in the agent's
+RSS. The second copy would double that figure (8 MiB of RSS per default 4 MiB ring) for no
+memory actually used; a span that wraps is instead copied out in two pieces, once per lap.
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ class Ring:
             self.fd, PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0
         )
         self._data = mmap.mmap(
-            self.fd, PAGE_SIZE + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=PAGE_SIZE
+            self.fd, PAGE_SIZE + self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=PAGE_SIZE
         )
         self._cons_pos = np.frombuffer(self._consumer, dtype=np.uint64, count=1)
         self._prod_pos = np.frombuffer(self._data, dtype=np.uint64, count=1)
@@ -78,6 +83,15 @@ class Ring:
     def waiting(self) -> int:
         """Records in the ring not yet drained (reserved ones included)."""
         return (int(self._prod_pos[0]) - int(self._cons_pos[0])) // self.stride
+
+    def _span(self, start: int, length: int) -> np.ndarray:
+        """`length` bytes of the data area from offset `start`, across the wrap if need be:
+        a view when contiguous, else a copy of the two pieces (tail first, so a header is
+        read before the body that follows it)."""
+        end = start + length
+        if end <= self.size:
+            return self._area[start:end]
+        return np.concatenate((self._area[start:], self._area[: end - self.size]))
 
     def drain(self) -> np.ndarray:
         """Copy out every committed record and release the space to the kernel."""
@@ -89,10 +103,8 @@ class Ring:
         if avail % self.stride:
             return self._drain_slow(cons, prod)
         n = avail // self.stride
-        start = cons & self.mask
-        slots = np.frombuffer(
-            self._area.data, dtype=self._slot_dtype, count=n, offset=start
-        )
+        span = self._span(cons & self.mask, avail)
+        slots = np.frombuffer(span.data, dtype=self._slot_dtype, count=n)
         lens = slots["len"]
         busy = np.flatnonzero(lens & RINGBUF_BUSY_BIT)
         if busy.size:
@@ -124,8 +136,7 @@ class Ring:
             length = header & ~(RINGBUF_BUSY_BIT | RINGBUF_DISCARD_BIT)
             if not header & RINGBUF_DISCARD_BIT:
                 if length == size:
-                    body = off + RINGBUF_HDR_SZ
-                    out.append(bytes(area[body : body + size]))
+                    out.append(self._span((off + RINGBUF_HDR_SZ) & self.mask, size).tobytes())
                 else:
                     log.warning("ring %s: skipped a record of %d bytes", self.name, length)
             cons += _round8(RINGBUF_HDR_SZ + length)
