@@ -25,6 +25,7 @@ from probewire.runtime.bpf import (
     StatsHandle,
     StatsSampler,
     enable_stats,
+    limit_heap_retention,
 )
 from probewire.runtime.features import HookSupport, hook_type_of, probe_hook_types
 from probewire.runtime.filter import Filter
@@ -94,6 +95,7 @@ class Agent:
     def start(self) -> None:
         check_privileges()
         raise_memlock()
+        limit_heap_retention()
         t0 = time.monotonic()
         if self.config.bpf_stats == "on":
             self._stats = enable_stats()
