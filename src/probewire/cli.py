@@ -3,31 +3,39 @@ or kernel feature (the message says the fix)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 import signal
 import sys
 import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from probewire import __version__
 from probewire.config import Config, load_config, parse_listen
 from probewire.errors import EXIT_USAGE, ConfigError, ProbewireError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="probewire: zero-instrumentation eBPF observability agent.",
 )
-console = Console()
-err_console = Console(stderr=True)
+
+
+# rich (and urllib.request) are imported by the commands that use them: `run` stays in memory
+# for the life of the agent and needs neither.
+@functools.cache
+def _console(stderr: bool = False) -> Console:
+    from rich.console import Console
+
+    return Console(stderr=stderr)
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config file (see README).")
@@ -38,7 +46,7 @@ ListenOpt = Annotated[
 
 
 def _fail(exc: ProbewireError) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    _console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
     return typer.Exit(exc.exit_code)
 
 
@@ -72,6 +80,8 @@ def run(
     ] = None,
 ) -> None:
     """Load and attach the probes and serve /metrics until SIGINT/SIGTERM."""
+    # numpy's OpenBLAS starts a thread per core at import; the agent does no linear algebra.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from probewire.agent import Agent
     from probewire.export.prometheus import make_registry
     from probewire.serve.http import AgentServer
@@ -95,10 +105,10 @@ def run(
         try:
             agent.start()
             server.start()
-            console.print(
+            print(
                 f"probewire {__version__}: {len(agent.running)} probes attached in "
                 f"{agent.startup_s:.3f} s; metrics at http://{cfg.listen}/metrics",
-                highlight=False,
+                flush=True,
             )
             while not stop.wait(1.0):
                 pass
@@ -110,6 +120,8 @@ def run(
 
 
 def _fetch(listen: str, path: str) -> Any:
+    import urllib.request
+
     with urllib.request.urlopen(f"http://{listen}{path}", timeout=2) as resp:
         return json.load(resp)
 
@@ -120,6 +132,11 @@ def probes(config: ConfigOpt = None, listen: ListenOpt = None) -> None:
 
     Asks the running agent; with none running, loads the probes once to show the choices.
     """
+    import urllib.error
+
+    from rich.table import Table
+
+    console = _console()
     try:
         cfg = _config(config, listen)
         try:
@@ -176,7 +193,7 @@ def doctor(listen: ListenOpt = None) -> None:
     """Check privileges, BTF, tracefs, memlock, libbpf, hook types and leftover programs."""
     from probewire.doctor import run_checks
 
-    ok = run_checks(console, listen or "127.0.0.1:9464")
+    ok = run_checks(_console(), listen or "127.0.0.1:9464")
     raise typer.Exit(0 if ok else 3)
 
 
@@ -196,20 +213,20 @@ def top(
     except ProbewireError as exc:
         raise _fail(exc) from None
     # Exit 1 when --once finds no agent (a script's "nothing to read", not a usage error).
-    raise typer.Exit(0 if run_top(console, target, interval, once, limit) else 1)
+    raise typer.Exit(0 if run_top(_console(), target, interval, once, limit) else 1)
 
 
 @app.command()
 def version() -> None:
     """Print the version."""
-    console.print(__version__)
+    print(__version__)
 
 
 def main() -> None:
     try:
         app(standalone_mode=True)
     except ConfigError as exc:  # raised outside a command (should not happen)
-        err_console.print(f"error: {exc}")
+        _console(stderr=True).print(f"error: {exc}")
         sys.exit(EXIT_USAGE)
 
 
