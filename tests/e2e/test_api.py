@@ -3,6 +3,7 @@ Python upstream, exact counts; schemathesis generates requests from /api/openapi
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 import urllib.error
@@ -33,6 +34,7 @@ from uistack import (
 )
 
 from probewire.serve.openapi import openapi_document
+from support.metrics import parse_metrics
 
 pytestmark = pytest.mark.e2e
 
@@ -178,6 +180,19 @@ def test_bad_event_queries_answer_400(stack: Stack, query: str) -> None:
     with pytest.raises(urllib.error.HTTPError) as info:
         get(stack, "/api/events?" + query)
     assert info.value.code == 400
+
+
+def test_metrics_come_gzipped_to_a_client_that_asks_and_say_the_same(stack: Stack) -> None:
+    def ours(samples: dict[Any, float]) -> dict[Any, float]:
+        return {k: v for k, v in samples.items() if k in plain}
+
+    plain = http_series(stack)
+    request = urllib.request.Request(stack.base + "/metrics",
+                                     headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        assert resp.headers["Content-Encoding"] == "gzip"
+        zipped = parse_metrics(gzip.decompress(resp.read()).decode())
+    assert plain and ours(zipped) == plain
 
 
 def test_existing_endpoints_still_answer(stack: Stack) -> None:
