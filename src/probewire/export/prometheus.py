@@ -232,5 +232,8 @@ def render_text(families: Iterable[Metric]) -> Iterator[bytes]:
             lines.append(_help(text.metric_name(metric.name + suffix), metric.documentation,
                                "gauge"))
             lines.extend(extra)
+        # Let this family go before the next one is built: the loop variable would keep it
+        # alive until then, doubling the peak when two big families follow each other.
+        del metric
     if lines:
         yield "".join(lines).encode()

@@ -176,6 +176,8 @@ def take(registry: CollectorRegistry) -> Snapshot:
                     t.rtt.sum = value
             elif name.startswith("probewire_") and not name.startswith(FAMILY_PREFIXES):
                 self_samples.append((name, dict(labels), value))
+        # Let this family go before the next one is built (the loop variable would keep it).
+        del family
     for pair, e in edges.items():
         # The server's own view of the call when it is traced, else the client's.
         h = edge_server_s.get(pair) or edge_client_s.get(pair)
