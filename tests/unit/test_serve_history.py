@@ -57,3 +57,18 @@ def test_history_points_are_per_interval_and_bounded() -> None:
     assert series["rate"][-1] == pytest.approx(3.0)  # 15 requests per 5 s
     assert series["error_ratio"][-1] == pytest.approx(1 / 3)
     assert h.series("nobody") is None
+
+
+def test_a_service_that_appears_after_the_window_start_counts_from_zero() -> None:
+    h = History(interval_s=5.0, started_at=0.0)
+    for i in range(1, 20):
+        served = {("a", "200"): 10.0 * i}
+        if i >= 15:  # b shows up at t=75, after the window's base sample
+            served[("b", "200")] = 4.0 * (i - 14)
+        h.add(snap(5.0 * i, served))
+    win = h.window(snap(100.0, {("a", "200"): 200.0, ("b", "200"): 24.0, ("c", "500"): 3.0}))
+    assert win.seconds == 65.0  # base: t=35
+    assert win.rate(("svc", "a")) == pytest.approx((200 - 70) / 65)
+    assert win.rate(("svc", "b")) == pytest.approx(24 / 65)
+    assert win.rate(("svc_err", "c")) == pytest.approx(3 / 65)  # never sampled at all
+    assert win.rate(("svc", "nobody")) == 0.0
