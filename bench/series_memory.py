@@ -6,6 +6,11 @@ loaded by the benchmark. Services come from a resolver that names pid N "svc-N" 
 pids are not real processes). Run twice: with the default label budget (series beyond it fold
 into http_route="other", as in production) and with the budget raised so all 50,000 route
 series are kept.
+
+Then the two readers the agent runs on that state, each measured as the peak RSS while it runs
+(VmHWM, reset before): one /metrics scrape as Prometheus asks for it (render_text, gzip), and the
+UI history sampling it for one rate window (snapshot.take + History.add every 5 s, 13 times).
+The heap settings are the agent's (limit_heap_retention), so freed memory returns as it would.
 """
 
 from __future__ import annotations
@@ -19,12 +24,18 @@ from bench.harness import REPO_ROOT
 from bench.report import Row
 
 CHILD = textwrap.dedent("""
-    import json, os, socket, sys
+    import gc, json, os, socket, sys, time
     import numpy as np
+    from prometheus_client.registry import CollectorRegistry
     from probewire.config import config_from_mapping
     from probewire.enrich.service import ServiceResolver
+    from probewire.export.prometheus import render_text
     from probewire.probes.base import ProbeContext
     from probewire.probes.http import HTTP_EXCHANGE, HttpProbe
+    from probewire.runtime.bpf import limit_heap_retention
+    from probewire.serve.history import History
+    from probewire.serve.http import gzip_chunks
+    from probewire.serve.snapshot import take
 
     services, routes, budget = (int(a) for a in sys.argv[1:4])
 
@@ -32,12 +43,20 @@ CHILD = textwrap.dedent("""
         def name_for(self, pid): return f"svc-{pid}"
         def name_for_port(self, pid, port): return f"svc-{pid}"
 
-    def rss_mb():
+    def status_mb(key):
         for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
         return 0.0
 
+    def rss_mb():
+        return status_mb("VmRSS")
+
+    def reset_peak():
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+
+    limit_heap_retention()
     cfg = config_from_mapping({"probes": {"http": {"max_series_per_metric": budget}}})
     probe = HttpProbe(ProbeContext(cfg, Synthetic(())))
     before = rss_mb()
@@ -65,11 +84,41 @@ CHILD = textwrap.dedent("""
     for start in range(0, n, 128):
         probe.on_batch(rec[start:start + 128])
     del rec
+    gc.collect()
     held = rss_mb()
-    families = list(probe.collect())
-    series = sum(len(f.samples) for f in families)
-    print(json.dumps({"rss_mb": held, "scrape_mb": rss_mb(), "before_mb": before,
-                      "samples": series, "active": probe.server_budget.active_series}))
+
+    class Probe:
+        def collect(self):
+            return probe.collect()
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Probe())
+    lines = [0]
+
+    def counted(chunks):
+        for c in chunks:
+            lines[0] += c.count(b"\\n") - c.count(b"# HELP ") - c.count(b"# TYPE ")
+            yield c
+
+    reset_peak()
+    t0 = time.perf_counter()
+    page = gzip_chunks(counted(render_text(registry.collect())))
+    render_s = time.perf_counter() - t0
+    scrape_peak, page_bytes = status_mb("VmHWM"), sum(map(len, page))
+    del page
+    after_scrape = rss_mb()
+    reset_peak()
+    history = History(5.0, started_at=0.0)
+    for i in range(13):
+        snap = take(registry)
+        snap.taken_at = 5.0 * (i + 1)
+        history.add(snap)
+        del snap
+    ui_peak = status_mb("VmHWM")
+    print(json.dumps({"rss_mb": held, "before_mb": before, "scrape_mb": scrape_peak,
+                      "after_scrape_mb": after_scrape, "render_s": render_s,
+                      "page_bytes": page_bytes, "samples": lines[0], "ui_mb": ui_peak,
+                      "active": probe.server_budget.active_series}))
 """)
 
 
@@ -97,6 +146,11 @@ def run(quick: bool) -> list[Row]:
                      "user space only (no BPF objects loaded)")
         peak = Row(f"agent RSS while rendering them for a scrape ({label})", "MB")
         peak.add(m["scrape_mb"])
-        peak.note = f"{int(m['samples'])} samples in one /metrics collection"
-        rows += [held, peak]
+        peak.note = (f"peak; {int(m['samples'])} samples rendered in {m['render_s']:.2f} s, "
+                     f"{m['page_bytes'] / 1e6:.1f} MB gzipped; RSS "
+                     f"{m['after_scrape_mb']:.1f} MB after it")
+        ui = Row(f"agent RSS while the UI history samples them ({label})", "MB")
+        ui.add(m["ui_mb"])
+        ui.note = "peak over one 60 s rate window of 5 s samples"
+        rows += [held, peak, ui]
     return rows
