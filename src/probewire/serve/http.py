@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import mimetypes
+import socketserver
 import threading
 import zlib
 from collections.abc import Iterable
@@ -62,6 +63,16 @@ def static_file(name: str) -> Path | None:
     return path
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind asks socket.getfqdn() for a server_name nothing here uses: a
+        # reverse DNS lookup at start-up (slow where DNS is broken), and 0.5 MB of IDNA codec
+        # tables kept for the life of the agent.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+
+
 class AgentServer:
     def __init__(self, agent: Agent, registry: CollectorRegistry, host: str, port: int,
                  sample_interval_s: float = SAMPLE_INTERVAL_S) -> None:
@@ -71,7 +82,7 @@ class AgentServer:
         self.api = Api(agent, registry, self.history)
         self.sampler = Sampler(self.history, self.api.snapshot)
         handler = self._handler_class()
-        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd = _HTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
