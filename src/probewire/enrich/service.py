@@ -53,7 +53,8 @@ _EXEC_RETRIES = 5
 _EXEC_RETRY_S = 0.001
 
 
-@dataclass(frozen=True)
+# slots: the resolver caches up to 65536 of these; a __dict__ each cost ~130 bytes more.
+@dataclass(frozen=True, slots=True)
 class ProcessInfo:
     """What /proc says about one process at one moment."""
 
@@ -428,7 +429,7 @@ def service_name(info: ProcessInfo, rules: Sequence[ServiceRule] = ()) -> str:
     return _name(info, [_CompiledRule.of(rule) for rule in rules])
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     info: ProcessInfo
     name: str
