@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -139,9 +140,10 @@ def bpftool() -> None:
 
 
 @contextmanager
-def agent_process(out_dir: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def agent_process(out_dir: Path, *extra: str, listen: str | None = None
+                  ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """`probewire run` as a subprocess on a free loopback port, healthy when yielded."""
-    listen = f"127.0.0.1:{free_port()}"
+    listen = listen or f"127.0.0.1:{free_port()}"
     log_path = out_dir / f"agent-{listen.replace(':', '_')}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -324,6 +326,15 @@ def _assert_gone(progs: set[int], links: set[int]) -> None:
 
 
 @pytest.mark.usefixtures("bpftool")
+def test_run_listens_on_an_ipv6_address_in_brackets(test_output_dir: Path) -> None:
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        port = s.getsockname()[1]
+    with agent_process(test_output_dir, listen=f"[::1]:{port}") as (_, listen), \
+            urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as resp:
+        assert b"probewire_startup_seconds" in resp.read()
+
+
 def test_sigkill_leaves_no_program_or_link_attached(test_output_dir: Path) -> None:
     before = {p.id for p in inventory.programs()}
     with agent_process(test_output_dir) as (proc, listen):

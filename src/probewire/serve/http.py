@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import mimetypes
+import socket
 import socketserver
 import threading
 import zlib
@@ -73,6 +74,10 @@ class _HTTPServer(ThreadingHTTPServer):
         self.server_name, self.server_port = str(host), int(port)
 
 
+class _HTTPServer6(_HTTPServer):
+    address_family = socket.AF_INET6
+
+
 class AgentServer:
     def __init__(self, agent: Agent, registry: CollectorRegistry, host: str, port: int,
                  sample_interval_s: float = SAMPLE_INTERVAL_S) -> None:
@@ -82,7 +87,9 @@ class AgentServer:
         self.api = Api(agent, registry, self.history)
         self.sampler = Sampler(self.history, self.api.snapshot)
         handler = self._handler_class()
-        self.httpd = _HTTPServer((host, port), handler)
+        # An IPv6 listen address (config gives it without brackets) needs an AF_INET6 socket.
+        server_class = _HTTPServer6 if ":" in host else _HTTPServer
+        self.httpd = server_class((host, port), handler)
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
