@@ -60,15 +60,6 @@ struct {
 } h2_events SEC(".maps");
 static struct http_conn zero_conn;
 
-/* Socket and file fields are read with plain loads through bpf_rdonly_cast (a kfunc the
- * verifier turns into a register move; Linux 6.2+): a bpf_probe_read_kernel call per field
- * cost more than the rest of a syscall's work. Kernels without it take the probe-read path;
- * `use_kfuncs` lets tests cover that path here too. */
-extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
-const volatile __u8 use_kfuncs = 1;
-#define KFUNCS (use_kfuncs && bpf_rdonly_cast)
-#define CAST(type, p) ((type *)bpf_rdonly_cast((const void *)(p), bpf_core_type_id_kernel(type)))
-
 /* Runs for every data syscall of a traced process. The fd table slot is the one read that
  * needs a helper (a variable index into a pointer array). */
 static __always_inline struct sock *tcp_sock_of_fd(int fd)
@@ -117,15 +108,8 @@ static __always_inline struct sock *tcp_sock_of_fd(int fd)
 /* (local port, remote port in network order) of a socket. */
 static __always_inline void sock_ports(const struct sock *sk, __u16 *lport, __u16 *dport_be)
 {
-	if (KFUNCS) {
-		const struct sock *s = CAST(struct sock, sk);
-
-		*lport = s->__sk_common.skc_num;
-		*dport_be = s->__sk_common.skc_dport;
-	} else {
-		*lport = BPF_CORE_READ(sk, __sk_common.skc_num);
-		*dport_be = BPF_CORE_READ(sk, __sk_common.skc_dport);
-	}
+	*lport = KREAD(struct sock, sk, __sk_common.skc_num);
+	*dport_be = KREAD(struct sock, sk, __sk_common.skc_dport);
 }
 
 /* barrier_var (bpf_helpers.h) keeps a clamped size in the register the helper call uses:
@@ -329,15 +313,15 @@ static __always_inline void complete(struct http_conn *conn)
 
 static __always_inline void fill_tuple(struct http_exchange *ex, const struct sock *sk)
 {
-	ex->family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	ex->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	ex->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	ex->family = KREAD(struct sock, sk, __sk_common.skc_family);
+	ex->lport = KREAD(struct sock, sk, __sk_common.skc_num);
+	ex->rport = bpf_ntohs(KREAD(struct sock, sk, __sk_common.skc_dport));
 	if (ex->family == AF_INET) {
-		bpf_core_read(ex->laddr, 4, &sk->__sk_common.skc_rcv_saddr);
-		bpf_core_read(ex->raddr, 4, &sk->__sk_common.skc_daddr);
+		KCOPY(ex->laddr, 4, struct sock, sk, __sk_common.skc_rcv_saddr);
+		KCOPY(ex->raddr, 4, struct sock, sk, __sk_common.skc_daddr);
 	} else {
-		bpf_core_read(ex->laddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
-		bpf_core_read(ex->raddr, 16, &sk->__sk_common.skc_v6_daddr);
+		KCOPY(ex->laddr, 16, struct sock, sk, __sk_common.skc_v6_rcv_saddr);
+		KCOPY(ex->raddr, 16, struct sock, sk, __sk_common.skc_v6_daddr);
 	}
 }
 

@@ -12,9 +12,17 @@ static __always_inline void fill_common(struct process_event *e, struct task_str
 					__u32 kind)
 {
 	e->kind = kind;
-	e->pid = BPF_CORE_READ(task, tgid);
-	e->ppid = BPF_CORE_READ(task, real_parent, tgid);
-	e->uid = BPF_CORE_READ(task, real_cred, uid.val);
+	if (KFUNCS) {
+		struct task_struct *t = CAST(struct task_struct, task);
+
+		e->pid = t->tgid;
+		e->ppid = t->real_parent->tgid;
+		e->uid = t->real_cred->uid.val;
+	} else {
+		e->pid = BPF_CORE_READ(task, tgid);
+		e->ppid = BPF_CORE_READ(task, real_parent, tgid);
+		e->uid = BPF_CORE_READ(task, real_cred, uid.val);
+	}
 	e->timestamp_ns = bpf_ktime_get_ns();
 	e->cgroup_id = bpf_get_current_cgroup_id();
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
@@ -29,7 +37,7 @@ static __always_inline int handle_exec(struct task_struct *task, const char *fil
 	unsigned long arg_start, arg_end;
 	__u64 len;
 
-	if (!is_traced(id >> 32, bpf_get_current_cgroup_id(), 0, 0))
+	if (!is_traced_task(id >> 32, 0, 0))
 		return 0;
 	e = RESERVE_OR_DROP(struct process_event);
 	if (!e)
@@ -40,8 +48,15 @@ static __always_inline int handle_exec(struct task_struct *task, const char *fil
 	e->exit_signal = 0;
 	e->_pad = 0;
 	bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), filename);
-	arg_start = BPF_CORE_READ(task, mm, arg_start);
-	arg_end = BPF_CORE_READ(task, mm, arg_end);
+	if (KFUNCS) {
+		struct mm_struct *mm = CAST(struct task_struct, task)->mm;
+
+		arg_start = mm->arg_start;
+		arg_end = mm->arg_end;
+	} else {
+		arg_start = BPF_CORE_READ(task, mm, arg_start);
+		arg_end = BPF_CORE_READ(task, mm, arg_end);
+	}
 	len = arg_end - arg_start;
 	if (len > PROCESS_ARGS_LEN)
 		len = PROCESS_ARGS_LEN;
@@ -77,14 +92,14 @@ static __always_inline int handle_exit(struct task_struct *task)
 
 	if ((__u32)id != (__u32)(id >> 32))
 		return 0;
-	if (!is_traced(id >> 32, bpf_get_current_cgroup_id(), 0, 0))
+	if (!is_traced_task(id >> 32, 0, 0))
 		return 0;
 	e = RESERVE_OR_DROP(struct process_event);
 	if (!e)
 		return 0;
 	fill_common(e, task, PROCESS_EXIT);
-	e->lifetime_ns = e->timestamp_ns - BPF_CORE_READ(task, start_time);
-	code = BPF_CORE_READ(task, exit_code);
+	e->lifetime_ns = e->timestamp_ns - KREAD(struct task_struct, task, start_time);
+	code = KREAD(struct task_struct, task, exit_code);
 	e->exit_signal = code & 0x7f;
 	e->exit_code = e->exit_signal ? -1 : (code >> 8) & 0xff;
 	e->args_len = 0;

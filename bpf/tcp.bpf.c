@@ -58,22 +58,22 @@ static __always_inline void key_from_sock(struct tcp_flow_key *key, const struct
 {
 	key->tgid = tgid;
 	key->direction = dir;
-	key->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	key->family = KREAD(struct sock, sk, __sk_common.skc_family);
 	if (dir == TCP_DIR_SERVER) {
-		key->port = BPF_CORE_READ(sk, __sk_common.skc_num);
+		key->port = KREAD(struct sock, sk, __sk_common.skc_num);
 		return;
 	}
-	key->port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	key->port = bpf_ntohs(KREAD(struct sock, sk, __sk_common.skc_dport));
 	if (key->family == AF_INET)
-		bpf_core_read(key->raddr, 4, &sk->__sk_common.skc_daddr);
+		KCOPY(key->raddr, 4, struct sock, sk, __sk_common.skc_daddr);
 	else
-		bpf_core_read(key->raddr, 16, &sk->__sk_common.skc_v6_daddr);
+		KCOPY(key->raddr, 16, struct sock, sk, __sk_common.skc_v6_daddr);
 }
 
 /* A connection the agent did not see open (it predates the agent, or is not traced). */
 static __always_inline void key_for_unowned(struct tcp_flow_key *key, const struct sock *sk)
 {
-	__u32 lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	__u32 lport = KREAD(struct sock, sk, __sk_common.skc_num);
 	struct tcp_listener *l = bpf_map_lookup_elem(&tcp_listeners, &lport);
 
 	if (l)
@@ -84,15 +84,15 @@ static __always_inline void key_for_unowned(struct tcp_flow_key *key, const stru
 
 static __always_inline bool sock_is_tcp(const struct sock *sk)
 {
-	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	__u16 family = KREAD(struct sock, sk, __sk_common.skc_family);
 
-	return BPF_CORE_READ(sk, sk_protocol) == IPPROTO_TCP &&
+	return KREAD(struct sock, sk, sk_protocol) == IPPROTO_TCP &&
 	       (family == AF_INET || family == AF_INET6);
 }
 
 static __always_inline void on_listen(const struct sock *sk)
 {
-	__u32 port = BPF_CORE_READ(sk, __sk_common.skc_num);
+	__u32 port = KREAD(struct sock, sk, __sk_common.skc_num);
 	struct tcp_listener l = {
 		.tgid = bpf_get_current_pid_tgid() >> 32,
 		.cgroup_id = bpf_get_current_cgroup_id(),
@@ -109,8 +109,7 @@ static __always_inline void on_connect(const struct sock *sk)
 	struct tcp_conn conn = { .start_ns = bpf_ktime_get_ns() };
 
 	key_from_sock(&conn.key, sk, TCP_DIR_CLIENT, tgid);
-	if (!is_traced(tgid, bpf_get_current_cgroup_id(), BPF_CORE_READ(sk, __sk_common.skc_num),
-		       conn.key.port))
+	if (!is_traced_task(tgid, KREAD(struct sock, sk, __sk_common.skc_num), conn.key.port))
 		return;
 	bpf_map_update_elem(&tcp_conns, &skp, &conn, BPF_ANY);
 }
@@ -128,13 +127,13 @@ static __always_inline void on_established(const struct sock *sk, int oldstate)
 			return;
 	} else if (oldstate == TCP_SYN_RECV_) {
 		/* Runs in softirq: the owner is the listener's process, not the current task. */
-		__u32 lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+		__u32 lport = KREAD(struct sock, sk, __sk_common.skc_num);
 		struct tcp_listener *l = bpf_map_lookup_elem(&tcp_listeners, &lport);
 		struct tcp_conn fresh = { .start_ns = bpf_ktime_get_ns() };
 		__u16 rport;
 
 		key_from_sock(&fresh.key, sk, TCP_DIR_SERVER, l ? l->tgid : 0);
-		rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+		rport = bpf_ntohs(KREAD(struct sock, sk, __sk_common.skc_dport));
 		if (!is_traced(fresh.key.tgid, l ? l->cgroup_id : 0, lport, rport))
 			return;
 		bpf_map_update_elem(&tcp_conns, &skp, &fresh, BPF_ANY);
@@ -145,8 +144,8 @@ static __always_inline void on_established(const struct sock *sk, int oldstate)
 		return;
 	}
 	/* The handshake already moved bytes_acked by one (our SYN): remember the baseline. */
-	conn->base_bytes_acked = BPF_CORE_READ(tp, bytes_acked);
-	conn->base_bytes_received = BPF_CORE_READ(tp, bytes_received);
+	conn->base_bytes_acked = KREAD(struct tcp_sock, tp, bytes_acked);
+	conn->base_bytes_received = KREAD(struct tcp_sock, tp, bytes_received);
 	s = stats_for(&conn->key);
 	if (s)
 		s->opened += 1;
@@ -172,17 +171,17 @@ static __always_inline void on_close(const struct sock *sk, int oldstate)
 	}
 	/* bytes_acked/bytes_received count sequence space, which includes a FIN each way:
 	 * take our FIN out once it is acked, and the peer's once it arrived (SOCK_DONE). */
-	acked = BPF_CORE_READ(tp, bytes_acked) - conn->base_bytes_acked;
+	acked = KREAD(struct tcp_sock, tp, bytes_acked) - conn->base_bytes_acked;
 	if ((oldstate == TCP_FIN_WAIT1_ || oldstate == TCP_FIN_WAIT2_ || oldstate == TCP_CLOSING_ ||
 	     oldstate == TCP_LAST_ACK_) &&
-	    BPF_CORE_READ(tp, snd_una) == BPF_CORE_READ(tp, write_seq) && acked > 0)
+	    KREAD(struct tcp_sock, tp, snd_una) == KREAD(struct tcp_sock, tp, write_seq) && acked > 0)
 		acked -= 1;
-	received = BPF_CORE_READ(tp, bytes_received) - conn->base_bytes_received;
-	sk_flags = BPF_CORE_READ(sk, __sk_common.skc_flags); /* sk_flags is #defined to this */
+	received = KREAD(struct tcp_sock, tp, bytes_received) - conn->base_bytes_received;
+	sk_flags = KREAD(struct sock, sk, __sk_common.skc_flags); /* sk_flags is #defined to this */
 	if ((sk_flags & (1UL << SOCK_DONE_BIT)) && received > 0)
 		received -= 1;
 	duration_us = (bpf_ktime_get_ns() - conn->start_ns) / 1000;
-	srtt_us = BPF_CORE_READ(tp, srtt_us) >> 3; /* srtt_us is stored << 3 */
+	srtt_us = KREAD(struct tcp_sock, tp, srtt_us) >> 3; /* srtt_us is stored << 3 */
 
 	s->closed += 1;
 	s->bytes_sent += acked;
@@ -255,7 +254,7 @@ static __always_inline int handle_retransmit(const struct sock *sk, const struct
 		key = conn->key;
 	} else {
 		key_for_unowned(&key, sk);
-		if (!is_traced(key.tgid, 0, BPF_CORE_READ(sk, __sk_common.skc_num), key.port))
+		if (!is_traced(key.tgid, 0, KREAD(struct sock, sk, __sk_common.skc_num), key.port))
 			return 0;
 	}
 	s = stats_for(&key);
@@ -321,7 +320,7 @@ static __always_inline int count_reset(const struct sock *sk, __u16 local_port, 
 		key = conn->key;
 	} else if (sk) {
 		key_for_unowned(&key, sk);
-		if (!is_traced(key.tgid, 0, BPF_CORE_READ(sk, __sk_common.skc_num), key.port))
+		if (!is_traced(key.tgid, 0, KREAD(struct sock, sk, __sk_common.skc_num), key.port))
 			return 0;
 	} else {
 		__u32 port = local_port;

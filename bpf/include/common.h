@@ -69,6 +69,27 @@ struct {
 	__uint(max_entries, 1 << 22);
 } events SEC(".maps");
 
+/* Kernel struct fields are read with plain loads through bpf_rdonly_cast (a kfunc the verifier
+ * turns into a register move; Linux 6.2+): a bpf_probe_read_kernel call per field costs more
+ * than the rest of a typical handler. It is declared weak, so on kernels without it the loader
+ * resolves it to nothing and the verifier keeps the BPF_CORE_READ path; `use_kfuncs` (a
+ * load-time setting) lets tests cover that path here too. */
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
+const volatile __u8 use_kfuncs = 1;
+#define KFUNCS (use_kfuncs && bpf_rdonly_cast)
+#define CAST(type, p) ((type *)bpf_rdonly_cast((const void *)(p), bpf_core_type_id_kernel(type)))
+/* One field of a kernel object, e.g. KREAD(struct sock, sk, __sk_common.skc_num). */
+#define KREAD(type, p, field) \
+	(KFUNCS ? CAST(type, p)->field : BPF_CORE_READ((const type *)(p), field))
+/* `size` bytes of a kernel object's field into BPF memory. */
+#define KCOPY(dst, size, type, p, field)                                     \
+	do {                                                                 \
+		if (KFUNCS)                                                  \
+			__builtin_memcpy(dst, &CAST(type, p)->field, size);  \
+		else                                                         \
+			bpf_core_read(dst, size, &((const type *)(p))->field); \
+	} while (0)
+
 /* A port of 0 means "no port" (process events), which never rejects. */
 static __always_inline bool is_traced(__u32 tgid, __u64 cgroup_id, __u16 port_a, __u16 port_b)
 {

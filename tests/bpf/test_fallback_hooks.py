@@ -1,5 +1,7 @@
 """Every probe's fallback hook (tp/ tracepoints, for kernels without tp_btf) works on this kernel
-and gives the same exact counts. Needs: tp/ tracepoints (tracefs)."""
+and gives the same exact counts, with kernel fields read through bpf_rdonly_cast or, as on
+kernels before 6.2, bpf_probe_read_kernel. Needs: tp/ tracepoints (tracefs).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from agentlib import free_port, running_agent, scrape, total, wait_for
 from test_tcp import REPLY, REQUEST_BYTES, _run_connections
 
 from probewire.probes import REGISTRY
+from probewire.probes.base import Probe
 
 pytestmark = pytest.mark.bpf
 
@@ -19,7 +22,11 @@ pytestmark = pytest.mark.bpf
 ALL_TP = {h.name: "tp" for p in REGISTRY.values() for h in p.hooks if len(h.programs) > 1}
 
 
-def test_forced_tp_fallbacks_attach_and_count_exactly() -> None:
+@pytest.mark.parametrize("kfuncs", [True, False], ids=["kfuncs", "probe_reads"])
+def test_forced_tp_fallbacks_attach_and_count_exactly(kfuncs: bool,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without kfuncs too: an older kernel has neither tp_btf nor bpf_rdonly_cast.
+    monkeypatch.setattr(Probe, "kfuncs", kfuncs)
     with running_agent(forced_hooks=ALL_TP) as (agent, listen):
         status = agent.status()
         assert all(s.attached and s.section.startswith("tp/") for s in status)

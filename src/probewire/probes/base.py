@@ -65,6 +65,9 @@ class Probe:
     extra_rings: ClassVar[dict[str, np.dtype]] = {}
     # Loaded but never attached (e.g. the target of a tail call).
     helper_programs: ClassVar[tuple[str, ...]] = ()
+    # Kernel fields by plain loads where the kernel has bpf_rdonly_cast (6.2+); off makes the
+    # programs take the bpf_probe_read_kernel path older kernels take (tests cover both).
+    kfuncs: ClassVar[bool] = True
 
     def __init__(self, ctx: ProbeContext) -> None:
         self.ctx = ctx
@@ -186,7 +189,7 @@ def start_probe(
         for ring_name in probe.extra_rings:
             obj.maps[ring_name].set_max_entries(ring_size_bytes)
         probe.obj = obj
-        obj.set_rodata(wakeup_records=wakeup_records)
+        obj.set_rodata(wakeup_records=wakeup_records, use_kfuncs=int(probe.kfuncs))
         probe.before_load(obj)
         obj.load()
         running = RunningProbe(probe, obj, choices)

@@ -185,9 +185,6 @@ class HttpProbe(Probe):
         "http_agg_key": HTTP_AGG_KEY, "http_agg": HTTP_AGG, "http_endpoint": HTTP_ENDPOINT,
     }
     record_dtype = HTTP_EXCHANGE
-    # Socket fields by plain loads where the kernel has bpf_rdonly_cast (6.2+); off makes
-    # the programs take the bpf_probe_read_kernel path older kernels take (tests cover both).
-    kfuncs: ClassVar[bool] = True
     extra_rings: ClassVar[dict[str, np.dtype]] = {"h2_events": H2_CHUNK_DTYPE}
 
     def __init__(self, ctx: ProbeContext) -> None:
@@ -254,7 +251,6 @@ class HttpProbe(Probe):
             obj.set_rodata(self_tgid=os.getpid())
         obj.maps["http_aggs"].set_max_entries(self.ctx.config.probes.http.kernel_keys)
         obj.set_rodata(
-            use_kfuncs=int(self.kfuncs),
             aggregate=int(self.aggregate),
             duration_bounds_ns=np.array([round(b * 1e9) for b in DURATION_BUCKETS], np.uint64),
             size_bounds=np.array(SIZE_BUCKETS, np.uint64),
