@@ -73,6 +73,16 @@ class LabelBudget:
             self._overflows += 1
             return folded
 
+    def count_overflows(self, calls: int) -> None:
+        """Count `calls` more ``admit`` calls of label sets it folded before, without them.
+
+        A folded label set stays folded (the budget never frees a series), so a caller that
+        remembers ``admit``'s answer for a label set can replay it; what a repeat changes is
+        this count, once per call, exactly as ``admit`` would have.
+        """
+        with self._lock:
+            self._overflows += calls
+
     def _fold(self, labels: tuple[str, ...], label_names: tuple[str, ...]) -> tuple[str, ...]:
         if not any(name in self._overflow_values for name in label_names):
             raise ValueError(

@@ -1,7 +1,9 @@
 """Label-keyed counters and fixed-bucket histograms fed with numpy batches.
 
-Series are keyed by label tuples that already passed a LabelBudget; observing a batch is one
-`np.searchsorted` + `np.bincount` per label set, never a Python call per value.
+Series are keyed by label tuples that already passed a LabelBudget. A histogram keeps every
+series as one row of a dense (series, bucket) array, so a batch is added in a few whole-array
+operations whatever the number of series it touches: the caller maps its rows to series rows
+once (`slot`) and hands over (series row, value) pairs (`add`), never a Python call per value.
 """
 
 from __future__ import annotations
@@ -19,46 +21,130 @@ class HistogramSeries:
     def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds = np.asarray(bounds, dtype=np.float64)
         self.le = [floatToGoString(b) for b in self.bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
-        self.counts: dict[Labels, np.ndarray] = {}
-        self.sums: dict[Labels, float] = {}
+        self.width = len(self.bounds) + 1
+        # Row per label set, in order of creation. A row is exported once something landed in
+        # it, as with the dict of series this replaced: an `add` always counts, and `merged`
+        # marks rows given counts by `merge` (which may be all zero).
+        self._rows: dict[Labels, int] = {}
+        self._labels: list[Labels] = []
+        self._counts = np.zeros((0, self.width), dtype=np.int64)
+        self._sums = np.zeros(0, dtype=np.float64)
+        self._merged = np.zeros(0, dtype=bool)
 
+    # --- rows ------------------------------------------------------------------------------
+    def slot(self, labels: Labels) -> int:
+        """The row of `labels`, made (empty, not yet exported) if it is new."""
+        row = self._rows.get(labels)
+        if row is None:
+            row = self._rows[labels] = len(self._labels)
+            self._labels.append(labels)
+            if row == len(self._sums):
+                grow = max(16, row)
+                self._counts = np.concatenate(
+                    [self._counts, np.zeros((grow, self.width), dtype=np.int64)])
+                self._sums = np.concatenate([self._sums, np.zeros(grow, dtype=np.float64)])
+                self._merged = np.concatenate([self._merged, np.zeros(grow, dtype=bool)])
+        return row
+
+    def buckets(self, values: np.ndarray) -> np.ndarray:
+        """Bucket of each value: bucket i holds bounds[i-1] < v <= bounds[i] (Prometheus' le)."""
+        return np.searchsorted(self.bounds, values, side="left")
+
+    def add(self, rows: np.ndarray, values: np.ndarray, buckets: np.ndarray | None = None,
+            ) -> None:
+        """Observe values[i] in series row rows[i] (rows from `slot`), all at once.
+
+        `buckets` may be passed when the caller already has them (`buckets(values)`) for
+        several histograms with these bounds. Sums add value by value, in order.
+        """
+        if not len(rows):
+            return
+        if buckets is None:
+            buckets = self.buckets(values)
+        np.add.at(self._counts.reshape(-1), rows * self.width + buckets, 1)
+        np.add.at(self._sums, rows, values)
+
+    # --- one label set at a time ---------------------------------------------------------------
     def observe(self, labels: Labels, values: np.ndarray) -> None:
         if not len(values):
             return
-        # Bucket i holds bounds[i-1] < v <= bounds[i], Prometheus' `le` semantics.
-        idx = np.searchsorted(self.bounds, values, side="left")
-        add = np.bincount(idx, minlength=len(self.bounds) + 1)
+        add = np.bincount(self.buckets(values), minlength=self.width)
         self.merge(labels, add.astype(np.int64), float(values.sum()))
 
     def merge(self, labels: Labels, counts: np.ndarray, total: float) -> None:
         """Add another series' bucket counts and sum (e.g. when relabelling at scrape)."""
-        if labels in self.counts:
-            self.counts[labels] = self.counts[labels] + counts
-            self.sums[labels] += total
-        else:
-            self.counts[labels] = counts.copy()
-            self.sums[labels] = total
+        row = self.slot(labels)
+        self._counts[row] += counts
+        self._sums[row] += total
+        self._merged[row] = True
+
+    # --- reading -------------------------------------------------------------------------------
+    def _live_rows(self) -> list[tuple[Labels, int]]:
+        live = (self._merged | self._counts.any(axis=1)).tolist()
+        return [(labels, row) for labels, row in self._rows.items() if live[row]]
+
+    @property
+    def counts(self) -> dict[Labels, np.ndarray]:
+        """Bucket counts per label set (copies)."""
+        return {labels: self._counts[row].copy() for labels, row in self._live_rows()}
+
+    @property
+    def sums(self) -> dict[Labels, float]:
+        return {labels: float(self._sums[row]) for labels, row in self._live_rows()}
 
     def family(
         self, name: str, documentation: str, label_names: Sequence[str]
     ) -> HistogramMetricFamily:
         fam = HistogramMetricFamily(name, documentation, labels=list(label_names))
-        for labels, counts in sorted(self.counts.items()):
-            cumulative = np.cumsum(counts).tolist()
-            fam.add_metric(list(labels), list(zip(self.le, cumulative, strict=True)),
-                           self.sums[labels])
+        live = sorted(self._live_rows())
+        if not live:
+            return fam
+        rows = np.array([row for _, row in live], dtype=np.intp)
+        cumulative = np.cumsum(self._counts[rows], axis=1).tolist()
+        sums = self._sums[rows].tolist()
+        for (labels, _), counts, total in zip(live, cumulative, sums, strict=True):
+            fam.add_metric(list(labels), list(zip(self.le, counts, strict=True)), total)
         return fam
 
     def total(self) -> int:
-        return int(sum(int(c.sum()) for c in self.counts.values()))
+        return int(self._counts.sum())
 
 
 class CounterSeries:
+    """Counters keyed by label tuples, one row of a dense vector per label set (as for
+    HistogramSeries: `slot` once, then `add_rows` for a whole batch)."""
+
     def __init__(self) -> None:
-        self.values: dict[Labels, float] = {}
+        self._rows: dict[Labels, int] = {}
+        self._values = np.zeros(0, dtype=np.float64)
+        self._live = np.zeros(0, dtype=bool)
+
+    def slot(self, labels: Labels) -> int:
+        """The row of `labels`, made (not yet exported) if it is new."""
+        row = self._rows.get(labels)
+        if row is None:
+            row = self._rows[labels] = len(self._rows)
+            if row == len(self._values):
+                grow = max(16, row)
+                self._values = np.concatenate([self._values, np.zeros(grow)])
+                self._live = np.concatenate([self._live, np.zeros(grow, dtype=bool)])
+        return row
 
     def add(self, labels: Labels, amount: float = 1.0) -> None:
-        self.values[labels] = self.values.get(labels, 0.0) + amount
+        row = self.slot(labels)
+        self._values[row] += amount
+        self._live[row] = True
+
+    def add_rows(self, rows: np.ndarray) -> None:
+        """Count 1 in series row rows[i] for every i (rows from `slot`)."""
+        if len(rows):
+            np.add.at(self._values, rows, 1.0)
+            self._live[rows] = True
+
+    @property
+    def values(self) -> dict[Labels, float]:
+        live, values = self._live, self._values
+        return {labels: float(values[row]) for labels, row in self._rows.items() if live[row]}
 
     def family(
         self, name: str, documentation: str, label_names: Sequence[str]
@@ -111,3 +197,4 @@ def group_rows(columns: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     stacked = np.stack([np.asarray(c, dtype=np.int64) for c in columns], axis=1)
     first, inverse = unique_rows(stacked)
     return stacked[first], inverse
+
