@@ -465,6 +465,13 @@ class ServiceResolver:
         self._revalidate_s = revalidate_s
         self._cache: OrderedDict[int, _Entry] = OrderedDict()
         self._lock = threading.Lock()
+        self._generation = 0
+
+    @property
+    def generation(self) -> int:
+        """Moves whenever a cached name may have changed: a pid named anew (first lookup, pid
+        reuse, exec), remembered, forgotten or evicted. See :meth:`name_until`."""
+        return self._generation
 
     def __len__(self) -> int:
         with self._lock:
@@ -501,6 +508,7 @@ class ServiceResolver:
             self._cache.move_to_end(pid)
             while len(self._cache) > self._max_entries:
                 self._cache.popitem(last=False)
+            self._generation += 1
         return entry
 
     def name_for(self, pid: int) -> str:
@@ -521,12 +529,14 @@ class ServiceResolver:
             self._cache.move_to_end(info.pid)
             while len(self._cache) > self._max_entries:
                 self._cache.popitem(last=False)
+            self._generation += 1
         return entry.name
 
     def forget(self, pid: int) -> None:
         """Drop ``pid`` from the cache; call on process exit (and exec, to rename at once)."""
         with self._lock:
-            self._cache.pop(pid, None)
+            if self._cache.pop(pid, None) is not None:
+                self._generation += 1
 
     def name_for_port(self, pid: int, port: int) -> str:
         """Name the server side of a connection on local `port`: port rules first."""
@@ -538,6 +548,19 @@ class ServiceResolver:
             ):
                 return rule.name
         return self.name_for(pid)
+
+    def name_until(self, pid: int, port: int = 0) -> tuple[str, float]:
+        """``name_for_port(pid, port)`` (``name_for(pid)`` for port 0), and the time.monotonic()
+        until which asking again gives the same answer without reading /proc, provided
+        :attr:`generation` has not moved meanwhile; 0.0 when the answer is not cached (an
+        unknown pid is looked for in /proc on every call).
+
+        Lets a batch consumer keep names per (pid, port) and ask only when one may be stale.
+        """
+        name = self.name_for_port(pid, port) if port else self.name_for(pid)
+        with self._lock:
+            entry = self._cache.get(pid)
+        return name, (entry.checked_at + self._revalidate_s if entry is not None else 0.0)
 
     def names_for(self, pids: Iterable[int]) -> dict[int, str]:
         """Service names for many pids (each looked up once)."""
