@@ -8,21 +8,23 @@ templated once per distinct path, and rows are grouped by label set before any P
 
 from __future__ import annotations
 
+import collections
+import functools
 import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from probewire.aggregate.budget import LabelBudget
-from probewire.aggregate.http_heads import nth_request, request_paths
+from probewire.aggregate.http_heads import nth_request
 from probewire.aggregate.routes import RouteTemplater
-from probewire.aggregate.series import CounterSeries, HistogramSeries, group_rows, unique_rows
+from probewire.aggregate.series import CounterSeries, HistogramSeries
 from probewire.enrich.net import format_address
 from probewire.probes.base import Hook, Probe, ProbeContext
 from probewire.probes.h2 import H2_CHUNK_DTYPE, H2Exchange, H2Tracker
@@ -171,6 +173,307 @@ class _Bounded(OrderedDict[tuple[str, int], str]):
             self.popitem(last=False)
 
 
+# --- record path: helpers and what on_batch keeps between batches ---------------------------------
+# Head bytes searched for the end of a request path first; longer paths take a second search.
+_PATH_WINDOW = 64
+_PATH_MAX = 128  # request_paths' cut
+# Memo tables start afresh past this many entries (each holds deterministic answers only), and
+# a batch beyond _BATCH_MAX records is taken in parts, so every id fits its bits in a key.
+_MEMO_MAX = 1 << 16
+_BATCH_MAX = 1 << 18
+_ID_BITS = 19
+# Connections cost ~300 bytes each: a host opening many keeps at most this many in the memo.
+_CONNS_MAX = 1 << 14
+_CONN_BITS = 16
+# Kinds of series entry.
+_SERVER, _CLIENT, _ABORTED, _SKIPPED = 0, 1, 2, 3
+# The flags that split series (aborted, TLS, gRPC) as 3 bits; pipelined and HTTP/2 rows share.
+_FLAG_CODE = np.array([(f & FLAG_ABORTED) | (f & FLAG_TLS) >> 1 | (f & FLAG_GRPC) >> 5
+                       for f in range(256)], dtype=np.int64)
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _conn_words(dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The 64-bit words of a record holding its connection (process, role, addresses, ports,
+    peer process), and a mask per word keeping only those bytes."""
+    keep = np.zeros(dtype.itemsize, dtype=np.uint8)
+    for name in ("kind", "tgid", "role", "family", "lport", "rport", "peer_tgid", "laddr",
+                 "raddr"):
+        field, offset = dtype.fields[name][:2]  # type: ignore[index]
+        keep[offset: offset + field.itemsize] = 0xFF
+    words = keep.view(np.uint64)
+    index = np.flatnonzero(words)
+    return index, words[index]
+
+
+_CONN_WORDS, _CONN_MASKS = _conn_words(HTTP_EXCHANGE)
+_CONN_MIX = (np.arange(1, len(_CONN_WORDS) + 1, dtype=np.uint64) * _MIX) | np.uint64(1)
+
+
+def _as_strings(field: np.ndarray, width: int) -> np.ndarray:
+    """The first `width` bytes of each row of a (n, k) uint8 field as an S<width> vector."""
+    part = field[:, :width]
+    if part.strides[-1] != 1:
+        part = np.ascontiguousarray(part)
+    return part.view(f"S{width}")[:, 0]
+
+
+def _path_ends(text: np.ndarray, start: np.ndarray, limit: np.ndarray) -> np.ndarray:
+    """Where each path ends: the first space, '?', CR or LF in [start, limit), else limit."""
+    end = limit
+    for stop in (b" ", b"?", b"\r", b"\n"):
+        found = np.strings.find(text, stop, start, end)
+        end = np.where(found >= 0, found, end)
+    return end
+
+
+def _request_path_keys(heads: np.ndarray, head_lens: np.ndarray, method_lens: np.ndarray,
+                       ) -> list[bytes]:
+    """Each row's path: `request_paths(...)[i].tobytes().rstrip(b"\\0")`, exactly.
+
+    A path ends at the first space, CR, LF or '?' after "METHOD ", at the head's end, or
+    _PATH_MAX bytes on. String searches (S-dtype ufuncs, a few ns a row) find the end in the
+    first _PATH_WINDOW bytes for nearly every row, where request_paths gathers a 128-byte
+    window per row; rows still open there search their whole head.
+    """
+    start = method_lens + 1
+    text = _as_strings(heads, _PATH_WINDOW)
+    limit = np.minimum(head_lens, _PATH_WINDOW)
+    end = _path_ends(text, start, limit)
+    # S-dtype values drop trailing NULs, as the rstrip of the zero-padded path did.
+    keys: list[bytes] = np.strings.slice(text, start, end).tolist()
+    longer = np.flatnonzero((end == _PATH_WINDOW) & (head_lens > _PATH_WINDOW))
+    if len(longer):
+        width = heads.shape[1]
+        text = _as_strings(heads[longer], width)
+        start = start[longer]
+        limit = np.minimum(np.minimum(head_lens[longer], width), start + _PATH_MAX)
+        end = _path_ends(text, start, limit)
+        for i, key in zip(longer.tolist(), np.strings.slice(text, start, end).tolist(),
+                          strict=True):
+            keys[i] = key
+    return keys
+
+
+def _header_ends(heads: np.ndarray, head_lens: np.ndarray) -> np.ndarray:
+    """`header_lengths(heads, head_lens)`: one substring search per row."""
+    if not len(heads):
+        return np.zeros(0, dtype=np.int64)
+    found = np.strings.find(_as_strings(heads, heads.shape[1]), b"\r\n\r\n", 0, head_lens)
+    return np.where(found >= 0, found + 4, -1)
+
+
+def _first_rows(keys: np.ndarray, rows: np.ndarray) -> dict[int, int]:
+    """Distinct keys among `rows`, in order of first appearance, each with its first row."""
+    first: dict[int, int] = {}
+    for key, row in zip(keys[rows].tolist(), rows.tolist(), strict=True):
+        first.setdefault(key, row)
+    return first
+
+
+class _IdCache:
+    """A direct-mapped cache of int64 keys (>= 0) to ids, looked up a whole column at once.
+
+    A slot holds the last key stored in it; a key whose slot another key took is a miss like a
+    new key, answered by the caller's dict (the authority) and stored again.
+    """
+
+    def __init__(self, bits: int) -> None:
+        self._shift = np.uint64(64 - bits)
+        self._keys = np.full(1 << bits, -1, dtype=np.int64)
+        self._ids = np.zeros(1 << bits, dtype=np.int64)
+
+    def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(id per key, -1 where not cached; slot per key, for `put`)."""
+        slots = ((keys.view(np.uint64) * _MIX) >> self._shift).astype(np.intp)
+        return np.where(self._keys[slots] == keys, self._ids[slots], -1), slots
+
+    def put(self, keys: np.ndarray, slots: np.ndarray, ids: np.ndarray) -> None:
+        self._keys[slots] = keys
+        self._ids[slots] = ids
+
+
+class _Column:
+    """An append-only int64 (or float64) column, grown by doubling."""
+
+    def __init__(self, fill: float = -1, dtype: type = np.int64) -> None:
+        self.fill = fill
+        self.data: np.ndarray = np.full(64, fill, dtype=dtype)
+
+    def __setitem__(self, index: int, value: float) -> None:
+        self.ensure(index + 1)
+        self.data[index] = value
+
+    def ensure(self, size: int) -> None:
+        """Room for `size` entries (new ones hold the fill value)."""
+        if size > len(self.data):
+            grow = np.full(max(len(self.data), size), self.fill, dtype=self.data.dtype)
+            self.data = np.concatenate([self.data, grow])
+
+
+class _Memo:
+    """What on_batch keeps between batches, so a steady stream of records costs whole-array
+    work only: per connection (process, role, addresses, ports, peer process) its service,
+    addresses and endpoints; per label set what the budget said and its series rows.
+
+    Everything here is a memo of a deterministic answer (templating a path, formatting an
+    address, the budget's answer for a label set: a budget never frees a series, so that
+    answer never changes), except service names, which are asked again whenever the resolver
+    says an answer may have changed (ServiceResolver.name_until); a changed name drops
+    everything built from names. Ids are dense and start afresh with the memo.
+    """
+
+    def __init__(self) -> None:
+        # Request path -> route id; route ids name routes.
+        self.path_route: dict[bytes, int] = {}
+        self.route_ids: dict[str, int] = {}
+        self.route_names: list[str] = []
+        # (family, address words) -> id; per id its string, whether it is one of ours
+        # (self.local_addresses, as of `locals_seen` of them) and whether it was added there.
+        self.address_ids: dict[tuple[int, int, int], int] = {}
+        self.address_names: list[str] = []
+        self.address_local = _Column(0)
+        self.address_added = _Column(0)
+        self.locals_seen = -1
+        # (tgid << 16 | server port) -> service id; per id its key, name and until when the
+        # name stands (reset to 0 whenever the resolver's generation moves). Id 0: no process
+        # (a server's client the kernel did not know).
+        self.service_ids: dict[int, int] = {-1: 0}
+        self.service_keys: list[int] = [-1]
+        self.service_names: list[str] = [""]
+        self.service_until = _Column(0.0, np.float64)
+        self.service_until[0] = np.inf
+        self.generation = -1
+        # Client endpoints (address id << 16 | port) -> id, with their (address, port).
+        self.endpoint_ids: dict[int, int] = {}
+        self.endpoints: list[tuple[str, int]] = []
+        # Small interned tuples: series classes (role, service, endpoint), client edges
+        # (service, endpoint).
+        self.class_ids: dict[tuple[int, int, int], int] = {}
+        self.classes: list[tuple[int, int, int]] = []
+        self.client_edge_ids: dict[tuple[int, int], int] = {}
+        self.client_edges: list[tuple[int, int]] = []
+        self.drop_connections()
+        self.drop_names()
+
+    def drop_connections(self) -> None:
+        """Forget connections (and endpoint puts, one per client connection): many hosts
+        open connections without end, and nothing else refers to them."""
+        # By hash of a connection's words: a direct-mapped cache in front of a dict.
+        self.conn_cache = _IdCache(_CONN_BITS)
+        self.conn_by_hash: dict[int, int] = {}
+        self.conn_count = 0
+        self.conn_words = np.zeros((64, len(_CONN_WORDS)), dtype=np.uint64)
+        self.conn_service = _Column()
+        self.conn_peer_service = _Column()  # the peer process's service, 0 if unknown
+        self.conn_peer = _Column()
+        self.conn_local = _Column()
+        self.conn_rport = _Column()
+        self.conn_class = _Column()
+        self.conn_put = _Column()
+        self.conn_client_edge = _Column()
+        self.conn_server_edge = _Column(-2)
+        # Endpoint puts: (server side?, local address, port, service) -> id.
+        self.put_ids: dict[tuple[int, int, int, int], int] = {}
+        self.puts: list[tuple[int, int, int, int]] = []
+
+    def drop_names(self) -> None:
+        """Forget everything built from service names (one changed)."""
+        # Series entries: packed key -> entry; per entry its labels and a row of `entries`:
+        # kind, its rows in the duration, request size and response size histograms of its
+        # side (-1: none yet), whether its label set was folded.
+        self.entry_cache = _IdCache(16)
+        self.entry_of: dict[int, int] = {}
+        self.labels: list[tuple[str, ...]] = []
+        self.entries = np.zeros((64, 5), dtype=np.int64)
+        self.any_folded = False
+        # Client edges: per client edge id, its edge_client_total key and histogram row.
+        self.client_edge_total: list[tuple[str, tuple[str, int]] | None] = []
+        self.client_edge_row = _Column()
+        # Server edges: client names; per connection its edge (-2: not worked out, kept at
+        # -2 for a local client named by its port, which is worked out per batch); edge keys
+        # (service, client name, remote?) -> id; per id its labels and rows (seconds,
+        # total, failed), folded?
+        self.name_ids: dict[str, int] = {}
+        self.conn_server_edge.data[:] = -2
+        self.server_edge_ids: dict[tuple[int, int, int], int] = {}
+        self.server_edge_labels: list[tuple[str, ...]] = []
+        self.server_edges = np.zeros((64, 4), dtype=np.int64)
+        self.server_edge_folded = False
+
+    def add_entry(self, kind: int, labels: tuple[str, ...], duration: int, resp: int,
+                  folded: bool) -> int:
+        entry = len(self.labels)
+        if entry == len(self.entries):
+            self.entries = np.concatenate([self.entries, np.zeros_like(self.entries)])
+        self.entries[entry] = (kind, duration, -1, resp, folded)
+        self.labels.append(labels)
+        self.any_folded |= folded
+        return entry
+
+    def route_id(self, route: str) -> int:
+        return _interned(self.route_ids, self.route_names, route)
+
+    def address_ids_of(self, family: list[int], words: np.ndarray, ours: set[str]) -> list[int]:
+        """Ids of (family, 16 address bytes as two words) rows, made for new ones."""
+        keys = list(zip(family, words[:, 0].tolist(), words[:, 1].tolist(), strict=True))
+        get = self.address_ids.get
+        ids = [get(k, -1) for k in keys]
+        if -1 in ids:
+            for i, key in enumerate(keys):
+                aid = get(key, -1)
+                if aid < 0:
+                    aid = self.address_ids[key] = len(self.address_names)
+                    raw = key[1].to_bytes(8, "little") + key[2].to_bytes(8, "little")
+                    name = format_address(key[0], raw)
+                    self.address_names.append(name)
+                    self.address_local[aid] = name in ours
+                    self.address_added[aid] = 0
+                ids[i] = aid
+        return ids
+
+    def service_ids_of(self, keys: list[int]) -> list[int]:
+        ids = _interned_all(self.service_ids, self.service_keys, keys)
+        while len(self.service_names) < len(self.service_keys):
+            self.service_names.append("")  # not asked yet: its until is 0
+        self.service_until.ensure(len(self.service_keys))
+        return ids
+
+    def too_big(self) -> bool:
+        return max(len(self.path_route), len(self.route_names), len(self.address_names),
+                   len(self.service_keys), len(self.endpoints), len(self.classes),
+                   len(self.client_edges), len(self.labels), len(self.name_ids),
+                   len(self.server_edge_labels)) > _MEMO_MAX
+
+
+_K = TypeVar("_K")
+
+
+def _interned(table: dict[_K, int], items: list[_K], key: _K) -> int:
+    found = table.get(key)
+    if found is None:
+        found = table[key] = len(items)
+        items.append(key)
+    return found
+
+
+def _interned_all(table: dict[_K, int], items: list[_K], keys: list[_K]) -> list[int]:
+    get = table.get
+    ids = [get(k, -1) for k in keys]
+    if -1 in ids:
+        ids = [_interned(table, items, k) for k in keys]
+    return ids
+
+
+def _interned_endpoint(memo: _Memo, address: int, port: int) -> int:
+    key = address << 16 | port
+    found = memo.endpoint_ids.get(key)
+    if found is None:
+        found = memo.endpoint_ids[key] = len(memo.endpoints)
+        memo.endpoints.append((memo.address_names[address], port))
+    return found
+
+
 class HttpProbe(Probe):
     name = "http"
     object_name = "http"
@@ -257,42 +560,55 @@ class HttpProbe(Probe):
         )
 
     # --- decoding --------------------------------------------------------------------------
+    @functools.cached_property
+    def _memo(self) -> _Memo:
+        return _Memo()
+
     def _routes_and_methods(
         self, rec: np.ndarray
     ) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
-        """(route names, method names, per-row method index, per-row route index)."""
+        """(route names, method names, per-row method index, per-row route index).
+
+        Route indexes are ids into the memo's route names, stable across batches: the same
+        route string always has the same index.
+        """
+        memo = self._memo
         n = len(rec)
         method = rec["method"].astype(np.int64)
         slow = (method == 0) | (rec["pipe_idx"] > 0)
         method_names = list(METHODS)
-        route_names: list[str] = []
         route_idx = np.zeros(n, dtype=np.int64)
-        fast = np.flatnonzero(~slow)
-        if len(fast):
-            paths = request_paths(rec["req_head"][fast], rec["req_head_len"][fast].astype(np.int64),
-                                  METHOD_LEN[method[fast]])
-            first, inverse = unique_rows(paths)
-            base = len(route_names)
-            for row in paths[first]:
-                route_names.append(self.routes.template(row.tobytes().rstrip(b"\0")))
-            route_idx[fast] = base + inverse
-        for i in np.flatnonzero(slow).tolist():
-            head = rec["req_head"][i][: int(rec["req_head_len"][i])].tobytes()
-            parsed = nth_request(head, int(rec["pipe_idx"][i]))
-            if parsed is None:
-                route, m = UNKNOWN_ROUTE, "_OTHER"
+        any_slow = bool(slow.any())
+        fast = np.flatnonzero(~slow) if any_slow else None
+        heads = rec["req_head"] if fast is None else rec["req_head"][fast]
+        if len(heads):
+            lens = rec["req_head_len"].astype(np.int64)
+            paths = _request_path_keys(heads, lens if fast is None else lens[fast],
+                                       METHOD_LEN[method if fast is None else method[fast]])
+            get = memo.path_route.get
+            ids = [get(p, -1) for p in paths]
+            if -1 in ids:
+                for i, p in enumerate(paths):
+                    if ids[i] < 0:
+                        ids[i] = memo.path_route[p] = memo.route_id(self.routes.template(p))
+            if fast is None:
+                route_idx[:] = ids
             else:
-                m, target = parsed
-                route = self.routes.template(target)
-            if m not in method_names:
-                method_names.append(m)
-            method[i] = method_names.index(m)
-            route_names.append(route)
-            route_idx[i] = len(route_names) - 1
-        # Same route string from several paths: collapse to one index so grouping merges them.
-        canon: dict[str, int] = {}
-        remap = np.array([canon.setdefault(r, len(canon)) for r in route_names] or [0])
-        return list(canon), method_names, method, remap[route_idx] if route_names else route_idx
+                route_idx[fast] = ids
+        if any_slow:
+            for i in np.flatnonzero(slow).tolist():
+                head = rec["req_head"][i][: int(rec["req_head_len"][i])].tobytes()
+                parsed = nth_request(head, int(rec["pipe_idx"][i]))
+                if parsed is None:
+                    route, m = UNKNOWN_ROUTE, "_OTHER"
+                else:
+                    m, target = parsed
+                    route = self.routes.template(target)
+                if m not in method_names:
+                    method_names.append(m)
+                method[i] = method_names.index(m)
+                route_idx[i] = memo.route_id(route)
+        return memo.route_names, method_names, method, route_idx
 
     def _route_id(self, route: str) -> int:
         rid = self.route_ids.get(route)
@@ -324,6 +640,13 @@ class HttpProbe(Probe):
         n = len(rec)
         if not n:
             return
+        if n > _BATCH_MAX:
+            for start in range(0, n, _BATCH_MAX):
+                self.on_batch(rec[start:start + _BATCH_MAX])
+            return
+        if self._memo.too_big():
+            self._memo = _Memo()
+        memo = self._memo
         role = rec["role"].astype(np.int64)
         status = rec["status"].astype(np.int64)
         flags = rec["flags"].astype(np.int64)
@@ -333,85 +656,279 @@ class HttpProbe(Probe):
         routes, methods, method, route_idx = self._routes_and_methods(rec)
         if self.aggregate and self.obj is not None:
             self._register_routes(rec, routes, route_idx)
-        # Service per (tgid, local port): port rules name the server side.
-        server_port = np.where(role == ROLE_SERVER, rec["lport"], 0)
-        keys, svc_inverse = group_rows([rec["tgid"], server_port])
-        services = [
-            self.ctx.services.name_for_port(int(t), int(p)) if p else
-            self.ctx.services.name_for(int(t))
-            for t, p in keys.tolist()
-        ]
-        svc = svc_inverse
-        # Addresses: distinct (family, addr) only.
-        peers = self._addresses(rec["family"], rec["raddr"])
-        locals_ = self._addresses(rec["family"], rec["laddr"])
-        req_hdr = header_lengths(rec["req_head"], rec["req_head_len"].astype(np.int64))
-        resp_hdr = header_lengths(rec["resp_head"], rec["resp_head_len"].astype(np.int64))
+        conn = self._connections(rec)
+        svc = memo.conn_service.data[conn]
+        self._check_services(svc, memo.conn_peer_service.data[conn])
+        req_hdr = _header_ends(rec["req_head"], rec["req_head_len"].astype(np.int64))
+        resp_hdr = _header_ends(rec["resp_head"], rec["resp_head_len"].astype(np.int64))
         resp_hdr = np.where(resp_hdr < 0, rec["resp_first_write"].astype(np.int64), resp_hdr)
         req_body = np.where((req_hdr >= 0) & (rec["pipe_idx"] == 0),
                             rec["req_bytes"].astype(np.int64) - req_hdr, -1)
         resp_body = rec["resp_bytes"].astype(np.int64) - resp_hdr
-        peer_idx, peer_names = peers
-        local_idx, local_names = locals_
-        lport = rec["lport"].astype(np.int64)
-        rport = rec["rport"].astype(np.int64)
+        duration_bucket = self.server_duration.buckets(duration_s)
+        is_server = role == ROLE_SERVER
+        local = memo.conn_local.data[conn]
         with self._lock:
             self.records += n
             self.exchanges_from_records += n
-            self.local_addresses.update(local_names)
-            ends, _ = group_rows([role, local_idx, lport, svc])
-            for r, li, lp, s in ends.tolist():
-                table = self.server_endpoints if r == ROLE_SERVER else self.client_endpoints
-                table.put((local_names[li], lp), services[s])
-            ok = ~aborted
-            tls = (flags & FLAG_TLS) != 0
-            grpc = (flags & FLAG_GRPC) != 0
-            is_server = role == ROLE_SERVER
-            # The peer only labels client-side series: a server's clients (one ephemeral port
-            # each) must not split its groups.
-            gkeys, ginv = group_rows([role, svc, method, status, route_idx,
-                                      np.where(is_server, 0, peer_idx),
-                                      np.where(is_server, 0, rport),
-                                      aborted.astype(np.int64), tls.astype(np.int64),
-                                      grpc.astype(np.int64)])
-            for g, (r, s, m, st, ro, pe, rp, ab, tl, gr) in enumerate(gkeys.tolist()):
-                service = services[s]
-                if ab:
-                    direction = "server" if r == ROLE_SERVER else "client"
-                    self.aborted.add((service, direction), float(np.count_nonzero(ginv == g)))
-                    continue
-                if gr:
-                    continue  # gRPC has its own rpc_* metrics (on_ring); it still feeds edges
-                rows = ginv == g
-                base = (service, methods[m], str(st), routes[ro] if routes else UNKNOWN_ROUTE,
-                        "https" if tl else "http")
-                if r == ROLE_SERVER:
-                    labels = self.server_budget.admit(base, SERVER_LABELS)
-                    self.server_duration.observe(labels, duration_s[rows & ok])
-                    sizes = req_body[rows]
-                    self.server_req_size.observe(labels, sizes[sizes >= 0].astype(np.float64))
-                    self.server_resp_size.observe(labels, np.maximum(resp_body[rows], 0)
-                                                  .astype(np.float64))
-                else:
-                    labels = self.client_budget.admit(
-                        (*base, peer_names[pe], str(rp)), CLIENT_LABELS)
-                    self.client_duration.observe(labels, duration_s[rows])
-                    sizes = req_body[rows]
-                    self.client_req_size.observe(labels, sizes[sizes >= 0].astype(np.float64))
-            self._edges(role, svc, services, peer_idx, peer_names, rport,
-                        rec["peer_tgid"].astype(np.int64), aborted | (status >= 500),
-                        duration_s)
+            self._add_local_addresses(local)
+            self._put_endpoints(is_server, memo.conn_put.data[conn])
+            self._series(conn, flags, method, methods, status, route_idx, duration_s,
+                         duration_bucket, req_body, resp_body)
+            self._edges(conn, role, is_server, aborted | (status >= 500), duration_s,
+                        duration_bucket)
         if self.sinks:
+            services, addresses = memo.service_names, memo.address_names
             batch = ExchangeBatch(
                 records=rec,
                 service=[services[i] for i in svc.tolist()],
                 method=[methods[i] for i in method.tolist()],
-                route=[routes[i] if routes else UNKNOWN_ROUTE for i in route_idx.tolist()],
-                peer_address=[peer_names[i] for i in peer_idx.tolist()],
-                local_address=[local_names[i] for i in local_idx.tolist()],
+                route=[routes[i] for i in route_idx.tolist()],
+                peer_address=[addresses[i] for i in memo.conn_peer.data[conn].tolist()],
+                local_address=[addresses[i] for i in local.tolist()],
             )
             for sink in self.sinks:
                 sink(batch)
+
+    def _connections(self, rec: np.ndarray) -> np.ndarray:
+        """The memo's connection id of each row.
+
+        A connection is the words of the record holding process, role, addresses, ports and
+        peer process; it is looked up by a hash of them and confirmed by comparing them all.
+        """
+        memo = self._memo
+        if memo.conn_count > _CONNS_MAX:
+            memo.drop_connections()
+        flat = rec if rec.flags.c_contiguous else np.ascontiguousarray(rec)
+        words = flat.view(np.uint64).reshape(len(rec), -1)[:, _CONN_WORDS] & _CONN_MASKS
+        key = ((words * _CONN_MIX).sum(axis=1) >> np.uint64(1)).view(np.int64)
+        conn, slots = memo.conn_cache.find(key)
+        # -1 reads the last row: harmless, those rows are misses already.
+        conn[~(memo.conn_words[conn] == words).all(axis=1)] = -1
+        miss = np.flatnonzero(conn < 0)
+        if len(miss):
+            # Mostly a connection whose cache slot another one took: the dict knows it.
+            get = memo.conn_by_hash.get
+            conn[miss] = [get(k, -1) for k in key[miss].tolist()]
+            conn[miss[~(memo.conn_words[conn[miss]] == words[miss]).all(axis=1)]] = -1
+            new = miss[conn[miss] < 0]
+            if len(new):
+                conn[new] = self._new_connections(rec, new, words[new], key[new])
+                memo.conn_by_hash.update(zip(key[new].tolist(), conn[new].tolist(),
+                                             strict=True))
+            memo.conn_cache.put(key[miss], slots[miss], conn[miss])
+        return conn
+
+    def _new_connections(self, rec: np.ndarray, rows: np.ndarray, words: np.ndarray,
+                         key: np.ndarray) -> np.ndarray:
+        """Ids for connections the cache did not know (one per distinct connection among
+        `rows`), with what each maps to, worked out for all of them at once."""
+        memo = self._memo
+        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        # Equal hashes, different connections: those rows get connections of their own.
+        odd = np.flatnonzero(~(words == words[first][inverse]).all(axis=1))
+        if len(odd):
+            inverse[odd] = len(first) + np.arange(len(odd))
+            first = np.concatenate([first, odd])
+        at = rows[first]
+        role = rec["role"][at].astype(np.int64)
+        server = role == ROLE_SERVER
+        lport = rec["lport"][at].astype(np.int64)
+        rport = rec["rport"][at].tolist()
+        peer_tgid = rec["peer_tgid"][at].astype(np.int64)
+        family = rec["family"][at].tolist()
+        # Service per (tgid, local port): port rules name the server side.
+        svc = memo.service_ids_of((rec["tgid"][at].astype(np.int64) << 16
+                                   | np.where(server, lport, 0)).tolist())
+        peer_svc = memo.service_ids_of((peer_tgid << 16).tolist())
+        peer_svc = [s if t else 0 for s, t in zip(peer_svc, peer_tgid.tolist(), strict=True)]
+        ours = self.local_addresses
+        peer = memo.address_ids_of(family, np.ascontiguousarray(rec["raddr"][at]).view(
+            np.uint64), ours)
+        local = memo.address_ids_of(family, np.ascontiguousarray(rec["laddr"][at]).view(
+            np.uint64), ours)
+        # A client's server endpoint labels its series and edges; a server's is 0.
+        role_list, server_list = role.tolist(), server.tolist()
+        endpoint = [0 if s else _interned_endpoint(memo, p, port)
+                    for s, p, port in zip(server_list, peer, rport, strict=True)]
+        cls = _interned_all(memo.class_ids, memo.classes,
+                            list(zip(role_list, svc, endpoint, strict=True)))
+        put = _interned_all(memo.put_ids, memo.puts,
+                            list(zip(server_list, local, lport.tolist(), svc, strict=True)))
+        client_edge = [_interned(memo.client_edge_ids, memo.client_edges, (s, e))
+                       if r == ROLE_CLIENT else -1
+                       for r, s, e in zip(role_list, svc, endpoint, strict=True)]
+        base, m = memo.conn_count, len(at)
+        memo.conn_count += m
+        while len(memo.conn_words) < base + m:
+            memo.conn_words = np.concatenate([memo.conn_words, np.zeros_like(memo.conn_words)])
+        memo.conn_words[base: base + m] = words[first]
+        for column, values in ((memo.conn_service, svc), (memo.conn_peer_service, peer_svc),
+                               (memo.conn_peer, peer), (memo.conn_local, local),
+                               (memo.conn_rport, rport), (memo.conn_class, cls),
+                               (memo.conn_put, put), (memo.conn_client_edge, client_edge),
+                               (memo.conn_server_edge, [-2] * m)):
+            column.ensure(base + m)
+            column.data[base: base + m] = values
+        return base + inverse
+
+    def _check_services(self, svc: np.ndarray, peer_svc: np.ndarray) -> None:
+        """Ask the resolver again for every service name of the batch whose last answer may
+        no longer stand (as asking for each on every batch would); rebuild what was built
+        from a name that changed."""
+        memo = self._memo
+        resolver = self.ctx.services
+        until = memo.service_until
+        if resolver.generation != memo.generation:
+            memo.generation = resolver.generation
+            until.data[:] = 0.0
+            until.data[0] = np.inf  # the "no process" service
+        now = time.monotonic()
+        stale = np.flatnonzero((until.data[svc] <= now) | (until.data[peer_svc] <= now))
+        if not len(stale):
+            return
+        changed = False
+        for sid in np.unique(np.concatenate([svc[stale], peer_svc[stale]])).tolist():
+            if until.data[sid] > now:
+                continue
+            key = memo.service_keys[sid]
+            name, until[sid] = resolver.name_until(key >> 16, key & 0xFFFF)
+            changed |= memo.service_names[sid] not in ("", name)
+            memo.service_names[sid] = name
+        if changed:
+            memo.drop_names()
+
+    def _add_local_addresses(self, local: np.ndarray) -> None:
+        """This batch's local addresses into self.local_addresses (once per address), then
+        which known addresses are ours, if that set grew."""
+        memo = self._memo
+        added = memo.address_added.data
+        if not added[local].all():
+            for aid in np.unique(local[added[local] == 0]).tolist():
+                self.local_addresses.add(memo.address_names[aid])
+                added[aid] = 1
+        if len(self.local_addresses) != memo.locals_seen:
+            memo.locals_seen = len(self.local_addresses)
+            ours = [name in self.local_addresses for name in memo.address_names]
+            memo.address_local.data[: len(ours)] = ours
+            memo.conn_server_edge.data[:] = -2  # a remote client may be local now
+
+    def _put_endpoints(self, is_server: np.ndarray, put: np.ndarray) -> None:
+        """Which service owns each local endpoint of the batch (server side: for the graph's
+        client-side edges; client side: to name a server's local client).
+
+        One put per distinct (role, local address, port, service), in the order they first
+        appear, done in bulk: the tables end up as sequential puts would leave them.
+        """
+        memo = self._memo
+        names, services = memo.address_names, memo.service_names
+        for side, table in ((True, self.server_endpoints), (False, self.client_endpoints)):
+            ids = put[is_server] if side else put[~is_server]
+            if not len(ids):
+                continue
+            items = []
+            for p in dict.fromkeys(ids.tolist()):
+                _, local, port, svc = memo.puts[p]
+                items.append(((names[local], port), services[svc]))
+            # Keys by their last put, latest first, each with its last value.
+            puts = dict(reversed(items))
+            puts.update(items)
+            table.update(puts)
+            collections.deque(map(table.move_to_end, reversed(puts)), maxlen=0)
+            while len(table) > ENDPOINTS_MAX:
+                table.popitem(last=False)
+
+    def _series(self, conn: np.ndarray, flags: np.ndarray, method: np.ndarray,
+                methods: list[str], status: np.ndarray, route_idx: np.ndarray,
+                duration_s: np.ndarray, duration_bucket: np.ndarray, req_body: np.ndarray,
+                resp_body: np.ndarray) -> None:
+        """RED series of a batch. A row's label set is its connection's class (role, service,
+        and for a client its server endpoint: a server's clients, one ephemeral port each,
+        do not split its series), flags, method, status and route, packed in one int64; the
+        memo's entry for it holds what the budget said and its series rows, so a batch of
+        known label sets is a handful of whole-array adds."""
+        memo = self._memo
+        if len(methods) > 32:
+            raise AssertionError(f"method names beyond the key's 5 bits: {methods}")
+        key = (_FLAG_CODE[flags] | method << 3 | status << 8 | route_idx << 24
+               | memo.conn_class.data[conn] << (24 + _ID_BITS))
+        entry, slots = memo.entry_cache.find(key)
+        existing = len(memo.labels)
+        miss = np.flatnonzero(entry < 0)
+        if len(miss):
+            # New label sets are admitted in the order they first appear.
+            for k, i in _first_rows(key, miss).items():
+                if k not in memo.entry_of:
+                    memo.entry_of[k] = self._new_entry(int(conn[i]), int(flags[i]),
+                                                       methods[int(method[i])],
+                                                       int(status[i]), int(route_idx[i]))
+            entry[miss] = [memo.entry_of[k] for k in key[miss].tolist()]
+            memo.entry_cache.put(key[miss], slots[miss], entry[miss])
+        table = memo.entries[entry]
+        kind = table[:, 0]
+        if memo.any_folded:
+            # Each distinct label set of a batch is one admit call; a folded one counts again.
+            again = (table[:, 4] != 0) & (entry < existing)
+            if again.any():
+                folded = np.unique(entry[again])
+                server = int(np.count_nonzero(memo.entries[folded, 0] == _SERVER))
+                self.server_budget.count_overflows(server)
+                self.client_budget.count_overflows(len(folded) - server)
+        aborted = kind == _ABORTED
+        if aborted.any():
+            ids, counts = np.unique(entry[aborted], return_counts=True)
+            for e, c in zip(ids.tolist(), counts.tolist(), strict=True):
+                self.aborted.add(memo.labels[e], float(c))
+        for side, durations, req_sizes, resp_sizes in (
+                (_SERVER, self.server_duration, self.server_req_size, self.server_resp_size),
+                (_CLIENT, self.client_duration, self.client_req_size, None)):
+            rows = np.flatnonzero(kind == side)
+            if not len(rows):
+                continue
+            at = table[rows]
+            durations.add(at[:, 1], duration_s[rows], duration_bucket[rows])
+            if resp_sizes is not None:
+                resp_sizes.add(at[:, 3], np.maximum(resp_body[rows], 0).astype(np.float64))
+            sizes = req_body[rows]
+            measured = sizes >= 0
+            req_rows = at[measured, 2]
+            if len(req_rows) and req_rows.min() < 0:
+                for e in np.unique(entry[rows[measured][req_rows < 0]]).tolist():
+                    memo.entries[e, 2] = req_sizes.slot(memo.labels[e])
+                req_rows = memo.entries[entry[rows[measured]], 2]
+            req_sizes.add(req_rows, sizes[measured].astype(np.float64))
+
+    def _new_entry(self, conn: int, flags: int, method: str, status: int, route_id: int) -> int:
+        """A new label set: admit it (the one admit call of this batch) and find its rows."""
+        memo = self._memo
+        role, svc, endpoint = memo.classes[memo.conn_class.data[conn]]
+        service = memo.service_names[svc]
+        duration = resp = -1
+        folded = False
+        if flags & FLAG_ABORTED:
+            kind = _ABORTED
+            labels: tuple[str, ...] = (service, "server" if role == ROLE_SERVER else "client")
+        elif flags & FLAG_GRPC:
+            kind, labels = _SKIPPED, ()  # gRPC has its own rpc_* metrics; it still feeds edges
+        else:
+            base = (service, method, str(status), memo.route_names[route_id],
+                    "https" if flags & FLAG_TLS else "http")
+            if role == ROLE_SERVER:
+                kind = _SERVER
+                labels = self.server_budget.admit(base, SERVER_LABELS)
+                folded = labels != base
+                duration = self.server_duration.slot(labels)
+                resp = self.server_resp_size.slot(labels)
+            else:
+                kind = _CLIENT
+                peer, port = memo.endpoints[endpoint]
+                full = (*base, peer, str(port))
+                labels = self.client_budget.admit(full, CLIENT_LABELS)
+                folded = labels != full
+                duration = self.client_duration.slot(labels)
+        # The request size row is made when a request body size is first seen.
+        return memo.add_entry(kind, labels, duration, resp, folded)
 
     # --- HTTP/2 and gRPC ---------------------------------------------------------------------
     def on_ring(self, map_name: str, records: np.ndarray) -> None:
@@ -470,54 +987,106 @@ class HttpProbe(Probe):
             r["resp_head_len"] = len(resp)
         return rec
 
-    def _addresses(self, family: np.ndarray, raw: np.ndarray) -> tuple[np.ndarray, list[str]]:
-        rows = np.concatenate([family.astype(np.uint8)[:, None], raw], axis=1)
-        first, inverse = unique_rows(rows)
-        return inverse, [format_address(int(k[0]), k[1:]) for k in rows[first]]
-
-    def _edges(self, role: np.ndarray, svc: np.ndarray, services: list[str],
-               peer_idx: np.ndarray, peer_names: list[str], rport: np.ndarray,
-               peer_tgid: np.ndarray, failed: np.ndarray, duration_s: np.ndarray) -> None:
-        """Service-graph edges of a batch, grouped before any Python per row."""
-        client = role == ROLE_CLIENT
-        if client.any():
+    def _edges(self, conn: np.ndarray, role: np.ndarray, is_server: np.ndarray,
+               failed: np.ndarray, duration_s: np.ndarray, duration_bucket: np.ndarray) -> None:
+        """Service-graph edges of a batch: per-connection memo, then whole-array adds."""
+        memo = self._memo
+        services = memo.service_names
+        client = np.flatnonzero(role == ROLE_CLIENT)
+        if len(client):
             # Client side: kept by server endpoint until a scrape can name it.
-            keys, inv = group_rows([svc[client], peer_idx[client], rport[client]])
-            dur, bad = duration_s[client], failed[client]
-            for g, (s, pe, rp) in enumerate(keys.tolist()):
-                rows = inv == g
-                totals = self.edge_client_total.setdefault(
-                    (services[s], (peer_names[pe], rp)), [0.0, 0.0])
-                totals[0] += float(np.count_nonzero(rows))
-                totals[1] += float(np.count_nonzero(bad[rows]))
-                self.edge_client_seconds.observe((services[s], f"{peer_names[pe]}:{rp}"),
-                                                 dur[rows])
-        server = role == ROLE_SERVER
-        if not server.any():
+            edge = memo.conn_client_edge.data[conn[client]]
+            memo.client_edge_row.ensure(len(memo.client_edges))
+            rows = memo.client_edge_row.data[edge]
+            if rows.min() < 0:
+                for e in np.unique(edge[rows < 0]).tolist():
+                    svc, endpoint = memo.client_edges[e]
+                    peer, port = memo.endpoints[endpoint]
+                    while len(memo.client_edge_total) <= e:
+                        memo.client_edge_total.append(None)
+                    memo.client_edge_total[e] = (services[svc], (peer, port))
+                    memo.client_edge_row[e] = self.edge_client_seconds.slot(
+                        (services[svc], f"{peer}:{port}"))
+                rows = memo.client_edge_row.data[edge]
+            counts = np.bincount(edge)
+            ids = np.flatnonzero(counts)
+            bad = np.bincount(edge, weights=failed[client], minlength=len(counts))[ids].tolist()
+            for e, n, nbad in zip(ids.tolist(), counts[ids].tolist(), bad, strict=True):
+                total_key = memo.client_edge_total[e]
+                assert total_key is not None
+                totals = self.edge_client_total.setdefault(total_key, [0.0, 0.0])
+                totals[0] += float(n)
+                totals[1] += float(nbad)
+            self.edge_client_seconds.add(rows, duration_s[client], duration_bucket[client])
+        server = np.flatnonzero(is_server)
+        if not len(server):
             return
         # Server side: a client on this host has its own records (and counts the edge); a
-        # remote client is named by its address. Each distinct client endpoint is named once.
-        keys, inv = group_rows([peer_idx[server], rport[server], peer_tgid[server]])
-        names: dict[str, int] = {}
-        per_key, remote = [], []
-        for pe, rp, pt in keys.tolist():
-            name, local = self._client_name(peer_names[pe], pt, (peer_names[pe], rp))
-            per_key.append(names.setdefault(name, len(names)))
-            remote.append(not local)
-        client_of = np.array(per_key, dtype=np.int64)[inv]
-        is_remote = np.array(remote, dtype=np.int64)[inv]
-        name_list = list(names)
-        keys2, inv2 = group_rows([client_of, svc[server], is_remote])
-        dur, bad = duration_s[server], failed[server]
-        for g, (c, s, rem) in enumerate(keys2.tolist()):
-            rows = inv2 == g
-            labels = self.edge_budget.admit((name_list[c], services[s]), EDGE_LABELS)
-            if rem:
-                self.edge_server_total.add(labels, float(np.count_nonzero(rows)))
-                nbad = float(np.count_nonzero(bad[rows]))
-                if nbad:
-                    self.edge_server_failed.add(labels, nbad)
-            self.edge_server_seconds.observe(labels, dur[rows])
+        # remote client is named by its address. Per connection its edge is worked out once,
+        # but for a local client the kernel did not name: that one goes by its port, as the
+        # client side last said.
+        sconn = conn[server]
+        memo.conn_server_edge.ensure(memo.conn_count)
+        edge = memo.conn_server_edge.data[sconn]
+        existing = len(memo.server_edge_labels)
+        if edge.min() < 0:
+            unknown = np.flatnonzero(edge < 0)
+            # In order of first appearance: a new (client, server) pair is admitted then.
+            worked = {c: self._server_edge(c) for c in _first_rows(sconn, unknown)}
+            edge[unknown] = [worked[c] for c in sconn[unknown].tolist()]
+        table = memo.server_edges[edge]
+        if memo.server_edge_folded:
+            again = (table[:, 3] != 0) & (edge < existing)
+            if again.any():
+                self.edge_budget.count_overflows(len(np.unique(edge[again])))
+        far = table[:, 1] >= 0
+        self.edge_server_total.add_rows(table[far, 1])
+        bad = far & failed[server]
+        if bad.any():
+            bad_rows = table[bad, 2]
+            if bad_rows.min() < 0:
+                for e in np.unique(edge[bad][bad_rows < 0]).tolist():
+                    memo.server_edges[e, 2] = self.edge_server_failed.slot(
+                        memo.server_edge_labels[e])
+                bad_rows = memo.server_edges[edge[bad], 2]
+            self.edge_server_failed.add_rows(bad_rows)
+        self.edge_server_seconds.add(table[:, 0], duration_s[server], duration_bucket[server])
+
+    def _server_edge(self, conn: int) -> int:
+        """The server edge of a connection's rows in this batch (remembered for the
+        connection unless its client is a local one named by port)."""
+        memo = self._memo
+        svc = int(memo.conn_service.data[conn])
+        peer_svc = int(memo.conn_peer_service.data[conn])
+        peer = int(memo.conn_peer.data[conn])
+        keep = True
+        if peer_svc:
+            name, remote = memo.service_names[peer_svc], False
+        elif memo.address_local.data[peer]:
+            address = memo.address_names[peer]
+            found = self.client_endpoints.get((address, int(memo.conn_rport.data[conn])))
+            name, remote, keep = found or "unknown", False, False
+        else:
+            name, remote = memo.address_names[peer], True
+        key = (svc, memo.name_ids.setdefault(name, len(memo.name_ids)), int(remote))
+        edge = memo.server_edge_ids.get(key)
+        if edge is None:
+            # A new (client, server) label set: this batch's admit call.
+            base = (name, memo.service_names[svc])
+            labels = self.edge_budget.admit(base, EDGE_LABELS)
+            edge = memo.server_edge_ids[key] = len(memo.server_edge_labels)
+            memo.server_edge_labels.append(labels)
+            if edge == len(memo.server_edges):
+                memo.server_edges = np.concatenate(
+                    [memo.server_edges, np.zeros_like(memo.server_edges)])
+            folded = labels != base
+            memo.server_edges[edge] = (self.edge_server_seconds.slot(labels),
+                                       self.edge_server_total.slot(labels) if remote else -1,
+                                       -1, folded)
+            memo.server_edge_folded |= folded
+        if keep:
+            memo.conn_server_edge[conn] = edge
+        return edge
 
     def _client_name(self, peer: str, peer_tgid: int,
                      endpoint: tuple[str, int] | None) -> tuple[str, bool]:
