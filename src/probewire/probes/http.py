@@ -174,8 +174,10 @@ class _Bounded(OrderedDict[tuple[str, int], str]):
 
 
 # --- record path: helpers and what on_batch keeps between batches ---------------------------------
-# Head bytes searched for the end of a request path first; longer paths take a second search.
+# Request paths are cut from the first 64 head bytes, or, for a path still open there, from
+# the first 144 (room for the longest method, its space and the 128 bytes request_paths cuts).
 _PATH_WINDOW = 64
+_LONG_PATH_WINDOW = 144
 _PATH_MAX = 128  # request_paths' cut
 # Memo tables start afresh past this many entries (each holds deterministic answers only), and
 # a batch beyond _BATCH_MAX records is taken in parts, so every id fits its bits in a key.
@@ -191,6 +193,11 @@ _SERVER, _CLIENT, _ABORTED, _SKIPPED = 0, 1, 2, 3
 _FLAG_CODE = np.array([(f & FLAG_ABORTED) | (f & FLAG_TLS) >> 1 | (f & FLAG_GRPC) >> 5
                        for f in range(256)], dtype=np.int64)
 _MIX = np.uint64(0x9E3779B97F4A7C15)
+_ALL_EQUAL = np.uint64(0x0101010101010101)
+# Row e: the masks keeping the first e bytes of a head read as little-endian 64-bit words.
+_HEAD_MASKS = np.array(
+    [[(1 << (8 * min(max(e - w, 0), 8))) - 1 for w in range(0, _LONG_PATH_WINDOW, 8)]
+     for e in range(_LONG_PATH_WINDOW + 1)], dtype=np.uint64)
 
 
 def _conn_words(dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -202,11 +209,14 @@ def _conn_words(dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
         field, offset = dtype.fields[name][:2]  # type: ignore[index]
         keep[offset: offset + field.itemsize] = 0xFF
     words = keep.view(np.uint64)
-    index = np.flatnonzero(words)
+    index = words.nonzero()[0]
     return index, words[index]
 
 
 _CONN_WORDS, _CONN_MASKS = _conn_words(HTTP_EXCHANGE)
+# The request head is followed by the response head in every record.
+_REQ_HEAD_SPARE = (HTTP_EXCHANGE.fields["req_head"][1] + HEAD_LEN  # type: ignore[index]
+                   < HTTP_EXCHANGE.itemsize)
 _CONN_MIX = (np.arange(1, len(_CONN_WORDS) + 1, dtype=np.uint64) * _MIX) | np.uint64(1)
 
 
@@ -229,38 +239,62 @@ def _path_ends(text: np.ndarray, start: np.ndarray, limit: np.ndarray) -> np.nda
 
 def _request_path_keys(heads: np.ndarray, head_lens: np.ndarray, method_lens: np.ndarray,
                        ) -> list[bytes]:
-    """Each row's path: `request_paths(...)[i].tobytes().rstrip(b"\\0")`, exactly.
-
-    A path ends at the first space, CR, LF or '?' after "METHOD ", at the head's end, or
-    _PATH_MAX bytes on. String searches (S-dtype ufuncs, a few ns a row) find the end in the
-    first _PATH_WINDOW bytes for nearly every row, where request_paths gathers a 128-byte
-    window per row; rows still open there search their whole head.
-    """
+    """Each row's path: `request_paths(...)[i].tobytes().rstrip(b"\0")`, exactly."""
     start = method_lens + 1
-    text = _as_strings(heads, _PATH_WINDOW)
-    limit = np.minimum(head_lens, _PATH_WINDOW)
-    end = _path_ends(text, start, limit)
+    width = heads.shape[1]
+    text = _as_strings(heads, width)
+    end = _path_ends(text, start, np.minimum(np.minimum(head_lens, width), start + _PATH_MAX))
     # S-dtype values drop trailing NULs, as the rstrip of the zero-padded path did.
     keys: list[bytes] = np.strings.slice(text, start, end).tolist()
-    longer = np.flatnonzero((end == _PATH_WINDOW) & (head_lens > _PATH_WINDOW))
-    if len(longer):
-        width = heads.shape[1]
-        text = _as_strings(heads[longer], width)
-        start = start[longer]
-        limit = np.minimum(np.minimum(head_lens[longer], width), start + _PATH_MAX)
-        end = _path_ends(text, start, limit)
-        for i, key in zip(longer.tolist(), np.strings.slice(text, start, end).tolist(),
-                          strict=True):
-            keys[i] = key
     return keys
 
 
-def _header_ends(heads: np.ndarray, head_lens: np.ndarray) -> np.ndarray:
-    """`header_lengths(heads, head_lens)`: one substring search per row."""
-    if not len(heads):
+def _head_words(heads: np.ndarray, width: int, end: np.ndarray) -> np.ndarray:
+    """The first `width` bytes of each head as 64-bit words, every byte from end[i] on zeroed.
+
+    With the path's start, these words decide the path exactly: it is their bytes from
+    start, less trailing NULs (as request_paths' zero padding and the rstrip of it).
+    """
+    part = heads[:, :width]
+    if part.strides[-1] != 1:
+        part = np.ascontiguousarray(part)
+    masks = _HEAD_MASKS if width == _LONG_PATH_WINDOW else _HEAD_MASKS[: width + 1, : width // 8]
+    masked: np.ndarray = part.view(np.uint64) & masks.take(end, axis=0)
+    return masked
+
+
+def _header_ends(heads: np.ndarray, head_lens: np.ndarray, spare_byte: bool) -> np.ndarray:
+    """`header_lengths(heads, head_lens)`: one substring search per row.
+
+    A search over S-dtype items first finds each item's length by skipping its trailing
+    NULs, which costs as much as the search when heads are short. With `spare_byte` (the
+    byte after each head is readable: the next field, or the next record's type tag) the
+    items take that byte too, which is seldom NUL, and the skip stops at once; the search
+    itself stays within each head's length.
+    """
+    n, width = heads.shape
+    if not n:
         return np.zeros(0, dtype=np.int64)
-    found = np.strings.find(_as_strings(heads, heads.shape[1]), b"\r\n\r\n", 0, head_lens)
+    head_lens = np.minimum(head_lens, width)
+    if not spare_byte or heads.strides[-1] != 1:
+        text = _as_strings(heads, width)
+    else:
+        text = np.lib.stride_tricks.as_strided(
+            heads, shape=(n, width + 1), strides=heads.strides, writeable=False
+        ).view(f"S{width + 1}")[:, 0]
+    found = np.strings.find(text, b"\r\n\r\n", 0, head_lens)
     return np.where(found >= 0, found + 4, -1)
+
+
+def _same_rows(table: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Whether table[ids[i]] equals rows[i] for each i. -1 ids read the last row of the
+    table; callers treat those rows as misses anyway."""
+    equal = table.take(ids, axis=0) == rows
+    # Rows of 8 words: all 8 bytes of a row of the bool array are 1, one compare per row
+    # where a reduction along a short axis costs ~10 ns a row.
+    same: np.ndarray = (equal.view(np.uint64)[:, 0] == _ALL_EQUAL if equal.shape[1] == 8
+                        else equal.all(axis=1))
+    return same
 
 
 def _first_rows(keys: np.ndarray, rows: np.ndarray) -> dict[int, int]:
@@ -311,6 +345,50 @@ class _Column:
             self.data = np.concatenate([self.data, grow])
 
 
+class _PathTable:
+    """Request paths cut from one window of the head: (head words up to the path's end, the
+    path's start) -> route id, for a whole column at once. Misses (new paths, or paths whose
+    cache slot another took) are worked out per row and added."""
+
+    def __init__(self, width: int, cache_bits: int) -> None:
+        self.cache = _IdCache(cache_bits)
+        self.ids: dict[bytes, int] = {}
+        self.words = np.zeros((64, width // 8), dtype=np.uint64)
+        self.start = _Column()
+        self.route = _Column()
+        self._mix = (np.arange(1, width // 8 + 1, dtype=np.uint64) * _MIX) | np.uint64(1)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def routes(self, words: np.ndarray, start: np.ndarray,
+               route_of: Callable[[bytes], int]) -> np.ndarray:
+        key = ((words @ self._mix ^ start.astype(np.uint64) * _MIX) >> np.uint64(1)
+               ).view(np.int64)
+        ids, slots = self.cache.find(key)
+        same = _same_rows(self.words, ids, words) & (self.start.data[ids] == start)
+        ids[~same] = -1
+        miss = (ids < 0).nonzero()[0]
+        if len(miss):
+            found = []
+            for first, row in zip(start[miss].tolist(), words[miss], strict=True):
+                raw = row.tobytes()
+                pid = self.ids.get(raw + bytes((first,)))
+                if pid is None:
+                    pid = self.ids[raw + bytes((first,))] = len(self.ids)
+                    if pid == len(self.words):
+                        self.words = np.concatenate([self.words, np.zeros_like(self.words)])
+                    self.words[pid] = row
+                    self.start[pid] = first
+                    # The path: from its start, less the zero padding (request_paths' rstrip).
+                    self.route[pid] = route_of(raw[first:].rstrip(b"\0"))
+                found.append(pid)
+            ids[miss] = found
+            self.cache.put(key[miss], slots[miss], ids[miss])
+        route: np.ndarray = self.route.data[ids]
+        return route
+
+
 class _Memo:
     """What on_batch keeps between batches, so a steady stream of records costs whole-array
     work only: per connection (process, role, addresses, ports, peer process) its service,
@@ -324,10 +402,16 @@ class _Memo:
     """
 
     def __init__(self) -> None:
-        # Request path -> route id; route ids name routes.
+        # Request paths: head words up to the path's end and its start -> route id, for paths
+        # ending in the first window and in the longer one; by the path's bytes -> route id.
+        # Route ids name routes. Slow rows (method left to user space, pipelined): (head,
+        # index) -> (route, method).
+        self.paths = _PathTable(_PATH_WINDOW, 17)
+        self.long_paths = _PathTable(_LONG_PATH_WINDOW, 15)
         self.path_route: dict[bytes, int] = {}
         self.route_ids: dict[str, int] = {}
         self.route_names: list[str] = []
+        self.slow_requests: dict[tuple[bytes, int], tuple[int, str]] = {}
         # (family, address words) -> id; per id its string, whether it is one of ours
         # (self.local_addresses, as of `locals_seen` of them) and whether it was added there.
         self.address_ids: dict[tuple[int, int, int], int] = {}
@@ -440,10 +524,11 @@ class _Memo:
         return ids
 
     def too_big(self) -> bool:
-        return max(len(self.path_route), len(self.route_names), len(self.address_names),
-                   len(self.service_keys), len(self.endpoints), len(self.classes),
-                   len(self.client_edges), len(self.labels), len(self.name_ids),
-                   len(self.server_edge_labels)) > _MEMO_MAX
+        return max(len(self.paths), len(self.long_paths), len(self.path_route),
+                   len(self.slow_requests), len(self.route_names),
+                   len(self.address_names), len(self.service_keys), len(self.endpoints),
+                   len(self.classes), len(self.client_edges), len(self.labels),
+                   len(self.name_ids), len(self.server_edge_labels)) > _MEMO_MAX
 
 
 _K = TypeVar("_K")
@@ -573,42 +658,72 @@ class HttpProbe(Probe):
         route string always has the same index.
         """
         memo = self._memo
-        n = len(rec)
         method = rec["method"].astype(np.int64)
-        slow = (method == 0) | (rec["pipe_idx"] > 0)
-        method_names = list(METHODS)
-        route_idx = np.zeros(n, dtype=np.int64)
+        pipe_idx = rec["pipe_idx"]
+        slow = (method == 0) | (pipe_idx > 0)
         any_slow = bool(slow.any())
-        fast = np.flatnonzero(~slow) if any_slow else None
-        heads = rec["req_head"] if fast is None else rec["req_head"][fast]
-        if len(heads):
-            lens = rec["req_head_len"].astype(np.int64)
-            paths = _request_path_keys(heads, lens if fast is None else lens[fast],
-                                       METHOD_LEN[method if fast is None else method[fast]])
-            get = memo.path_route.get
-            ids = [get(p, -1) for p in paths]
-            if -1 in ids:
-                for i, p in enumerate(paths):
-                    if ids[i] < 0:
-                        ids[i] = memo.path_route[p] = memo.route_id(self.routes.template(p))
-            if fast is None:
-                route_idx[:] = ids
-            else:
-                route_idx[fast] = ids
+        lens = rec["req_head_len"].astype(np.int64)
+        # Slow rows' heads are read whole below; here they count as empty.
+        route_idx = self._path_routes(rec["req_head"], np.where(slow, 0, lens) if any_slow
+                                      else lens, METHOD_LEN[method])
+        method_names = list(METHODS)
         if any_slow:
-            for i in np.flatnonzero(slow).tolist():
-                head = rec["req_head"][i][: int(rec["req_head_len"][i])].tobytes()
-                parsed = nth_request(head, int(rec["pipe_idx"][i]))
-                if parsed is None:
-                    route, m = UNKNOWN_ROUTE, "_OTHER"
-                else:
-                    m, target = parsed
-                    route = self.routes.template(target)
+            for i in slow.nonzero()[0].tolist():
+                request = (rec["req_head"][i][: int(lens[i])].tobytes(), int(pipe_idx[i]))
+                known = memo.slow_requests.get(request)
+                if known is None:
+                    parsed = nth_request(*request)
+                    if parsed is None:
+                        known = (memo.route_id(UNKNOWN_ROUTE), "_OTHER")
+                    else:
+                        m, target = parsed
+                        known = (memo.route_id(self.routes.template(target)), m)
+                    memo.slow_requests[request] = known
+                route_idx[i], m = known
                 if m not in method_names:
                     method_names.append(m)
                 method[i] = method_names.index(m)
-                route_idx[i] = memo.route_id(route)
         return memo.route_names, method_names, method, route_idx
+
+    def _path_routes(self, heads: np.ndarray, head_lens: np.ndarray, method_lens: np.ndarray,
+                     ) -> np.ndarray:
+        """Route id of each row's request path (request_paths' cut, then templated).
+
+        Each path's end is found by string searches in the first _PATH_WINDOW head bytes
+        (or _LONG_PATH_WINDOW, for paths still open there); the head's words up to it and the
+        path's start are then looked up whole-array in the memo's path tables, so a batch of
+        known paths needs no Python per row.
+        """
+        memo = self._memo
+        start = method_lens + 1
+        end = _path_ends(_as_strings(heads, _PATH_WINDOW), start,
+                         np.minimum(head_lens, _PATH_WINDOW))
+        # A path reaching the window's end may go on: those rows look in the longer window
+        # (and never in this one's table, where their words could pass for a shorter path).
+        reach = end == _PATH_WINDOW
+        words = _head_words(heads, _PATH_WINDOW, end)
+        if not reach.any():
+            return memo.paths.routes(words, start, self._route_of)
+        longer = reach.nonzero()[0]
+        shorter = (~reach).nonzero()[0]
+        route = np.zeros(len(heads), dtype=np.int64)
+        if len(shorter):
+            route[shorter] = memo.paths.routes(words[shorter], start[shorter], self._route_of)
+        if len(longer):
+            width = min(_LONG_PATH_WINDOW, heads.shape[1])
+            heads, start = heads[longer], start[longer]
+            end = _path_ends(_as_strings(heads, width), start,
+                             np.minimum(np.minimum(head_lens[longer], width), start + _PATH_MAX))
+            route[longer] = memo.long_paths.routes(_head_words(heads, width, end), start,
+                                                   self._route_of)
+        return route
+
+    def _route_of(self, path: bytes) -> int:
+        memo = self._memo
+        found = memo.path_route.get(path)
+        if found is None:
+            found = memo.path_route[path] = memo.route_id(self.routes.template(path))
+        return found
 
     def _route_id(self, route: str) -> int:
         rid = self.route_ids.get(route)
@@ -659,8 +774,9 @@ class HttpProbe(Probe):
         conn = self._connections(rec)
         svc = memo.conn_service.data[conn]
         self._check_services(svc, memo.conn_peer_service.data[conn])
-        req_hdr = _header_ends(rec["req_head"], rec["req_head_len"].astype(np.int64))
-        resp_hdr = _header_ends(rec["resp_head"], rec["resp_head_len"].astype(np.int64))
+        req_hdr = _header_ends(rec["req_head"], rec["req_head_len"].astype(np.int64),
+                               _REQ_HEAD_SPARE)
+        resp_hdr = self._response_header_ends(rec)
         resp_hdr = np.where(resp_hdr < 0, rec["resp_first_write"].astype(np.int64), resp_hdr)
         req_body = np.where((req_hdr >= 0) & (rec["pipe_idx"] == 0),
                             rec["req_bytes"].astype(np.int64) - req_hdr, -1)
@@ -690,6 +806,16 @@ class HttpProbe(Probe):
             for sink in self.sinks:
                 sink(batch)
 
+    @staticmethod
+    def _response_header_ends(rec: np.ndarray) -> np.ndarray:
+        """Response header lengths; the byte after a row's response head is the next record's
+        (the field ends the record), so all but the last row can read one byte on."""
+        heads, lens = rec["resp_head"], rec["resp_head_len"].astype(np.int64)
+        if len(rec) < 2 or not rec.flags.c_contiguous:
+            return _header_ends(heads, lens, False)
+        return np.concatenate([_header_ends(heads[:-1], lens[:-1], True),
+                               _header_ends(heads[-1:], lens[-1:], False)])
+
     def _connections(self, rec: np.ndarray) -> np.ndarray:
         """The memo's connection id of each row.
 
@@ -701,16 +827,16 @@ class HttpProbe(Probe):
             memo.drop_connections()
         flat = rec if rec.flags.c_contiguous else np.ascontiguousarray(rec)
         words = flat.view(np.uint64).reshape(len(rec), -1)[:, _CONN_WORDS] & _CONN_MASKS
-        key = ((words * _CONN_MIX).sum(axis=1) >> np.uint64(1)).view(np.int64)
+        key = (words @ _CONN_MIX >> np.uint64(1)).view(np.int64)
         conn, slots = memo.conn_cache.find(key)
         # -1 reads the last row: harmless, those rows are misses already.
-        conn[~(memo.conn_words[conn] == words).all(axis=1)] = -1
-        miss = np.flatnonzero(conn < 0)
+        conn[~_same_rows(memo.conn_words, conn, words)] = -1
+        miss = (conn < 0).nonzero()[0]
         if len(miss):
             # Mostly a connection whose cache slot another one took: the dict knows it.
             get = memo.conn_by_hash.get
             conn[miss] = [get(k, -1) for k in key[miss].tolist()]
-            conn[miss[~(memo.conn_words[conn[miss]] == words[miss]).all(axis=1)]] = -1
+            conn[miss[~_same_rows(memo.conn_words, conn[miss], words[miss])]] = -1
             new = miss[conn[miss] < 0]
             if len(new):
                 conn[new] = self._new_connections(rec, new, words[new], key[new])
@@ -727,7 +853,7 @@ class HttpProbe(Probe):
         _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
         inverse = inverse.reshape(-1)
         # Equal hashes, different connections: those rows get connections of their own.
-        odd = np.flatnonzero(~(words == words[first][inverse]).all(axis=1))
+        odd = (~(words == words[first][inverse]).all(axis=1)).nonzero()[0]
         if len(odd):
             inverse[odd] = len(first) + np.arange(len(odd))
             first = np.concatenate([first, odd])
@@ -785,7 +911,7 @@ class HttpProbe(Probe):
             until.data[:] = 0.0
             until.data[0] = np.inf  # the "no process" service
         now = time.monotonic()
-        stale = np.flatnonzero((until.data[svc] <= now) | (until.data[peer_svc] <= now))
+        stale = ((until.data[svc] <= now) | (until.data[peer_svc] <= now)).nonzero()[0]
         if not len(stale):
             return
         changed = False
@@ -855,7 +981,7 @@ class HttpProbe(Probe):
                | memo.conn_class.data[conn] << (24 + _ID_BITS))
         entry, slots = memo.entry_cache.find(key)
         existing = len(memo.labels)
-        miss = np.flatnonzero(entry < 0)
+        miss = (entry < 0).nonzero()[0]
         if len(miss):
             # New label sets are admitted in the order they first appear.
             for k, i in _first_rows(key, miss).items():
@@ -865,7 +991,7 @@ class HttpProbe(Probe):
                                                        int(status[i]), int(route_idx[i]))
             entry[miss] = [memo.entry_of[k] for k in key[miss].tolist()]
             memo.entry_cache.put(key[miss], slots[miss], entry[miss])
-        table = memo.entries[entry]
+        table = memo.entries.take(entry, axis=0)
         kind = table[:, 0]
         if memo.any_folded:
             # Each distinct label set of a batch is one admit call; a folded one counts again.
@@ -883,10 +1009,10 @@ class HttpProbe(Probe):
         for side, durations, req_sizes, resp_sizes in (
                 (_SERVER, self.server_duration, self.server_req_size, self.server_resp_size),
                 (_CLIENT, self.client_duration, self.client_req_size, None)):
-            rows = np.flatnonzero(kind == side)
+            rows = (kind == side).nonzero()[0]
             if not len(rows):
                 continue
-            at = table[rows]
+            at = table.take(rows, axis=0)
             durations.add(at[:, 1], duration_s[rows], duration_bucket[rows])
             if resp_sizes is not None:
                 resp_sizes.add(at[:, 3], np.maximum(resp_body[rows], 0).astype(np.float64))
@@ -992,7 +1118,7 @@ class HttpProbe(Probe):
         """Service-graph edges of a batch: per-connection memo, then whole-array adds."""
         memo = self._memo
         services = memo.service_names
-        client = np.flatnonzero(role == ROLE_CLIENT)
+        client = (role == ROLE_CLIENT).nonzero()[0]
         if len(client):
             # Client side: kept by server endpoint until a scrape can name it.
             edge = memo.conn_client_edge.data[conn[client]]
@@ -1009,7 +1135,7 @@ class HttpProbe(Probe):
                         (services[svc], f"{peer}:{port}"))
                 rows = memo.client_edge_row.data[edge]
             counts = np.bincount(edge)
-            ids = np.flatnonzero(counts)
+            ids = counts.nonzero()[0]
             bad = np.bincount(edge, weights=failed[client], minlength=len(counts))[ids].tolist()
             for e, n, nbad in zip(ids.tolist(), counts[ids].tolist(), bad, strict=True):
                 total_key = memo.client_edge_total[e]
@@ -1018,7 +1144,7 @@ class HttpProbe(Probe):
                 totals[0] += float(n)
                 totals[1] += float(nbad)
             self.edge_client_seconds.add(rows, duration_s[client], duration_bucket[client])
-        server = np.flatnonzero(is_server)
+        server = is_server.nonzero()[0]
         if not len(server):
             return
         # Server side: a client on this host has its own records (and counts the edge); a
@@ -1030,11 +1156,11 @@ class HttpProbe(Probe):
         edge = memo.conn_server_edge.data[sconn]
         existing = len(memo.server_edge_labels)
         if edge.min() < 0:
-            unknown = np.flatnonzero(edge < 0)
+            unknown = (edge < 0).nonzero()[0]
             # In order of first appearance: a new (client, server) pair is admitted then.
             worked = {c: self._server_edge(c) for c in _first_rows(sconn, unknown)}
             edge[unknown] = [worked[c] for c in sconn[unknown].tolist()]
-        table = memo.server_edges[edge]
+        table = memo.server_edges.take(edge, axis=0)
         if memo.server_edge_folded:
             again = (table[:, 3] != 0) & (edge < existing)
             if again.any():
