@@ -136,7 +136,10 @@ def synthetic_records(n: int, seed: int = 0, ids: int = 500, rare: bool = True,
         ephemeral = 32768 + (np.arange(n) * 7919) % 28000
     rec["lport"] = np.where(is_server, ports[server], ephemeral)
     rec["rport"] = np.where(is_server, ephemeral, ports[server])
-    rec["peer_tgid"] = np.where(is_server & ~remote, CLIENT_TGID + client, 0)
+    # The kernel names a local client's process, but not always (it exited, or connected
+    # before the agent started): then its endpoint names it.
+    rec["peer_tgid"] = np.where(is_server & ~remote & (rng.random(n) > 0.1),
+                                CLIENT_TGID + client, 0)
     rec["laddr"][:, :4] = [127, 0, 0, 1]
     rec["raddr"][:, :4] = [127, 0, 0, 1]
     far = np.flatnonzero(is_server & remote)

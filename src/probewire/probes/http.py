@@ -214,6 +214,20 @@ def _conn_words(dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
 
 
 _CONN_WORDS, _CONN_MASKS = _conn_words(HTTP_EXCHANGE)
+
+
+def _port_clear(dtype: np.dtype, name: str) -> tuple[int, np.uint64]:
+    """(column of the connection words holding port field `name`, mask clearing it)."""
+    offset = dtype.fields[name][1]  # type: ignore[index]
+    column = int(np.flatnonzero(offset // 8 == _CONN_WORDS)[0])
+    return column, ~np.uint64(0xFFFF << (8 * (offset % 8)))
+
+
+# A connection's ephemeral port (a server's client port, a client's own port) is left out of
+# its words: what the memo keeps per connection does not depend on it.
+_LPORT_CLEAR = _port_clear(HTTP_EXCHANGE, "lport")
+_RPORT_CLEAR = _port_clear(HTTP_EXCHANGE, "rport")
+_KEEP_ALL = ~np.uint64(0)
 # The request head is followed by the response head in every record.
 _REQ_HEAD_SPARE = (HTTP_EXCHANGE.fields["req_head"][1] + HEAD_LEN  # type: ignore[index]
                    < HTTP_EXCHANGE.itemsize)
@@ -452,14 +466,12 @@ class _Memo:
         self.conn_peer_service = _Column()  # the peer process's service, 0 if unknown
         self.conn_peer = _Column()
         self.conn_local = _Column()
-        self.conn_rport = _Column()
         self.conn_class = _Column()
         self.conn_put = _Column()
         self.conn_client_edge = _Column()
         self.conn_server_edge = _Column(-2)
-        # Endpoint puts: (server side?, local address, port, service) -> id.
-        self.put_ids: dict[tuple[int, int, int, int], int] = {}
-        self.puts: list[tuple[int, int, int, int]] = []
+        # Endpoint put key (see _new_connections) -> ((local address, port), service).
+        self.put_items: dict[int, tuple[tuple[str, int], str]] = {}
 
     def drop_names(self) -> None:
         """Forget everything built from service names (one changed)."""
@@ -480,6 +492,7 @@ class _Memo:
         # total, failed), folded?
         self.name_ids: dict[str, int] = {}
         self.conn_server_edge.data[:] = -2
+        self.put_items.clear()
         self.server_edge_ids: dict[tuple[int, int, int], int] = {}
         self.server_edge_labels: list[tuple[str, ...]] = []
         self.server_edges = np.zeros((64, 4), dtype=np.int64)
@@ -771,7 +784,8 @@ class HttpProbe(Probe):
         routes, methods, method, route_idx = self._routes_and_methods(rec)
         if self.aggregate and self.obj is not None:
             self._register_routes(rec, routes, route_idx)
-        conn = self._connections(rec)
+        is_server = role == ROLE_SERVER
+        conn = self._connections(rec, is_server)
         svc = memo.conn_service.data[conn]
         self._check_services(svc, memo.conn_peer_service.data[conn])
         req_hdr = _header_ends(rec["req_head"], rec["req_head_len"].astype(np.int64),
@@ -782,17 +796,18 @@ class HttpProbe(Probe):
                             rec["req_bytes"].astype(np.int64) - req_hdr, -1)
         resp_body = rec["resp_bytes"].astype(np.int64) - resp_hdr
         duration_bucket = self.server_duration.buckets(duration_s)
-        is_server = role == ROLE_SERVER
         local = memo.conn_local.data[conn]
         with self._lock:
             self.records += n
             self.exchanges_from_records += n
             self._add_local_addresses(local)
-            self._put_endpoints(is_server, memo.conn_put.data[conn])
+            lport = rec["lport"].astype(np.int64)
+            self._put_endpoints(is_server, memo.conn_put.data[conn]
+                                + np.where(is_server, 0, lport << 1))
             self._series(conn, flags, method, methods, status, route_idx, duration_s,
                          duration_bucket, req_body, resp_body)
-            self._edges(conn, role, is_server, aborted | (status >= 500), duration_s,
-                        duration_bucket)
+            self._edges(conn, role, is_server, rec["rport"], aborted | (status >= 500),
+                        duration_s, duration_bucket)
         if self.sinks:
             services, addresses = memo.service_names, memo.address_names
             batch = ExchangeBatch(
@@ -816,17 +831,26 @@ class HttpProbe(Probe):
         return np.concatenate([_header_ends(heads[:-1], lens[:-1], True),
                                _header_ends(heads[-1:], lens[-1:], False)])
 
-    def _connections(self, rec: np.ndarray) -> np.ndarray:
+    def _connections(self, rec: np.ndarray, is_server: np.ndarray) -> np.ndarray:
         """The memo's connection id of each row.
 
         A connection is the words of the record holding process, role, addresses, ports and
-        peer process; it is looked up by a hash of them and confirmed by comparing them all.
+        peer process, less the ephemeral port (a server's client port, a client's own port:
+        nothing kept per connection depends on it, and a host opening connections without
+        end opens few of these). It is looked up by a hash of its words and confirmed by
+        comparing them all.
         """
         memo = self._memo
         if memo.conn_count > _CONNS_MAX:
             memo.drop_connections()
         flat = rec if rec.flags.c_contiguous else np.ascontiguousarray(rec)
         words = flat.view(np.uint64).reshape(len(rec), -1)[:, _CONN_WORDS] & _CONN_MASKS
+        (lcol, lclear), (rcol, rclear) = _LPORT_CLEAR, _RPORT_CLEAR
+        if lcol == rcol:
+            words[:, lcol] &= np.where(is_server, rclear, lclear)
+        else:
+            words[:, rcol] &= np.where(is_server, rclear, _KEEP_ALL)
+            words[:, lcol] &= np.where(is_server, _KEEP_ALL, lclear)
         key = (words @ _CONN_MIX >> np.uint64(1)).view(np.int64)
         conn, slots = memo.conn_cache.find(key)
         # -1 reads the last row: harmless, those rows are misses already.
@@ -880,8 +904,10 @@ class HttpProbe(Probe):
                     for s, p, port in zip(server_list, peer, rport, strict=True)]
         cls = _interned_all(memo.class_ids, memo.classes,
                             list(zip(role_list, svc, endpoint, strict=True)))
-        put = _interned_all(memo.put_ids, memo.puts,
-                            list(zip(server_list, local, lport.tolist(), svc, strict=True)))
+        # Endpoint puts, keyed (service, local address, port, server side?) in an int; a
+        # client's own port is the row's, added per row.
+        put = ((np.array(svc) << _ID_BITS | np.array(local)) << 16
+               | np.where(server, lport, 0)) << 1 | server
         client_edge = [_interned(memo.client_edge_ids, memo.client_edges, (s, e))
                        if r == ROLE_CLIENT else -1
                        for r, s, e in zip(role_list, svc, endpoint, strict=True)]
@@ -892,7 +918,7 @@ class HttpProbe(Probe):
         memo.conn_words[base: base + m] = words[first]
         for column, values in ((memo.conn_service, svc), (memo.conn_peer_service, peer_svc),
                                (memo.conn_peer, peer), (memo.conn_local, local),
-                               (memo.conn_rport, rport), (memo.conn_class, cls),
+                               (memo.conn_class, cls),
                                (memo.conn_put, put), (memo.conn_client_edge, client_edge),
                                (memo.conn_server_edge, [-2] * m)):
             column.ensure(base + m)
@@ -948,15 +974,19 @@ class HttpProbe(Probe):
         appear, done in bulk: the tables end up as sequential puts would leave them.
         """
         memo = self._memo
-        names, services = memo.address_names, memo.service_names
+        made = memo.put_items
+        if len(made) > _MEMO_MAX:
+            made.clear()
         for side, table in ((True, self.server_endpoints), (False, self.client_endpoints)):
-            ids = put[is_server] if side else put[~is_server]
-            if not len(ids):
+            keys = put[is_server] if side else put[~is_server]
+            if not len(keys):
                 continue
-            items = []
-            for p in dict.fromkeys(ids.tolist()):
-                _, local, port, svc = memo.puts[p]
-                items.append(((names[local], port), services[svc]))
+            order = dict.fromkeys(keys.tolist())
+            for k in [k for k in order if k not in made]:
+                local = (k >> 17) & ((1 << _ID_BITS) - 1)
+                made[k] = ((memo.address_names[local], (k >> 1) & 0xFFFF),
+                           memo.service_names[k >> (17 + _ID_BITS)])
+            items = list(map(made.__getitem__, order))
             # Keys by their last put, latest first, each with its last value.
             puts = dict(reversed(items))
             puts.update(items)
@@ -1114,7 +1144,8 @@ class HttpProbe(Probe):
         return rec
 
     def _edges(self, conn: np.ndarray, role: np.ndarray, is_server: np.ndarray,
-               failed: np.ndarray, duration_s: np.ndarray, duration_bucket: np.ndarray) -> None:
+               rport: np.ndarray, failed: np.ndarray, duration_s: np.ndarray,
+               duration_bucket: np.ndarray) -> None:
         """Service-graph edges of a batch: per-connection memo, then whole-array adds."""
         memo = self._memo
         services = memo.service_names
@@ -1156,10 +1187,12 @@ class HttpProbe(Probe):
         edge = memo.conn_server_edge.data[sconn]
         existing = len(memo.server_edge_labels)
         if edge.min() < 0:
-            unknown = (edge < 0).nonzero()[0]
-            # In order of first appearance: a new (client, server) pair is admitted then.
-            worked = {c: self._server_edge(c) for c in _first_rows(sconn, unknown)}
-            edge[unknown] = [worked[c] for c in sconn[unknown].tolist()]
+            client_port = rport[server]
+            # Row by row, in order: a new (client, server) pair is admitted when first seen.
+            for i in (edge < 0).nonzero()[0].tolist():
+                c = int(sconn[i])
+                known = int(memo.conn_server_edge.data[c])
+                edge[i] = known if known >= 0 else self._server_edge(c, int(client_port[i]))
         table = memo.server_edges.take(edge, axis=0)
         if memo.server_edge_folded:
             again = (table[:, 3] != 0) & (edge < existing)
@@ -1178,9 +1211,9 @@ class HttpProbe(Probe):
             self.edge_server_failed.add_rows(bad_rows)
         self.edge_server_seconds.add(table[:, 0], duration_s[server], duration_bucket[server])
 
-    def _server_edge(self, conn: int) -> int:
-        """The server edge of a connection's rows in this batch (remembered for the
-        connection unless its client is a local one named by port)."""
+    def _server_edge(self, conn: int, client_port: int) -> int:
+        """The server edge of a row of a connection (remembered for the connection, unless
+        its client is a local one named by its port: -3 then, worked out per row)."""
         memo = self._memo
         svc = int(memo.conn_service.data[conn])
         peer_svc = int(memo.conn_peer_service.data[conn])
@@ -1190,7 +1223,7 @@ class HttpProbe(Probe):
             name, remote = memo.service_names[peer_svc], False
         elif memo.address_local.data[peer]:
             address = memo.address_names[peer]
-            found = self.client_endpoints.get((address, int(memo.conn_rport.data[conn])))
+            found = self.client_endpoints.get((address, client_port))
             name, remote, keep = found or "unknown", False, False
         else:
             name, remote = memo.address_names[peer], True
@@ -1210,8 +1243,7 @@ class HttpProbe(Probe):
                                        self.edge_server_total.slot(labels) if remote else -1,
                                        -1, folded)
             memo.server_edge_folded |= folded
-        if keep:
-            memo.conn_server_edge[conn] = edge
+        memo.conn_server_edge[conn] = edge if keep else -3
         return edge
 
     def _client_name(self, peer: str, peer_tgid: int,
