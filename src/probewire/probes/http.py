@@ -803,7 +803,7 @@ class HttpProbe(Probe):
             self._add_local_addresses(local)
             lport = rec["lport"].astype(np.int64)
             self._put_endpoints(is_server, memo.conn_put.data[conn]
-                                + np.where(is_server, 0, lport << 1))
+                                + np.where(is_server, 0, lport << 8))
             self._series(conn, flags, method, methods, status, route_idx, duration_s,
                          duration_bucket, req_body, resp_body)
             self._edges(conn, role, is_server, rec["rport"], aborted | (status >= 500),
@@ -904,10 +904,10 @@ class HttpProbe(Probe):
                     for s, p, port in zip(server_list, peer, rport, strict=True)]
         cls = _interned_all(memo.class_ids, memo.classes,
                             list(zip(role_list, svc, endpoint, strict=True)))
-        # Endpoint puts, keyed (service, local address, port, server side?) in an int; a
-        # client's own port is the row's, added per row.
+        # Endpoint puts, keyed (service, local address, port, role) in an int; a client's
+        # own port is the row's, added per row.
         put = ((np.array(svc) << _ID_BITS | np.array(local)) << 16
-               | np.where(server, lport, 0)) << 1 | server
+               | np.where(server, lport, 0)) << 8 | role
         client_edge = [_interned(memo.client_edge_ids, memo.client_edges, (s, e))
                        if r == ROLE_CLIENT else -1
                        for r, s, e in zip(role_list, svc, endpoint, strict=True)]
@@ -971,7 +971,8 @@ class HttpProbe(Probe):
         client-side edges; client side: to name a server's local client).
 
         One put per distinct (role, local address, port, service), in the order they first
-        appear, done in bulk: the tables end up as sequential puts would leave them.
+        appear, done in bulk: the tables end up as sequential puts would leave them. `put` is
+        each row's key, (service, local address, port, role) packed in an int.
         """
         memo = self._memo
         made = memo.put_items
@@ -983,9 +984,9 @@ class HttpProbe(Probe):
                 continue
             order = dict.fromkeys(keys.tolist())
             for k in [k for k in order if k not in made]:
-                local = (k >> 17) & ((1 << _ID_BITS) - 1)
-                made[k] = ((memo.address_names[local], (k >> 1) & 0xFFFF),
-                           memo.service_names[k >> (17 + _ID_BITS)])
+                local = (k >> 24) & ((1 << _ID_BITS) - 1)
+                made[k] = ((memo.address_names[local], (k >> 8) & 0xFFFF),
+                           memo.service_names[k >> (24 + _ID_BITS)])
             items = list(map(made.__getitem__, order))
             # Keys by their last put, latest first, each with its last value.
             puts = dict(reversed(items))
