@@ -118,3 +118,13 @@ def test_concurrent_admits_respect_the_budget() -> None:
         thread.join()
     assert budget.active_series == 51
     assert budget.overflows == 4 * 500 - 50
+
+
+def test_count_overflows_replays_admits_of_folded_label_sets() -> None:
+    budget = LabelBudget(1, {"http_route": "other"})
+    budget.admit(("api", "GET", "/a", "200"), NAMES)
+    folded = budget.admit(("api", "GET", "/b", "200"), NAMES)
+    assert folded == ("api", "GET", "other", "200")
+    budget.count_overflows(3)  # as three more admits of ("api", "GET", "/b", "200") would
+    assert budget.overflows == 4
+    assert budget.active_series == 2

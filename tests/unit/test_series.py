@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from probewire.aggregate.series import HistogramSeries, group_rows, unique_rows
+from probewire.aggregate.series import CounterSeries, HistogramSeries, group_rows, unique_rows
 
 
 @settings(max_examples=200, deadline=None)
@@ -44,3 +44,34 @@ def test_rows_differing_only_in_high_bytes_stay_apart() -> None:
         rows[i, 15] = i // 256  # the top byte of word 1
     first, _ = unique_rows(rows)
     assert len(first) == len(rows)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c"]),
+                          st.floats(0, 20, allow_nan=False)), max_size=60))
+def test_histogram_add_by_rows_equals_observe_per_label_set(pairs: list[tuple[str, float]]) -> None:
+    bounds = (0.5, 1.0, 10.0)
+    one_by_one, whole = HistogramSeries(bounds), HistogramSeries(bounds)
+    for label in dict.fromkeys(p[0] for p in pairs):
+        one_by_one.observe((label,), np.array([v for lab, v in pairs if lab == label]))
+    rows = np.array([whole.slot((label,)) for label, _ in pairs], dtype=np.int64)
+    whole.add(rows, np.array([v for _, v in pairs], dtype=np.float64))
+    assert whole.counts.keys() == one_by_one.counts.keys()
+    for labels, counts in one_by_one.counts.items():
+        assert whole.counts[labels].tolist() == counts.tolist()
+        assert np.isclose(whole.sums[labels], one_by_one.sums[labels])
+    assert whole.total() == one_by_one.total() == len(pairs)
+
+
+def test_a_series_exists_once_something_landed_in_it() -> None:
+    h = HistogramSeries((1.0,))
+    h.slot(("made",))  # a row, nothing in it: not exported
+    h.merge(("zero",), np.zeros(2, dtype=np.int64), 0.0)  # merged, even all zero: exported
+    assert list(h.counts) == [("zero",)]
+    first = h.family("x", "x", ("l",)).samples[0]
+    assert first.labels == {"l": "zero", "le": "1.0"}
+    counters = CounterSeries()
+    counters.slot(("made",))
+    counters.add_rows(np.array([counters.slot(("b",)), counters.slot(("b",))]))
+    counters.add(("a",), 0.0)
+    assert counters.values == {("b",): 2.0, ("a",): 0.0}

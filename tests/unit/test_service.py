@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -512,3 +513,21 @@ def test_service_name_is_never_empty_and_never_raises(
         container_id=container_id_from_cgroup(cgroup),
     )
     assert service_name(info).strip()
+
+
+def test_name_until_says_how_long_a_cached_name_stands_and_generation_moves_on_change(
+    tmp_path: Path,
+) -> None:
+    fake_process(tmp_path, 20, comm="api", exe="/usr/bin/api", cmdline=("/usr/bin/api",))
+    resolver = ServiceResolver(proc=tmp_path, revalidate_s=60.0)
+    before = resolver.generation
+    name, until = resolver.name_until(20)
+    assert name == "api" and until > time.monotonic() + 30
+    assert resolver.generation == before + 1  # named anew
+    assert resolver.name_until(20) == (name, until)  # cached: same answer, no change
+    assert resolver.generation == before + 1
+    resolver.forget(20)
+    assert resolver.generation == before + 2
+    resolver.forget(20)  # nothing to forget: nothing changed
+    assert resolver.generation == before + 2
+    assert resolver.name_until(999) == ("unknown", 0.0)  # not cached: ask again next time
