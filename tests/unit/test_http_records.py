@@ -361,6 +361,28 @@ def test_batches_give_the_series_a_row_by_row_reference_gives(
     run(batches, budget, renames)
 
 
+@SETTINGS
+@given(st.lists(exchange(), min_size=1, max_size=30), st.sampled_from([10, 100_000]))
+def test_a_rename_between_batches_of_the_same_connections_renames_everything(
+        rows: list[dict[str, Any]], budget: int) -> None:
+    """The memo keeps per connection what it worked out; a service renamed between batches
+    of the very same connections must be seen in every series and edge."""
+    run([rows, rows, rows, rows], budget, [False, True, False, True])
+
+
+def test_a_client_address_that_turns_out_to_be_local_is_named_as_local_from_then_on() -> None:
+    server = {"kind": 1, "tgid": 101, "role": 1, "method": 1, "status": 200, "family": V4,
+              "flags": 0, "pipe_idx": 0, "start_ns": 0, "end_ns": 10**6, "req_bytes": 20,
+              "resp_bytes": 40, "conn_id": 1, "lport": 80, "rport": 40000,
+              "req_head_len": 16, "req_head": b"GET / HTTP/1.1\r\n", "resp_head_len": 0,
+              "resp_head": b"", "resp_first_write": 0, "peer_tgid": 0,
+              "laddr": ADDRESSES[0][1], "raddr": ADDRESSES[2][1], "stale": bytes(8)}
+    # A process of this host, on 10.0.0.2 (the server's client address so far).
+    client = server | {"tgid": 105, "role": 2, "lport": 40000, "rport": 80,
+                       "laddr": ADDRESSES[2][1], "raddr": ADDRESSES[0][1]}
+    run([[server], [client], [server]], 100_000, [False] * 3)
+
+
 @pytest.fixture
 def tiny_memo(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Caches of one slot (every lookup collides) and memo tables that start afresh all the
@@ -409,7 +431,8 @@ def test_synthetic_mesh_across_batch_sizes() -> None:
 # --- the pieces ----------------------------------------------------------------------------
 HEAD_BYTES = st.binary(max_size=HEAD_LEN) | st.lists(
     st.sampled_from([b"/", b"a", b"1", b" ", b"?", b"\r", b"\n", b"\0", b"\t", b"GET ",
-                     b"\xff", b"x" * 40, b"\r\n\r\n"]), max_size=40).map(b"".join)
+                     b"\xff", b"x" * 40, b"\r\n\r\n"]), max_size=40).map(
+    lambda parts: b"".join(parts)[:HEAD_LEN])
 
 
 @settings(max_examples=300, deadline=None)
@@ -452,3 +475,16 @@ def test_header_ends_read_past_heads_but_not_beyond_their_length(
         rec["req_head"], rec["req_head_len"].astype(np.int64)).tolist()
     assert HttpProbe._response_header_ends(rec).tolist() == http.header_lengths(
         rec["resp_head"], rec["resp_head_len"].astype(np.int64)).tolist()
+
+
+def test_the_same_head_under_another_method_is_another_path() -> None:
+    """The path starts after the kernel's method (and its space), whatever the head says."""
+    probe = HttpProbe(ProbeContext(config_from_mapping({}), Names()))
+    head = b"GET /a/b HTTP/1.1\r\n"
+    rec = np.zeros(4, HTTP_EXCHANGE)
+    rec["req_head"][:, : len(head)] = np.frombuffer(head, np.uint8)
+    rec["req_head_len"] = len(head)
+    rec["method"] = [1, 4, 1, 4]  # GET, then DELETE: its path starts 7 bytes in, at "b"
+    for _ in range(2):
+        routes, _, _, route_idx = probe._routes_and_methods(rec)
+        assert [routes[i] for i in route_idx.tolist()] == ["/a/b", "/b", "/a/b", "/b"]

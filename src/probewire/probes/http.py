@@ -187,6 +187,11 @@ _ID_BITS = 19
 # Connections cost ~300 bytes each: a host opening many keeps at most this many in the memo.
 _CONNS_MAX = 1 << 14
 _CONN_BITS = 16
+# Columns of the memo's per-connection rows: its service, its peer process's service (0: not
+# known), peer and local address ids, series class (role, service, client's server
+# endpoint), endpoint put key less a client's own port, client edge id, server edge id.
+(_SVC, _PEER_SVC, _PEER, _LOCAL, _CLASS, _PUT, _CLIENT_EDGE, _SERVER_EDGE) = range(8)
+_CONN_COLUMNS = 8
 # Kinds of series entry.
 _SERVER, _CLIENT, _ABORTED, _SKIPPED = 0, 1, 2, 3
 # The flags that split series (aborted, TLS, gRPC) as 3 bits; pipelined and HTTP/2 rows share.
@@ -368,7 +373,6 @@ class _PathTable:
         self.cache = _IdCache(cache_bits)
         self.ids: dict[bytes, int] = {}
         self.words = np.zeros((64, width // 8), dtype=np.uint64)
-        self.start = _Column()
         self.route = _Column()
         self._mix = (np.arange(1, width // 8 + 1, dtype=np.uint64) * _MIX) | np.uint64(1)
 
@@ -380,8 +384,9 @@ class _PathTable:
         key = ((words @ self._mix ^ start.astype(np.uint64) * _MIX) >> np.uint64(1)
                ).view(np.int64)
         ids, slots = self.cache.find(key)
-        same = _same_rows(self.words, ids, words) & (self.start.data[ids] == start)
-        ids[~same] = -1
+        # Equal words and equal keys mean equal starts (start * _MIX is one to one, and
+        # starts are below 256), so comparing the words is all the checking there is to do.
+        ids[~_same_rows(self.words, ids, words)] = -1
         miss = (ids < 0).nonzero()[0]
         if len(miss):
             found = []
@@ -393,7 +398,6 @@ class _PathTable:
                     if pid == len(self.words):
                         self.words = np.concatenate([self.words, np.zeros_like(self.words)])
                     self.words[pid] = row
-                    self.start[pid] = first
                     # The path: from its start, less the zero padding (request_paths' rstrip).
                     self.route[pid] = route_of(raw[first:].rstrip(b"\0"))
                 found.append(pid)
@@ -462,14 +466,8 @@ class _Memo:
         self.conn_by_hash: dict[int, int] = {}
         self.conn_count = 0
         self.conn_words = np.zeros((64, len(_CONN_WORDS)), dtype=np.uint64)
-        self.conn_service = _Column()
-        self.conn_peer_service = _Column()  # the peer process's service, 0 if unknown
-        self.conn_peer = _Column()
-        self.conn_local = _Column()
-        self.conn_class = _Column()
-        self.conn_put = _Column()
-        self.conn_client_edge = _Column()
-        self.conn_server_edge = _Column(-2)
+        # Per connection, a row: see _SVC.._SERVER_EDGE.
+        self.conns = np.zeros((64, _CONN_COLUMNS), dtype=np.int64)
         # Endpoint put key (see _new_connections) -> ((local address, port), service).
         self.put_items: dict[int, tuple[tuple[str, int], str]] = {}
 
@@ -486,12 +484,12 @@ class _Memo:
         # Client edges: per client edge id, its edge_client_total key and histogram row.
         self.client_edge_total: list[tuple[str, tuple[str, int]] | None] = []
         self.client_edge_row = _Column()
-        # Server edges: client names; per connection its edge (-2: not worked out, kept at
-        # -2 for a local client named by its port, which is worked out per batch); edge keys
+        # Server edges: client names; per connection its edge (_SERVER_EDGE: -2 not worked
+        # out, -3 a local client named by its port, worked out per row); edge keys
         # (service, client name, remote?) -> id; per id its labels and rows (seconds,
         # total, failed), folded?
         self.name_ids: dict[str, int] = {}
-        self.conn_server_edge.data[:] = -2
+        self.conns[:, _SERVER_EDGE] = -2
         self.put_items.clear()
         self.server_edge_ids: dict[tuple[int, int, int], int] = {}
         self.server_edge_labels: list[tuple[str, ...]] = []
@@ -786,8 +784,9 @@ class HttpProbe(Probe):
             self._register_routes(rec, routes, route_idx)
         is_server = role == ROLE_SERVER
         conn = self._connections(rec, is_server)
-        svc = memo.conn_service.data[conn]
-        self._check_services(svc, memo.conn_peer_service.data[conn])
+        at = memo.conns.take(conn, axis=0)
+        svc = at[:, _SVC]
+        self._check_services(at[:, _SVC: _PEER_SVC + 1])
         req_hdr = _header_ends(rec["req_head"], rec["req_head_len"].astype(np.int64),
                                _REQ_HEAD_SPARE)
         resp_hdr = self._response_header_ends(rec)
@@ -796,17 +795,16 @@ class HttpProbe(Probe):
                             rec["req_bytes"].astype(np.int64) - req_hdr, -1)
         resp_body = rec["resp_bytes"].astype(np.int64) - resp_hdr
         duration_bucket = self.server_duration.buckets(duration_s)
-        local = memo.conn_local.data[conn]
+        local = at[:, _LOCAL]
         with self._lock:
             self.records += n
             self.exchanges_from_records += n
             self._add_local_addresses(local)
             lport = rec["lport"].astype(np.int64)
-            self._put_endpoints(is_server, memo.conn_put.data[conn]
-                                + np.where(is_server, 0, lport << 8))
-            self._series(conn, flags, method, methods, status, route_idx, duration_s,
+            self._put_endpoints(is_server, at[:, _PUT] + np.where(is_server, 0, lport << 8))
+            self._series(at, flags, method, methods, status, route_idx, duration_s,
                          duration_bucket, req_body, resp_body)
-            self._edges(conn, role, is_server, rec["rport"], aborted | (status >= 500),
+            self._edges(conn, at, role, is_server, rec["rport"], aborted | (status >= 500),
                         duration_s, duration_bucket)
         if self.sinks:
             services, addresses = memo.service_names, memo.address_names
@@ -815,7 +813,7 @@ class HttpProbe(Probe):
                 service=[services[i] for i in svc.tolist()],
                 method=[methods[i] for i in method.tolist()],
                 route=[routes[i] for i in route_idx.tolist()],
-                peer_address=[addresses[i] for i in memo.conn_peer.data[conn].tolist()],
+                peer_address=[addresses[i] for i in at[:, _PEER].tolist()],
                 local_address=[addresses[i] for i in local.tolist()],
             )
             for sink in self.sinks:
@@ -916,19 +914,20 @@ class HttpProbe(Probe):
         while len(memo.conn_words) < base + m:
             memo.conn_words = np.concatenate([memo.conn_words, np.zeros_like(memo.conn_words)])
         memo.conn_words[base: base + m] = words[first]
-        for column, values in ((memo.conn_service, svc), (memo.conn_peer_service, peer_svc),
-                               (memo.conn_peer, peer), (memo.conn_local, local),
-                               (memo.conn_class, cls),
-                               (memo.conn_put, put), (memo.conn_client_edge, client_edge),
-                               (memo.conn_server_edge, [-2] * m)):
-            column.ensure(base + m)
-            column.data[base: base + m] = values
+        while len(memo.conns) < base + m:
+            memo.conns = np.concatenate([memo.conns, np.zeros_like(memo.conns)])
+        rows = memo.conns[base: base + m]
+        for column, values in ((_SVC, svc), (_PEER_SVC, peer_svc), (_PEER, peer),
+                               (_LOCAL, local), (_CLASS, cls), (_PUT, put),
+                               (_CLIENT_EDGE, client_edge)):
+            rows[:, column] = values
+        rows[:, _SERVER_EDGE] = -2
         return base + inverse
 
-    def _check_services(self, svc: np.ndarray, peer_svc: np.ndarray) -> None:
-        """Ask the resolver again for every service name of the batch whose last answer may
-        no longer stand (as asking for each on every batch would); rebuild what was built
-        from a name that changed."""
+    def _check_services(self, services: np.ndarray) -> None:
+        """Ask the resolver again for every service name of the batch (`services`: ids, a
+        row's own and its peer process's) whose last answer may no longer stand, as asking
+        for each on every batch would; rebuild what was built from a name that changed."""
         memo = self._memo
         resolver = self.ctx.services
         until = memo.service_until
@@ -937,11 +936,10 @@ class HttpProbe(Probe):
             until.data[:] = 0.0
             until.data[0] = np.inf  # the "no process" service
         now = time.monotonic()
-        stale = ((until.data[svc] <= now) | (until.data[peer_svc] <= now)).nonzero()[0]
-        if not len(stale):
+        if (until.data.take(services) > now).all():
             return
         changed = False
-        for sid in np.unique(np.concatenate([svc[stale], peer_svc[stale]])).tolist():
+        for sid in np.unique(services).tolist():
             if until.data[sid] > now:
                 continue
             key = memo.service_keys[sid]
@@ -964,7 +962,7 @@ class HttpProbe(Probe):
             memo.locals_seen = len(self.local_addresses)
             ours = [name in self.local_addresses for name in memo.address_names]
             memo.address_local.data[: len(ours)] = ours
-            memo.conn_server_edge.data[:] = -2  # a remote client may be local now
+            memo.conns[:, _SERVER_EDGE] = -2  # a remote client may be local now
 
     def _put_endpoints(self, is_server: np.ndarray, put: np.ndarray) -> None:
         """Which service owns each local endpoint of the batch (server side: for the graph's
@@ -996,7 +994,7 @@ class HttpProbe(Probe):
             while len(table) > ENDPOINTS_MAX:
                 table.popitem(last=False)
 
-    def _series(self, conn: np.ndarray, flags: np.ndarray, method: np.ndarray,
+    def _series(self, at: np.ndarray, flags: np.ndarray, method: np.ndarray,
                 methods: list[str], status: np.ndarray, route_idx: np.ndarray,
                 duration_s: np.ndarray, duration_bucket: np.ndarray, req_body: np.ndarray,
                 resp_body: np.ndarray) -> None:
@@ -1009,7 +1007,7 @@ class HttpProbe(Probe):
         if len(methods) > 32:
             raise AssertionError(f"method names beyond the key's 5 bits: {methods}")
         key = (_FLAG_CODE[flags] | method << 3 | status << 8 | route_idx << 24
-               | memo.conn_class.data[conn] << (24 + _ID_BITS))
+               | at[:, _CLASS] << (24 + _ID_BITS))
         entry, slots = memo.entry_cache.find(key)
         existing = len(memo.labels)
         miss = (entry < 0).nonzero()[0]
@@ -1017,7 +1015,7 @@ class HttpProbe(Probe):
             # New label sets are admitted in the order they first appear.
             for k, i in _first_rows(key, miss).items():
                 if k not in memo.entry_of:
-                    memo.entry_of[k] = self._new_entry(int(conn[i]), int(flags[i]),
+                    memo.entry_of[k] = self._new_entry(int(at[i, _CLASS]), int(flags[i]),
                                                        methods[int(method[i])],
                                                        int(status[i]), int(route_idx[i]))
             entry[miss] = [memo.entry_of[k] for k in key[miss].tolist()]
@@ -1056,10 +1054,10 @@ class HttpProbe(Probe):
                 req_rows = memo.entries[entry[rows[measured]], 2]
             req_sizes.add(req_rows, sizes[measured].astype(np.float64))
 
-    def _new_entry(self, conn: int, flags: int, method: str, status: int, route_id: int) -> int:
+    def _new_entry(self, cls: int, flags: int, method: str, status: int, route_id: int) -> int:
         """A new label set: admit it (the one admit call of this batch) and find its rows."""
         memo = self._memo
-        role, svc, endpoint = memo.classes[memo.conn_class.data[conn]]
+        role, svc, endpoint = memo.classes[cls]
         service = memo.service_names[svc]
         duration = resp = -1
         folded = False
@@ -1144,7 +1142,7 @@ class HttpProbe(Probe):
             r["resp_head_len"] = len(resp)
         return rec
 
-    def _edges(self, conn: np.ndarray, role: np.ndarray, is_server: np.ndarray,
+    def _edges(self, conn: np.ndarray, at: np.ndarray, role: np.ndarray, is_server: np.ndarray,
                rport: np.ndarray, failed: np.ndarray, duration_s: np.ndarray,
                duration_bucket: np.ndarray) -> None:
         """Service-graph edges of a batch: per-connection memo, then whole-array adds."""
@@ -1153,7 +1151,7 @@ class HttpProbe(Probe):
         client = (role == ROLE_CLIENT).nonzero()[0]
         if len(client):
             # Client side: kept by server endpoint until a scrape can name it.
-            edge = memo.conn_client_edge.data[conn[client]]
+            edge = at[client, _CLIENT_EDGE]
             memo.client_edge_row.ensure(len(memo.client_edges))
             rows = memo.client_edge_row.data[edge]
             if rows.min() < 0:
@@ -1184,15 +1182,15 @@ class HttpProbe(Probe):
         # but for a local client the kernel did not name: that one goes by its port, as the
         # client side last said.
         sconn = conn[server]
-        memo.conn_server_edge.ensure(memo.conn_count)
-        edge = memo.conn_server_edge.data[sconn]
+        # Not from `at`: a changed name or locality has dropped edges since it was read.
+        edge = memo.conns[sconn, _SERVER_EDGE]
         existing = len(memo.server_edge_labels)
         if edge.min() < 0:
             client_port = rport[server]
             # Row by row, in order: a new (client, server) pair is admitted when first seen.
             for i in (edge < 0).nonzero()[0].tolist():
                 c = int(sconn[i])
-                known = int(memo.conn_server_edge.data[c])
+                known = int(memo.conns[c, _SERVER_EDGE])
                 edge[i] = known if known >= 0 else self._server_edge(c, int(client_port[i]))
         table = memo.server_edges.take(edge, axis=0)
         if memo.server_edge_folded:
@@ -1216,9 +1214,7 @@ class HttpProbe(Probe):
         """The server edge of a row of a connection (remembered for the connection, unless
         its client is a local one named by its port: -3 then, worked out per row)."""
         memo = self._memo
-        svc = int(memo.conn_service.data[conn])
-        peer_svc = int(memo.conn_peer_service.data[conn])
-        peer = int(memo.conn_peer.data[conn])
+        svc, peer_svc, peer = (int(v) for v in memo.conns[conn, _SVC: _PEER + 1])
         keep = True
         if peer_svc:
             name, remote = memo.service_names[peer_svc], False
@@ -1244,7 +1240,7 @@ class HttpProbe(Probe):
                                        self.edge_server_total.slot(labels) if remote else -1,
                                        -1, folded)
             memo.server_edge_folded |= folded
-        memo.conn_server_edge[conn] = edge if keep else -3
+        memo.conns[conn, _SERVER_EDGE] = edge if keep else -3
         return edge
 
     def _client_name(self, peer: str, peer_tgid: int,
