@@ -233,9 +233,10 @@ def _port_clear(dtype: np.dtype, name: str) -> tuple[int, np.uint64]:
 _LPORT_CLEAR = _port_clear(HTTP_EXCHANGE, "lport")
 _RPORT_CLEAR = _port_clear(HTTP_EXCHANGE, "rport")
 _KEEP_ALL = ~np.uint64(0)
-# The request head is followed by the response head in every record.
-_REQ_HEAD_SPARE = (HTTP_EXCHANGE.fields["req_head"][1] + HEAD_LEN  # type: ignore[index]
-                   < HTTP_EXCHANGE.itemsize)
+# Where the heads are in a record; the request head is followed by another field.
+_REQ_HEAD_AT: int = HTTP_EXCHANGE.fields["req_head"][1]  # type: ignore[index]
+_RESP_HEAD_AT: int = HTTP_EXCHANGE.fields["resp_head"][1]  # type: ignore[index]
+_REQ_HEAD_SPARE = int(HTTP_EXCHANGE.itemsize > _REQ_HEAD_AT + HEAD_LEN)
 _CONN_MIX = (np.arange(1, len(_CONN_WORDS) + 1, dtype=np.uint64) * _MIX) | np.uint64(1)
 
 
@@ -282,27 +283,44 @@ def _head_words(heads: np.ndarray, width: int, end: np.ndarray) -> np.ndarray:
     return masked
 
 
-def _header_ends(heads: np.ndarray, head_lens: np.ndarray, spare_byte: bool) -> np.ndarray:
-    """`header_lengths(heads, head_lens)`: one substring search per row.
+def _header_ends(heads: np.ndarray, head_lens: np.ndarray) -> np.ndarray:
+    """`header_lengths` of (n, HEAD_LEN) heads, each as an S-dtype item: one substring search
+    per row. `heads` may take one byte more than HEAD_LEN (see _record_header_ends)."""
+    if not len(heads):
+        return np.zeros(0, dtype=np.int64)
+    text = heads.view(f"S{heads.shape[1]}")[:, 0]
+    found = np.strings.find(text, b"\r\n\r\n", 0, np.minimum(head_lens, HEAD_LEN))
+    return np.where(found >= 0, found + 4, -1)
+
+
+def _record_header_ends(rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(request, response) header lengths of each record: `header_lengths` of each head.
 
     A search over S-dtype items first finds each item's length by skipping its trailing
-    NULs, which costs as much as the search when heads are short. With `spare_byte` (the
-    byte after each head is readable: the next field, or the next record's type tag) the
-    items take that byte too, which is seldom NUL, and the skip stops at once; the search
-    itself stays within each head's length.
+    NULs, which costs as much as the search when heads are short. So each head is read as an
+    item one byte longer, taking the byte after it, which is seldom NUL (the response head's
+    first, or the next record's type tag; not for the last record's response head): the skip
+    stops at once, and the search itself stays within the head's length.
     """
-    n, width = heads.shape
-    if not n:
-        return np.zeros(0, dtype=np.int64)
-    head_lens = np.minimum(head_lens, width)
-    if not spare_byte or heads.strides[-1] != 1:
-        text = _as_strings(heads, width)
-    else:
-        text = np.lib.stride_tricks.as_strided(
-            heads, shape=(n, width + 1), strides=heads.strides, writeable=False
-        ).view(f"S{width + 1}")[:, 0]
-    found = np.strings.find(text, b"\r\n\r\n", 0, head_lens)
-    return np.where(found >= 0, found + 4, -1)
+    req_lens = rec["req_head_len"].astype(np.int64)
+    resp_lens = rec["resp_head_len"].astype(np.int64)
+    n = len(rec)
+    if not rec.flags.c_contiguous or n < 2:
+        return (_header_ends(_bytes_of(rec["req_head"]), req_lens),
+                _header_ends(_bytes_of(rec["resp_head"]), resp_lens))
+    flat = rec.view(np.uint8)
+    raw = flat.reshape(n, -1)
+    req = _header_ends(raw[:, _REQ_HEAD_AT: _REQ_HEAD_AT + HEAD_LEN + _REQ_HEAD_SPARE], req_lens)
+    size = HTTP_EXCHANGE.itemsize
+    on = flat[_RESP_HEAD_AT: _RESP_HEAD_AT + (n - 1) * size].reshape(n - 1, size)
+    resp = np.concatenate([
+        _header_ends(on[:, : HEAD_LEN + 1], resp_lens[:-1]),
+        _header_ends(raw[-1:, _RESP_HEAD_AT: _RESP_HEAD_AT + HEAD_LEN], resp_lens[-1:])])
+    return req, resp
+
+
+def _bytes_of(field: np.ndarray) -> np.ndarray:
+    return field if field.strides[-1] == 1 else np.ascontiguousarray(field)
 
 
 def _same_rows(table: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -787,9 +805,7 @@ class HttpProbe(Probe):
         at = memo.conns.take(conn, axis=0)
         svc = at[:, _SVC]
         self._check_services(at[:, _SVC: _PEER_SVC + 1])
-        req_hdr = _header_ends(rec["req_head"], rec["req_head_len"].astype(np.int64),
-                               _REQ_HEAD_SPARE)
-        resp_hdr = self._response_header_ends(rec)
+        req_hdr, resp_hdr = _record_header_ends(rec)
         resp_hdr = np.where(resp_hdr < 0, rec["resp_first_write"].astype(np.int64), resp_hdr)
         req_body = np.where((req_hdr >= 0) & (rec["pipe_idx"] == 0),
                             rec["req_bytes"].astype(np.int64) - req_hdr, -1)
@@ -818,16 +834,6 @@ class HttpProbe(Probe):
             )
             for sink in self.sinks:
                 sink(batch)
-
-    @staticmethod
-    def _response_header_ends(rec: np.ndarray) -> np.ndarray:
-        """Response header lengths; the byte after a row's response head is the next record's
-        (the field ends the record), so all but the last row can read one byte on."""
-        heads, lens = rec["resp_head"], rec["resp_head_len"].astype(np.int64)
-        if len(rec) < 2 or not rec.flags.c_contiguous:
-            return _header_ends(heads, lens, False)
-        return np.concatenate([_header_ends(heads[:-1], lens[:-1], True),
-                               _header_ends(heads[-1:], lens[-1:], False)])
 
     def _connections(self, rec: np.ndarray, is_server: np.ndarray) -> np.ndarray:
         """The memo's connection id of each row.
