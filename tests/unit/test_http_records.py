@@ -485,3 +485,18 @@ def test_the_same_head_under_another_method_is_another_path() -> None:
     for _ in range(2):
         routes, _, _, route_idx = probe._routes_and_methods(rec)
         assert [routes[i] for i in route_idx.tolist()] == ["/a/b", "/b", "/a/b", "/b"]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 1 << 62), max_size=700), max_size=12),
+       st.lists(st.integers(0, 1 << 62), max_size=50))
+def test_sorted_ids_find_what_was_added(adds: list[list[int]], others: list[int]) -> None:
+    ids, known = http._SortedIds(), {}
+    for keys in adds:
+        new = [k for k in dict.fromkeys(keys) if k not in known]
+        base = len(known)
+        ids.add(np.array(new, dtype=np.int64), np.arange(base, base + len(new)))
+        known.update((k, base + i) for i, k in enumerate(new))
+        probe = np.array([*known, *others], dtype=np.int64)
+        assert ids.find(probe).tolist() == [known.get(k, -1) for k in probe.tolist()]
+    assert len(ids) == len(known)

@@ -17,6 +17,22 @@ from prometheus_client.utils import floatToGoString
 Labels = tuple[str, ...]
 
 
+def grown(array: np.ndarray, rows: int) -> np.ndarray:
+    """`array` with room for `rows` rows along its first axis, new rows zero.
+
+    In place where numpy allows it (realloc: no copy, and no freed block left behind to
+    fragment the heap as a copy's would); a copy when something else holds a view of it.
+    """
+    if rows <= len(array):
+        return array
+    try:
+        array.resize((rows, *array.shape[1:]), refcheck=True)
+    except ValueError:
+        array = np.concatenate([array, np.zeros((rows - len(array), *array.shape[1:]),
+                                                dtype=array.dtype)])
+    return array
+
+
 class HistogramSeries:
     def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds = np.asarray(bounds, dtype=np.float64)
@@ -26,7 +42,6 @@ class HistogramSeries:
         # it, as with the dict of series this replaced: an `add` always counts, and `merged`
         # marks rows given counts by `merge` (which may be all zero).
         self._rows: dict[Labels, int] = {}
-        self._labels: list[Labels] = []
         self._counts = np.zeros((0, self.width), dtype=np.int64)
         self._sums = np.zeros(0, dtype=np.float64)
         self._merged = np.zeros(0, dtype=bool)
@@ -36,14 +51,12 @@ class HistogramSeries:
         """The row of `labels`, made (empty, not yet exported) if it is new."""
         row = self._rows.get(labels)
         if row is None:
-            row = self._rows[labels] = len(self._labels)
-            self._labels.append(labels)
+            row = self._rows[labels] = len(self._rows)
             if row == len(self._sums):
-                grow = max(16, row)
-                self._counts = np.concatenate(
-                    [self._counts, np.zeros((grow, self.width), dtype=np.int64)])
-                self._sums = np.concatenate([self._sums, np.zeros(grow, dtype=np.float64)])
-                self._merged = np.concatenate([self._merged, np.zeros(grow, dtype=bool)])
+                size = max(16, 2 * row)
+                self._counts = grown(self._counts, size)
+                self._sums = grown(self._sums, size)
+                self._merged = grown(self._merged, size)
         return row
 
     def buckets(self, values: np.ndarray) -> np.ndarray:
@@ -125,9 +138,9 @@ class CounterSeries:
         if row is None:
             row = self._rows[labels] = len(self._rows)
             if row == len(self._values):
-                grow = max(16, row)
-                self._values = np.concatenate([self._values, np.zeros(grow)])
-                self._live = np.concatenate([self._live, np.zeros(grow, dtype=bool)])
+                size = max(16, 2 * row)
+                self._values = grown(self._values, size)
+                self._live = grown(self._live, size)
         return row
 
     def add(self, labels: Labels, amount: float = 1.0) -> None:

@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from probewire.aggregate.budget import LabelBudget
 from probewire.aggregate.http_heads import nth_request
 from probewire.aggregate.routes import RouteTemplater
-from probewire.aggregate.series import CounterSeries, HistogramSeries
+from probewire.aggregate.series import CounterSeries, HistogramSeries, grown
 from probewire.enrich.net import format_address
 from probewire.probes.base import Hook, Probe, ProbeContext
 from probewire.probes.h2 import H2_CHUNK_DTYPE, H2Exchange, H2Tracker
@@ -186,7 +186,7 @@ _BATCH_MAX = 1 << 18
 _ID_BITS = 19
 # Connections cost ~300 bytes each: a host opening many keeps at most this many in the memo.
 _CONNS_MAX = 1 << 14
-_CONN_BITS = 16
+_CONN_BITS = 14
 # Columns of the memo's per-connection rows: its service, its peer process's service (0: not
 # known), peer and local address ids, series class (role, service, client's server
 # endpoint), endpoint put key less a client's own port, client edge id, server edge id.
@@ -194,6 +194,7 @@ _CONN_BITS = 16
 _CONN_COLUMNS = 8
 # Kinds of series entry.
 _SERVER, _CLIENT, _ABORTED, _SKIPPED = 0, 1, 2, 3
+_FOLDED = 4  # added to the kind of an entry whose label set the budget folded
 # The flags that split series (aborted, TLS, gRPC) as 3 bits; pipelined and HTTP/2 rows share.
 _FLAG_CODE = np.array([(f & FLAG_ABORTED) | (f & FLAG_TLS) >> 1 | (f & FLAG_GRPC) >> 5
                        for f in range(256)], dtype=np.int64)
@@ -334,6 +335,12 @@ def _same_rows(table: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> np.ndarr
     return same
 
 
+def _distinct(values: np.ndarray) -> list[int]:
+    """Distinct values in order of first appearance (np.unique without index or counts
+    imports numpy.ma on first use: 1.3 MB)."""
+    return list(dict.fromkeys(values.tolist()))
+
+
 def _first_rows(keys: np.ndarray, rows: np.ndarray) -> dict[int, int]:
     """Distinct keys among `rows`, in order of first appearance, each with its first row."""
     first: dict[int, int] = {}
@@ -346,22 +353,83 @@ class _IdCache:
     """A direct-mapped cache of int64 keys (>= 0) to ids, looked up a whole column at once.
 
     A slot holds the last key stored in it; a key whose slot another key took is a miss like a
-    new key, answered by the caller's dict (the authority) and stored again.
+    new key, answered by the caller's authority (a dict, sorted arrays) and stored again.
+    Slots hold key+1 (0: empty). The cache starts small and grows, up to `max_bits`, to keep
+    itself at most a quarter full (`fit`): its memory follows what it holds.
     """
 
-    def __init__(self, bits: int) -> None:
+    def __init__(self, max_bits: int, bits: int = 10) -> None:
+        self._max_bits = max_bits
+        self._size(min(bits, max_bits))
+
+    def _size(self, bits: int) -> None:
+        self._bits = bits
         self._shift = np.uint64(64 - bits)
-        self._keys = np.full(1 << bits, -1, dtype=np.int64)
+        self._keys = np.zeros(1 << bits, dtype=np.int64)
         self._ids = np.zeros(1 << bits, dtype=np.int64)
 
     def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(id per key, -1 where not cached; slot per key, for `put`)."""
         slots = ((keys.view(np.uint64) * _MIX) >> self._shift).astype(np.intp)
-        return np.where(self._keys[slots] == keys, self._ids[slots], -1), slots
+        return np.where(self._keys[slots] == keys + 1, self._ids[slots], -1), slots
 
     def put(self, keys: np.ndarray, slots: np.ndarray, ids: np.ndarray) -> None:
-        self._keys[slots] = keys
+        self._keys[slots] = keys + 1
         self._ids[slots] = ids
+
+    def fit(self, count: int, everything: Callable[[], tuple[np.ndarray, np.ndarray]]) -> None:
+        """Grow for an authority of `count` keys; `everything()` gives all its (keys, ids)."""
+        bits = self._bits
+        while count * 4 > 1 << bits and bits < self._max_bits:
+            bits += 1
+        if bits != self._bits:
+            self._size(bits)
+            keys, ids = everything()
+            self.put(keys, self.find(keys)[1], ids)
+
+
+class _SortedIds:
+    """int64 keys -> ids, as sorted arrays: a tenth of a dict's memory for the many series
+    entries a big host has, looked up a column at a time (on cache misses only). New keys go
+    to a small sorted level, merged into the big one when it has grown by an eighth: the big
+    arrays are reallocated a few times in all, not on every batch with a new key."""
+
+    def __init__(self) -> None:
+        keys, ids = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
+        self._levels = [(keys, ids), (keys, ids)]
+
+    def __len__(self) -> int:
+        return sum(len(keys) for keys, _ in self._levels)
+
+    def everything(self) -> tuple[np.ndarray, np.ndarray]:
+        (big, big_ids), (small, small_ids) = self._levels
+        return np.concatenate([big, small]), np.concatenate([big_ids, small_ids])
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """Id per key, -1 for keys not here."""
+        found = np.full(len(keys), -1, dtype=np.int64)
+        for known, ids in self._levels:
+            if len(known):
+                at = np.minimum(np.searchsorted(known, keys), len(known) - 1)
+                found = np.where(known[at] == keys, ids[at], found)
+        return found
+
+    def add(self, keys: np.ndarray, ids: np.ndarray) -> None:
+        """Add distinct keys not here yet."""
+        (big, big_ids), (small, small_ids) = self._levels
+        small, small_ids = _merged(small, small_ids, keys, ids)
+        if len(small) > max(1024, len(big) // 8):
+            big, big_ids = _merged(big, big_ids, small, small_ids)
+            small, small_ids = small[:0], small_ids[:0]
+        self._levels = [(big, big_ids), (small, small_ids)]
+
+
+def _merged(keys: np.ndarray, ids: np.ndarray, more: np.ndarray, more_ids: np.ndarray,
+            ) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(more)
+    more, more_ids = more[order], more_ids[order]
+    at = np.searchsorted(keys, more)
+    return np.insert(keys, at, more), np.insert(ids, at, more_ids)
 
 
 class _Column:
@@ -378,8 +446,9 @@ class _Column:
     def ensure(self, size: int) -> None:
         """Room for `size` entries (new ones hold the fill value)."""
         if size > len(self.data):
-            grow = np.full(max(len(self.data), size), self.fill, dtype=self.data.dtype)
-            self.data = np.concatenate([self.data, grow])
+            old = len(self.data)
+            self.data = grown(self.data, max(2 * old, size))
+            self.data[old:] = self.fill
 
 
 class _PathTable:
@@ -390,6 +459,7 @@ class _PathTable:
     def __init__(self, width: int, cache_bits: int) -> None:
         self.cache = _IdCache(cache_bits)
         self.ids: dict[bytes, int] = {}
+        self.keys = _Column()
         self.words = np.zeros((64, width // 8), dtype=np.uint64)
         self.route = _Column()
         self._mix = (np.arange(1, width // 8 + 1, dtype=np.uint64) * _MIX) | np.uint64(1)
@@ -408,19 +478,24 @@ class _PathTable:
         miss = (ids < 0).nonzero()[0]
         if len(miss):
             found = []
-            for first, row in zip(start[miss].tolist(), words[miss], strict=True):
+            key_list = key[miss].tolist()
+            for i, (first, row) in enumerate(zip(start[miss].tolist(), words[miss],
+                                                 strict=True)):
                 raw = row.tobytes()
                 pid = self.ids.get(raw + bytes((first,)))
                 if pid is None:
                     pid = self.ids[raw + bytes((first,))] = len(self.ids)
                     if pid == len(self.words):
-                        self.words = np.concatenate([self.words, np.zeros_like(self.words)])
+                        self.words = grown(self.words, 2 * len(self.words))
                     self.words[pid] = row
+                    self.keys[pid] = key_list[i]
                     # The path: from its start, less the zero padding (request_paths' rstrip).
                     self.route[pid] = route_of(raw[first:].rstrip(b"\0"))
                 found.append(pid)
             ids[miss] = found
             self.cache.put(key[miss], slots[miss], ids[miss])
+            self.cache.fit(len(self.ids), lambda: (self.keys.data[: len(self.ids)],
+                                                   np.arange(len(self.ids))))
         route: np.ndarray = self.route.data[ids]
         return route
 
@@ -442,8 +517,8 @@ class _Memo:
         # ending in the first window and in the longer one; by the path's bytes -> route id.
         # Route ids name routes. Slow rows (method left to user space, pipelined): (head,
         # index) -> (route, method).
-        self.paths = _PathTable(_PATH_WINDOW, 17)
-        self.long_paths = _PathTable(_LONG_PATH_WINDOW, 15)
+        self.paths = _PathTable(_PATH_WINDOW, 15)
+        self.long_paths = _PathTable(_LONG_PATH_WINDOW, 13)
         self.path_route: dict[bytes, int] = {}
         self.route_ids: dict[str, int] = {}
         self.route_names: list[str] = []
@@ -491,13 +566,18 @@ class _Memo:
 
     def drop_names(self) -> None:
         """Forget everything built from service names (one changed)."""
-        # Series entries: packed key -> entry; per entry its labels and a row of `entries`:
-        # kind, its rows in the duration, request size and response size histograms of its
-        # side (-1: none yet), whether its label set was folded.
-        self.entry_cache = _IdCache(16)
-        self.entry_of: dict[int, int] = {}
-        self.labels: list[tuple[str, ...]] = []
-        self.entries = np.zeros((64, 5), dtype=np.int64)
+        # Series keys -> entry; per entry a row of `entries`: kind (plus _FOLDED if its label
+        # set was folded), its rows in the duration, request size and response size
+        # histograms of its side (-1: none). Keys with the same effect share an entry (with a
+        # budget full, most keys fold into a few series). An aborted entry's labels.
+        self.entry_cache = _IdCache(14)
+        self.entry_of = _SortedIds()
+        self.entry_keys = 0
+        self.entries = np.zeros((64, 4), dtype=np.int32)
+        self.entry_ids: dict[tuple[int, ...], int] = {}
+        self.aborted_labels: list[tuple[str, ...]] = []
+        self.aborted_ids: dict[tuple[str, ...], int] = {}
+        self.status_text: dict[int, str] = {}
         self.any_folded = False
         # Client edges: per client edge id, its edge_client_total key and histogram row.
         self.client_edge_total: list[tuple[str, tuple[str, int]] | None] = []
@@ -514,14 +594,19 @@ class _Memo:
         self.server_edges = np.zeros((64, 4), dtype=np.int64)
         self.server_edge_folded = False
 
-    def add_entry(self, kind: int, labels: tuple[str, ...], duration: int, resp: int,
-                  folded: bool) -> int:
-        entry = len(self.labels)
-        if entry == len(self.entries):
-            self.entries = np.concatenate([self.entries, np.zeros_like(self.entries)])
-        self.entries[entry] = (kind, duration, -1, resp, folded)
-        self.labels.append(labels)
-        self.any_folded |= folded
+    def entry(self, kind: int, duration: int = -1, req: int = -1, resp: int = -1,
+              aborted: tuple[str, ...] = ()) -> int:
+        """The entry with these effects (for an aborted one: counted under `aborted`)."""
+        self.entry_keys += 1
+        content = (kind, duration, req, resp) if kind != _ABORTED else (
+            kind, _interned(self.aborted_ids, self.aborted_labels, aborted))
+        entry = self.entry_ids.get(content)
+        if entry is None:
+            entry = self.entry_ids[content] = len(self.entry_ids)
+            if entry == len(self.entries):
+                self.entries = grown(self.entries, 2 * len(self.entries))
+            self.entries[entry] = content if kind != _ABORTED else (kind, -1, -1, content[1])
+            self.any_folded |= bool(kind & _FOLDED)
         return entry
 
     def route_id(self, route: str) -> int:
@@ -556,7 +641,7 @@ class _Memo:
         return max(len(self.paths), len(self.long_paths), len(self.path_route),
                    len(self.slow_requests), len(self.route_names),
                    len(self.address_names), len(self.service_keys), len(self.endpoints),
-                   len(self.classes), len(self.client_edges), len(self.labels),
+                   len(self.classes), len(self.client_edges), self.entry_keys,
                    len(self.name_ids), len(self.server_edge_labels)) > _MEMO_MAX
 
 
@@ -871,6 +956,10 @@ class HttpProbe(Probe):
                 memo.conn_by_hash.update(zip(key[new].tolist(), conn[new].tolist(),
                                              strict=True))
             memo.conn_cache.put(key[miss], slots[miss], conn[miss])
+            known = memo.conn_by_hash
+            memo.conn_cache.fit(len(known), lambda: (
+                np.fromiter(known, np.int64, len(known)),
+                np.fromiter(known.values(), np.int64, len(known))))
         return conn
 
     def _new_connections(self, rec: np.ndarray, rows: np.ndarray, words: np.ndarray,
@@ -918,10 +1007,10 @@ class HttpProbe(Probe):
         base, m = memo.conn_count, len(at)
         memo.conn_count += m
         while len(memo.conn_words) < base + m:
-            memo.conn_words = np.concatenate([memo.conn_words, np.zeros_like(memo.conn_words)])
+            memo.conn_words = grown(memo.conn_words, 2 * len(memo.conn_words))
         memo.conn_words[base: base + m] = words[first]
         while len(memo.conns) < base + m:
-            memo.conns = np.concatenate([memo.conns, np.zeros_like(memo.conns)])
+            memo.conns = grown(memo.conns, 2 * len(memo.conns))
         rows = memo.conns[base: base + m]
         for column, values in ((_SVC, svc), (_PEER_SVC, peer_svc), (_PEER, peer),
                                (_LOCAL, local), (_CLASS, cls), (_PUT, put),
@@ -945,7 +1034,7 @@ class HttpProbe(Probe):
         if (until.data.take(services) > now).all():
             return
         changed = False
-        for sid in np.unique(services).tolist():
+        for sid in _distinct(services.ravel()):
             if until.data[sid] > now:
                 continue
             key = memo.service_keys[sid]
@@ -961,7 +1050,7 @@ class HttpProbe(Probe):
         memo = self._memo
         added = memo.address_added.data
         if not added[local].all():
-            for aid in np.unique(local[added[local] == 0]).tolist():
+            for aid in _distinct(local[added[local] == 0]):
                 self.local_addresses.add(memo.address_names[aid])
                 added[aid] = 1
         if len(self.local_addresses) != memo.locals_seen:
@@ -1015,32 +1104,41 @@ class HttpProbe(Probe):
         key = (_FLAG_CODE[flags] | method << 3 | status << 8 | route_idx << 24
                | at[:, _CLASS] << (24 + _ID_BITS))
         entry, slots = memo.entry_cache.find(key)
-        existing = len(memo.labels)
         miss = (entry < 0).nonzero()[0]
+        made: dict[int, int] = {}
         if len(miss):
-            # New label sets are admitted in the order they first appear.
-            for k, i in _first_rows(key, miss).items():
-                if k not in memo.entry_of:
-                    memo.entry_of[k] = self._new_entry(int(at[i, _CLASS]), int(flags[i]),
-                                                       methods[int(method[i])],
-                                                       int(status[i]), int(route_idx[i]))
-            entry[miss] = [memo.entry_of[k] for k in key[miss].tolist()]
+            entry[miss] = memo.entry_of.find(key[miss])
+            new = miss[entry[miss] < 0]
+            if len(new):
+                # New label sets are admitted in the order they first appear.
+                made = {k: self._new_entry(int(at[i, _CLASS]), int(flags[i]),
+                                           methods[int(method[i])], int(status[i]),
+                                           int(route_idx[i]))
+                        for k, i in _first_rows(key, new).items()}
+                memo.entry_of.add(np.fromiter(made, np.int64, len(made)),
+                                  np.fromiter(made.values(), np.int32, len(made)))
+                entry[new] = [made[k] for k in key[new].tolist()]
             memo.entry_cache.put(key[miss], slots[miss], entry[miss])
+            memo.entry_cache.fit(len(memo.entry_of), memo.entry_of.everything)
         table = memo.entries.take(entry, axis=0)
         kind = table[:, 0]
         if memo.any_folded:
-            # Each distinct label set of a batch is one admit call; a folded one counts again.
-            again = (table[:, 4] != 0) & (entry < existing)
+            # Each distinct label set of a batch is one admit call (the keys made in this
+            # batch had theirs): one that folded counts again.
+            again = kind >= _FOLDED
+            if made and again.any():
+                again &= ~np.isin(key, np.fromiter(made, np.int64, len(made)))
             if again.any():
-                folded = np.unique(entry[again])
-                server = int(np.count_nonzero(memo.entries[folded, 0] == _SERVER))
+                _, first = np.unique(key[again], return_index=True)
+                server = int(np.count_nonzero(kind[again][first] == _SERVER | _FOLDED))
                 self.server_budget.count_overflows(server)
-                self.client_budget.count_overflows(len(folded) - server)
+                self.client_budget.count_overflows(len(first) - server)
+            kind = kind & ~_FOLDED
         aborted = kind == _ABORTED
         if aborted.any():
-            ids, counts = np.unique(entry[aborted], return_counts=True)
-            for e, c in zip(ids.tolist(), counts.tolist(), strict=True):
-                self.aborted.add(memo.labels[e], float(c))
+            ids, counts = np.unique(table[aborted, 3], return_counts=True)
+            for a, c in zip(ids.tolist(), counts.tolist(), strict=True):
+                self.aborted.add(memo.aborted_labels[a], float(c))
         for side, durations, req_sizes, resp_sizes in (
                 (_SERVER, self.server_duration, self.server_req_size, self.server_resp_size),
                 (_CLIENT, self.client_duration, self.client_req_size, None)):
@@ -1053,43 +1151,39 @@ class HttpProbe(Probe):
                 resp_sizes.add(at[:, 3], np.maximum(resp_body[rows], 0).astype(np.float64))
             sizes = req_body[rows]
             measured = sizes >= 0
-            req_rows = at[measured, 2]
-            if len(req_rows) and req_rows.min() < 0:
-                for e in np.unique(entry[rows[measured][req_rows < 0]]).tolist():
-                    memo.entries[e, 2] = req_sizes.slot(memo.labels[e])
-                req_rows = memo.entries[entry[rows[measured]], 2]
-            req_sizes.add(req_rows, sizes[measured].astype(np.float64))
+            req_sizes.add(at[measured, 2], sizes[measured].astype(np.float64))
 
     def _new_entry(self, cls: int, flags: int, method: str, status: int, route_id: int) -> int:
         """A new label set: admit it (the one admit call of this batch) and find its rows."""
         memo = self._memo
         role, svc, endpoint = memo.classes[cls]
         service = memo.service_names[svc]
-        duration = resp = -1
-        folded = False
         if flags & FLAG_ABORTED:
-            kind = _ABORTED
-            labels: tuple[str, ...] = (service, "server" if role == ROLE_SERVER else "client")
-        elif flags & FLAG_GRPC:
-            kind, labels = _SKIPPED, ()  # gRPC has its own rpc_* metrics; it still feeds edges
+            return memo.entry(_ABORTED, aborted=(
+                service, "server" if role == ROLE_SERVER else "client"))
+        if flags & FLAG_GRPC:
+            return memo.entry(_SKIPPED)  # gRPC has its own rpc_* metrics; it still feeds edges
+        # Its histogram rows exist from here on, each exported once something lands in it.
+        text = memo.status_text.setdefault(status, str(status))
+        base = (service, method, text, memo.route_names[route_id],
+                "https" if flags & FLAG_TLS else "http")
+        if role == ROLE_SERVER:
+            kind = _SERVER
+            labels = self.server_budget.admit(base, SERVER_LABELS)
+            folded = labels != base
+            duration = self.server_duration.slot(labels)
+            req = self.server_req_size.slot(labels)
+            resp = self.server_resp_size.slot(labels)
         else:
-            base = (service, method, str(status), memo.route_names[route_id],
-                    "https" if flags & FLAG_TLS else "http")
-            if role == ROLE_SERVER:
-                kind = _SERVER
-                labels = self.server_budget.admit(base, SERVER_LABELS)
-                folded = labels != base
-                duration = self.server_duration.slot(labels)
-                resp = self.server_resp_size.slot(labels)
-            else:
-                kind = _CLIENT
-                peer, port = memo.endpoints[endpoint]
-                full = (*base, peer, str(port))
-                labels = self.client_budget.admit(full, CLIENT_LABELS)
-                folded = labels != full
-                duration = self.client_duration.slot(labels)
-        # The request size row is made when a request body size is first seen.
-        return memo.add_entry(kind, labels, duration, resp, folded)
+            kind = _CLIENT
+            peer, port = memo.endpoints[endpoint]
+            full = (*base, peer, str(port))
+            labels = self.client_budget.admit(full, CLIENT_LABELS)
+            folded = labels != full
+            duration = self.client_duration.slot(labels)
+            req = self.client_req_size.slot(labels)
+            resp = -1
+        return memo.entry(kind | (_FOLDED if folded else 0), duration, req, resp)
 
     # --- HTTP/2 and gRPC ---------------------------------------------------------------------
     def on_ring(self, map_name: str, records: np.ndarray) -> None:
@@ -1161,7 +1255,7 @@ class HttpProbe(Probe):
             memo.client_edge_row.ensure(len(memo.client_edges))
             rows = memo.client_edge_row.data[edge]
             if rows.min() < 0:
-                for e in np.unique(edge[rows < 0]).tolist():
+                for e in _distinct(edge[rows < 0]):
                     svc, endpoint = memo.client_edges[e]
                     peer, port = memo.endpoints[endpoint]
                     while len(memo.client_edge_total) <= e:
@@ -1202,14 +1296,14 @@ class HttpProbe(Probe):
         if memo.server_edge_folded:
             again = (table[:, 3] != 0) & (edge < existing)
             if again.any():
-                self.edge_budget.count_overflows(len(np.unique(edge[again])))
+                self.edge_budget.count_overflows(len(_distinct(edge[again])))
         far = table[:, 1] >= 0
         self.edge_server_total.add_rows(table[far, 1])
         bad = far & failed[server]
         if bad.any():
             bad_rows = table[bad, 2]
             if bad_rows.min() < 0:
-                for e in np.unique(edge[bad][bad_rows < 0]).tolist():
+                for e in _distinct(edge[bad][bad_rows < 0]):
                     memo.server_edges[e, 2] = self.edge_server_failed.slot(
                         memo.server_edge_labels[e])
                 bad_rows = memo.server_edges[edge[bad], 2]
