@@ -385,15 +385,16 @@ def test_a_client_address_that_turns_out_to_be_local_is_named_as_local_from_then
 
 @pytest.fixture
 def tiny_memo(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Caches of one slot (every lookup collides) and memo tables that start afresh all the
-    time: the slow paths must give the same answers."""
+    """Caches of one slot (every lookup collides), victims forgotten at once, and memo tables
+    that start afresh all the time: the slow paths must give the same answers."""
     init = http._IdCache.__init__
 
-    def one_slot(self: http._IdCache, bits: int) -> None:
-        init(self, 1)
+    def one_slot(self: http._IdCache, bits: int, **options: Any) -> None:
+        init(self, 1, **options)
 
     monkeypatch.setattr(http._IdCache, "__init__", one_slot)
     monkeypatch.setattr(http, "_MEMO_MAX", 6)
+    monkeypatch.setattr(http, "_VICTIMS_MAX", 0)
     monkeypatch.setattr(http, "_CONNS_MAX", 3)
     yield
 

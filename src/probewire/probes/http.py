@@ -186,7 +186,9 @@ _BATCH_MAX = 1 << 18
 _ID_BITS = 19
 # Connections cost ~300 bytes each: a host opening many keeps at most this many in the memo.
 _CONNS_MAX = 1 << 14
-_CONN_BITS = 14
+# Keys a cache keeps after other keys took their slots (see _IdCache).
+_VICTIMS_MAX = 256
+_CONN_BITS = 16
 # Columns of the memo's per-connection rows: its service, its peer process's service (0: not
 # known), peer and local address ids, series class (role, service, client's server
 # endpoint), endpoint put key less a client's own port, client edge id, server edge id.
@@ -355,11 +357,17 @@ class _IdCache:
     A slot holds the last key stored in it; a key whose slot another key took is a miss like a
     new key, answered by the caller's authority (a dict, sorted arrays) and stored again.
     Slots hold key+1 (0: empty). The cache starts small and grows, up to `max_bits`, to keep
-    itself at most a quarter full (`fit`): its memory follows what it holds.
+    itself at most 1/`sparse` full (`fit`; a slot then holds a key another wants about one time
+    in `sparse`): its memory follows what it holds. A key pushed out of its slot by another goes
+    to a small dict (`rescue`): a batch of a few hundred keys nearly always has a pair that
+    share a slot, and a dict lookup for its few misses is cheaper than asking the authority.
     """
 
-    def __init__(self, max_bits: int, bits: int = 10) -> None:
+    def __init__(self, max_bits: int, bits: int = 10, victims: bool = True,
+                 sparse: int = 8) -> None:
         self._max_bits = max_bits
+        self._sparse = sparse
+        self._victims: dict[int, int] | None = {} if victims else None
         self._size(min(bits, max_bits))
 
     def _size(self, bits: int) -> None:
@@ -374,16 +382,34 @@ class _IdCache:
         return np.where(self._keys[slots] == keys + 1, self._ids[slots], -1), slots
 
     def put(self, keys: np.ndarray, slots: np.ndarray, ids: np.ndarray) -> None:
+        if self._victims is None:
+            self._keys[slots] = keys + 1
+            self._ids[slots] = ids
+            return
+        held = self._keys[slots]
+        out = (held != 0) & (held != keys + 1)
+        if out.any():
+            if len(self._victims) > _VICTIMS_MAX:
+                self._victims.clear()
+            self._victims.update(zip((held[out] - 1).tolist(), self._ids[slots[out]].tolist(),
+                                     strict=True))
         self._keys[slots] = keys + 1
         self._ids[slots] = ids
+
+    def rescue(self, keys: np.ndarray) -> list[int]:
+        """Ids of keys pushed out of their slots (-1: not among them)."""
+        get = (self._victims or {}).get
+        return [get(k, -1) for k in keys.tolist()]
 
     def fit(self, count: int, everything: Callable[[], tuple[np.ndarray, np.ndarray]]) -> None:
         """Grow for an authority of `count` keys; `everything()` gives all its (keys, ids)."""
         bits = self._bits
-        while count * 4 > 1 << bits and bits < self._max_bits:
+        while count * self._sparse > 1 << bits and bits < self._max_bits:
             bits += 1
         if bits != self._bits:
             self._size(bits)
+            if self._victims is not None:
+                self._victims.clear()
             keys, ids = everything()
             self.put(keys, self.find(keys)[1], ids)
 
@@ -453,11 +479,13 @@ class _Column:
 
 class _PathTable:
     """Request paths cut from one window of the head: (head words up to the path's end, the
-    path's start) -> route id, for a whole column at once. Misses (new paths, or paths whose
-    cache slot another took) are worked out per row and added."""
+    path's start) -> route id, for a whole column at once: by hash in a direct-mapped cache,
+    else in sorted hashes, each hit confirmed word by word; new paths are worked out per row
+    (and found by their bytes, should two ever share a hash)."""
 
     def __init__(self, width: int, cache_bits: int) -> None:
         self.cache = _IdCache(cache_bits)
+        self.by_key = _SortedIds()
         self.ids: dict[bytes, int] = {}
         self.keys = _Column()
         self.words = np.zeros((64, width // 8), dtype=np.uint64)
@@ -477,27 +505,45 @@ class _PathTable:
         ids[~_same_rows(self.words, ids, words)] = -1
         miss = (ids < 0).nonzero()[0]
         if len(miss):
-            found = []
-            key_list = key[miss].tolist()
-            for i, (first, row) in enumerate(zip(start[miss].tolist(), words[miss],
-                                                 strict=True)):
-                raw = row.tobytes()
-                pid = self.ids.get(raw + bytes((first,)))
-                if pid is None:
-                    pid = self.ids[raw + bytes((first,))] = len(self.ids)
-                    if pid == len(self.words):
-                        self.words = grown(self.words, 2 * len(self.words))
-                    self.words[pid] = row
-                    self.keys[pid] = key_list[i]
-                    # The path: from its start, less the zero padding (request_paths' rstrip).
-                    self.route[pid] = route_of(raw[first:].rstrip(b"\0"))
-                found.append(pid)
-            ids[miss] = found
-            self.cache.put(key[miss], slots[miss], ids[miss])
-            self.cache.fit(len(self.ids), lambda: (self.keys.data[: len(self.ids)],
-                                                   np.arange(len(self.ids))))
+            # Mostly paths whose cache slot another took: pushed out, or in the sorted hashes.
+            ids[miss] = self.cache.rescue(key[miss])
+            ids[miss[~_same_rows(self.words, ids[miss], words[miss])]] = -1
+            lost = miss[ids[miss] < 0]
+            if len(lost):
+                ids[lost] = self.by_key.find(key[lost])
+                ids[lost[~_same_rows(self.words, ids[lost], words[lost])]] = -1
+                new = lost[ids[lost] < 0]
+                if len(new):
+                    ids[new] = self._add(key[new], start[new], words[new], route_of)
+                # Rescued paths stay where they were (as _series' entries do).
+                self.cache.put(key[lost], slots[lost], ids[lost])
+                self.cache.fit(len(self.ids), lambda: (self.keys.data[: len(self.ids)],
+                                                       np.arange(len(self.ids))))
         route: np.ndarray = self.route.data[ids]
         return route
+
+    def _add(self, keys: np.ndarray, start: np.ndarray, words: np.ndarray,
+             route_of: Callable[[bytes], int]) -> list[int]:
+        found: list[int] = []
+        added: dict[int, int] = {}
+        for key, first, row in zip(keys.tolist(), start.tolist(), words, strict=True):
+            raw = row.tobytes()
+            pid = self.ids.get(raw + bytes((first,)))
+            if pid is None:
+                pid = self.ids[raw + bytes((first,))] = len(self.ids)
+                if pid == len(self.words):
+                    self.words = grown(self.words, 2 * len(self.words))
+                self.words[pid] = row
+                self.keys[pid] = key
+                # The path: from its start, less the zero padding (request_paths' rstrip).
+                self.route[pid] = route_of(raw[first:].rstrip(b"\0"))
+                added.setdefault(key, pid)
+            found.append(pid)
+        if added:
+            new = np.fromiter(added, np.int64, len(added))
+            free = self.by_key.find(new) < 0  # a hash another path has: found by bytes
+            self.by_key.add(new[free], np.fromiter(added.values(), np.int32, len(added))[free])
+        return found
 
 
 class _Memo:
@@ -517,8 +563,8 @@ class _Memo:
         # ending in the first window and in the longer one; by the path's bytes -> route id.
         # Route ids name routes. Slow rows (method left to user space, pipelined): (head,
         # index) -> (route, method).
-        self.paths = _PathTable(_PATH_WINDOW, 15)
-        self.long_paths = _PathTable(_LONG_PATH_WINDOW, 13)
+        self.paths = _PathTable(_PATH_WINDOW, 16)
+        self.long_paths = _PathTable(_LONG_PATH_WINDOW, 14)
         self.path_route: dict[bytes, int] = {}
         self.route_ids: dict[str, int] = {}
         self.route_names: list[str] = []
@@ -555,8 +601,9 @@ class _Memo:
         """Forget connections (and endpoint puts, one per client connection): many hosts
         open connections without end, and nothing else refers to them."""
         # By hash of a connection's words: a direct-mapped cache in front of a dict.
-        self.conn_cache = _IdCache(_CONN_BITS)
-        self.conn_by_hash: dict[int, int] = {}
+        # (No victims: the dict behind it is as quick for a few misses.)
+        self.conn_cache = _IdCache(_CONN_BITS, victims=False)
+        self.conn_keys: dict[int, int] = {}
         self.conn_count = 0
         self.conn_words = np.zeros((64, len(_CONN_WORDS)), dtype=np.uint64)
         # Per connection, a row: see _SVC.._SERVER_EDGE.
@@ -946,17 +993,18 @@ class HttpProbe(Probe):
         conn[~_same_rows(memo.conn_words, conn, words)] = -1
         miss = (conn < 0).nonzero()[0]
         if len(miss):
-            # Mostly a connection whose cache slot another one took: the dict knows it.
-            get = memo.conn_by_hash.get
-            conn[miss] = [get(k, -1) for k in key[miss].tolist()]
+            # Mostly a connection whose cache slot another took: the dict knows it (there are
+            # few: ephemeral ports are left out).
+            known = memo.conn_keys
+            conn[miss] = [known.get(k, -1) for k in key[miss].tolist()]
             conn[miss[~_same_rows(memo.conn_words, conn[miss], words[miss])]] = -1
             new = miss[conn[miss] < 0]
             if len(new):
                 conn[new] = self._new_connections(rec, new, words[new], key[new])
-                memo.conn_by_hash.update(zip(key[new].tolist(), conn[new].tolist(),
-                                             strict=True))
+                # A hash another connection has: this one is made again when next seen.
+                for k, c in zip(key[new].tolist(), conn[new].tolist(), strict=True):
+                    known.setdefault(k, c)
             memo.conn_cache.put(key[miss], slots[miss], conn[miss])
-            known = memo.conn_by_hash
             memo.conn_cache.fit(len(known), lambda: (
                 np.fromiter(known, np.int64, len(known)),
                 np.fromiter(known.values(), np.int64, len(known))))
@@ -1107,8 +1155,13 @@ class HttpProbe(Probe):
         miss = (entry < 0).nonzero()[0]
         made: dict[int, int] = {}
         if len(miss):
-            entry[miss] = memo.entry_of.find(key[miss])
-            new = miss[entry[miss] < 0]
+            entry[miss] = memo.entry_cache.rescue(key[miss])
+            lost = miss[entry[miss] < 0]
+            if len(lost):
+                entry[lost] = memo.entry_of.find(key[lost])
+                new = lost[entry[lost] < 0]
+            else:
+                new = lost
             if len(new):
                 # New label sets are admitted in the order they first appear.
                 made = {k: self._new_entry(int(at[i, _CLASS]), int(flags[i]),
@@ -1118,8 +1171,11 @@ class HttpProbe(Probe):
                 memo.entry_of.add(np.fromiter(made, np.int64, len(made)),
                                   np.fromiter(made.values(), np.int32, len(made)))
                 entry[new] = [made[k] for k in key[new].tolist()]
-            memo.entry_cache.put(key[miss], slots[miss], entry[miss])
-            memo.entry_cache.fit(len(memo.entry_of), memo.entry_of.everything)
+            # Rescued keys stay where they were (putting them back pushes out the key they
+            # share a slot with, to be rescued in turn next time).
+            if len(lost):
+                memo.entry_cache.put(key[lost], slots[lost], entry[lost])
+                memo.entry_cache.fit(len(memo.entry_of), memo.entry_of.everything)
         table = memo.entries.take(entry, axis=0)
         kind = table[:, 0]
         if memo.any_folded:
@@ -1127,7 +1183,9 @@ class HttpProbe(Probe):
             # batch had theirs): one that folded counts again.
             again = kind >= _FOLDED
             if made and again.any():
-                again &= ~np.isin(key, np.fromiter(made, np.int64, len(made)))
+                fresh = np.sort(np.fromiter(made, np.int64, len(made)))
+                at = np.minimum(np.searchsorted(fresh, key), len(fresh) - 1)
+                again &= fresh[at] != key  # (np.isin would import numpy.ma: 1.3 MB)
             if again.any():
                 _, first = np.unique(key[again], return_index=True)
                 server = int(np.count_nonzero(kind[again][first] == _SERVER | _FOLDED))
