@@ -18,19 +18,11 @@ Labels = tuple[str, ...]
 
 
 def grown(array: np.ndarray, rows: int) -> np.ndarray:
-    """`array` with room for `rows` rows along its first axis, new rows zero.
-
-    In place where numpy allows it (realloc: no copy, and no freed block left behind to
-    fragment the heap as a copy's would); a copy when something else holds a view of it.
-    """
+    """`array` with room for `rows` rows along its first axis, new rows zero (a copy)."""
     if rows <= len(array):
         return array
-    try:
-        array.resize((rows, *array.shape[1:]), refcheck=True)
-    except ValueError:
-        array = np.concatenate([array, np.zeros((rows - len(array), *array.shape[1:]),
-                                                dtype=array.dtype)])
-    return array
+    more = np.zeros((rows - len(array), *array.shape[1:]), dtype=array.dtype)
+    return np.concatenate([array, more])
 
 
 class HistogramSeries:

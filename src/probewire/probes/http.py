@@ -260,18 +260,6 @@ def _path_ends(text: np.ndarray, start: np.ndarray, limit: np.ndarray) -> np.nda
     return end
 
 
-def _request_path_keys(heads: np.ndarray, head_lens: np.ndarray, method_lens: np.ndarray,
-                       ) -> list[bytes]:
-    """Each row's path: `request_paths(...)[i].tobytes().rstrip(b"\0")`, exactly."""
-    start = method_lens + 1
-    width = heads.shape[1]
-    text = _as_strings(heads, width)
-    end = _path_ends(text, start, np.minimum(np.minimum(head_lens, width), start + _PATH_MAX))
-    # S-dtype values drop trailing NULs, as the rstrip of the zero-padded path did.
-    keys: list[bytes] = np.strings.slice(text, start, end).tolist()
-    return keys
-
-
 def _head_words(heads: np.ndarray, width: int, end: np.ndarray) -> np.ndarray:
     """The first `width` bytes of each head as 64-bit words, every byte from end[i] on zeroed.
 
@@ -357,16 +345,14 @@ class _IdCache:
     A slot holds the last key stored in it; a key whose slot another key took is a miss like a
     new key, answered by the caller's authority (a dict, sorted arrays) and stored again.
     Slots hold key+1 (0: empty). The cache starts small and grows, up to `max_bits`, to keep
-    itself at most 1/`sparse` full (`fit`; a slot then holds a key another wants about one time
-    in `sparse`): its memory follows what it holds. A key pushed out of its slot by another goes
+    itself at most an eighth full (`fit`; a slot then holds a key another wants about one time
+    in eight): its memory follows what it holds. A key pushed out of its slot by another goes
     to a small dict (`rescue`): a batch of a few hundred keys nearly always has a pair that
     share a slot, and a dict lookup for its few misses is cheaper than asking the authority.
     """
 
-    def __init__(self, max_bits: int, bits: int = 10, victims: bool = True,
-                 sparse: int = 8) -> None:
+    def __init__(self, max_bits: int, bits: int = 10, victims: bool = True) -> None:
         self._max_bits = max_bits
-        self._sparse = sparse
         self._victims: dict[int, int] | None = {} if victims else None
         self._size(min(bits, max_bits))
 
@@ -404,7 +390,7 @@ class _IdCache:
     def fit(self, count: int, everything: Callable[[], tuple[np.ndarray, np.ndarray]]) -> None:
         """Grow for an authority of `count` keys; `everything()` gives all its (keys, ids)."""
         bits = self._bits
-        while count * self._sparse > 1 << bits and bits < self._max_bits:
+        while count * 8 > 1 << bits and bits < self._max_bits:
             bits += 1
         if bits != self._bits:
             self._size(bits)
