@@ -253,11 +253,12 @@ def _as_strings(field: np.ndarray, width: int) -> np.ndarray:
 
 def _path_ends(text: np.ndarray, start: np.ndarray, limit: np.ndarray) -> np.ndarray:
     """Where each path ends: the first space, '?', CR or LF in [start, limit), else limit."""
-    end = limit
+    # As unsigned, "not found" (-1) is the largest value: a minimum keeps what was found.
+    end = limit.astype(np.uint64)
     for stop in (b" ", b"?", b"\r", b"\n"):
-        found = np.strings.find(text, stop, start, end)
-        end = np.where(found >= 0, found, end)
-    return end
+        end = np.minimum(np.strings.find(text, stop, start, end).view(np.uint64), end)
+    found: np.ndarray = end.view(np.int64)
+    return found
 
 
 def _head_words(heads: np.ndarray, width: int, end: np.ndarray) -> np.ndarray:
