@@ -1,9 +1,11 @@
 """`python -m bench [--quick] [--only NAME[,NAME...]]`: run the benchmarks, print one table.
 
-Benchmarks (in this order): overhead (nginx under wrk with/without the agent; also agent CPU,
-RSS under load, kernel ns/event per program, user-space records per CPU-second), fidelity,
-startup (start-up time and idle RSS), latency (event → exported), peers (bpftrace; bcc's
-tcplife/tcpretrans beside probewire's tcp family).
+Benchmarks (in this order): overhead (nginx under wrk with/without the agent, with kernel
+aggregation and with every exchange a record; also agent CPU, RSS under load, kernel ns/event per
+program, user-space records per CPU-second), fidelity, startup (start-up time and idle RSS),
+latency (event → exported), peers (bpftrace; bcc's tcplife/tcpretrans beside probewire's tcp
+family), export_latency (event → OTLP span), series_memory (RSS at 1,000 services x 50 routes),
+userspace (HttpProbe.on_batch per record, in-process).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from bench import (
     peers,
     series_memory,
     startup,
+    userspace,
 )
 from bench.harness import REPO_ROOT, _kill_leftovers, foreign_bpf_holders
 from bench.report import Row, render
@@ -40,6 +43,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
     "peers": peers.run,
     "export_latency": export_latency.run,
     "series_memory": series_memory.run,
+    "userspace": userspace.run,
 }
 RESULTS = REPO_ROOT / "bench" / "results" / "latest.md"
 

@@ -25,6 +25,7 @@ EXPECTED_ROWS = (
     "vs bcc: start-up",
     "event → OTLP span export p99, idle",
     "agent RSS holding HTTP series",
+    "user space: HttpProbe.on_batch",
 )
 
 

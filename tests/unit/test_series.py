@@ -75,3 +75,21 @@ def test_a_series_exists_once_something_landed_in_it() -> None:
     counters.add_rows(np.array([counters.slot(("b",)), counters.slot(("b",))]))
     counters.add(("a",), 0.0)
     assert counters.values == {("b",): 2.0, ("a",): 0.0}
+
+
+def test_snapshots_render_what_was_there_while_the_series_go_on_counting() -> None:
+    hist = HistogramSeries((0.1, 1.0))
+    hist.observe(("a",), np.array([0.05, 2.0]))
+    counter = CounterSeries()
+    counter.add(("a",), 3.0)
+    hist_snap, counter_snap = hist.snapshot(), counter.snapshot()
+    hist.observe(("a",), np.array([0.5]))
+    hist.observe(("b",), np.array([0.5]))
+    counter.add(("a",))
+    counter.add(("b",))
+    assert [s.value for s in hist_snap.family("h", "", ("k",)).samples
+            if s.name == "h_count"] == [2.0]
+    assert [(s.labels, s.value) for s in counter_snap.family("c", "", ("k",)).samples] == [
+        ({"k": "a"}, 3.0)]
+    assert {tuple(s.labels.values()) for s in hist.family("h", "", ("k",)).samples} >= {
+        ("a", "+Inf"), ("b", "+Inf")}

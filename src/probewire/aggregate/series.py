@@ -114,6 +114,16 @@ class HistogramSeries:
     def total(self) -> int:
         return int(self._counts.sum())
 
+    def snapshot(self) -> HistogramSeries:
+        """A copy to render from while the original goes on counting (e.g. outside a lock)."""
+        snap = HistogramSeries.__new__(HistogramSeries)
+        snap.bounds, snap.le, snap.width = self.bounds, self.le, self.width
+        n = len(self._rows)
+        snap._rows = dict(self._rows)
+        snap._counts, snap._sums = self._counts[:n].copy(), self._sums[:n].copy()
+        snap._merged = self._merged[:n].copy()
+        return snap
+
 
 class CounterSeries:
     """Counters keyed by label tuples, one row of a dense vector per label set (as for
@@ -158,6 +168,14 @@ class CounterSeries:
         for labels, value in sorted(self.values.items()):
             fam.add_metric(list(labels), value)
         return fam
+
+    def snapshot(self) -> CounterSeries:
+        """A copy to render from while the original goes on counting."""
+        snap = CounterSeries.__new__(CounterSeries)
+        n = len(self._rows)
+        snap._rows = dict(self._rows)
+        snap._values, snap._live = self._values[:n].copy(), self._live[:n].copy()
+        return snap
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

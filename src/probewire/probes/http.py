@@ -1523,99 +1523,114 @@ class HttpProbe(Probe):
         return name or f"{endpoint[0]}:{endpoint[1]}"
 
     def collect(self) -> Iterable[Metric]:
+        """Families built from copies taken under the lock, so a big scrape (or a UI sample)
+        does not hold up the ring reader while it renders."""
         self.sync()
         with self._lock:
-            yield self.server_duration.family(
-                "http_server_request_duration_seconds",
-                "Duration of HTTP server requests: request's first byte read to response's "
-                "last byte written.", SERVER_LABELS)
-            yield self.client_duration.family(
-                "http_client_request_duration_seconds",
-                "Duration of HTTP client requests: request write to response's first byte.",
-                CLIENT_LABELS)
-            yield self.server_req_size.family(
-                "http_server_request_body_size_bytes", "Size of HTTP server request bodies.",
-                SERVER_LABELS)
-            yield self.server_resp_size.family(
-                "http_server_response_body_size_bytes", "Size of HTTP server response bodies.",
-                SERVER_LABELS)
-            yield self.client_req_size.family(
-                "http_client_request_body_size_bytes", "Size of HTTP client request bodies.",
-                CLIENT_LABELS)
-            yield self.aborted.family(
-                "probewire_http_aborted",
-                "HTTP requests whose connection closed before a response started.",
-                ("service_name", "direction"))
-            total = CounterSeries()
-            failed = CounterSeries()
-            for (client, endpoint), (n, nf) in self.edge_client_total.items():
-                labels = self.edge_budget.admit((client, self._server_name(endpoint)),
-                                                EDGE_LABELS)
-                total.add(labels, n)
-                if nf:
-                    failed.add(labels, nf)
-            for labels, v in self.edge_server_total.values.items():
-                total.add(labels, v)
-            for labels, v in self.edge_server_failed.values.items():
-                failed.add(labels, v)
-            client_seconds = HistogramSeries(DURATION_BUCKETS)
-            for key, counts in self.edge_client_seconds.counts.items():
-                client, peer = key
-                host, _, port = peer.rpartition(":")
-                labels = self.edge_budget.admit((client, self._server_name((host, int(port)))),
-                                                EDGE_LABELS)
-                client_seconds.merge(labels, counts, self.edge_client_seconds.sums[key])
-            yield total.family("traces_service_graph_request", "Requests between two services.",
-                               EDGE_LABELS)
-            yield failed.family("traces_service_graph_request_failed",
-                                "Failed requests (5xx or aborted) between two services.",
-                                EDGE_LABELS)
-            yield self.edge_server_seconds.family(
-                "traces_service_graph_request_server_seconds",
-                "Server-side duration of requests between two services.", EDGE_LABELS)
-            yield client_seconds.family(
-                "traces_service_graph_request_client_seconds",
-                "Client-side duration of requests between two services.", EDGE_LABELS)
-            yield self.rpc_server.family(
-                "rpc_server_duration_seconds", "Duration of RPCs served (gRPC over HTTP/2).",
-                RPC_LABELS)
-            yield self.rpc_client.family(
-                "rpc_client_duration_seconds", "Duration of RPCs called (gRPC over HTTP/2).",
-                RPC_LABELS)
-            lost = CounterMetricFamily(
-                "probewire_http2_connections_lost",
-                "HTTP/2 connections given up (no preface seen, chunk dropped, too large).",
-                labels=["reason"])
-            for reason, n in sorted(self.h2.lost.items()):
-                lost.add_metric([reason], n)
-            yield lost
-            unrec = CounterMetricFamily(
-                "probewire_http_unrecognized_connections",
-                "Connections whose first plaintext was neither HTTP/1.x nor an HTTP/2 preface "
-                "(for TLS: typically HTTP/2 opened before the agent started).",
-                labels=["transport"])
-            if self.obj is not None:
-                _, values = self.obj.maps["tls_unrecognized"].read_all(
-                    np.dtype(np.uint32), np.dtype(np.uint64))
-                unrec.add_metric(["tls"], float(values.sum()))
-            yield unrec
-            overflow = CounterMetricFamily(
-                "probewire_cardinality_overflow",
-                "Label sets folded into an 'other' series because a metric hit its budget.",
-                labels=["metric"])
-            active = GaugeMetricFamily("probewire_active_series",
-                                       "Label sets held per metric family.", labels=["metric"])
-            for metric, budget in (("http_server_request_duration_seconds", self.server_budget),
-                                   ("http_client_request_duration_seconds", self.client_budget),
-                                   ("traces_service_graph_request", self.edge_budget)):
-                overflow.add_metric([metric], budget.overflows)
-                active.add_metric([metric], budget.active_series)
-            yield overflow
-            yield active
-            via = CounterMetricFamily(
-                "probewire_http_exchanges",
-                "HTTP exchanges seen: counted in kernel maps (route already known) or sent to "
-                "user space as a ring record.", labels=["via"])
-            via.add_metric(["kernel"], float(self.aggregated))
-            via.add_metric(["ring"], float(self.exchanges_from_records))
-            yield via
+            histograms = {
+                ("http_server_request_duration_seconds", SERVER_LABELS,
+                 "Duration of HTTP server requests: request's first byte read to response's "
+                 "last byte written."): self.server_duration.snapshot(),
+                ("http_client_request_duration_seconds", CLIENT_LABELS,
+                 "Duration of HTTP client requests: request write to response's first byte."):
+                    self.client_duration.snapshot(),
+                ("http_server_request_body_size_bytes", SERVER_LABELS,
+                 "Size of HTTP server request bodies."): self.server_req_size.snapshot(),
+                ("http_server_response_body_size_bytes", SERVER_LABELS,
+                 "Size of HTTP server response bodies."): self.server_resp_size.snapshot(),
+                ("http_client_request_body_size_bytes", CLIENT_LABELS,
+                 "Size of HTTP client request bodies."): self.client_req_size.snapshot(),
+            }
+            aborted = self.aborted.snapshot()
+            total, failed, client_seconds = self._edge_totals()
+            server_seconds = self.edge_server_seconds.snapshot()
+            rpc_server, rpc_client = self.rpc_server.snapshot(), self.rpc_client.snapshot()
+            lost_counts = sorted(self.h2.lost.items())
+            budgets = [(metric, budget.overflows, budget.active_series) for metric, budget in (
+                ("http_server_request_duration_seconds", self.server_budget),
+                ("http_client_request_duration_seconds", self.client_budget),
+                ("traces_service_graph_request", self.edge_budget))]
+            via_counts = (float(self.aggregated), float(self.exchanges_from_records))
+        for (name, label_names, documentation), series in histograms.items():
+            yield series.family(name, documentation, label_names)
+        del histograms
+        yield aborted.family(
+            "probewire_http_aborted",
+            "HTTP requests whose connection closed before a response started.",
+            ("service_name", "direction"))
+        yield total.family("traces_service_graph_request", "Requests between two services.",
+                           EDGE_LABELS)
+        yield failed.family("traces_service_graph_request_failed",
+                            "Failed requests (5xx or aborted) between two services.",
+                            EDGE_LABELS)
+        yield server_seconds.family(
+            "traces_service_graph_request_server_seconds",
+            "Server-side duration of requests between two services.", EDGE_LABELS)
+        yield client_seconds.family(
+            "traces_service_graph_request_client_seconds",
+            "Client-side duration of requests between two services.", EDGE_LABELS)
+        yield rpc_server.family(
+            "rpc_server_duration_seconds", "Duration of RPCs served (gRPC over HTTP/2).",
+            RPC_LABELS)
+        yield rpc_client.family(
+            "rpc_client_duration_seconds", "Duration of RPCs called (gRPC over HTTP/2).",
+            RPC_LABELS)
+        lost = CounterMetricFamily(
+            "probewire_http2_connections_lost",
+            "HTTP/2 connections given up (no preface seen, chunk dropped, too large).",
+            labels=["reason"])
+        for reason, n in lost_counts:
+            lost.add_metric([reason], n)
+        yield lost
+        unrec = CounterMetricFamily(
+            "probewire_http_unrecognized_connections",
+            "Connections whose first plaintext was neither HTTP/1.x nor an HTTP/2 preface "
+            "(for TLS: typically HTTP/2 opened before the agent started).",
+            labels=["transport"])
+        if self.obj is not None:
+            _, values = self.obj.maps["tls_unrecognized"].read_all(
+                np.dtype(np.uint32), np.dtype(np.uint64))
+            unrec.add_metric(["tls"], float(values.sum()))
+        yield unrec
+        overflow = CounterMetricFamily(
+            "probewire_cardinality_overflow",
+            "Label sets folded into an 'other' series because a metric hit its budget.",
+            labels=["metric"])
+        active = GaugeMetricFamily("probewire_active_series",
+                                   "Label sets held per metric family.", labels=["metric"])
+        for metric, overflows, active_series in budgets:
+            overflow.add_metric([metric], overflows)
+            active.add_metric([metric], active_series)
+        yield overflow
+        yield active
+        via = CounterMetricFamily(
+            "probewire_http_exchanges",
+            "HTTP exchanges seen: counted in kernel maps (route already known) or sent to "
+            "user space as a ring record.", labels=["via"])
+        via.add_metric(["kernel"], via_counts[0])
+        via.add_metric(["ring"], via_counts[1])
+        yield via
+
+    def _edge_totals(self) -> tuple[CounterSeries, CounterSeries, HistogramSeries]:
+        """Service-graph totals with client-side edges named by their server (under the lock:
+        the server side may have named an endpoint since the edge was counted)."""
+        total = CounterSeries()
+        failed = CounterSeries()
+        for (client, endpoint), (n, nf) in self.edge_client_total.items():
+            labels = self.edge_budget.admit((client, self._server_name(endpoint)), EDGE_LABELS)
+            total.add(labels, n)
+            if nf:
+                failed.add(labels, nf)
+        for labels, v in self.edge_server_total.values.items():
+            total.add(labels, v)
+        for labels, v in self.edge_server_failed.values.items():
+            failed.add(labels, v)
+        client_seconds = HistogramSeries(DURATION_BUCKETS)
+        sums = self.edge_client_seconds.sums
+        for key, counts in self.edge_client_seconds.counts.items():
+            client, peer = key
+            host, _, port = peer.rpartition(":")
+            labels = self.edge_budget.admit((client, self._server_name((host, int(port)))),
+                                            EDGE_LABELS)
+            client_seconds.merge(labels, counts, sums[key])
+        return total, failed, client_seconds
