@@ -1,11 +1,14 @@
 // SPDX-License-Identifier: GPL-2.0
 /* http family: HTTP/1.x exchanges seen through syscall tracepoints (no kprobes needed).
  *
- * Enter hooks resolve fd -> struct sock and park the buffer pointer per thread; exit hooks
- * look at the bytes the syscall moved. Per connection (keyed by struct sock, not PID) a small
- * state machine finds message starts (request line / status line at the start of a buffer),
- * keeps the first bytes of each head, counts bytes, and emits one record per exchange. Method,
- * status and role are decided here; path templating and pipelined heads are user space's. */
+ * Exit hooks of the data syscalls resolve fd -> struct sock (the arguments come back from the
+ * registers saved at entry) and look at the bytes the call moved. Per connection (keyed by
+ * struct sock, not PID) a small state machine finds message starts (request line / status line
+ * at the start of a buffer), keeps the first bytes of each head, counts bytes, and ends an
+ * exchange when its response's last byte is written (or at the next request, or the close).
+ * An exchange whose path user space has templated is counted in kernel maps (http_aggs);
+ * others go to user space as one record. Method, status, role, header lengths and body sizes
+ * are decided here; path templating and pipelined heads are user space's. */
 #include "common.h"
 #include <bpf/bpf_endian.h>
 #include "http.h"
@@ -31,7 +34,6 @@ static __always_inline bool traced_task(__u32 tgid)
 #define S_IFSOCK_ 0140000
 #define HTTP_PROTO_FILTERED 3
 #define TLS_KEY_BIT 1ULL
-
 
 /* Connection state; LRU because a close we never see (process exit) must not leak it. */
 struct {
@@ -230,11 +232,20 @@ static __always_inline void remember_client(const struct http_exchange *ex)
 
 /* A global function: the verifier checks it once, not once per completion site (its loops
  * would otherwise be walked for each of them). Returns 1 when the exchange was counted. */
+/* The key is built in map memory: the call chain to here is deep, and 512 bytes of stack are
+ * all a program gets across its frames. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct http_agg_key);
+} agg_key_scratch SEC(".maps");
+
 __noinline int aggregate_exchange(struct http_exchange *ex)
 {
-	struct http_agg_key key = {};
+	struct http_agg_key *key;
 	struct http_agg *agg;
-	__u32 *route;
+	__u32 *route, zero = 0;
 	__u64 duration;
 	int req_hdr, resp_hdr;
 
@@ -244,25 +255,29 @@ __noinline int aggregate_exchange(struct http_exchange *ex)
 	route = bpf_map_lookup_elem(&http_routes, &ex->path_hash);
 	if (!route)
 		return 0; /* a new path: its record teaches user space the route */
-	key.tgid = ex->tgid;
-	key.route = *route;
-	key.status = ex->status;
-	key.role = ex->role;
-	key.method = ex->method;
-	key.flags = ex->flags & (HTTP_FLAG_TLS | HTTP_FLAG_ABORTED);
-	key.family = ex->family;
-	__builtin_memcpy(key.raddr, ex->raddr, 16);
+	key = bpf_map_lookup_elem(&agg_key_scratch, &zero);
+	if (!key)
+		return 0;
+	__builtin_memset(key, 0, sizeof(*key));
+	key->tgid = ex->tgid;
+	key->route = *route;
+	key->status = ex->status;
+	key->role = ex->role;
+	key->method = ex->method;
+	key->flags = ex->flags & (HTTP_FLAG_TLS | HTTP_FLAG_ABORTED);
+	key->family = ex->family;
+	__builtin_memcpy(key->raddr, ex->raddr, 16);
 	if (ex->role == HTTP_ROLE_SERVER) {
-		key.peer_tgid = ex->peer_tgid;
-		key.lport = ex->lport;
-		__builtin_memcpy(key.laddr, ex->laddr, 16);
+		key->peer_tgid = ex->peer_tgid;
+		key->lport = ex->lport;
+		__builtin_memcpy(key->laddr, ex->laddr, 16);
 	} else {
-		key.rport = ex->rport;
+		key->rport = ex->rport;
 	}
-	agg = bpf_map_lookup_elem(&http_aggs, &key);
+	agg = bpf_map_lookup_elem(&http_aggs, key);
 	if (!agg) {
-		bpf_map_update_elem(&http_aggs, &key, &zero_agg, BPF_NOEXIST);
-		agg = bpf_map_lookup_elem(&http_aggs, &key);
+		bpf_map_update_elem(&http_aggs, key, &zero_agg, BPF_NOEXIST);
+		agg = bpf_map_lookup_elem(&http_aggs, key);
 		if (!agg)
 			return 0; /* full: the ring still counts it */
 	}

@@ -5,6 +5,11 @@
 
 #include "http.h"
 
+#define BYTES_EQ(w, c) /* 0x80 in each byte of w equal to c (exact: no carries between bytes) */ \
+	(~((((w) ^ (c)) & 0x7f7f7f7f7f7f7f7fULL) + 0x7f7f7f7f7f7f7f7fULL | ((w) ^ (c)) |     \
+	   0x7f7f7f7f7f7f7f7fULL))
+
+
 static __always_inline bool target_start(__u8 c)
 {
 	return c == '/' || c == '*' || c == 'h';
@@ -71,32 +76,101 @@ static __always_inline bool maybe_split_method(const __u8 *b, __u32 n)
 	return true;
 }
 
-static const __u8 method_len[] = { 0, 3, 4, 3, 6, 4, 5, 7, 7, 5 };
+static const __u8 method_len[HTTP_TRACE + 1] = { 0, 3, 4, 3, 6, 4, 5, 7, 7, 5 };
 
-/* FNV-1a over the path: from after "METHOD " to the first space, CR, LF or '?' (the bytes
- * user space's request_paths() cuts out), at most HTTP_PATH_MAX of them. 0 means "no path". */
-static __noinline __u64 path_hash(const __u8 *head, __u32 head_len, __u32 method)
+struct path_scan {
+	__u64 h;
+	__u32 len;
+	__u32 _pad;
+};
+
+struct path_input {
+	const __u8 *head;
+	__u32 start;
+	__u32 end;
+};
+
+/* The hash's running state, in map memory for the reason given at header_scratch. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct path_scan);
+} path_scratch SEC(".maps");
+
+static __always_inline __u64 mix64(__u64 h)
 {
-	__u64 h = 0xcbf29ce484222325ULL;
-	__u32 start, end, i;
-
-	if (method >= sizeof(method_len))
-		return 0;
-	start = method_len[method] + 1;
-	end = head_len < start + HTTP_PATH_MAX ? head_len : start + HTTP_PATH_MAX;
-	for (i = start; i < end && i < HTTP_HEAD_LEN; i++) {
-		__u8 c = head[i];
-
-		if (c == ' ' || c == '\r' || c == '\n' || c == '?')
-			break;
-		h = (h ^ c) * 0x100000001b3ULL;
-	}
-	return h ? h : 1;
+	h ^= h >> 30;
+	h *= 0xbf58476d1ce4e5b9ULL;
+	h ^= h >> 27;
+	h *= 0x94d049bb133111ebULL;
+	return h ^ (h >> 31);
 }
 
-#define BYTES_EQ(w, c) /* 0x80 in each byte of w equal to c (exact: no carries between bytes) */ \
-	(~((((w) ^ (c)) & 0x7f7f7f7f7f7f7f7fULL) + 0x7f7f7f7f7f7f7f7fULL | ((w) ^ (c)) |     \
-	   0x7f7f7f7f7f7f7f7fULL))
+/* Eight bytes of the path a call: the word is cut at the first space, CR, LF or '?' (or the
+ * path's end) and mixed in. */
+static long path_word(__u32 i, struct path_input *in)
+{
+	__u32 zero = 0, off = in->start + (i & 15) * 8, avail;
+	struct path_scan *ps = bpf_map_lookup_elem(&path_scratch, &zero);
+	__u64 w, stop;
+
+	if (!ps || i >= HTTP_PATH_MAX / 8 || off >= in->end || off > HTTP_HEAD_LEN - 8)
+		return 1;
+	barrier_var(off); /* the load must use the checked register */
+	w = *(const __u64 *)(in->head + (off & (HTTP_HEAD_LEN - 1)));
+	stop = BYTES_EQ(w, 0x2020202020202020ULL) | BYTES_EQ(w, 0x0d0d0d0d0d0d0d0dULL) |
+	       BYTES_EQ(w, 0x0a0a0a0a0a0a0a0aULL) | BYTES_EQ(w, 0x3f3f3f3f3f3f3f3fULL);
+	avail = in->end - off;
+	if (avail < 8)
+		stop |= 0x80ULL << (8 * avail);
+	if (stop) {
+		__u64 low = stop & -stop;
+		__u32 j = 0;
+
+		if (!(low & 0xffffffffULL)) {
+			j += 4;
+			low >>= 32;
+		}
+		if (!(low & 0xffff)) {
+			j += 2;
+			low >>= 16;
+		}
+		if (!(low & 0xff))
+			j += 1;
+		w = j ? w & (~0ULL >> (64 - 8 * j)) : 0;
+		ps->h = mix64(ps->h ^ w);
+		ps->len += j;
+		return 1;
+	}
+	ps->h = mix64(ps->h ^ w);
+	ps->len += 8;
+	return 0;
+}
+
+/* A 64-bit hash of the path: from after "METHOD " to the first space, CR, LF or '?' (the
+ * bytes user space's request_paths() cuts out), at most HTTP_PATH_MAX of them, eight bytes a
+ * step (bpf_loop: the verifier checks one word, not a byte loop of 128). 0 means "no path". */
+static __noinline __u64 path_hash(const __u8 *head, __u32 head_len, __u32 method)
+{
+	__u32 zero = 0, start, end;
+	struct path_scan *ps = bpf_map_lookup_elem(&path_scratch, &zero);
+	struct path_input in;
+	__u64 h, m = method & 0xff; /* one 64-bit register, checked and used */
+
+	if (!ps || m > HTTP_TRACE)
+		return 0;
+	start = method_len[m] + 1;
+	end = head_len < start + HTTP_PATH_MAX ? head_len : start + HTTP_PATH_MAX;
+	in.head = head;
+	in.start = start;
+	in.end = end < HTTP_HEAD_LEN ? end : HTTP_HEAD_LEN;
+	ps->h = 0x9e3779b97f4a7c15ULL;
+	ps->len = 0;
+	bpf_loop(HTTP_PATH_MAX / 8, path_word, &in, 0);
+	h = mix64(ps->h ^ ps->len);
+	return h ? h : 1;
+}
 
 struct header_scan {
 	const __u8 *head;
@@ -105,6 +179,8 @@ struct header_scan {
 	__u8 te; /* a Transfer-Encoding line */
 	__u8 _pad[3];
 	int cl_at; /* offset just past the first "Content-Length:", or -1 */
+	int digits; /* of the Content-Length value read so far; -1: not a length */
+	__u64 value;
 };
 
 #define LE8(a, b, c, d, e, f, g, h)                                                        \
@@ -188,14 +264,30 @@ static long header_scan_word(__u32 i, struct header_scan *sc)
 
 /* The same, one word a call, also noting Content-Length and Transfer-Encoding lines (more
  * branches a word: four words a call would be too many paths for the verifier). */
-static long header_fields_word(__u32 i, struct header_scan *sc)
-{
-	__u32 k = (i & (HTTP_HEAD_LEN / 16 - 1)) * 16;
+/* The fields scan keeps its state in map memory, not on the stack: the verifier follows
+ * what a bpf_loop callback writes to the caller's stack until it stops changing, and a
+ * Content-Length offset found in one word changes it (~180,000 more instructions to verify,
+ * per program). Map memory it does not track. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct header_scan);
+} header_scratch SEC(".maps");
 
-	if (i >= HTTP_HEAD_LEN / 16)
+struct header_input {
+	const __u8 *head; /* on the stack: a pointer loaded back from map memory is a number */
+	__u32 len;
+};
+
+static long header_fields_word(__u32 i, struct header_input *in)
+{
+	__u32 zero = 0, k = (i & (HTTP_HEAD_LEN / 8 - 1)) * 8;
+	struct header_scan *sc = bpf_map_lookup_elem(&header_scratch, &zero);
+
+	if (!sc || i >= HTTP_HEAD_LEN / 8)
 		return 1;
-	return header_scan_one(sc, sc->head, k, sc->len, true) ||
-	       header_scan_one(sc, sc->head, k + 8, sc->len, true);
+	return header_scan_one(sc, in->head, k, in->len, true);
 }
 
 /* Bytes up to and including the first CRLFCRLF of a head, or -1 when the head does not hold
@@ -210,36 +302,38 @@ static __always_inline int header_end(const __u8 *head, __u32 len)
 	return sc.end;
 }
 
-/* The value of a Content-Length line: optional blanks, 1 to 18 digits, then CR (or blanks
- * before it). -1 for anything else. */
-static __always_inline __s64 content_length_at(const __u8 *head, __u32 at, __u32 len)
+/* One character of a Content-Length value: optional blanks, 1 to 18 digits, then CR (or
+ * blanks before it). Run by bpf_loop over the map scratch (sc->value, sc->digits; -1 digits:
+ * not a length), so the verifier checks one character, not 32 of them. */
+static long content_length_char(__u32 i, struct header_input *in)
 {
-	__u64 v = 0;
-	int digits = 0;
+	__u32 zero = 0, o;
+	struct header_scan *sc = bpf_map_lookup_elem(&header_scratch, &zero);
+	__u8 c;
 
-	for (int i = 0; i < 32; i++) {
-		__u32 o = at + i;
-		__u8 c;
-
-		if (o >= len || o >= HTTP_HEAD_LEN)
-			return -1;
-		barrier_var(o); /* index by the checked register (not a hoisted head + at) */
-		c = head[o & (HTTP_HEAD_LEN - 1)];
-		if (c >= '0' && c <= '9') {
-			if (digits == 18)
-				return -1;
-			v = v * 10 + (c - '0');
-			digits++;
-		} else if (c == ' ' || c == '\t') {
-			if (digits)
-				break;
-		} else if (c == '\r') {
-			break;
-		} else {
-			return -1;
-		}
+	if (!sc || sc->cl_at < 0)
+		return 1;
+	o = (__u32)sc->cl_at + i;
+	if (o >= in->len || o >= HTTP_HEAD_LEN) {
+		sc->digits = -1;
+		return 1;
 	}
-	return digits ? (__s64)v : -1;
+	barrier_var(o); /* index by the checked register (not a hoisted head + at) */
+	c = in->head[o & (HTTP_HEAD_LEN - 1)];
+	if (c >= '0' && c <= '9') {
+		if (sc->digits >= 18) {
+			sc->digits = -1;
+			return 1;
+		}
+		sc->value = sc->value * 10 + (c - '0');
+		sc->digits += 1;
+		return 0;
+	}
+	if (c == ' ' || c == '\t')
+		return sc->digits > 0; /* blanks before the digits, or after them: done */
+	if (c != '\r')
+		sc->digits = -1;
+	return 1;
 }
 
 /* A response whose body ends with the last chunk ("0" CRLF CRLF) rather than at a length. */
@@ -252,26 +346,37 @@ static __always_inline __s64 content_length_at(const __u8 *head, __u32 at, __u32
 static __always_inline int response_bounds(const __u8 *head, __u32 len, __u16 status,
 					   bool head_request, __u64 *end_at)
 {
-	struct header_scan sc = { .head = head, .len = len < HTTP_HEAD_LEN ? len : HTTP_HEAD_LEN,
-				  .end = -1, .cl_at = -1 };
-	__s64 body;
+	__u32 zero = 0;
+	struct header_scan *sc = bpf_map_lookup_elem(&header_scratch, &zero);
+	int end;
+
+	struct header_input in = { .head = head, .len = len < HTTP_HEAD_LEN ? len : HTTP_HEAD_LEN };
 
 	*end_at = 0;
-	bpf_loop(HTTP_HEAD_LEN / 16, header_fields_word, &sc, 0);
-	if (sc.end < 0)
-		return sc.end;
+	if (!sc)
+		return -1;
+	sc->end = -1;
+	sc->te = 0;
+	sc->cl_at = -1;
+	bpf_loop(HTTP_HEAD_LEN / 8, header_fields_word, &in, 0);
+	end = sc->end;
+	if (end < 0 || end > HTTP_HEAD_LEN)
+		return -1;
 	if (head_request || status == 204 || status == 304) {
-		*end_at = sc.end;
-		return sc.end;
+		*end_at = end;
+		return end;
 	}
-	if (sc.te) {
+	if (sc->te) {
 		*end_at = RESP_END_CHUNKED;
-		return sc.end;
+		return end;
 	}
-	if (sc.cl_at < 0)
-		return sc.end;
-	body = content_length_at(head, sc.cl_at, sc.end);
-	if (body >= 0)
-		*end_at = sc.end + body;
-	return sc.end;
+	if (sc->cl_at < 0)
+		return end;
+	in.len = end; /* the value ends within the header block */
+	sc->value = 0;
+	sc->digits = 0;
+	bpf_loop(32, content_length_char, &in, 0);
+	if (sc->digits > 0)
+		*end_at = end + sc->value;
+	return end;
 }
