@@ -1150,3 +1150,44 @@ int http_close(struct trace_event_raw_sys_enter *ctx)
 	finish_conn(key | TLS_KEY_BIT);
 	return 0;
 }
+
+/* A socket that closes without a close() from its process (it exited or was killed, and the
+ * kernel closed its files; or a reset) still ends its exchange: a client's request left
+ * without an answer is counted as aborted. A server's request is left to the server: it may
+ * still answer on the socket it holds (a client that sent its request and went), as its
+ * access log will say. Runs on every TCP state change and acts on the last; a close() has
+ * ended the exchange before it. */
+static __always_inline void sock_closed_key(__u64 key)
+{
+	struct http_conn *conn = bpf_map_lookup_elem(&http_conns, &key);
+
+	if (conn && !(conn->ex.role == HTTP_ROLE_SERVER && conn->state == HTTP_STATE_REQUEST))
+		finish_conn(key);
+}
+
+static __always_inline int sock_closed(__u64 key, int newstate)
+{
+	if (newstate != TCP_CLOSE)
+		return 0;
+	sock_closed_key(key);
+	sock_closed_key(key | TLS_KEY_BIT);
+	return 0;
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(http_sock_close_btf, const struct sock *sk, int oldstate, int newstate)
+{
+	__u64 key = 0;
+
+	if (newstate != TCP_CLOSE)
+		return 0;
+	/* As a number: a kernel pointer may not be masked or used as map key bytes. */
+	bpf_probe_read_kernel(&key, sizeof(key), &sk);
+	return sock_closed(key, newstate);
+}
+
+SEC("tp/sock/inet_sock_set_state")
+int http_sock_close_tp(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	return sock_closed((__u64)ctx->skaddr, ctx->newstate);
+}

@@ -300,6 +300,32 @@ def test_client_gone_mid_response_and_connection_closed_mid_request(agent, stack
     assert d(SERVER, service_name="nginx", http_route="/static/never") == 0
 
 
+IMPATIENT = r'''
+import os, socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"GET /api/slow HTTP/1.1\r\nHost: t\r\n\r\n")
+os._exit(0)  # no close(): the kernel closes the socket as the process goes
+'''
+
+
+def test_client_that_exits_before_its_answer_is_counted_as_aborted(agent, stack,
+                                                                  tmp_path) -> None:
+    """A process that dies with a request in flight never calls close(): the socket's last
+    state change ends its exchange (aborted), as the server's answers on."""
+    _, listen = agent
+    _, up = stack
+    script = tmp_path / "impatient.py"
+    script.write_text(IMPATIENT)
+    d = Delta(listen)
+    for _ in range(3):
+        subprocess.run([sys.executable, str(script), str(up)], check=True, timeout=30)
+    d.settle("probewire_http_aborted_total", 3, service_name="impatient", direction="client")
+    d.settle(SERVER, 3, service_name="upstream", http_route="/api/slow")
+    assert d("probewire_http_aborted_total", service_name="impatient", direction="client") == 3
+    assert d(CLIENT, service_name="impatient") == 0
+    assert server(d, "upstream", "GET", "/api/slow", 200) == 3
+
+
 def test_expect_100_continue_counts_the_final_response_only(agent, stack) -> None:
     _, listen = agent
     _, up = stack

@@ -713,6 +713,7 @@ class HttpProbe(Probe):
     hooks = (
         *(Hook(f"sys_exit_{s}", (f"http_exit_{s}",)) for s in SYSCALLS),
         Hook("sys_enter_close", ("http_close",)),
+        Hook("inet_sock_set_state", ("http_sock_close_btf", "http_sock_close_tp")),
     )
     helper_programs = ("http_exit_common", "http_h2_ship_tp", "http_h2_ship_uprobe",
                        *TLS_PROGRAMS)
