@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 class Row:
     """One figure: its value over repeats and the DESIGN.md §5 target it is judged against.
 
-    `goal` is (op, bound) with op in "<=", ">=", "=="; None means "reported, no target".
+    `goal` is (op, bound) with op in "<=", ">=", "=="; or ("between", lo) with `goal_hi` the
+    upper end (inclusive); None means "reported, no target".
     `judge` names the statistic compared with the goal: "median" unless the target is a tail
     (a p99 judged on the max of the samples) or an exact equality over every repeat ("all").
     """
@@ -20,6 +21,7 @@ class Row:
     values: list[float] = field(default_factory=list)
     target: str = ""
     goal: tuple[str, float] | None = None
+    goal_hi: float = 0.0
     judge: str = "median"
     note: str = ""
     status: str | None = None  # overrides met/MISSED: "not installed", "error", ...
@@ -42,7 +44,8 @@ class Row:
             "all": self.values,
         }[self.judge]
         ok = all(
-            {"<=": v <= bound, ">=": v >= bound, "==": abs(v - bound) < 1e-9}[op] for v in picks
+            {"<=": v <= bound, ">=": v >= bound, "==": abs(v - bound) < 1e-9,
+             "between": bound <= v <= self.goal_hi}[op] for v in picks
         )
         return "met" if ok else "MISSED"
 
