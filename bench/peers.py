@@ -20,9 +20,16 @@ from bench.harness import cpu_seconds, pinned_nginx, rss_mb, run_wrk, spawn, sto
 from bench.report import Row
 from probewire.probes.http import HttpProbe
 
-# Exactly the syscall tracepoints probewire's http family hooks (HttpProbe.hooks).
+
+def _tracepoint(hook: str) -> str:
+    """bpftrace's name of the tracepoint behind one of HttpProbe's hooks."""
+    category = "syscalls" if hook.startswith("sys_") else "sock"  # inet_sock_set_state
+    return f"tracepoint:{category}:{hook}"
+
+
+# Exactly the tracepoints probewire's http family hooks (HttpProbe.hooks).
 PROGRAM = (
-    ",".join(f"tracepoint:syscalls:{hook.name}" for hook in HttpProbe.hooks)
+    ",".join(_tracepoint(hook.name) for hook in HttpProbe.hooks)
     + " { @[probe] = count(); }\n"
     + 'BEGIN { printf("attached\\n"); }\n'
 )

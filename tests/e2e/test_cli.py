@@ -38,14 +38,16 @@ START_TIMEOUT_S = 30
 UNPRIVILEGED_TIMEOUT_S = 60  # it fails before loading anything
 # Programs are freed by RCU after the last fd closes, so they vanish shortly after the holder.
 FREE_TIMEOUT_S = 20
+# (probe, hook) pairs whose preferred program is a BTF tracepoint.
 HOOKS = (
-    "inet_sock_set_state",
-    "tcp_retransmit_skb",
-    "tcp_retransmit_synack",
-    "tcp_send_reset",
-    "tcp_receive_reset",
-    "sched_process_exec",
-    "sched_process_exit",
+    ("tcp", "inet_sock_set_state"),
+    ("tcp", "tcp_retransmit_skb"),
+    ("tcp", "tcp_retransmit_synack"),
+    ("tcp", "tcp_send_reset"),
+    ("tcp", "tcp_receive_reset"),
+    ("process", "sched_process_exec"),
+    ("process", "sched_process_exit"),
+    ("http", "inet_sock_set_state"),
 )
 # The kernel keeps the first 15 bytes of a program name (BPF_OBJ_NAME_LEN - 1).
 KERNEL_NAME_LEN = 15
@@ -427,13 +429,14 @@ def test_doctor_flags_a_pinned_program_that_outlives_its_process(tmp_path) -> No
 
 # --- probes -------------------------------------------------------------------------------------
 
-def _probe_rows(listen: str) -> dict[str, list[str]]:
+def _probe_rows(listen: str) -> dict[tuple[str, str], list[str]]:
+    """The `probes` table keyed by (probe, hook): two families may hook the same tracepoint."""
     result = _cli("probes", "--listen", listen)
     assert result.returncode == 0, result.stderr
     title, rows = _parse_table(result.stdout)
     assert title == f"probewire probes — running agent at {listen}", result.stdout
-    by_hook = {r[1]: r for r in rows}
-    declared = {hook.name for probe in REGISTRY.values() for hook in probe.hooks}
+    by_hook = {(r[0], r[1]): r for r in rows}
+    declared = {(probe.name, hook.name) for probe in REGISTRY.values() for hook in probe.hooks}
     assert len(by_hook) == len(rows), result.stdout
     assert set(by_hook) == declared and set(HOOKS) <= declared, result.stdout
     for row in rows:
@@ -444,20 +447,24 @@ def _probe_rows(listen: str) -> dict[str, list[str]]:
 def test_probes_shows_tp_btf_chosen_and_attached_for_every_hook(test_output_dir: Path) -> None:
     with agent_process(test_output_dir) as (_, listen):
         rows = _probe_rows(listen)
-    for hook in HOOKS:
-        _probe, _hook, chosen, attached, _avg, _runs, reason = rows[hook]
-        assert (chosen, attached, reason) == (f"tp_btf/{hook}", "yes", ""), rows[hook]
+    for probe, hook in HOOKS:
+        _probe, _hook, chosen, attached, _avg, _runs, reason = rows[probe, hook]
+        assert (chosen, attached, reason) == (f"tp_btf/{hook}", "yes", ""), rows[probe, hook]
 
 
 def test_force_hook_tp_is_shown_with_the_forced_reason(test_output_dir: Path) -> None:
     with agent_process(test_output_dir, "--force-hook", "inet_sock_set_state=tp") as (_, listen):
         rows = _probe_rows(listen)
-    _probe, _hook, chosen, attached, _avg, _runs, reason = rows["inet_sock_set_state"]
-    assert (chosen, attached) == ("tp/sock/inet_sock_set_state", "yes")
-    assert _squash(reason) == _squash(
-        "tp_btf/inet_sock_set_state: not the forced hook type tp"
-    ), reason
-    for hook in HOOKS:
-        if hook != "inet_sock_set_state":
-            assert rows[hook][2:4] == [f"tp_btf/{hook}", "yes"], rows[hook]
-    assert sum("not the forced hook type" in r[6] for r in rows.values()) == 1
+    # The override names a hook, so every family hooking that tracepoint takes it.
+    forced = [(p, h) for p, h in HOOKS if h == "inet_sock_set_state"]
+    assert forced == [("tcp", "inet_sock_set_state"), ("http", "inet_sock_set_state")]
+    for key in forced:
+        _probe, _hook, chosen, attached, _avg, _runs, reason = rows[key]
+        assert (chosen, attached) == ("tp/sock/inet_sock_set_state", "yes")
+        assert _squash(reason) == _squash(
+            "tp_btf/inet_sock_set_state: not the forced hook type tp"
+        ), reason
+    for probe, hook in HOOKS:
+        if (probe, hook) not in forced:
+            assert rows[probe, hook][2:4] == [f"tp_btf/{hook}", "yes"], rows[probe, hook]
+    assert sum("not the forced hook type" in r[6] for r in rows.values()) == len(forced)
