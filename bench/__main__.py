@@ -5,7 +5,8 @@ aggregation and with every exchange a record; also agent CPU, RSS under load, ke
 program, user-space records per CPU-second), fidelity, startup (start-up time and idle RSS),
 latency (event → exported), peers (bpftrace; bcc's tcplife/tcpretrans beside probewire's tcp
 family), export_latency (event → OTLP span), series_memory (RSS at 1,000 services x 50 routes),
-userspace (HttpProbe.on_batch per record, in-process).
+userspace (HttpProbe.on_batch per record, in-process), ring_flood (a kernel program floods a
+ring; the real RingReader and on_batch on one core: records per CPU-second, nothing lost).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from bench import (
     latency,
     overhead,
     peers,
+    ring_flood,
     series_memory,
     startup,
     userspace,
@@ -44,6 +46,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
     "export_latency": export_latency.run,
     "series_memory": series_memory.run,
     "userspace": userspace.run,
+    "ring_flood": ring_flood.run,
 }
 RESULTS = REPO_ROOT / "bench" / "results" / "latest.md"
 

@@ -25,10 +25,12 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # tests/support: the nginx/upstream peers
 
+from support.bpf_build import compile_bpf  # noqa: E402
 from support.metrics import Samples, parse_metrics, total  # noqa: E402
 from support.servers import Server, free_port, nginx, wait_port  # noqa: E402
 
-__all__ = ["Samples", "Server", "free_port", "nginx", "parse_metrics", "total", "wait_port"]
+__all__ = ["Samples", "Server", "compile_bpf", "free_port", "nginx", "parse_metrics", "total",
+           "wait_port"]
 
 PROBEWIRE = REPO_ROOT / ".venv" / "bin" / "probewire"
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -12,9 +12,6 @@ Needs: BPF_PROG_TYPE_SYSCALL with BPF_PROG_TEST_RUN and bpf_loop (Linux 5.17+), 
 
 from __future__ import annotations
 
-import platform
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,10 +23,10 @@ from hypothesis import strategies as st
 from probewire.aggregate.http_heads import content_length, request_paths
 from probewire.probes.http import HEAD_LEN, METHOD_LEN, METHODS, header_lengths
 from probewire.runtime.bpf import BpfObject, Program
+from support.bpf_build import compile_bpf
 
 pytestmark = pytest.mark.bpf
 
-REPO = Path(__file__).resolve().parents[2]
 HARNESS = Path(__file__).with_name("http_parse_harness.bpf.c")
 PATH_MAX = 128
 CHUNKED = (1 << 64) - 1  # RESP_END_CHUNKED
@@ -41,19 +38,11 @@ IO = np.dtype([
 ])
 # The module-scoped harness is shared by every example on purpose.
 FIXTURE_OK = [HealthCheck.function_scoped_fixture]
-ARCH = {"x86_64": "x86", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
 
 @pytest.fixture(scope="module")
 def parse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Program]:
-    clang = shutil.which("clang")
-    assert clang, "clang is needed to build the parser harness (scripts/setup.sh installs it)"
-    vmlinux = REPO / "bpf" / ".output" / "vmlinux.h"
-    assert vmlinux.exists(), "bpf/.output/vmlinux.h is made by `make build`"
-    out = tmp_path_factory.mktemp("harness") / "http_parse_harness.bpf.o"
-    subprocess.run([clang, "-O2", "-g", "-target", "bpf", f"-D__TARGET_ARCH_{ARCH}", "-Wall",
-                    "-I", str(REPO / "bpf" / "include"), "-I", str(vmlinux.parent),
-                    "-I", str(REPO / "bpf"), "-c", str(HARNESS), "-o", str(out)], check=True)
+    out = compile_bpf(HARNESS, tmp_path_factory.mktemp("harness") / "http_parse_harness.bpf.o")
     obj = BpfObject(out)
     obj.load()
     try:

@@ -26,6 +26,7 @@ EXPECTED_ROWS = (
     "event → OTLP span export p99, idle",
     "agent RSS holding HTTP series",
     "user space: HttpProbe.on_batch",
+    "user space: ring drain + decode + aggregate, one core",
 )
 
 
@@ -42,3 +43,6 @@ def test_quick_bench_runs_every_benchmark_and_writes_one_table(tmp_path: Path) -
     for name in EXPECTED_ROWS:
         assert f"| {name}" in table, f"row {name!r} missing from:\n{table}"
     assert "| error |" not in table
+    # Not a timing: every record the kernel wrote reached on_batch, every drop was counted.
+    flood_exact = [line for line in table.splitlines() if line.startswith("| ring flood (")]
+    assert len(flood_exact) == 4 and all("| met |" in line for line in flood_exact), table

@@ -179,8 +179,9 @@ class RingReader:
     `flush_s` ago (the first record after a quiet spell goes at once).
 
     Rings are watched edge-triggered: the kernel wakes the reader when a record lands in an
-    empty ring or a batch's worth waits (bpf/include/common.h wakeup_flags). Records left
-    waiting keep the ring non-empty, so they cost no further wake-ups until the batch is due.
+    empty ring and when the record that makes a batch's worth wait lands (bpf/include/common.h
+    wakeup_flags), never per record. Records left waiting keep the ring non-empty, so they cost
+    no further wake-ups; the reader's own deadlines hand them off.
     """
 
     def __init__(self, batch_records: int = 128, flush_s: float = 0.005) -> None:
@@ -214,11 +215,22 @@ class RingReader:
         return got
 
     def _next_timeout(self) -> float:
-        deadlines = [min(s.first_ns, s.last_flush_ns) + self.flush_ns
-                     for _, _, s in self._rings if s.first_ns]
+        """Seconds until the earliest batch is due (0: one is due now). The rings are looked
+        at, not only what the last poll saw: records can wait with no wake-up to come (they
+        landed behind a record still being written, or after the kernel's last wake-up for
+        this batch), and they are due like any others."""
+        now = time.monotonic_ns()
+        deadlines = []
+        for ring, _, state in self._rings:
+            waiting = ring.waiting()
+            if not waiting:
+                continue
+            if waiting >= self.batch_records:
+                return 0.0
+            deadlines.append(min(state.first_ns or now, state.last_flush_ns) + self.flush_ns)
         if not deadlines:
             return IDLE_POLL_S
-        return max(0.0, (min(deadlines) - time.monotonic_ns()) / 1e9)
+        return max(0.0, (min(deadlines) - now) / 1e9)
 
     def _flush(self, ring: Ring, handler: BatchHandler, state: _RingState, now: int) -> int:
         batch = ring.drain()

@@ -1,0 +1,138 @@
+"""Ring hand-off on the real kernel: the wake-up policy every probe's records follow
+(bpf/include/common.h wakeup_flags) and the RingReader that drains them.
+
+Records are written by bench/ring_flood.bpf.c through BPF_PROG_TEST_RUN, which reserves, fills
+and submits them exactly as the probes do. An edge-triggered epoll, as RingReader's, shows which
+writes woke the reader: the record that lands in an empty ring and the one that makes a batch's
+worth wait, no other (under a backlog, a wake-up per record costs the traced writer an irq_work
+each). Needs: BPF_PROG_TYPE_SYSCALL with BPF_PROG_TEST_RUN and bpf_loop (5.17+), clang.
+"""
+
+from __future__ import annotations
+
+import select
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from probewire.runtime.bpf import BpfObject
+from probewire.runtime.ring import Ring, RingReader
+from support.bpf_build import compile_bpf
+
+pytestmark = pytest.mark.bpf
+
+FLOOD = Path(__file__).resolve().parents[2] / "bench" / "ring_flood.bpf.c"
+RECORD = np.dtype([("seq", np.uint32), ("pad", np.uint8, (60,))])
+TEMPLATES = 4096  # ring_flood.bpf.c
+BATCH = 128
+ARGS = struct.Struct("<4I")  # count, first, written, dropped
+HANDOFF_TIMEOUT_S = 30  # a safety net against a stuck reader, not a speed claim
+
+
+class Flood:
+    def __init__(self, obj: BpfObject) -> None:
+        self.obj = obj
+        self.prog = obj.programs["flood"]
+        self.first = 0
+
+    def write(self, count: int) -> tuple[int, int]:
+        """(written, dropped) of `count` records with consecutive sequence numbers."""
+        rc, out = self.prog.test_run(ARGS.pack(count, self.first, 0, 0))
+        assert rc == 0
+        self.first += count
+        _, _, written, dropped = ARGS.unpack(out)
+        return written, dropped
+
+    def dropped_counted(self) -> int:
+        _, values = self.obj.maps["events_dropped"].read_all(
+            np.dtype(np.uint32), np.dtype(np.uint64))
+        return int(values.sum())
+
+
+def _flood(tmp: Path, ring_bytes: int) -> Iterator[Flood]:
+    out = compile_bpf(FLOOD, tmp / "ring_flood.bpf.o", defines={"RECORD_SIZE": RECORD.itemsize})
+    obj = BpfObject(out)
+    try:
+        obj.maps["events"].set_max_entries(ring_bytes)
+        obj.set_rodata(wakeup_records=BATCH)
+        obj.load()
+        templates = obj.maps["templates"]
+        for i in range(TEMPLATES):
+            rec = np.zeros(1, RECORD)
+            rec["seq"] = i
+            templates.update(struct.pack("<I", i), rec.tobytes())
+        yield Flood(obj)
+    finally:
+        obj.close()
+
+
+@pytest.fixture
+def flood(tmp_path: Path) -> Iterator[Flood]:
+    yield from _flood(tmp_path, 1 << 20)  # 16,384 records of 64 bytes
+
+
+@pytest.fixture
+def small_flood(tmp_path: Path) -> Iterator[Flood]:
+    yield from _flood(tmp_path, 1 << 16)  # 1,024 records: floods drop
+
+
+def _wakes(flood: Flood, ep: select.epoll, n: int) -> list[int]:
+    """Write n records one at a time; the 1-based indexes of those that woke the reader."""
+    woke = []
+    for i in range(1, n + 1):
+        assert flood.write(1) == (1, 0)
+        if ep.poll(0):  # the kernel's irq_work wake-up has run by the time the syscall returns
+            woke.append(i)
+    return woke
+
+
+def test_a_record_wakes_the_reader_only_into_an_empty_ring_or_at_the_batch_size(
+        flood: Flood) -> None:
+    ring = Ring(flood.obj.maps["events"], RECORD, "test")
+    ep = select.epoll()
+    try:
+        ep.register(ring.fd, select.EPOLLIN | select.EPOLLET)
+        assert _wakes(flood, ep, 3 * BATCH) == [1, BATCH]
+        batch = ring.drain()
+        assert list(batch["seq"]) == list(range(3 * BATCH))
+        # Drained to empty: the next record is again the first after a quiet spell.
+        assert _wakes(flood, ep, BATCH + 5) == [1, BATCH]
+        # A partial drain leaves a backlog: no record wakes it until the batch size is
+        # crossed again, counting from what still waits.
+        assert len(ring.drain()) == BATCH + 5
+        assert _wakes(flood, ep, 10) == [1]
+    finally:
+        ep.close()
+        ring.close()
+
+
+def test_reader_hands_off_every_record_and_a_full_ring_drops_and_counts(
+        small_flood: Flood) -> None:
+    """Bursts larger than the ring, written while the real RingReader drains it: every record
+    written reaches the handler once, and every one the kernel could not write is in the drop
+    counter the agent exports."""
+    got: list[np.ndarray] = []
+    reader = RingReader(BATCH, 0.005)
+    reader.add(Ring(small_flood.obj.maps["events"], RECORD, "test"),
+               lambda batch: got.append(batch["seq"].copy()))
+    reader.start()
+    written = dropped = 0
+    try:
+        for burst in (1, 5, BATCH - 1, BATCH, 4000, 1, 20_000, 3):
+            w, d = small_flood.write(burst)
+            written, dropped = written + w, dropped + d
+        deadline = time.monotonic() + HANDOFF_TIMEOUT_S
+        while sum(map(len, got)) < written and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        reader.stop()
+    assert dropped > 0, "the bursts should overflow a 1,024-record ring"
+    assert small_flood.dropped_counted() == dropped
+    seqs = np.concatenate(got)
+    assert len(seqs) == written
+    # The first bursts fit: they come out whole and in order.
+    assert list(seqs[:1 + 5 + BATCH - 1 + BATCH]) == list(range(1 + 5 + BATCH - 1 + BATCH))
