@@ -359,6 +359,12 @@ class OtlpConfig(_Model):
         default=2000.0, ge=0, allow_inf_nan=False,
         description="how long a client span waits for the server span that encloses it, in ms",
     )
+    max_queue_spans: int = Field(
+        default=8192, ge=1, le=1_048_576,
+        description="HTTP exchanges waiting to become spans, 1..1048576; a batch that would "
+        "exceed it is dropped and counted, so a collector slower than the traffic bounds "
+        "export latency and memory instead of growing them",
+    )
     resource_attributes: dict[str, str] = Field(
         default_factory=dict,
         description="a mapping of extra resource attributes, e.g. deployment.environment: prod",

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import random
+import threading
+import time
+from collections.abc import Sequence
 
 import numpy as np
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
-from probewire.export.otlp import families_to_otlp
+from probewire.config import config_from_mapping
+from probewire.export.otlp import OtlpExporter, families_to_otlp
 from probewire.export.spans import SpanAssembler, parse_traceparent
 from probewire.probes.http import (
     FLAG_ABORTED,
@@ -113,3 +121,57 @@ def test_histogram_and_counter_families_become_cumulative_otlp_points() -> None:
     assert counter.name == "e" and counter.data.is_monotonic
     assert counter.data.data_points[0].value == 7
     assert dict(counter.data.data_points[0].attributes) == {"p": "http"}
+
+
+class _NoMetrics(MetricExporter):
+    def __init__(self) -> None:
+        super().__init__()
+
+    def export(self, metrics_data: object, timeout_millis: float = 10_000,
+               **kwargs: object) -> MetricExportResult:
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: object) -> None:
+        pass
+
+
+def test_a_stalled_collector_bounds_the_span_queue_and_counts_every_dropped_exchange() -> None:
+    """A collector slower than the traffic must not grow the queue (latency, memory) without
+    bound: past export.otlp.max_queue_spans waiting exchanges a batch is dropped whole and its
+    exchanges are counted; the rest are exported once the collector answers."""
+    cfg = config_from_mapping({"export": {"otlp": {
+        "enabled": True, "metrics": False, "max_queue_spans": 300}}}).export.otlp
+    release = threading.Event()
+
+    class Stalled(InMemorySpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            release.wait(timeout=60)
+            return super().export(spans)
+
+    spans_out = Stalled()
+    exporter = OtlpExporter(cfg, list, (_NoMetrics(), spans_out))
+
+    def servers(n: int) -> ExchangeBatch:
+        return batch(*({"role": ROLE_SERVER, "start_ns": 100, "end_ns": 200} for _ in range(n)))
+
+    exporter.start()
+    try:
+        exporter.sink(servers(100))  # taken at once; its export stalls
+        deadline = time.monotonic() + 30
+        while exporter.waiting_spans and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert exporter.waiting_spans == 0
+        for n in (100, 100, 100, 100, 1):
+            exporter.sink(servers(n))
+        assert exporter.waiting_spans == 300
+        assert (exporter.batches_dropped, exporter.spans_dropped) == (2, 101)
+    finally:
+        release.set()
+        exporter.stop()
+    assert len(spans_out.get_finished_spans()) == 400
+    (family,) = [f for f in exporter.collect() if f.name == "probewire_otlp_spans"]
+    by_result = {s.labels["result"]: s.value for s in family.samples}
+    assert by_result["success"] == 400 and by_result["dropped"] == 101

@@ -63,8 +63,6 @@ log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0)
-# Batches waiting for the exporter thread; beyond this the newest are dropped and counted.
-QUEUE_BATCHES = 4096
 MAX_EXPORT_SPANS = 2048
 # Recent event → export latencies kept for the benchmark (ns, and 1 for server spans).
 LATENCY_SAMPLES = 65536
@@ -203,7 +201,10 @@ class OtlpExporter:
         self.resource = agent_resource(cfg.resource_attributes)
         self.assembler = SpanAssembler(cfg.sampling_ratio, int(cfg.link_wait_ms * 1e6),
                                        cfg.resource_attributes)
-        self._queue: queue.Queue[ExchangeBatch] = queue.Queue(QUEUE_BATCHES)
+        # Bounded by exchanges (cfg.max_queue_spans), not batches: a batch holds 1 to
+        # thousands of them, and what the bound is for is how long the newest one waits.
+        self._queue: queue.Queue[ExchangeBatch] = queue.Queue()
+        self._queued = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -212,6 +213,7 @@ class OtlpExporter:
         self.spans_exported = 0
         self.spans_failed = 0
         self.batches_dropped = 0
+        self.spans_dropped = 0  # exchanges in those batches
         self.metric_exports = {"success": 0, "failure": 0}
         self.latency_counts = np.zeros(len(LATENCY_BUCKETS) + 1, dtype=np.int64)
         self.latency_sum_s = 0.0
@@ -243,12 +245,28 @@ class OtlpExporter:
 
     # --- spans -------------------------------------------------------------------------------
     def sink(self, batch: ExchangeBatch) -> None:
-        """HttpProbe.sinks entry: called on the ring reader thread, never blocks."""
-        try:
-            self._queue.put_nowait(batch)
-        except queue.Full:
-            with self._lock:
+        """HttpProbe.sinks entry: called on the ring reader thread, never blocks. A batch that
+        would take the exchanges waiting past cfg.max_queue_spans is dropped and counted (one
+        larger than the bound still goes into an empty queue)."""
+        n = len(batch.records)
+        with self._lock:
+            if self._queued and self._queued + n > self.cfg.max_queue_spans:
                 self.batches_dropped += 1
+                self.spans_dropped += n
+                return
+            self._queued += n
+        self._queue.put_nowait(batch)
+
+    @property
+    def waiting_spans(self) -> int:
+        """Exchanges handed to sink() that the span thread has not taken yet."""
+        with self._lock:
+            return self._queued
+
+    def _take(self, batch: ExchangeBatch) -> ExchangeBatch:
+        with self._lock:
+            self._queued -= len(batch.records)
+        return batch
 
     def _spans_loop(self) -> None:
         # Wake often enough that a waiting client span leaves close to its link deadline.
@@ -257,10 +275,10 @@ class OtlpExporter:
             stopping = self._stop.is_set()
             spans: list[ReadableSpan] = []
             try:
-                batch = self._queue.get(timeout=tick)
+                batch = self._take(self._queue.get(timeout=tick))
                 spans.extend(self.assembler.add(batch))
                 while len(spans) < MAX_EXPORT_SPANS:
-                    spans.extend(self.assembler.add(self._queue.get_nowait()))
+                    spans.extend(self.assembler.add(self._take(self._queue.get_nowait())))
             except queue.Empty:
                 pass
             except Exception:
@@ -332,15 +350,18 @@ class OtlpExporter:
     # --- self metrics (Prometheus) -----------------------------------------------------------
     def collect(self) -> Iterable[Metric]:
         with self._lock:
-            spans = CounterMetricFamily("probewire_otlp_spans",
-                                        "Spans handed to the OTLP exporter, by result.",
-                                        labels=["result"])
+            spans = CounterMetricFamily(
+                "probewire_otlp_spans",
+                "HTTP spans by result: success, failure, unsampled, or dropped (the exporter "
+                "fell behind; never made).", labels=["result"])
             spans.add_metric(["success"], self.spans_exported)
             spans.add_metric(["failure"], self.spans_failed)
             spans.add_metric(["unsampled"], self.assembler.unsampled)
+            spans.add_metric(["dropped"], self.spans_dropped)
             dropped = CounterMetricFamily(
                 "probewire_otlp_batches_dropped",
-                "HTTP batches dropped because the span exporter fell behind.")
+                "HTTP batches dropped because the span exporter fell behind "
+                "(export.otlp.max_queue_spans exchanges were waiting).")
             dropped.add_metric([], self.batches_dropped)
             exports = CounterMetricFamily("probewire_otlp_metric_exports",
                                           "OTLP metric exports, by result.", labels=["result"])
