@@ -71,12 +71,23 @@ def test_otlp_spans_and_metrics_for_nginx_and_upstream(protocol: str) -> None:
         assert wait_for(lambda: len(_server_spans(rx, up.port)) >= N
                         and len(_client_spans(rx, nginx_pid, up.port)) >= N)
 
+        # The receiver runs on this host, so its end of the agent's exports is traced too:
+        # those exchanges are counted, never made spans (a span per export would be exported
+        # by the next export, and so on for as long as the agent runs).
+        assert wait_for(lambda: total(scrape(listen), "probewire_otlp_spans_total",
+                                      result="export_call") > 0)
+
         # Metric points: one export now, compared with a scrape of the same state.
         samples = scrape(listen)
         assert agent.otlp is not None and agent.otlp.export_metrics()
         resource, metrics = rx.latest_metrics()
     # Leaving the agent flushed everything: now the counts are final.
 
+    otlp_paths = ("/v1/traces", "/v1/metrics")
+    export_calls = [s.span.name for s in rx.spans()
+                    if "opentelemetry.proto.collector" in s.span.name
+                    or str(s.attributes.get("url.path", "")).endswith(otlp_paths)]
+    assert export_calls == []
     nginx_servers = _server_spans(rx, ng.port)
     upstream_servers = _server_spans(rx, up.port)
     clients = _client_spans(rx, nginx_pid, up.port)

@@ -17,9 +17,11 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from probewire.config import config_from_mapping
 from probewire.export.otlp import OtlpExporter, families_to_otlp
-from probewire.export.spans import SpanAssembler, parse_traceparent
+from probewire.export.spans import SpanAssembler, is_otlp_export, parse_traceparent
 from probewire.probes.http import (
     FLAG_ABORTED,
+    FLAG_GRPC,
+    FLAG_H2,
     HTTP_EXCHANGE,
     ROLE_CLIENT,
     ROLE_SERVER,
@@ -175,3 +177,27 @@ def test_a_stalled_collector_bounds_the_span_queue_and_counts_every_dropped_exch
     (family,) = [f for f in exporter.collect() if f.name == "probewire_otlp_spans"]
     by_result = {s.labels["result"]: s.value for s in family.samples}
     assert by_result["success"] == 400 and by_result["dropped"] == 101
+
+
+def test_otlp_export_calls_never_become_spans_and_are_counted() -> None:
+    """An OTLP export to a collector on this host is traced at the collector's end; a span of
+    it would be exported by the next export, whose span would be exported by the next..."""
+    assert is_otlp_export(b"/opentelemetry.proto.collector.trace.v1.TraceService/Export")
+    assert is_otlp_export(b"/opentelemetry.proto.collector.metrics.v1.MetricsService/Export")
+    assert is_otlp_export(b"/v1/traces") and is_otlp_export(b"/otlp/v1/metrics?x=1")
+    assert not is_otlp_export(b"/v1/tracesx") and not is_otlp_export(b"/api/v1/orders")
+    a = assembler()
+    grpc_head = b"POST /opentelemetry.proto.collector.trace.v1.TraceService/Export HTTP/2\r\n\r\n"
+    spans = a.add(batch(
+        {"role": ROLE_SERVER, "start_ns": 100, "end_ns": 200, "head": grpc_head,
+         "flags": FLAG_H2 | FLAG_GRPC},
+        {"role": ROLE_SERVER, "start_ns": 100, "end_ns": 200,
+         "head": b"POST /v1/traces HTTP/1.1\r\nHost: c\r\n\r\n"},
+        {"role": ROLE_SERVER, "start_ns": 100, "end_ns": 200,
+         "head": b"GET /api/v1/x HTTP/2\r\n\r\n", "flags": FLAG_H2},
+    ), now_ns=1)
+    assert a.export_calls == 2
+    (span,) = spans
+    assert span.attributes is not None
+    assert span.attributes["url.path"] == "/api/v1/x"
+    assert span.attributes["network.protocol.version"] == "2"

@@ -36,6 +36,9 @@ METHODS: tuple[str, ...] = (
 _METHODS_BYTES = frozenset(m.encode() for m in METHODS)
 _MAX_METHOD_LEN = max(len(m) for m in METHODS)
 _VERSIONS = (b"HTTP/1.0", b"HTTP/1.1")
+# Request lines also come from HTTP/2 streams, which the http probe writes as
+# "METHOD :path HTTP/2" heads (HttpProbe._as_records).
+_REQUEST_VERSIONS = (*_VERSIONS, b"HTTP/2")
 _HEADER_END = b"\r\n\r\n"
 # 10**18 bytes is beyond any real body and keeps int() on hostile digit strings cheap.
 _MAX_LENGTH_DIGITS = 18
@@ -77,9 +80,10 @@ def parse_request_line(head: bytes) -> tuple[str, bytes] | None:
         return None
     version = line[target_end + 1 :]
     if line_end is None:
-        if target_end < len(line) and not any(v.startswith(version) for v in _VERSIONS):
+        if target_end < len(line) and not any(v.startswith(version)
+                                              for v in _REQUEST_VERSIONS):
             return None
-    elif version not in _VERSIONS:
+    elif version not in _REQUEST_VERSIONS:
         return None
     return head[:sp].decode("ascii"), target
 

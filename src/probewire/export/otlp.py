@@ -352,12 +352,14 @@ class OtlpExporter:
         with self._lock:
             spans = CounterMetricFamily(
                 "probewire_otlp_spans",
-                "HTTP spans by result: success, failure, unsampled, or dropped (the exporter "
-                "fell behind; never made).", labels=["result"])
+                "HTTP spans by result: success, failure, unsampled, dropped (the exporter fell "
+                "behind), export_call (an OTLP export request: never a span).",
+                labels=["result"])
             spans.add_metric(["success"], self.spans_exported)
             spans.add_metric(["failure"], self.spans_failed)
             spans.add_metric(["unsampled"], self.assembler.unsampled)
             spans.add_metric(["dropped"], self.spans_dropped)
+            spans.add_metric(["export_call"], self.assembler.export_calls)
             dropped = CounterMetricFamily(
                 "probewire_otlp_batches_dropped",
                 "HTTP batches dropped because the span exporter fell behind "

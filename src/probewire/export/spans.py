@@ -36,7 +36,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 
 from probewire import __version__
 from probewire.aggregate.http_heads import nth_request, parse_request_line
-from probewire.probes.http import FLAG_ABORTED, ROLE_SERVER, ExchangeBatch
+from probewire.probes.http import FLAG_ABORTED, FLAG_H2, ROLE_SERVER, ExchangeBatch
 
 __all__ = ["SpanAssembler", "Traceparent", "parse_traceparent", "wall_clock_offset_ns"]
 
@@ -109,6 +109,22 @@ def _parse_head(head: bytes, pipe_idx: int) -> _Head:
     return out
 
 
+# OTLP export calls: gRPC methods of the collector services, and OTLP/HTTP's signal paths.
+OTLP_GRPC_PREFIX = b"/opentelemetry.proto.collector."
+OTLP_HTTP_PATHS = (b"/v1/traces", b"/v1/metrics", b"/v1/logs")
+
+
+def is_otlp_export(target: bytes) -> bool:
+    """True for a request that carries telemetry to an OTLP receiver. Such exchanges never
+    become spans: the agent's own export to a collector on this host is traced at the
+    collector's end, so each export would make a span for the next export, which makes
+    another, for as long as the agent runs (183 spans/s at idle, measured). Their metrics
+    are kept; only spans of span transport are left out (probewire_otlp_spans_total counts
+    them as result="export_call")."""
+    path = target.split(b"?", 1)[0]
+    return path.startswith(OTLP_GRPC_PREFIX) or path.endswith(OTLP_HTTP_PATHS)
+
+
 @dataclass
 class _Exchange:
     server: bool
@@ -118,6 +134,7 @@ class _Exchange:
     end_ns: int
     status: int
     aborted: bool
+    h2: bool
     service: str
     method: str
     route: str
@@ -185,6 +202,7 @@ class SpanAssembler:
         self._resources: dict[tuple[str, int], Resource] = {}
         self.unsampled = 0
         self.linked = 0
+        self.export_calls = 0  # OTLP export exchanges, never made spans (is_otlp_export)
 
     # --- public ------------------------------------------------------------------------------
     def add(self, batch: ExchangeBatch, now_ns: int | None = None) -> list[ReadableSpan]:
@@ -194,6 +212,9 @@ class SpanAssembler:
             self.offset_ns, self._offset_at = wall_clock_offset_ns(), now_ns
         done: list[_Exchange] = []
         for ex in self._decode(batch, now_ns):
+            if is_otlp_export(ex.head.target):
+                self.export_calls += 1
+                continue
             if ex.server:
                 self._start_trace(ex, ex.head.headers.get(b"traceparent"))
                 self._adopt_children(ex, done)
@@ -228,6 +249,7 @@ class SpanAssembler:
                 tgid=int(r["tgid"]), tid=int(r["tid"]),
                 start_ns=int(r["start_ns"]), end_ns=int(r["end_ns"]),
                 status=int(r["status"]), aborted=bool(int(r["flags"]) & FLAG_ABORTED),
+                h2=bool(int(r["flags"]) & FLAG_H2),
                 service=batch.service[i], method=batch.method[i], route=batch.route[i],
                 head=_parse_head(head, int(r["pipe_idx"])),
                 peer=batch.peer_address[i], peer_port=int(r["rport"]),
@@ -352,7 +374,7 @@ class SpanAssembler:
         attrs: dict[str, str | int] = {
             "http.request.method": ex.method,
             "network.protocol.name": "http",
-            "network.protocol.version": "1.1",
+            "network.protocol.version": "2" if ex.h2 else "1.1",
             "network.peer.address": ex.peer,
             "network.peer.port": ex.peer_port,
             "thread.id": ex.tid,
