@@ -184,7 +184,11 @@ def test_otlp_export_calls_never_become_spans_and_are_counted() -> None:
     it would be exported by the next export, whose span would be exported by the next..."""
     assert is_otlp_export(b"/opentelemetry.proto.collector.trace.v1.TraceService/Export")
     assert is_otlp_export(b"/opentelemetry.proto.collector.metrics.v1.MetricsService/Export")
-    assert is_otlp_export(b"/v1/traces") and is_otlp_export(b"/otlp/v1/metrics?x=1")
+    assert is_otlp_export(b"/v1/traces") and is_otlp_export(b"/v1/logs?x=1")
+    assert is_otlp_export(b"/otlp/v1/metrics", "POST", b"application/x-protobuf")
+    # An application's own API under such a path is not OTLP.
+    assert not is_otlp_export(b"/api/v1/logs", "POST", b"application/json")
+    assert not is_otlp_export(b"/v1/traces", "GET")
     assert not is_otlp_export(b"/v1/tracesx") and not is_otlp_export(b"/api/v1/orders")
     a = assembler()
     grpc_head = b"POST /opentelemetry.proto.collector.trace.v1.TraceService/Export HTTP/2\r\n\r\n"

@@ -114,15 +114,24 @@ OTLP_GRPC_PREFIX = b"/opentelemetry.proto.collector."
 OTLP_HTTP_PATHS = (b"/v1/traces", b"/v1/metrics", b"/v1/logs")
 
 
-def is_otlp_export(target: bytes) -> bool:
+def is_otlp_export(target: bytes, method: str | None = "POST",
+                   content_type: bytes | None = None) -> bool:
     """True for a request that carries telemetry to an OTLP receiver. Such exchanges never
     become spans: the agent's own export to a collector on this host is traced at the
     collector's end, so each export would make a span for the next export, which makes
     another, for as long as the agent runs (183 spans/s at idle, measured). Their metrics
     are kept; only spans of span transport are left out (probewire_otlp_spans_total counts
-    them as result="export_call")."""
+    them as result="export_call").
+
+    OTLP/HTTP: a POST to /v1/traces, /v1/metrics or /v1/logs, or to a path ending so under a
+    prefix (an endpoint such as http://collector/otlp) when the body is protobuf, so an
+    application's own JSON API at /api/v1/logs still has its spans."""
     path = target.split(b"?", 1)[0]
-    return path.startswith(OTLP_GRPC_PREFIX) or path.endswith(OTLP_HTTP_PATHS)
+    if path.startswith(OTLP_GRPC_PREFIX):
+        return True
+    if method != "POST" or not path.endswith(OTLP_HTTP_PATHS):
+        return False
+    return path in OTLP_HTTP_PATHS or (content_type or b"").startswith(b"application/x-protobuf")
 
 
 @dataclass
@@ -212,7 +221,8 @@ class SpanAssembler:
             self.offset_ns, self._offset_at = wall_clock_offset_ns(), now_ns
         done: list[_Exchange] = []
         for ex in self._decode(batch, now_ns):
-            if is_otlp_export(ex.head.target):
+            if is_otlp_export(ex.head.target, ex.head.method,
+                              ex.head.headers.get(b"content-type")):
                 self.export_calls += 1
                 continue
             if ex.server:
