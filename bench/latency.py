@@ -67,8 +67,7 @@ def run(quick: bool) -> list[Row]:
                goal=("<=", 1.0), judge="max")
     wait_idle = Row("ring batch wait max, idle run", "ms", target="≤ 5 ms idle",
                     goal=("<=", 5.0), note="probewire_ring_batch_wait_max_seconds")
-    render = Row("/metrics scrape time", "ms", target="≤ 50 ms at 10,000 series",
-                 goal=("<=", 50.0))
+    render = Row("/metrics scrape time", "ms")
     lost = 0
     with running_agent("default") as agent, pinned_nginx(access_log=False) as ng:
         scrape_s: list[float] = []
@@ -97,7 +96,9 @@ def run(quick: bool) -> list[Row]:
         series = len(parse_metrics(get(f"http://{agent.listen}/metrics").decode()))
         render.values = [1e3 * x for x in
                          (min(scrape_s), statistics.median(scrape_s), max(scrape_s))]
-        render.note = f"{series} samples on the page (not 10,000); {len(scrape_s)} scrapes"
+        render.note = (f"{series} samples on the page; {len(scrape_s)} scrapes over HTTP; "
+                       "DESIGN's 10,000-series target is judged on the row '/metrics render + "
+                       "gzip, scaled to 10,000 samples'")
     if lost:
         load.note = f"{lost} probe requests never appeared within {TIMEOUT_S:.0f} s"
     return [idle, load, wait_idle, render]
