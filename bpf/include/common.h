@@ -132,25 +132,26 @@ static __always_inline void count_drop(void)
 }
 
 /* Load-time setting: wake the reader when a record lands in an empty ring (the first after a
- * quiet spell, so a lone event is not held for the flush timer) and when the record that makes
- * this many wait (the user-space batch size) lands. Records in between are found by the
- * reader's flush timer (ring.flush_ms): a wake-up per record would cost a Python loop iteration
- * per record, the very thing batching is for. Past the batch size no record wakes the reader
- * again: it is already due, and each forced wake-up costs the writer (the traced workload) an
- * irq_work; waking on every record of a backlog held writers to ~0.5 M records/s
- * (bench/ring_flood.py). Records written side by side on several CPUs can step over the one
- * record wide window; those wait for the flush timer, late but never lost. `reserved`: the
- * record is already counted in the ring's data. */
+ * quiet spell, so a lone event is not held for the flush timer) and when a record makes a
+ * multiple of this many wait (the user-space batch size). Records in between are found by the
+ * reader's flush timer (ring.flush_ms): a wake-up per record would cost a Python loop
+ * iteration per record, the very thing batching is for. Under a backlog, too, a wake-up comes
+ * once per batch, not per record: each forced wake-up costs the writer (the traced workload)
+ * an irq_work, and waking on every record past the batch size held writers to ~0.5 M
+ * records/s (bench/ring_flood.py). Records written side by side on several CPUs can step over
+ * a multiple; the next multiple, or the flush timer, then wakes the reader: late, never lost.
+ * `reserved`: the record is already counted in the ring's data. */
 const volatile __u32 wakeup_records = 128;
 
 static __always_inline __u64 wakeup_flags(void *ring, __u64 record_size, bool reserved)
 {
 	__u64 stride = (record_size + 8 + 7) & ~7ULL;
-	__u64 batch = (__u64)wakeup_records * stride;
-	/* Bytes waiting with this record counted. */
-	__u64 waiting = bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA) + (reserved ? 0 : stride);
+	/* Records waiting, this one counted. */
+	__u64 waiting = (bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA) + (reserved ? 0 : stride)) /
+			stride;
+	__u64 batch = wakeup_records ? wakeup_records : 1;
 
-	if (waiting <= stride || (waiting >= batch && waiting < batch + stride))
+	if (waiting <= 1 || waiting % batch == 0)
 		return BPF_RB_FORCE_WAKEUP;
 	return BPF_RB_NO_WAKEUP;
 }
