@@ -19,6 +19,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 from bench.harness import REPO_ROOT
 from bench.report import Row
@@ -115,19 +116,27 @@ CHILD = textwrap.dedent("""
         history.add(snap)
         del snap
     ui_peak = status_mb("VmHWM")
+    # Warm renders (a running agent's scrapes after its first), timed where they are quick.
+    warm = []
+    if n <= 20000:
+        for _ in range(5):
+            t0 = time.perf_counter()
+            gzip_chunks(render_text(registry.collect()))
+            warm.append(time.perf_counter() - t0)
     print(json.dumps({"rss_mb": held, "before_mb": before, "scrape_mb": scrape_peak,
+                      "warm_render_s": warm,
                       "after_scrape_mb": after_scrape, "render_s": render_s,
                       "page_bytes": page_bytes, "samples": lines[0], "ui_mb": ui_peak,
                       "active": probe.server_budget.active_series}))
 """)
 
 
-def _measure(services: int, routes: int, budget: int) -> dict[str, float]:
+def _measure(services: int, routes: int, budget: int) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-c", CHILD, str(services), str(routes), str(budget)],
         capture_output=True, text=True, check=True, timeout=900, cwd=REPO_ROOT,
     )
-    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 
 
@@ -158,9 +167,11 @@ def run(quick: bool) -> list[Row]:
     m = _measure(4, 50, 2000)
     render = Row("/metrics render + gzip, scaled to 10,000 samples", "ms",
                  target="≤ 50 ms at 10,000 series", goal=("<=", 50.0))
-    render.add(m["render_s"] * 1e3 * 10_000 / m["samples"])
-    render.note = (f"{int(m['samples'])} samples (4 services x 50 routes) rendered in "
-                   f"{m['render_s'] * 1e3:.1f} ms, {m['page_bytes'] / 1e3:.0f} kB gzipped; "
-                   "user space only, one render")
+    for seconds in m["warm_render_s"]:
+        render.add(seconds * 1e3 * 10_000 / m["samples"])
+    render.note = (f"{int(m['samples'])} samples (4 services x 50 routes), "
+                   f"{m['page_bytes'] / 1e3:.0f} kB gzipped; the 5 renders after the first (a "
+                   f"running agent's scrapes; the first, cold: {m['render_s'] * 1e3:.1f} ms); "
+                   "user space only")
     rows.append(render)
     return rows
