@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,6 +146,7 @@ def flooder(prog: Program, seconds: float, paced: bool) -> Iterator[Flood]:
         flood = Flood(go=functools.partial(_go, go_w))
         yield flood
         os.close(go_w)
+        go_w = -1
         data = os.read(out_r, TOTALS.size)
         _, status = os.waitpid(pid, 0)
         pid = 0
@@ -154,8 +155,8 @@ def flooder(prog: Program, seconds: float, paced: bool) -> Iterator[Flood]:
         written, dropped = TOTALS.unpack(data)
         flood.totals = (written, dropped)
     finally:
-        with suppress(OSError):
-            os.close(go_w)
+        if go_w >= 0:
+            os.close(go_w)  # a child still waiting for go() reads EOF and exits
         os.close(out_r)
         if pid:  # the block failed before the child was reaped
             os.kill(pid, 9)
@@ -175,18 +176,14 @@ def flood_once(obj: BpfObject, probe: HttpProbe, seconds: float, paced: bool,
     ring = Ring(obj.maps["events"], HTTP_EXCHANGE, "http")
     reader.add(ring, on_batch)
     dropped_before = _dropped(obj)
-    with flooder(obj.programs["flood"], seconds, paced) as flood:
-        reader.start()
-        try:
+    try:
+        with flooder(obj.programs["flood"], seconds, paced) as flood:
+            reader.start()  # after the fork: the child gets no copy of the reader thread
             reader_tid = next(t.native_id for t in threading.enumerate()
                               if t.name == "probewire-ring" and t.native_id is not None)
             cpu0 = _thread_cpu_s(reader_tid)
             t0 = time.monotonic()
             flood.go()
-        except BaseException:
-            reader.stop()
-            raise
-    try:
         written, dropped = flood.totals
         flood_s = time.monotonic() - t0
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
