@@ -321,11 +321,6 @@ __noinline int complete_exchange(struct http_conn *conn)
 	return 0;
 }
 
-static __always_inline void complete(struct http_conn *conn)
-{
-	complete_exchange(conn);
-}
-
 static __always_inline void fill_tuple(struct http_exchange *ex, const struct sock *sk)
 {
 	ex->family = KREAD(struct sock, sk, __sk_common.skc_family);
@@ -514,7 +509,7 @@ __noinline int response_written(struct http_conn *conn, __u64 buf, __u64 lens, _
 	} else if (conn->ex.resp_bytes < conn->resp_end_at) {
 		return 0;
 	}
-	complete(conn);
+	complete_exchange(conn);
 	conn->state = HTTP_STATE_DONE;
 	return 0;
 }
@@ -775,7 +770,7 @@ static __always_inline bool on_data(const struct sock *sk, __u64 key, __u8 dir, 
 			/* A response of unknown length (close-delimited, or its end not seen) ends
 			 * when the next request arrives. */
 			if (conn->state == HTTP_STATE_RESPONSE)
-				complete(conn);
+				complete_exchange(conn);
 			if (conn->state == HTTP_STATE_RESPONSE || conn->state == HTTP_STATE_DONE)
 				conn->state = HTTP_STATE_IDLE;
 			if (conn->state == HTTP_STATE_IDLE) {
@@ -804,7 +799,7 @@ static __always_inline bool on_data(const struct sock *sk, __u64 key, __u8 dir, 
 				   conn->state == HTTP_STATE_DONE) {
 				/* Next pipelined request answered: its line is further in the head. */
 				if (conn->state == HTTP_STATE_RESPONSE)
-					complete(conn);
+					complete_exchange(conn);
 				conn->state = HTTP_STATE_RESPONSE;
 				conn->ex.pipe_idx += 1;
 				conn->ex.flags |= HTTP_FLAG_PIPELINED;
@@ -840,7 +835,7 @@ static __always_inline bool on_data(const struct sock *sk, __u64 key, __u8 dir, 
 	}
 	if (status >= 200 && conn->state == HTTP_STATE_REQUEST) {
 		response_started(conn, status, exit_ns, buf, n, first_len);
-		complete(conn);
+		complete_exchange(conn);
 		if (conn->outstanding > 1) {
 			conn->outstanding -= 1;
 			conn->ex.pipe_idx += 1;
@@ -922,7 +917,7 @@ static __always_inline int tls_enter(void *ssl, const void *buf, void *out_len, 
 
 		if (conn && conn->ex.role == HTTP_ROLE_SERVER &&
 		    conn->state == HTTP_STATE_RESPONSE) {
-			complete(conn);
+			complete_exchange(conn);
 			conn->state = HTTP_STATE_IDLE;
 		}
 	}
@@ -1127,7 +1122,7 @@ static __always_inline void finish_conn(__u64 key)
 			conn->ex.status = 0;
 			conn->ex.end_ns = bpf_ktime_get_ns();
 		}
-		complete(conn);
+		complete_exchange(conn);
 	}
 	bpf_map_delete_elem(&http_conns, &key);
 }
@@ -1165,10 +1160,8 @@ static __always_inline void sock_closed_key(__u64 key)
 		finish_conn(key);
 }
 
-static __always_inline int sock_closed(__u64 key, int newstate)
+static __always_inline int sock_closed(__u64 key)
 {
-	if (newstate != TCP_CLOSE)
-		return 0;
 	sock_closed_key(key);
 	sock_closed_key(key | TLS_KEY_BIT);
 	return 0;
@@ -1183,11 +1176,13 @@ int BPF_PROG(http_sock_close_btf, const struct sock *sk, int oldstate, int newst
 		return 0;
 	/* As a number: a kernel pointer may not be masked or used as map key bytes. */
 	bpf_probe_read_kernel(&key, sizeof(key), &sk);
-	return sock_closed(key, newstate);
+	return sock_closed(key);
 }
 
 SEC("tp/sock/inet_sock_set_state")
 int http_sock_close_tp(struct trace_event_raw_inet_sock_set_state *ctx)
 {
-	return sock_closed((__u64)ctx->skaddr, ctx->newstate);
+	if (ctx->newstate != TCP_CLOSE)
+		return 0;
+	return sock_closed((__u64)ctx->skaddr);
 }
