@@ -119,6 +119,16 @@ class Link:
             self._ptr = None
 
 
+def obj_info(fd: int, length: int) -> bytes:
+    """The first `length` bytes of a BPF object's info struct (BPF_OBJ_GET_INFO_BY_FD), as many
+    as the kernel filled (fewer on a kernel whose struct is shorter); b"" on failure."""
+    buf = ctypes.create_string_buffer(length)
+    size = ctypes.c_uint32(length)
+    if lib().bpf_obj_get_info_by_fd(fd, buf, ctypes.byref(size)) != 0:
+        return b""
+    return buf.raw[: size.value]
+
+
 # struct bpf_prog_info (include/uapi/linux/bpf.h, stable ABI): run_time_ns @192, run_cnt @200.
 _PROG_INFO_RUN_TIME_AT = 192
 _PROG_INFO_STATS_LEN = 208
@@ -191,13 +201,9 @@ class Program:
         BPF_OBJ_GET_INFO_BY_FD: a scrape asks for every program's, and one syscall costs a
         fraction of reading and parsing /proc/self/fdinfo."""
         fd = self.fd
-        if fd < 0:
-            return ProgStats(0, 0)
-        info = ctypes.create_string_buffer(_PROG_INFO_STATS_LEN)
-        size = ctypes.c_uint32(_PROG_INFO_STATS_LEN)
-        if lib().bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)) != 0 or \
-                size.value < _PROG_INFO_STATS_LEN:
-            return ProgStats(0, 0)  # a kernel before 5.1 has no BPF stats
+        info = obj_info(fd, _PROG_INFO_STATS_LEN) if fd >= 0 else b""
+        if len(info) < _PROG_INFO_STATS_LEN:
+            return ProgStats(0, 0)  # no program, or a kernel before 5.1 (no BPF stats)
         run_time_ns, run_cnt = struct.unpack_from("<QQ", info, _PROG_INFO_RUN_TIME_AT)
         return ProgStats(run_time_ns, run_cnt)
 

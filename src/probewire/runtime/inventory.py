@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from probewire.runtime._libbpf import lib
+from probewire.runtime.bpf import obj_info
 
 # struct bpf_prog_info: type @0, id @4, name[16] @64; struct bpf_link_info: type @0,
 # id @4, prog_id @8 (include/uapi/linux/bpf.h, stable ABI).
@@ -42,13 +43,6 @@ def _ids(next_id_fn: str) -> list[int]:
     return ids
 
 
-def _info(fd: int, length: int) -> bytes:
-    buf = ctypes.create_string_buffer(length)
-    size = ctypes.c_uint32(length)
-    rc = lib().bpf_obj_get_info_by_fd(fd, buf, ctypes.byref(size))
-    return buf.raw if rc == 0 else b""
-
-
 def programs() -> list[ProgInfo]:
     out = []
     for prog_id in _ids("bpf_prog_get_next_id"):
@@ -56,7 +50,7 @@ def programs() -> list[ProgInfo]:
         if fd < 0:
             continue  # freed in between
         try:
-            raw = _info(fd, _PROG_INFO_LEN)
+            raw = obj_info(fd, _PROG_INFO_LEN)
         finally:
             os.close(fd)
         if raw:
@@ -72,7 +66,7 @@ def links() -> list[LinkInfo]:
         if fd < 0:
             continue
         try:
-            raw = _info(fd, _LINK_INFO_LEN)
+            raw = obj_info(fd, _LINK_INFO_LEN)
         finally:
             os.close(fd)
         if raw:
