@@ -40,6 +40,7 @@ from bench.harness import REPO_ROOT, compile_bpf
 from bench.report import Row, render
 from bench.userspace import fake_proc, feed, new_probe, nginx_records, synthetic_records
 from probewire.config import config_from_mapping
+from probewire.probes.base import events_dropped
 from probewire.probes.http import HTTP_EXCHANGE, HttpProbe
 from probewire.runtime.bpf import BpfObject, Program
 from probewire.runtime.ring import Ring, RingReader
@@ -73,9 +74,10 @@ def _thread_cpu_s(native_id: int) -> float:
 
 
 @contextmanager
-def flood_object(tmp: Path, ring_bytes: int, wakeup_records: int) -> Iterator[BpfObject]:
-    out = compile_bpf(SOURCE, tmp / "ring_flood.bpf.o",
-                      defines={"RECORD_SIZE": HTTP_EXCHANGE.itemsize})
+def flood_object(tmp: Path, ring_bytes: int, wakeup_records: int,
+                 record_size: int = HTTP_EXCHANGE.itemsize) -> Iterator[BpfObject]:
+    """ring_flood.bpf.c built (into `tmp`) and loaded for records of `record_size` bytes."""
+    out = compile_bpf(SOURCE, tmp / "ring_flood.bpf.o", defines={"RECORD_SIZE": record_size})
     obj = BpfObject(out)
     try:
         obj.maps["events"].set_max_entries(ring_bytes)
@@ -86,10 +88,21 @@ def flood_object(tmp: Path, ring_bytes: int, wakeup_records: int) -> Iterator[Bp
         obj.close()
 
 
-def _fill_templates(obj: BpfObject, records: np.ndarray) -> None:
+def fill_templates(obj: BpfObject, records: np.ndarray) -> None:
+    """The records the flood cycles through: `records`, repeated to fill the TEMPLATES."""
     templates = obj.maps["templates"]
     for i in range(TEMPLATES):
         templates.update(struct.pack("<I", i), records[i % len(records)].tobytes())
+
+
+def write(prog: Program, count: int, first: int) -> tuple[int, int]:
+    """One run of the flood program: `count` records from template `first` on, (written,
+    dropped at a full ring)."""
+    rc, out = prog.test_run(ARGS.pack(count, first, 0, 0))
+    if rc != 0:
+        raise RuntimeError(f"flood program returned {rc}")
+    _, _, written, dropped = ARGS.unpack(out)
+    return written, dropped
 
 
 def _flood(prog: Program, seconds: float, paced: bool) -> tuple[int, int]:
@@ -98,10 +111,7 @@ def _flood(prog: Program, seconds: float, paced: bool) -> tuple[int, int]:
     t0 = time.monotonic()
     first = written = dropped = calls = 0
     while time.monotonic() - t0 < seconds:
-        rc, out = prog.test_run(ARGS.pack(count, first, 0, 0))
-        if rc != 0:
-            raise RuntimeError(f"flood program returned {rc}")
-        _, _, w, d = ARGS.unpack(out)
+        w, d = write(prog, count, first)
         written, dropped, first, calls = written + w, dropped + d, first + count, calls + 1
         if paced:
             ahead = t0 + calls * PACED_CALL / PACED_RATE - time.monotonic()
@@ -175,7 +185,7 @@ def flood_once(obj: BpfObject, probe: HttpProbe, seconds: float, paced: bool,
 
     ring = Ring(obj.maps["events"], HTTP_EXCHANGE, "http")
     reader.add(ring, on_batch)
-    dropped_before = _dropped(obj)
+    dropped_before = events_dropped(obj)
     try:
         with flooder(obj.programs["flood"], seconds, paced) as flood:
             reader.start()  # after the fork: the child gets no copy of the reader thread
@@ -193,13 +203,8 @@ def flood_once(obj: BpfObject, probe: HttpProbe, seconds: float, paced: bool,
         batches = reader.stats.batches
     finally:
         reader.stop()
-    return FloodResult(written, dropped, _dropped(obj) - dropped_before, handled[0], batches,
+    return FloodResult(written, dropped, events_dropped(obj) - dropped_before, handled[0], batches,
                        cpu, flood_s)
-
-
-def _dropped(obj: BpfObject) -> int:
-    _, values = obj.maps["events_dropped"].read_all(np.dtype(np.uint32), np.dtype(np.uint64))
-    return int(values.sum())
 
 
 def run(quick: bool) -> list[Row]:
@@ -231,7 +236,7 @@ def measure(quick: bool) -> list[Row]:
                 flood_object(Path(tmp), cfg.ring.size_bytes, batch_records) as obj:
             for mix, records in (("nginx under wrk", nginx_records(TEMPLATES)),
                                  ("mesh, keep-alive", synthetic_records(TEMPLATES))):
-                _fill_templates(obj, records)
+                fill_templates(obj, records)
                 for paced in (False, True):
                     rows += _rows(obj, proc, records, mix, paced, seconds, repeats,
                                   batch_records, flush_s)

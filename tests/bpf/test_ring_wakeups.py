@@ -1,35 +1,33 @@
 """Ring hand-off on the real kernel: the wake-up policy every probe's records follow
 (bpf/include/common.h wakeup_flags) and the RingReader that drains them.
 
-Records are written by bench/ring_flood.bpf.c through BPF_PROG_TEST_RUN, which reserves, fills
-and submits them exactly as the probes do. An edge-triggered epoll, as RingReader's, shows which
-writes woke the reader: the record that lands in an empty ring and each one that makes a
-multiple of the batch size wait, no other (under a backlog, a wake-up per record costs the
-traced writer an irq_work each). Needs: BPF_PROG_TYPE_SYSCALL with BPF_PROG_TEST_RUN and bpf_loop (5.17+), clang.
+Records are written by bench/ring_flood.bpf.c (built and run by bench/ring_flood.py's helpers)
+through BPF_PROG_TEST_RUN, which reserves, fills and submits them exactly as the probes do. An
+edge-triggered epoll, as RingReader's, shows which writes woke the reader: the record that lands
+in an empty ring and each one that makes a multiple of the batch size wait, no other (under a
+backlog, a wake-up per record costs the traced writer an irq_work each).
+Needs: BPF_PROG_TYPE_SYSCALL with BPF_PROG_TEST_RUN and bpf_loop (Linux 5.17+), clang.
 """
 
 from __future__ import annotations
 
 import select
-import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bench import ring_flood
 
+from probewire.probes.base import events_dropped
 from probewire.runtime.bpf import BpfObject
 from probewire.runtime.ring import Ring, RingReader
-from support.bpf_build import compile_bpf
 
 pytestmark = pytest.mark.bpf
 
-FLOOD = Path(__file__).resolve().parents[2] / "bench" / "ring_flood.bpf.c"
 RECORD = np.dtype([("seq", np.uint32), ("pad", np.uint8, (60,))])
-TEMPLATES = 4096  # ring_flood.bpf.c
 BATCH = 128
-ARGS = struct.Struct("<4I")  # count, first, written, dropped
 HANDOFF_TIMEOUT_S = 30  # a safety net against a stuck reader, not a speed claim
 
 
@@ -41,33 +39,17 @@ class Flood:
 
     def write(self, count: int) -> tuple[int, int]:
         """(written, dropped) of `count` records with consecutive sequence numbers."""
-        rc, out = self.prog.test_run(ARGS.pack(count, self.first, 0, 0))
-        assert rc == 0
+        written, dropped = ring_flood.write(self.prog, count, self.first)
         self.first += count
-        _, _, written, dropped = ARGS.unpack(out)
         return written, dropped
-
-    def dropped_counted(self) -> int:
-        _, values = self.obj.maps["events_dropped"].read_all(
-            np.dtype(np.uint32), np.dtype(np.uint64))
-        return int(values.sum())
 
 
 def _flood(tmp: Path, ring_bytes: int) -> Iterator[Flood]:
-    out = compile_bpf(FLOOD, tmp / "ring_flood.bpf.o", defines={"RECORD_SIZE": RECORD.itemsize})
-    obj = BpfObject(out)
-    try:
-        obj.maps["events"].set_max_entries(ring_bytes)
-        obj.set_rodata(wakeup_records=BATCH)
-        obj.load()
-        templates = obj.maps["templates"]
-        for i in range(TEMPLATES):
-            rec = np.zeros(1, RECORD)
-            rec["seq"] = i
-            templates.update(struct.pack("<I", i), rec.tobytes())
+    with ring_flood.flood_object(tmp, ring_bytes, BATCH, RECORD.itemsize) as obj:
+        templates = np.zeros(ring_flood.TEMPLATES, RECORD)
+        templates["seq"] = np.arange(ring_flood.TEMPLATES)
+        ring_flood.fill_templates(obj, templates)
         yield Flood(obj)
-    finally:
-        obj.close()
 
 
 @pytest.fixture
@@ -129,7 +111,7 @@ def test_reader_hands_off_every_record_and_a_full_ring_drops_and_counts(
     finally:
         reader.stop()
     assert dropped > 0, "the bursts should overflow a 1,024-record ring"
-    assert small_flood.dropped_counted() == dropped
+    assert events_dropped(small_flood.obj) == dropped
     seqs = np.concatenate(got)
     assert len(seqs) == written
     # The first bursts fit: they come out whole and in order.

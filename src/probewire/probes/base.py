@@ -99,6 +99,13 @@ class Probe:
         return self.obj.maps[name]
 
 
+def events_dropped(obj: BpfObject) -> int:
+    """Records an object's programs could not write to a full ring (common.h count_drop),
+    summed over CPUs: what probewire_events_dropped_total exports."""
+    _, values = obj.maps["events_dropped"].read_all(np.dtype(np.uint32), np.dtype(np.uint64))
+    return int(values.sum())
+
+
 @dataclass
 class RunningProbe:
     """A probe whose object is loaded and whose chosen programs are attached."""
@@ -109,10 +116,7 @@ class RunningProbe:
     links: list[Link] = field(default_factory=list)
 
     def dropped(self) -> int:
-        _, values = self.obj.maps["events_dropped"].read_all(
-            np.dtype(np.uint32), np.dtype(np.uint64)
-        )
-        return int(values.sum())
+        return events_dropped(self.obj)
 
     def program_stats(self) -> dict[str, ProgStats]:
         return {
