@@ -179,7 +179,7 @@ class RingReader:
     `flush_s` ago (the first record after a quiet spell goes at once).
 
     Rings are watched edge-triggered: the kernel wakes the reader when a record lands in an
-    empty ring and when the record that makes a batch's worth wait lands (bpf/include/common.h
+    empty ring and when a record makes a multiple of the batch size wait (bpf/include/common.h
     wakeup_flags), never per record. Records left waiting keep the ring non-empty, so they cost
     no further wake-ups; the reader's own deadlines hand them off.
     """
