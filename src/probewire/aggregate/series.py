@@ -25,7 +25,29 @@ def grown(array: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([array, more])
 
 
-class HistogramSeries:
+class _Rows:
+    """A dense row per label set, in order of creation, in arrays a subclass grows (`_grow`)
+    and sizes (`_capacity`)."""
+
+    _rows: dict[Labels, int]
+
+    def _capacity(self) -> int:
+        raise NotImplementedError
+
+    def _grow(self, size: int) -> None:
+        raise NotImplementedError
+
+    def slot(self, labels: Labels) -> int:
+        """The row of `labels`, made (empty, not yet exported) if it is new."""
+        row = self._rows.get(labels)
+        if row is None:
+            row = self._rows[labels] = len(self._rows)
+            if row == self._capacity():
+                self._grow(max(16, 2 * row))
+        return row
+
+
+class HistogramSeries(_Rows):
     def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds = np.asarray(bounds, dtype=np.float64)
         self.le = [floatToGoString(b) for b in self.bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
@@ -39,17 +61,13 @@ class HistogramSeries:
         self._merged = np.zeros(0, dtype=bool)
 
     # --- rows ------------------------------------------------------------------------------
-    def slot(self, labels: Labels) -> int:
-        """The row of `labels`, made (empty, not yet exported) if it is new."""
-        row = self._rows.get(labels)
-        if row is None:
-            row = self._rows[labels] = len(self._rows)
-            if row == len(self._sums):
-                size = max(16, 2 * row)
-                self._counts = grown(self._counts, size)
-                self._sums = grown(self._sums, size)
-                self._merged = grown(self._merged, size)
-        return row
+    def _capacity(self) -> int:
+        return len(self._sums)
+
+    def _grow(self, size: int) -> None:
+        self._counts = grown(self._counts, size)
+        self._sums = grown(self._sums, size)
+        self._merged = grown(self._merged, size)
 
     def buckets(self, values: np.ndarray) -> np.ndarray:
         """Bucket of each value: bucket i holds bounds[i-1] < v <= bounds[i] (Prometheus' le)."""
@@ -125,7 +143,7 @@ class HistogramSeries:
         return snap
 
 
-class CounterSeries:
+class CounterSeries(_Rows):
     """Counters keyed by label tuples, one row of a dense vector per label set (as for
     HistogramSeries: `slot` once, then `add_rows` for a whole batch)."""
 
@@ -134,16 +152,12 @@ class CounterSeries:
         self._values = np.zeros(0, dtype=np.float64)
         self._live = np.zeros(0, dtype=bool)
 
-    def slot(self, labels: Labels) -> int:
-        """The row of `labels`, made (not yet exported) if it is new."""
-        row = self._rows.get(labels)
-        if row is None:
-            row = self._rows[labels] = len(self._rows)
-            if row == len(self._values):
-                size = max(16, 2 * row)
-                self._values = grown(self._values, size)
-                self._live = grown(self._live, size)
-        return row
+    def _capacity(self) -> int:
+        return len(self._values)
+
+    def _grow(self, size: int) -> None:
+        self._values = grown(self._values, size)
+        self._live = grown(self._live, size)
 
     def add(self, labels: Labels, amount: float = 1.0) -> None:
         row = self.slot(labels)
