@@ -7,10 +7,11 @@ grace period, so connections it closed can still be attributed at the next scrap
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,6 +20,8 @@ from prometheus_client.core import CounterMetricFamily, Metric
 
 from probewire.enrich.service import ProcessInfo
 from probewire.probes.base import Hook, Probe, ProbeContext
+
+log = logging.getLogger(__name__)
 
 PROCESS_EXEC = 1
 PROCESS_EXIT = 2
@@ -96,6 +99,10 @@ class ProcessProbe(Probe):
         self.recent: deque[ProcessEvent] = deque(maxlen=RECENT_EVENTS)
         self._exited: deque[tuple[float, int]] = deque()
         self.records = 0
+        # Called on the reader thread after each batch with its decoded events, in order
+        # (e.g. the uprobe layer attaching to new processes, the security rules). A subscriber
+        # must not block; one that raises is logged and the others still run.
+        self.subscribers: list[Callable[[list[ProcessEvent]], None]] = []
 
     def on_batch(self, records: np.ndarray) -> None:
         # Service names need /proc per pid: resolve each distinct pid once per batch.
@@ -141,6 +148,11 @@ class ProcessProbe(Probe):
             self.recent.extend(events)
             while self._exited and now - self._exited[0][0] > FORGET_AFTER_S:
                 services.forget(self._exited.popleft()[1])
+        for subscriber in list(self.subscribers):
+            try:
+                subscriber(events)
+            except Exception:
+                log.exception("process event subscriber %r failed", subscriber)
 
     def events(self, kind: str | None = None, limit: int = RECENT_EVENTS) -> list[ProcessEvent]:
         with self._lock:
