@@ -5,7 +5,7 @@ aggregation and with every exchange a record; also agent CPU, RSS under load, ke
 program, user-space records per CPU-second), fidelity, startup (start-up time and idle RSS),
 latency (event → exported), peers (bpftrace; bcc's tcplife/tcpretrans beside probewire's tcp
 family), export_latency (event → OTLP span), series_memory (RSS at 1,000 services x 50 routes),
-userspace (HttpProbe.on_batch per record, in-process), ring_flood (a kernel program floods a
+userspace (L7Probe.on_batch per record, in-process), ring_flood (a kernel program floods a
 ring; the real RingReader and on_batch on one core: records per CPU-second, nothing lost).
 """
 

@@ -220,7 +220,7 @@ AGENT_CONFIGS = {
     "default": "{}\n",
     "http_off": "probes: {http: {enabled: false}}\n",
     # Every exchange through the ring to user space, as when OTLP spans are exported.
-    "records": "probes: {http: {kernel_aggregation: false}}\n",
+    "records": "probes: {l7: {kernel_aggregation: false}}\n",
 }
 
 

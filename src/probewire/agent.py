@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -17,7 +16,6 @@ from probewire.enrich.service import ServiceResolver
 from probewire.errors import PrivilegeError, ProbewireError
 from probewire.probes import REGISTRY
 from probewire.probes.base import SHARED_MAPS, Probe, ProbeContext, RunningProbe, start_probe
-from probewire.probes.http import HttpProbe
 from probewire.runtime.bpf import (
     PRIVILEGE_FIX,
     BpfObject,
@@ -132,8 +130,9 @@ class Agent:
                     self.reader.add(ring, probe.on_batch)
                 for ring_name, dtype in probe.extra_rings.items():
                     ring = Ring(self.running[name].obj.maps[ring_name], dtype,
-                                f"{name}:{ring_name}")
+                                f"{name}:{ring_name}", ring_name in probe.variable_rings)
                     self.reader.add(ring, functools.partial(probe.on_ring, ring_name))
+            self._subscribe_process_events()
             if self.config.export.otlp.enabled:
                 self._start_otlp()
         except BaseException:
@@ -145,15 +144,37 @@ class Agent:
         log.info("probes attached in %.3f s: %s", self.startup_s,
                  ", ".join(f"{s.probe}:{s.section}" for s in self.status()))
 
+    # --- capabilities: what families offer, discovered rather than tested by class ---------------
+    def exchange_sources(self) -> list[list[Any]]:
+        """The sink lists of every family that hands on exchanges (spans, the events feed)."""
+        found = (getattr(probe, "sinks", None) for probe in self.probes.values())
+        return [sinks for sinks in found if isinstance(sinks, list)]
+
+    def _subscribe_process_events(self) -> None:
+        """Families that follow execs and exits (on_process_events) get the process family's
+        events."""
+        source = getattr(self.probes.get("process"), "subscribers", None)
+        if source is None:
+            return
+        for probe in self.probes.values():
+            handler = getattr(probe, "on_process_events", None)
+            if callable(handler):
+                source.append(handler)
+
+    def coverage(self) -> dict[str, Any]:
+        """Per family that reports it: what it sees and what it loses (e.g. per protocol)."""
+        found = {name: getattr(probe, "coverage", None) for name, probe in self.probes.items()}
+        return {name: dict(report()) for name, report in found.items() if callable(report)}
+
     def _start_otlp(self) -> None:
+        from probewire.collect.families import AgentCollector
         from probewire.export.otlp import OtlpExporter
-        from probewire.export.prometheus import AgentCollector
 
         cfg = self.config.export.otlp
         self.otlp = OtlpExporter(cfg, AgentCollector(self).collect)
-        http = self.probes.get("http")
-        if cfg.traces and isinstance(http, HttpProbe):
-            http.sinks.append(self.otlp.sink)
+        if cfg.traces:
+            for sinks in self.exchange_sources():
+                sinks.append(self.otlp.sink)
         self.otlp.start()
 
     def _prepare(self) -> set[str]:
@@ -174,9 +195,9 @@ class Agent:
     def stop(self) -> None:
         self.reader.stop()
         if self.otlp is not None:
-            http = self.probes.get("http")
-            if isinstance(http, HttpProbe) and self.otlp.sink in http.sinks:
-                http.sinks.remove(self.otlp.sink)
+            for sinks in self.exchange_sources():
+                if self.otlp.sink in sinks:
+                    sinks.remove(self.otlp.sink)
             self.otlp.stop()
             self.otlp = None
         for running in self.running.values():
@@ -194,16 +215,11 @@ class Agent:
 
     def tls_status(self) -> dict[str, Any]:
         """OpenSSL coverage: libraries attached (or why not) and the processes using TLS."""
-        http = self.probes.get("http")
-        tls = http.tls if isinstance(http, HttpProbe) else None
-        if tls is None:
-            return {"libraries": [], "failed": {}, "links": 0, "processes": []}
-        return {
-            "libraries": sorted(tls.attached.values()),
-            "failed": dict(tls.failed),
-            "links": len(tls.links),
-            "processes": [dataclasses.asdict(c) for c in tls.coverage()],
-        }
+        for probe in self.probes.values():
+            status = getattr(probe, "tls_status", None)
+            if callable(status):
+                return dict(status())
+        return {"libraries": [], "failed": {}, "links": 0, "processes": []}
 
     def status(self) -> list[ProbeStatus]:
         out = []

@@ -33,6 +33,8 @@ __all__ = [
     "Config",
     "ExportConfig",
     "FilterConfig",
+    "HttpConfig",
+    "L7Config",
     "OtlpConfig",
     "ProbeToggle",
     "ProbesConfig",
@@ -110,33 +112,37 @@ class ProbeToggle(_Model):
     enabled: bool = Field(default=True, description="true or false")
 
 
-class HttpConfig(_Model):
-    """HTTP/1.x golden signals."""
+L7_PROTOCOL_NAMES = ("http", "http2", "postgresql", "mysql", "redis", "memcached", "dns")
+
+
+class L7Config(_Model):
+    """The L7 capture layer and the protocols parsed on it."""
 
     enabled: bool = Field(default=True, description="true or false")
-    routes: tuple[str, ...] = Field(
-        default=(),
-        description="route patterns tried before the heuristics, e.g. /users/{id} or "
-        "/static/{*path}",
+    protocols: tuple[str, ...] = Field(
+        default=L7_PROTOCOL_NAMES,
+        description="protocols classified and parsed: any of " + ", ".join(L7_PROTOCOL_NAMES),
     )
     tls: bool = Field(
         default=True,
-        description="capture HTTPS plaintext through uprobes on OpenSSL's libssl",
+        description="capture TLS plaintext through uprobes on OpenSSL's libssl",
     )
     trace_agent: bool = Field(
         default=False,
-        description="also trace the agent's own HTTP traffic (its /metrics scrapes)",
+        description="also trace the agent's own traffic (its /metrics scrapes)",
     )
     max_series_per_metric: int = Field(
         default=2000,
         ge=10,
         strict=True,
-        description="label sets one HTTP metric may hold; more go to http_route=\"other\"",
+        description="label sets one L7 metric may hold; more fold into an \"other\" series "
+        "(http_route, db_collection_name, dns_question_name ...) and are counted",
     )
     kernel_aggregation: bool = Field(
         default=True,
-        description="count exchanges of known routes in kernel maps instead of sending each "
-        "one to user space (forced off while export.otlp.traces needs every exchange)",
+        description="count exchanges of known operations (HTTP routes) in kernel maps "
+        "instead of sending each one to user space (forced off while export.otlp.traces "
+        "needs every exchange)",
     )
     kernel_keys: int = Field(
         default=16384,
@@ -145,6 +151,25 @@ class HttpConfig(_Model):
         strict=True,
         description="label-ish keys the kernel aggregation map holds; an exchange that "
         "finds it full is sent to user space instead (never lost)",
+    )
+
+    @field_validator("protocols")
+    @classmethod
+    def _known_protocols(cls, protocols: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [p for p in protocols if p not in L7_PROTOCOL_NAMES]
+        if unknown:
+            raise ValueError(f"unknown protocol(s) {', '.join(map(repr, unknown))}; "
+                             f"choose from {', '.join(L7_PROTOCOL_NAMES)}")
+        return tuple(dict.fromkeys(protocols))
+
+
+class HttpConfig(_Model):
+    """HTTP (1.x and 2) on the L7 capture layer."""
+
+    routes: tuple[str, ...] = Field(
+        default=(),
+        description="route patterns tried before the heuristics, e.g. /users/{id} or "
+        "/static/{*path}",
     )
 
     @field_validator("routes")
@@ -159,9 +184,11 @@ class ProbesConfig(_Model):
     """Which probe families to load."""
 
     tcp: ProbeToggle = Field(default=ProbeToggle(), description="the TCP probe family")
-    http: HttpConfig = Field(
-        default_factory=lambda: HttpConfig(), description="the HTTP/1.x probe family"
+    l7: L7Config = Field(
+        default_factory=lambda: L7Config(),
+        description="the L7 capture layer: HTTP, HTTP/2, gRPC, databases, caches, DNS",
     )
+    http: HttpConfig = Field(default_factory=lambda: HttpConfig(), description="HTTP routes")
     process: ProbeToggle = Field(
         default=ProbeToggle(), description="the process (exec/exit) probe family"
     )

@@ -18,7 +18,7 @@ from probewire.probes.base import Probe
 
 pytestmark = pytest.mark.bpf
 
-# Hooks with a choice (tp_btf preferred, tp fallback); the http syscall hooks are tp/ only.
+# Hooks with a choice (tp_btf preferred, tp fallback); the l7 syscall hooks are tp/ only.
 ALL_TP = {h.name: "tp" for p in REGISTRY.values() for h in p.hooks if len(h.programs) > 1}
 
 

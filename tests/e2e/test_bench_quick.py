@@ -25,7 +25,7 @@ EXPECTED_ROWS = (
     "vs bcc: start-up",
     "event → OTLP span export p99, idle",
     "agent RSS holding HTTP series",
-    "user space: HttpProbe.on_batch",
+    "user space: L7Probe.on_batch",
     "user space: ring drain + decode + aggregate, one core",
 )
 

@@ -1,5 +1,6 @@
-"""HTTP/2 stream tracking from raw bytes: real conversations made by the `h2` library, split
-into chunks at random, and garbage that must never raise."""
+"""HTTP/2 stream tracking from raw bytes (l7/protocols/http2.py through the capture layer's
+stream demultiplexer): real conversations made by the `h2` library, split into records at
+random, gaps, and garbage that must never raise."""
 
 from __future__ import annotations
 
@@ -9,7 +10,26 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from probewire.probes.h2 import DIR_IN, DIR_OUT, H2_CHUNK, H2_CHUNK_DTYPE, ROLE_SERVER, H2Tracker
+from probewire.l7.constants import L7_CHUNK, Direction, Proto, RecordKind, Role
+from probewire.l7.protocol import Exchange
+from probewire.l7.protocols.http2 import PREFACE, PROTOCOL
+from probewire.l7.records import L7_DATA
+from probewire.l7.streams import StreamDemux
+from probewire.runtime.ring import VarBatch
+
+H2_CHUNK = L7_CHUNK
+
+
+def tracker() -> StreamDemux:
+    return StreamDemux({Proto.HTTP2: PROTOCOL})
+
+
+def feed(demux: StreamDemux, batch: VarBatch) -> list[Exchange]:
+    return [f.exchange for f in demux.feed(batch)]
+
+
+def lost(demux: StreamDemux) -> dict[str, int]:
+    return {reason: n for (_, reason), n in demux.lost.items()}
 
 
 def conversation(requests: list[tuple[str, str, int, bool]]) -> list[tuple[int, bytes]]:
@@ -59,25 +79,30 @@ def conversation(requests: list[tuple[str, str, int, bool]]) -> list[tuple[int, 
 
 
 def records_for(wire: list[tuple[int, bytes]], cuts: list[int] | None = None,
-                conn_id: int = 0x1000) -> np.ndarray:
+                conn_id: int = 0x1000) -> VarBatch:
     """The server's view: client->server bytes are reads (IN), the rest writes (OUT)."""
     chunks: list[tuple[int, bytes]] = []
     for side, data in wire:
         step = max(1, (cuts or [H2_CHUNK])[len(chunks) % len(cuts or [1])])
         for i in range(0, len(data), min(step, H2_CHUNK)):
             chunks.append((side, data[i:i + min(step, H2_CHUNK)]))
-    rec = np.zeros(len(chunks), dtype=H2_CHUNK_DTYPE)
+    rec = np.zeros(len(chunks), dtype=L7_DATA)
     for i, (side, data) in enumerate(chunks):
-        rec[i]["kind"] = 2
+        rec[i]["kind"] = RecordKind.DATA
+        rec[i]["proto"] = Proto.HTTP2
         rec[i]["tgid"] = 42
         rec[i]["conn_id"] = conn_id
         rec[i]["seq"] = i + 1
         rec[i]["ts_ns"] = 1000 + i
-        rec[i]["dir"] = DIR_IN if side == 0 else DIR_OUT
-        rec[i]["role"] = ROLE_SERVER
+        rec[i]["dir"] = Direction.IN if side == 0 else Direction.OUT
+        rec[i]["role"] = Role.SERVER
         rec[i]["len"] = len(data)
-        rec[i]["data"][: len(data)] = np.frombuffer(data, dtype=np.uint8)
-    return rec
+    return VarBatch(rec, [data for _, data in chunks])
+
+
+def part(batch: VarBatch, keep: np.ndarray | slice) -> VarBatch:
+    index = np.arange(len(batch))[keep]
+    return VarBatch(batch.records[index], [batch.data[i] for i in index.tolist()])
 
 
 REQUESTS = [("GET", "/a", 200, False), ("POST", "/pkg.Svc/Do", 200, True),
@@ -85,50 +110,56 @@ REQUESTS = [("GET", "/a", 200, False), ("POST", "/pkg.Svc/Do", 200, True),
 
 
 def test_real_conversation_gives_one_exchange_per_stream() -> None:
-    tracker = H2Tracker()
-    out = tracker.feed(records_for(conversation(REQUESTS)))
-    got = [(e.method, e.path, e.status, e.grpc, e.grpc_status) for e in out]
-    assert got == [("GET", "/a", 200, False, None), ("POST", "/pkg.Svc/Do", 200, True, 0),
-                   ("GET", "/missing", 404, False, None),
-                   ("POST", "/pkg.Svc/Fail", 500, True, 13)]
+    demux = tracker()
+    out = feed(demux, records_for(conversation(REQUESTS)))
+    got = [(e.operation, e.target, e.status, e.attributes["grpc"], e.attributes["grpc_status"])
+           for e in out]
+    assert got == [("GET", "/a", "200", False, None), ("POST", "/pkg.Svc/Do", "200", True, 0),
+                   ("GET", "/missing", "404", False, None),
+                   ("POST", "/pkg.Svc/Fail", "500", True, 13)]
     assert all(e.end_ns > e.start_ns for e in out)
     assert out[0].response_bytes == 100
-    assert tracker.lost == {}
+    assert lost(demux) == {}
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(min_value=1, max_value=200), min_size=1, max_size=6))
 def test_any_chunking_gives_the_same_exchanges(cuts: list[int]) -> None:
-    tracker = H2Tracker()
-    out = tracker.feed(records_for(conversation(REQUESTS), cuts))
-    assert [(e.path, e.status) for e in out] == [(p, s) for _, p, s, _ in REQUESTS]
+    out = feed(tracker(), records_for(conversation(REQUESTS), cuts))
+    assert [(e.target, e.status) for e in out] == [(p, str(s)) for _, p, s, _ in REQUESTS]
 
 
 def test_a_gap_in_the_sequence_gives_the_connection_up() -> None:
     rec = records_for(conversation(REQUESTS), [50])
-    tracker = H2Tracker()
+    demux = tracker()
     keep = np.ones(len(rec), dtype=bool)
     keep[len(rec) // 2] = False
-    out = tracker.feed(rec[keep])
+    out = feed(demux, part(rec, keep))
     assert len(out) < len(REQUESTS)
-    assert tracker.lost == {"chunk dropped": 1}
+    assert lost(demux) == {"record dropped (ring full)": 1}
 
 
 def test_connection_seen_mid_stream_is_counted_not_guessed() -> None:
     rec = records_for(conversation(REQUESTS), [30])
-    tracker = H2Tracker()
-    assert tracker.feed(rec[5:]) == []
-    assert tracker.lost == {"started before the agent or lost its start": 1}
+    demux = tracker()
+    assert feed(demux, part(rec, slice(5, None))) == []
+    assert lost(demux) == {"started before the agent or lost its start": 1}
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 1), st.binary(min_size=1, max_size=300)),
                 min_size=1, max_size=12))
 def test_garbage_never_raises(chunks: list[tuple[int, bytes]]) -> None:
-    from probewire.probes.h2 import PREFACE
-
-    tracker = H2Tracker()
+    demux = tracker()
     # Both with and without a valid preface in front.
     for prefix in (b"", PREFACE):
         wire = [(0, prefix), *chunks] if prefix else chunks
-        tracker.feed(records_for(wire, conn_id=0x2000 + len(prefix)))
+        demux.feed(records_for(wire, conn_id=0x2000 + len(prefix)))
+
+
+def test_a_call_larger_than_the_capture_gives_the_connection_up() -> None:
+    rec = records_for(conversation(REQUESTS))
+    rec.records["skipped"][1] = 5000
+    demux = tracker()
+    feed(demux, rec)
+    assert lost(demux) == {"syscall larger than the capture": 1}

@@ -11,7 +11,7 @@ translation appends again); the ``service_name`` label stays a point attribute, 
 collector's prometheus exporter reproduces /metrics series one for one. The resource is the
 agent's (service.name ``probewire`` unless ``resource_attributes`` says otherwise).
 
-Spans: the http probe hands each decoded batch to :meth:`OtlpExporter.sink`; a queue decouples
+Spans: the l7 family hands each decoded batch to :meth:`OtlpExporter.sink`; a queue decouples
 the ring reader from the network and one exporter thread assembles spans
 (:mod:`probewire.export.spans`) and exports what it has each time it wakes, so spans leave as
 soon as the ring's 128-record / 5 ms batch reaches us. Event → export latency is measured from
@@ -55,7 +55,7 @@ from probewire import __version__
 from probewire.config import OtlpConfig
 from probewire.errors import ConfigError
 from probewire.export.spans import SCOPE, SpanAssembler
-from probewire.probes.http import ExchangeBatch
+from probewire.l7.exchanges import ExchangeBatch
 
 __all__ = ["OtlpExporter", "families_to_otlp", "make_exporters"]
 
@@ -245,10 +245,10 @@ class OtlpExporter:
 
     # --- spans -------------------------------------------------------------------------------
     def sink(self, batch: ExchangeBatch) -> None:
-        """HttpProbe.sinks entry: called on the ring reader thread, never blocks. A batch that
+        """An exchange source's sink: called on the ring reader thread, never blocks. A batch that
         would take the exchanges waiting past cfg.max_queue_spans is dropped and counted (one
         larger than the bound still goes into an empty queue)."""
-        n = len(batch.records)
+        n = len(batch)
         with self._lock:
             if self._queued and self._queued + n > self.cfg.max_queue_spans:
                 self.batches_dropped += 1
@@ -265,7 +265,7 @@ class OtlpExporter:
 
     def _take(self, batch: ExchangeBatch) -> ExchangeBatch:
         with self._lock:
-            self._queued -= len(batch.records)
+            self._queued -= len(batch)
         return batch
 
     def _spans_loop(self) -> None:

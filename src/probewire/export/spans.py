@@ -1,4 +1,5 @@
-"""Spans from HTTP exchanges: one span per server or client exchange the http probe decoded.
+"""Spans from exchanges: one span per server or client exchange the l7 family decoded (HTTP
+with its heads; databases, caches and DNS with their operation, target and status).
 
 Kernel records carry CLOCK_MONOTONIC timestamps, the thread that started the exchange and the
 first bytes of the request head. From those this module builds OpenTelemetry spans:
@@ -36,7 +37,9 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 
 from probewire import __version__
 from probewire.aggregate.http_heads import nth_request, parse_request_line
-from probewire.probes.http import FLAG_ABORTED, FLAG_H2, ROLE_SERVER, ExchangeBatch
+from probewire.l7.constants import Role
+from probewire.l7.exchanges import NUMERIC_STATUSES, ExchangeBatch, ExchangeFlag, split_db_target
+from probewire.l7.registry import protocol_by_id
 
 __all__ = ["SpanAssembler", "Traceparent", "parse_traceparent", "wall_clock_offset_ns"]
 
@@ -136,6 +139,8 @@ def is_otlp_export(target: bytes, method: str | None = "POST",
 
 @dataclass
 class _Exchange:
+    kind: str  # the protocol's kind: "http", "db", "dns"
+    protocol: str
     server: bool
     tgid: int
     tid: int
@@ -153,6 +158,8 @@ class _Exchange:
     local: str
     local_port: int
     arrived_ns: int
+    status_text: str = ""
+    attributes: dict[str, object] = field(default_factory=dict)
     trace_id: int = 0
     span_id: int = 0
     parent_id: int = 0
@@ -250,21 +257,37 @@ class SpanAssembler:
 
     # --- internals ---------------------------------------------------------------------------
     def _decode(self, batch: ExchangeBatch, now_ns: int) -> Iterable[_Exchange]:
-        rec = batch.records
-        for i in range(len(rec)):
-            r = rec[i]
-            head = bytes(r["req_head"][: int(r["req_head_len"])])
+        rows = batch.rows
+        http, index = batch.http, batch.http_index
+        for i in range(len(rows)):
+            r = rows[i]
+            protocol = protocol_by_id(int(r["proto"]))
+            eflags = int(r["eflags"])
+            status = int(r["status"])
+            head = _Head()
+            if protocol.kind == "http":
+                at = int(index[i]) if index is not None else -1
+                if http is not None and at >= 0:
+                    h = http[at]
+                    head = _parse_head(bytes(h["req_head"][: int(h["req_head_len"])]),
+                                       int(h["pipe_idx"]))
+                else:
+                    path = str(batch.attributes[i].get("path", "")) if batch.attributes else ""
+                    head = _Head(batch.operation[i], path.encode("latin-1", "replace"))
             yield _Exchange(
-                server=int(r["role"]) == ROLE_SERVER,
+                kind=protocol.kind, protocol=protocol.name,
+                server=int(r["role"]) == Role.SERVER,
                 tgid=int(r["tgid"]), tid=int(r["tid"]),
                 start_ns=int(r["start_ns"]), end_ns=int(r["end_ns"]),
-                status=int(r["status"]), aborted=bool(int(r["flags"]) & FLAG_ABORTED),
-                h2=bool(int(r["flags"]) & FLAG_H2),
-                service=batch.service[i], method=batch.method[i], route=batch.route[i],
-                head=_parse_head(head, int(r["pipe_idx"])),
+                status=status if status < NUMERIC_STATUSES else 0,
+                aborted=bool(eflags & ExchangeFlag.ABORTED),
+                h2=bool(eflags & ExchangeFlag.H2),
+                service=batch.service[i], method=batch.operation[i], route=batch.target[i],
+                head=head,
                 peer=batch.peer_address[i], peer_port=int(r["rport"]),
                 local=batch.local_address[i], local_port=int(r["lport"]),
-                arrived_ns=now_ns,
+                arrived_ns=now_ns, status_text=batch.status[i],
+                attributes=dict(batch.attributes[i]) if batch.attributes else {},
             )
 
     def _new_id(self, bits: int) -> int:
@@ -379,6 +402,8 @@ class SpanAssembler:
         return spans
 
     def _span(self, ex: _Exchange) -> ReadableSpan:
+        if ex.kind != "http":
+            return self._db_span(ex)
         target = ex.head.target.decode("latin-1")
         path = target.split("?", 1)[0]
         attrs: dict[str, str | int] = {
@@ -425,5 +450,49 @@ class SpanAssembler:
             name=name, context=ctx, parent=parent, resource=self._resource(ex.service, ex.tgid),
             attributes=attrs, kind=kind, status=status, instrumentation_scope=SCOPE,
             start_time=ex.start_ns + self.offset_ns,
+            end_time=max(ex.end_ns, ex.start_ns) + self.offset_ns,
+        )
+
+    def _db_span(self, ex: _Exchange) -> ReadableSpan:
+        """A database, cache or DNS exchange: OpenTelemetry's database span conventions
+        (db.*; DNS questions as dns.question.*). Query text never leaves: the name is the
+        literal-free summary."""
+        code, _, error = ex.status_text.partition("\0")
+        error = error or ("aborted" if ex.aborted else code)
+        attrs: dict[str, str | int] = {"thread.id": ex.tid}
+        if ex.kind == "dns":
+            name = f"DNS {ex.method} {ex.route}".strip()
+            attrs.update({"dns.question.name": ex.route, "dns.question.type": ex.method,
+                          "server.address": ex.peer, "server.port": ex.peer_port})
+            if error:
+                error = error.lower()
+        else:
+            collection, namespace = split_db_target(ex.route)
+            summary = str(ex.attributes.get("summary") or
+                          " ".join(x for x in (ex.method, collection) if x))
+            name = summary or ex.protocol
+            attrs.update({"db.system.name": ex.protocol, "db.operation.name": ex.method,
+                          "db.query.summary": summary})
+            if collection:
+                attrs["db.collection.name"] = collection
+            if namespace:
+                attrs["db.namespace"] = namespace
+            if code:
+                attrs["db.response.status_code"] = code
+            if ex.server:
+                attrs.update({"client.address": ex.peer, "client.port": ex.peer_port,
+                              "server.address": ex.local, "server.port": ex.local_port})
+            else:
+                attrs.update({"server.address": ex.peer, "server.port": ex.peer_port})
+        if error:
+            attrs["error.type"] = error
+        ctx = SpanContext(ex.trace_id, ex.span_id, is_remote=False, trace_flags=_SAMPLED)
+        parent = (SpanContext(ex.trace_id, ex.parent_id, is_remote=ex.parent_remote,
+                              trace_flags=_SAMPLED) if ex.parent_id else None)
+        return ReadableSpan(
+            name=name, context=ctx, parent=parent, resource=self._resource(ex.service, ex.tgid),
+            attributes=attrs, kind=SpanKind.SERVER if ex.server else SpanKind.CLIENT,
+            status=Status(StatusCode.ERROR) if error else Status(StatusCode.UNSET),
+            instrumentation_scope=SCOPE, start_time=ex.start_ns + self.offset_ns,
             end_time=max(ex.end_ns, ex.start_ns) + self.offset_ns,
         )

@@ -37,6 +37,7 @@ LIBBPF_WARN, LIBBPF_INFO, LIBBPF_DEBUG = 0, 1, 2
 BPF_STATS_RUN_TIME = 0
 # BTF kinds (uapi/linux/btf.h)
 BTF_KIND_INT, BTF_KIND_PTR, BTF_KIND_ARRAY, BTF_KIND_STRUCT, BTF_KIND_UNION = 1, 2, 3, 4, 5
+BTF_KIND_ENUM = 6
 BTF_KIND_TYPEDEF, BTF_KIND_VAR, BTF_KIND_DATASEC = 8, 14, 15
 # map update flags
 BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
@@ -48,6 +49,10 @@ class BtfType(Structure):
 
 class BtfMember(Structure):
     _fields_ = [("name_off", c_uint32), ("type", c_uint32), ("offset", c_uint32)]
+
+
+class BtfEnum(Structure):
+    _fields_ = [("name_off", c_uint32), ("val", ctypes.c_int32)]
 
 
 class BtfArray(Structure):

@@ -1,0 +1,16 @@
+// SPDX-License-Identifier: GPL-2.0
+/* l7 family: the capture layer (bpf/l7/capture.h, dispatch.h) and the protocols it dispatches
+ * to. Adding a protocol: its bpf/l7/proto_<name>.h (a classifier, and a parser unless user
+ * space parses it: l7_ship_data / l7_close_shipped), an #include and a line in L7_PROTOCOLS
+ * below, at the position its classifier is tried in. */
+#include "l7/capture.h"
+#include "l7/proto_http.h"
+#include "l7/proto_http2.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define L7_PROTOCOLS(X)                                          \
+	X(HTTP, http, http_parse, http_close)                    \
+	X(HTTP2, http2, l7_ship_data, l7_close_shipped)
+
+#include "l7/dispatch.h"
