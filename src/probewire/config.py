@@ -112,16 +112,14 @@ class ProbeToggle(_Model):
     enabled: bool = Field(default=True, description="true or false")
 
 
-L7_PROTOCOL_NAMES = ("http", "http2", "postgresql", "mysql", "redis", "memcached", "dns")
-
-
 class L7Config(_Model):
     """The L7 capture layer and the protocols parsed on it."""
 
     enabled: bool = Field(default=True, description="true or false")
-    protocols: tuple[str, ...] = Field(
-        default=L7_PROTOCOL_NAMES,
-        description="protocols classified and parsed: any of " + ", ".join(L7_PROTOCOL_NAMES),
+    protocols: tuple[str, ...] | None = Field(
+        default=None,
+        description="protocols classified and parsed (default: every registered one: http, "
+        "http2, postgresql, mysql, redis, memcached, dns)",
     )
     tls: bool = Field(
         default=True,
@@ -155,11 +153,16 @@ class L7Config(_Model):
 
     @field_validator("protocols")
     @classmethod
-    def _known_protocols(cls, protocols: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = [p for p in protocols if p not in L7_PROTOCOL_NAMES]
+    def _known_protocols(cls, protocols: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if protocols is None:
+            return None
+        from probewire.l7.registry import PROTOCOLS
+
+        names = [p.name for p in PROTOCOLS]
+        unknown = [p for p in protocols if p not in names]
         if unknown:
             raise ValueError(f"unknown protocol(s) {', '.join(map(repr, unknown))}; "
-                             f"choose from {', '.join(L7_PROTOCOL_NAMES)}")
+                             f"choose from {', '.join(names)}")
         return tuple(dict.fromkeys(protocols))
 
 

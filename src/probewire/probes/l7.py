@@ -69,7 +69,7 @@ class L7Probe(Probe):
         super().__init__(ctx)
         cfg = ctx.config.probes.l7
         self.protocols: dict[int, Protocol] = {
-            p.proto_id: p for p in PROTOCOLS if p.name in cfg.protocols}
+            p.proto_id: p for p in PROTOCOLS if cfg.protocols is None or p.name in cfg.protocols}
         self.helper_programs = ("l7_capture_tp", *TLS_PROGRAMS, *(
             f"l7_{p.name}_{kind}" for p in self.protocols.values() for kind in ("tp", "uprobe")))
         self.pipeline = ExchangePipeline(ctx.services, cfg.max_series_per_metric)

@@ -10,7 +10,7 @@ import dataclasses
 import ipaddress
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote
 
@@ -87,9 +87,11 @@ class Api:
 
     # --- services --------------------------------------------------------------------------
     def _kind(self, snap: Snapshot, name: str) -> str:
+        if name in snap.databases():
+            return "database"
         if name in {k[0] for k in snap.server}:
             return "service"
-        if name in {k[0] for k in snap.client}:
+        if snap.local_services() & {name}:
             return "client"
         return "external" if _looks_external(name) else "service"
 
@@ -97,6 +99,16 @@ class Api:
         requests = sum(h.count for k, h in snap.server.items() if k[0] == name)
         errors = sum(h.count for k, h in snap.server.items()
                      if k[0] == name and is_error_status(k[2]))
+        served = [(k, h) for k, h in snap.db_server.items() if k[0] == name]
+        if served:  # a database or cache on this host: the operations it served
+            requests += sum(h.count for _, h in served)
+            errors += sum(h.count for k, h in served if k[5])
+        elif not requests and name in snap.databases():  # one elsewhere: what clients saw
+            seen = [(k, h) for k, h in snap.db_client.items() if f"{k[7]}:{k[8]}" == name]
+            requests = sum(h.count for _, h in seen) or sum(
+                e.requests for (_c, srv), e in snap.edges.items() if srv == name)
+            errors = sum(h.count for k, h in seen if k[5]) or sum(
+                e.failed for (_c, srv), e in snap.edges.items() if srv == name)
         routes = {(k[1], k[3]) for k in snap.server if k[0] == name}
         calls = sum(e.requests for (c, _s), e in snap.edges.items() if c == name)
         return {
@@ -111,6 +123,7 @@ class Api:
             "p99_seconds": win.service_quantile(name, 0.99),
             "routes": len(routes),
             "outgoing_requests": calls,
+            "db_system": snap.databases().get(name, ""),
         }
 
     def services(self, query: Query) -> dict[str, Any]:
@@ -153,7 +166,63 @@ class Api:
             "outgoing": [self._edge(c, s, snap, win) for (c, s) in sorted(snap.edges) if c == name],
             "incoming": [self._edge(c, s, snap, win) for (c, s) in sorted(snap.edges) if s == name],
             "client_calls": self._client_calls(snap, name),
+            "db_calls": self._db_calls(snap, name),
+            "db_operations": self._db_operations(snap, name),
+            "dns_lookups": self._dns_lookups(snap, name),
         }
+
+    @staticmethod
+    def _grouped(items: Sequence[tuple[tuple[str, ...], Histogram, bool]],
+                 fields: tuple[str, ...]) -> list[dict[str, Any]]:
+        """Rows of (key, histogram, failed?) grouped by key: requests, errors, p50/p99."""
+        rows: dict[tuple[str, ...], dict[str, Any]] = {}
+        hists: dict[tuple[str, ...], Histogram] = {}
+        for key, h, failed in items:
+            r = rows.setdefault(key, {**dict(zip(fields, key, strict=True)),
+                                      "requests": 0.0, "errors": 0.0, "error_types": {}})
+            r["requests"] += h.count
+            if failed:
+                r["errors"] += h.count
+            hists.setdefault(key, Histogram()).merge(h)
+        for key, r in rows.items():
+            r["error_ratio"] = _ratio(r["errors"], r["requests"])
+            r["p50_seconds"] = hists[key].quantile(0.5)
+            r["p99_seconds"] = hists[key].quantile(0.99)
+        return sorted(rows.values(), key=lambda r: (-r["requests"], *(str(r[f]) for f in fields)))
+
+    def _db_calls(self, snap: Snapshot, name: str) -> list[dict[str, Any]]:
+        """Database and cache operations this service called, per server and operation."""
+        fields = ("db_system", "server_address", "server_port", "operation", "collection",
+                  "namespace")
+        items = [((k[1], k[7], k[8], k[2], k[3], k[4]), h, bool(k[5]))
+                 for k, h in snap.db_client.items() if k[0] == name]
+        rows = self._grouped(items, fields)
+        for r in rows:
+            r["error_types"] = {k[5]: h.count for k, h in snap.db_client.items()
+                                if k[0] == name and k[5] and (k[1], k[7], k[8], k[2], k[3],
+                                                              k[4]) == tuple(r[f] for f in fields)}
+        return rows
+
+    def _db_operations(self, snap: Snapshot, name: str) -> list[dict[str, Any]]:
+        """Operations a database or cache served: by its process on this host, or, for one
+        elsewhere (named address:port), as the clients on this host saw them."""
+        fields = ("db_system", "operation", "collection", "namespace")
+        items = [((k[1], k[2], k[3], k[4]), h, bool(k[5]))
+                 for k, h in snap.db_server.items() if k[0] == name]
+        if not items:
+            items = [((k[1], k[2], k[3], k[4]), h, bool(k[5]))
+                     for k, h in snap.db_client.items() if f"{k[7]}:{k[8]}" == name]
+        return self._grouped(items, fields)
+
+    def _dns_lookups(self, snap: Snapshot, name: str) -> list[dict[str, Any]]:
+        fields = ("question_name", "question_type")
+        items = [((k[1], k[2]), h, bool(k[3])) for k, h in snap.dns.items() if k[0] == name]
+        rows = self._grouped(items, fields)
+        for r in rows:
+            r["error_types"] = {k[3]: h.count for k, h in snap.dns.items()
+                                if k[0] == name and k[3] and (k[1], k[2]) ==
+                                (r["question_name"], r["question_type"])}
+        return rows
 
     def _client_calls(self, snap: Snapshot, name: str) -> list[dict[str, Any]]:
         calls: dict[tuple[str, str, str, str], dict[str, Any]] = {}
@@ -179,6 +248,7 @@ class Api:
         return {
             "client": client,
             "server": server,
+            "connection_type": e.connection_type,
             "requests": e.requests,
             "failed": e.failed,
             "error_ratio": _ratio(e.failed, e.requests),
@@ -192,7 +262,8 @@ class Api:
         win = self.history.window(snap)
         nodes = [
             {"id": n, "kind": self._kind(snap, n),
-             "requests": sum(h.count for k, h in snap.server.items() if k[0] == n),
+             "db_system": snap.databases().get(n, ""),
+             "requests": self._summary(snap, win, n)["requests"],
              "rate": win.rate(("svc", n))}
             for n in sorted(snap.services())
         ]
@@ -240,6 +311,7 @@ class Api:
                 {**dataclasses.asdict(s), "avg_ns": s.avg_ns} for s in self.agent.status()
             ],
             "tls": self.agent.tls_status(),
+            "coverage": self.agent.coverage(),
         }
 
     def agent_info(self, query: Query) -> dict[str, Any]:

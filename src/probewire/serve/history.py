@@ -14,11 +14,11 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
-from probewire.serve.snapshot import Snapshot, is_error_status, quantile
+from probewire.serve.snapshot import Histogram, Snapshot, is_error_status, quantile
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,15 @@ Key = tuple[str | float, ...]
 COLUMNS = ("time", "rate", "error_ratio", "p50_seconds", "p99_seconds")
 
 
+def served(snap: Snapshot) -> Iterator[tuple[str, bool, Histogram]]:
+    """(service, failed?, histogram) of everything a service served: HTTP requests, and the
+    operations of a database or cache on this host."""
+    for (svc, _m, status, _r), h in snap.server.items():
+        yield svc, is_error_status(status), h
+    for key, h in snap.db_server.items():
+        yield key[0], bool(key[5]), h
+
+
 def counters(snap: Snapshot) -> dict[Key, float]:
     """Every monotonic count a rate is shown for: per service (and its buckets by upper bound),
     per route, per edge."""
@@ -40,13 +49,15 @@ def counters(snap: Snapshot) -> dict[Key, float]:
     def add(key: Key, v: float) -> None:
         out[key] = out.get(key, 0.0) + v
 
-    for (svc, method, status, route), h in snap.server.items():
+    for svc, failed, h in served(snap):
         add(("svc", svc), h.count)
         for le, c in h.buckets.items():
             add(("svc_le", svc, le), c)
+        if failed:
+            add(("svc_err", svc), h.count)
+    for (svc, method, status, route), h in snap.server.items():
         add(("route", svc, method, route), h.count)
         if is_error_status(status):
-            add(("svc_err", svc), h.count)
             add(("route_err", svc, method, route), h.count)
     for (client, server), e in snap.edges.items():
         add(("edge", client, server), e.requests)
@@ -93,12 +104,11 @@ class History:
         now = snap.taken_at
         current = counters(snap)
         per_service: dict[str, tuple[float, float, dict[float, float]]] = {}
-        for (svc, _m, status, _r), h in snap.server.items():
+        for svc, failed, h in served(snap):
             n, err, buckets = per_service.get(svc, (0.0, 0.0, {}))
             for le, c in h.buckets.items():
                 buckets[le] = buckets.get(le, 0.0) + c
-            per_service[svc] = (n + h.count, err + (h.count if is_error_status(status) else 0.0),
-                                buckets)
+            per_service[svc] = (n + h.count, err + (h.count if failed else 0.0), buckets)
         with self._lock:
             columns = self._columns
             cols = np.fromiter((columns.setdefault(k, len(columns)) for k in current),

@@ -36,11 +36,14 @@ SCHEMAS: dict[str, Any] = {
     "Error": _obj({"error": STR}),
     "ServiceSummary": _obj({
         "name": STR,
-        "kind": {"type": "string", "enum": ["service", "client", "external"],
+        "kind": {"type": "string", "enum": ["service", "client", "external", "database"],
                  "description": "service: serves HTTP here; client: a local process that only "
-                                "calls; external: a peer address outside this host"},
-        "requests": {**NUM, "description": "HTTP requests served since the agent started"},
-        "errors": {**NUM, "description": "Of those, responses with a 5xx status"},
+                                "calls; external: a peer address outside this host; "
+                                "database: a database or cache (on this host or not)"},
+        "requests": {**NUM, "description": "Requests (HTTP, or database operations) served "
+                                           "since the agent started"},
+        "errors": {**NUM, "description": "Of those, failed ones (5xx status, database "
+                                         "errors)"},
         "error_ratio": NUM,
         "rate": {**NUM, "description": "Requests per second over the rate window"},
         "error_rate": NUM,
@@ -48,6 +51,25 @@ SCHEMAS: dict[str, Any] = {
         "p99_seconds": {**SECONDS_OR_NULL, "description": "99th percentile over the window"},
         "routes": INT,
         "outgoing_requests": {**NUM, "description": "Requests this service made to others"},
+        "db_system": {**STR, "description": "For a database or cache: its system "
+                                            "(postgresql, mysql, redis, memcached); else empty"},
+    }),
+    "DbCall": _obj({
+        "db_system": STR, "server_address": STR, "server_port": STR, "operation": STR,
+        "collection": STR, "namespace": STR, "requests": NUM, "errors": NUM,
+        "error_ratio": NUM, "error_types": {"type": "object", "additionalProperties": NUM},
+        "p50_seconds": SECONDS_OR_NULL, "p99_seconds": SECONDS_OR_NULL,
+    }),
+    "DbOperation": _obj({
+        "db_system": STR, "operation": STR, "collection": STR, "namespace": STR,
+        "requests": NUM, "errors": NUM, "error_ratio": NUM,
+        "error_types": {"type": "object", "additionalProperties": NUM},
+        "p50_seconds": SECONDS_OR_NULL, "p99_seconds": SECONDS_OR_NULL,
+    }),
+    "DnsLookup": _obj({
+        "question_name": STR, "question_type": STR, "requests": NUM, "errors": NUM,
+        "error_ratio": NUM, "error_types": {"type": "object", "additionalProperties": NUM},
+        "p50_seconds": SECONDS_OR_NULL, "p99_seconds": SECONDS_OR_NULL,
     }),
     "Route": _obj({
         "method": STR, "route": STR, "requests": NUM, "errors": NUM, "error_ratio": NUM,
@@ -58,7 +80,9 @@ SCHEMAS: dict[str, Any] = {
         "p99_seconds": {**SECONDS_OR_NULL, "description": "Since the agent started"},
     }),
     "Edge": _obj({
-        "client": STR, "server": STR, "requests": NUM, "failed": NUM, "error_ratio": NUM,
+        "client": STR, "server": STR,
+        "connection_type": {"type": "string", "enum": ["", "database"]},
+        "requests": NUM, "failed": NUM, "error_ratio": NUM,
         "rate": NUM, "p50_seconds": SECONDS_OR_NULL, "p99_seconds": SECONDS_OR_NULL,
     }),
     "ClientCall": _obj({
@@ -124,6 +148,9 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "outgoing": {"type": "array", "items": _ref("Edge")},
                     "incoming": {"type": "array", "items": _ref("Edge")},
                     "client_calls": {"type": "array", "items": _ref("ClientCall")},
+                    "db_calls": {"type": "array", "items": _ref("DbCall")},
+                    "db_operations": {"type": "array", "items": _ref("DbOperation")},
+                    "dns_lookups": {"type": "array", "items": _ref("DnsLookup")},
                 })]}, "The service"),
                 [{"name": "name", "in": "path", "required": True, "schema": STR}],
                 {"404": NOT_FOUND},
@@ -132,8 +159,9 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "taken_at": NUM, "window_seconds": WINDOW,
                 "nodes": {"type": "array", "items": _obj({
                     "id": STR,
-                    "kind": {"type": "string", "enum": ["service", "client", "external"]},
-                    "requests": NUM, "rate": NUM,
+                    "kind": {"type": "string",
+                             "enum": ["service", "client", "external", "database"]},
+                    "db_system": STR, "requests": NUM, "rate": NUM,
                 })},
                 "edges": {"type": "array", "items": _ref("Edge")},
             }), "Graph")),
@@ -168,6 +196,10 @@ def openapi_document(version: str) -> dict[str, Any]:
                         "pid": INT, "comm": STR, "library": STR, "covered": BOOL,
                         "reason": STR})},
                 }),
+                "coverage": {"type": "object", "description": "Per family that reports it "
+                             "(l7: per protocol, connections classified, exchanges parsed, "
+                             "parse failures and lost connections with reasons)",
+                             "additionalProperties": {"type": "object"}},
             }), "Probes")),
             "/api/agent": _get("The agent itself: uptime, events and drops per probe", _json(_obj({
                 "version": STR, "pid": INT, "listen": STR, "started_at": NUM,

@@ -126,7 +126,7 @@ function layout(nodes, edges) {
 
 function mapSvg(graph) {
   const {nodes, edges} = graph;
-  if (!nodes.length) return `<div class="card empty" data-testid="map-empty">No HTTP traffic seen yet. Calls between processes on this host appear here.</div>`;
+  if (!nodes.length) return `<div class="card empty" data-testid="map-empty">No traffic seen yet. Calls between processes on this host, and to databases and caches, appear here.</div>`;
   const L = layout(nodes, edges);
   const parts = [`<svg class="map" data-testid="service-map" viewBox="0 0 ${Math.max(L.width, 600)} ${L.height + 10}" style="max-height:${L.height + 40}px">`,
     `<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#94a3b8"/></marker></defs>`];
@@ -143,16 +143,16 @@ function mapSvg(graph) {
       d = `M${x1},${y1} C${mx},${y1} ${mx},${y2} ${x2 - 2},${y2}`;
       lx = mx; ly = (y1 + y2) / 2 - 8;
     }
-    const cls = e.error_ratio >= 0.05 ? "edge err" : "edge";
-    parts.push(`<g class="${cls}" data-testid="edge" data-client="${esc(e.client)}" data-server="${esc(e.server)}" data-rate="${e.rate}" data-requests="${e.requests}">
+    const cls = (e.error_ratio >= 0.05 ? "edge err" : "edge") + (e.connection_type ? " " + e.connection_type : "");
+    parts.push(`<g class="${cls}" data-testid="edge" data-client="${esc(e.client)}" data-server="${esc(e.server)}" data-type="${esc(e.connection_type || "")}" data-rate="${e.rate}" data-requests="${e.requests}">
       <title>${esc(e.client)} → ${esc(e.server)}: ${fmtNum(e.requests)} requests, ${fmtNum(e.failed)} failed</title>
       <path d="${d}" marker-end="url(#arrow)"/>
       <text x="${lx}" y="${ly - 16}" text-anchor="middle">${fmtRate(e.rate)} · ${fmtPct(e.error_ratio)} err<tspan x="${lx}" dy="14">p99 ${fmtSec(e.p99_seconds)}</tspan></text></g>`);
   }
   for (const n of nodes) {
     const p = L.pos[n.id];
-    const sub = n.kind === "service" ? `${fmtRate(n.rate)} served` : n.kind;
-    parts.push(`<g class="node ${n.kind}" data-testid="node" data-service="${esc(n.id)}" data-href="${serviceHref(n.id)}" transform="translate(${p.x},${p.y})">
+    const sub = n.kind === "database" ? (n.db_system || "database") : n.kind === "service" ? `${fmtRate(n.rate)} served` : n.kind;
+    parts.push(`<g class="node ${n.kind}" data-testid="node" data-service="${esc(n.id)}" data-kind="${esc(n.kind)}" data-href="${serviceHref(n.id)}" transform="translate(${p.x},${p.y})">
       <rect width="${L.W}" height="${L.H}"/>
       <text class="name" x="12" y="21">${esc(n.id.length > 24 ? n.id.slice(0, 23) + "…" : n.id)}</text>
       <text class="sub" x="12" y="39">${esc(sub)}</text></g>`);
@@ -208,6 +208,28 @@ const EDGE_COLS = (peerKey, label) => [
   {key: "p50_seconds", label: "p50", num: true, fmt: fmtSec},
   {key: "p99_seconds", label: "p99", num: true, fmt: fmtSec},
 ];
+const DB_CALL_COLS = [
+  {key: "db_system", label: "system"},
+  {key: "server_address", label: "address"}, {key: "server_port", label: "port"},
+  {key: "operation", label: "operation"}, {key: "collection", label: "table / collection"},
+  {key: "namespace", label: "database"},
+  {key: "requests", label: "calls", num: true, fmt: fmtNum},
+  {key: "errors", label: "errors", num: true, fmt: fmtNum, cls: r => errClass(r.error_ratio)},
+  {key: "p50_seconds", label: "p50", num: true, fmt: fmtSec},
+  {key: "p99_seconds", label: "p99", num: true, fmt: fmtSec},
+  {key: "error_types", label: "error codes", sortValue: r => Object.keys(r.error_types).join(),
+   fmt: v => Object.entries(v).map(([k, n]) => `<span class="pill">${esc(k)}: ${fmtNum(n)}</span>`).join(" ")},
+];
+const DB_OP_COLS = DB_CALL_COLS.filter(c => !["server_address", "server_port", "error_types"].includes(c.key));
+const DNS_COLS = [
+  {key: "question_name", label: "name"}, {key: "question_type", label: "type"},
+  {key: "requests", label: "lookups", num: true, fmt: fmtNum},
+  {key: "errors", label: "errors", num: true, fmt: fmtNum, cls: r => errClass(r.error_ratio)},
+  {key: "p50_seconds", label: "p50", num: true, fmt: fmtSec},
+  {key: "p99_seconds", label: "p99", num: true, fmt: fmtSec},
+  {key: "error_types", label: "errors by type", sortValue: r => Object.keys(r.error_types).join(),
+   fmt: v => Object.entries(v).map(([k, n]) => `<span class="pill">${esc(k)}: ${fmtNum(n)}</span>`).join(" ")},
+];
 const CALL_COLS = [
   {key: "server_address", label: "address"}, {key: "server_port", label: "port"},
   {key: "method", label: "method"}, {key: "route", label: "route"},
@@ -254,10 +276,11 @@ async function pageService(token, name) {
 
 function renderService(svc, hist) {
   charts.splice(0).forEach(c => c.destroy());
-  main.innerHTML = `<h1 data-testid="service-name">${esc(svc.name)} <span class="muted">${esc(svc.kind)}</span></h1>
+  const isDb = svc.kind === "database";
+  main.innerHTML = `<h1 data-testid="service-name">${esc(svc.name)} <span class="muted">${esc(isDb ? svc.db_system || "database" : svc.kind)}</span></h1>
     <div class="cards">
       ${stat("requests/s (last " + Math.round(svc.window_seconds) + " s)", fmtRate(svc.rate), "stat-rate")}
-      ${stat("error ratio (5xx)", fmtPct(svc.error_ratio), "stat-errors")}
+      ${stat(isDb ? "error ratio" : "error ratio (5xx)", fmtPct(svc.error_ratio), "stat-errors")}
       ${stat("p50", fmtSec(svc.p50_seconds), "stat-p50")}
       ${stat("p99", fmtSec(svc.p99_seconds), "stat-p99")}
       ${stat("requests served", fmtNum(svc.requests), "stat-requests")}
@@ -266,11 +289,13 @@ function renderService(svc, hist) {
       <div class="card chart" id="c-rate"></div><div class="card chart" id="c-err"></div>
       <div class="card chart" id="c-lat"></div>
     </div>
-    <h2>Routes</h2>
-    ${table("routes", ROUTE_COLS, svc.route_list, {sort: {key: "requests", asc: false}, empty: "This service served no HTTP requests.", rowAttrs: r => `data-method="${esc(r.method)}" data-route="${esc(r.route)}"`})}
+    ${isDb || svc.db_operations.length ? "<h2>Operations served</h2>" + table("db-operations", DB_OP_COLS, svc.db_operations, {sort: {key: "requests", asc: false}, empty: "No operations seen yet.", rowAttrs: r => `data-operation="${esc(r.operation)}" data-collection="${esc(r.collection)}"`}) : ""}
+    ${isDb && !svc.route_list.length ? "" : "<h2>Routes</h2>" + table("routes", ROUTE_COLS, svc.route_list, {sort: {key: "requests", asc: false}, empty: "This service served no HTTP requests.", rowAttrs: r => `data-method="${esc(r.method)}" data-route="${esc(r.route)}"`})}
     <h2>Outgoing dependencies</h2>
     ${table("outgoing", EDGE_COLS("server", "calls"), svc.outgoing, {empty: "No calls to other services seen."})}
     ${svc.client_calls.length ? "<h2>Outgoing HTTP calls by address</h2>" + table("client-calls", CALL_COLS, svc.client_calls) : ""}
+    ${svc.db_calls.length ? "<h2>Database and cache calls</h2>" + table("db-calls", DB_CALL_COLS, svc.db_calls, {sort: {key: "requests", asc: false}, rowAttrs: r => `data-operation="${esc(r.operation)}" data-collection="${esc(r.collection)}"`}) : ""}
+    ${svc.dns_lookups.length ? "<h2>DNS lookups</h2>" + table("dns-lookups", DNS_COLS, svc.dns_lookups, {sort: {key: "requests", asc: false}}) : ""}
     <h2>Callers</h2>
     ${table("incoming", EDGE_COLS("client", "caller"), svc.incoming, {empty: "No callers seen."})}`;
   const h = hist && hist.time && hist.time.length ? hist : null;
