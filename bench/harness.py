@@ -218,7 +218,7 @@ class AgentProc:
 
 AGENT_CONFIGS = {
     "default": "{}\n",
-    "http_off": "probes: {http: {enabled: false}}\n",
+    "http_off": "probes: {l7: {enabled: false}}\n",
     # Every exchange through the ring to user space, as when OTLP spans are exported.
     "records": "probes: {l7: {kernel_aggregation: false}}\n",
 }

@@ -61,7 +61,9 @@ struct {
 } l7_conns SEC(".maps");
 
 /* One call, as the capture program hands it to the parser it tail-calls (same CPU, nothing
- * runs in between). `h` is the connection's identity, ready to start a record with. */
+ * runs in between). Of `h`, the capture program fills proto, role, tgid and tid (the calling
+ * process and thread); the rest is the connection's identity, which a parser that needs it
+ * copies in with l7_event_identity. */
 struct l7_event {
 	struct l7_header h;
 	__u64 key; /* l7_conns key */
@@ -95,6 +97,16 @@ static __always_inline struct l7_event *l7_event(void)
 	__u32 zero = 0;
 
 	return bpf_map_lookup_elem(&l7_ev, &zero);
+}
+
+/* The connection's whole identity into the event's header, keeping the caller's ids. */
+static __always_inline void l7_event_identity(struct l7_event *ev, const struct l7_conn *c)
+{
+	__u32 tgid = ev->h.tgid, tid = ev->h.tid;
+
+	__builtin_memcpy(&ev->h, &c->h, sizeof(ev->h));
+	ev->h.tgid = tgid;
+	ev->h.tid = tid;
 }
 
 /* l7_data records of every protocol that parses in user space: variable length (a record is
@@ -595,7 +607,7 @@ static __always_inline int l7_ship_data(void *ctx, struct l7_event *ev)
 		return 0;
 	if (ev->dir == L7_DIR_IN)
 		find_peer(&c->h);
-	ev->h.peer_tgid = c->h.peer_tgid;
+	l7_event_identity(ev, c);
 	w->seq = c->seq;
 	if (ev->io == IO_MMSG) {
 		w->iovs = ev->iovs;

@@ -199,7 +199,10 @@ static __always_inline void l7_capture(void *ctx, struct l7_event *ev, const str
 		proto = c->h.proto;
 		ev->classified = 1;
 	}
-	__builtin_memcpy(&ev->h, &c->h, sizeof(ev->h));
+	/* Only what every parser needs; one that wants the whole identity copies it from its
+	 * connection (l7_event_identity): a 64-byte copy a call is not free. */
+	ev->h.proto = proto;
+	ev->h.role = c->h.role;
 	ev->h.tgid = id >> 32; /* a socket may pass to another process (fork, fd passing) */
 	ev->h.tid = (__u32)id;
 	bpf_tail_call(ctx, parsers, proto & (L7_PROTO_COUNT - 1));

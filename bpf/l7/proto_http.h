@@ -272,14 +272,18 @@ __noinline int http_response_written(struct http_state *st, __u64 buf, __u64 len
 static __always_inline struct http_state *http_state_for(const struct l7_event *ev)
 {
 	struct http_state *st = bpf_map_lookup_elem(&http_states, &ev->key);
+	struct l7_conn *c;
 
 	if (st)
 		return st;
+	c = bpf_map_lookup_elem(&l7_conns, &ev->key);
+	if (!c)
+		return NULL;
 	bpf_map_update_elem(&http_states, &ev->key, &zero_http_state, BPF_ANY);
 	st = bpf_map_lookup_elem(&http_states, &ev->key);
 	if (!st)
 		return NULL;
-	__builtin_memcpy(&st->ex, &ev->h, sizeof(ev->h));
+	__builtin_memcpy(&st->ex, &c->h, sizeof(c->h));
 	st->ex.kind = L7_RECORD_HTTP;
 	st->ex.resp_header_end = -1;
 	return st;
