@@ -7,7 +7,8 @@ latency (event → exported), peers (bpftrace; bcc's tcplife/tcpretrans beside p
 family), export_latency (event → OTLP span), series_memory (RSS at 1,000 services x 50 routes),
 userspace (L7Probe.on_batch per record, in-process), ring_flood (a kernel program floods a
 ring; the real RingReader and on_batch on one core: records per CPU-second, nothing lost),
-baseline (the HTTP hooks' kernel cost against the build before the L7 capture layer, in turns).
+http2 (HTTP/2 exchanges parsed per agent CPU-second, h2load against nginx over TLS), baseline
+(the HTTP hooks' kernel cost against the build before the L7 capture layer, in turns).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from bench import (
     baseline,
     export_latency,
     fidelity,
+    http2,
     latency,
     overhead,
     peers,
@@ -49,6 +51,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
     "series_memory": series_memory.run,
     "userspace": userspace.run,
     "ring_flood": ring_flood.run,
+    "http2": http2.run,
     "baseline": baseline.run,
 }
 RESULTS = REPO_ROOT / "bench" / "results" / "latest.md"

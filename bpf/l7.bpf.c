@@ -11,6 +11,6 @@ char LICENSE[] SEC("license") = "GPL";
 
 #define L7_PROTOCOLS(X)                                          \
 	X(HTTP, http, http_parse, http_close)                    \
-	X(HTTP2, http2, l7_ship_data, l7_close_shipped)
+	X(HTTP2, http2, http2_parse, http2_close)
 
 #include "l7/dispatch.h"

@@ -13,6 +13,7 @@ APT_PACKAGES=(
     clang llvm libbpf-dev bpftool make        # BPF objects (bpf/Makefile)
     iproute2 nftables procps                  # ip/tc/ss/nstat, loss rules, ps
     nginx-light wrk curl tmux openssl         # e2e servers, load generator, demos, test certs
+    nghttp2-client                            # h2load: HTTP/2 load with many streams a connection
     bpftrace bpfcc-tools                      # the peers `make bench` compares against
     linux-headers-amd64                       # bcc compiles against headers; our kernel ships
                                               # none, so bench/bcc.py points bcc at these
@@ -38,7 +39,7 @@ fi
 key=$( { printf '%s\n' "${APT_PACKAGES[@]}" "$PYTHON"; cat pyproject.toml setup.py; } | sha256sum | cut -d' ' -f1)
 tools_present() {
     local t
-    for t in clang llc bpftool make ip tc nft nstat ss nginx wrk curl prometheus promtool chromium tmux npm; do
+    for t in clang llc bpftool make ip tc nft nstat ss nginx wrk curl h2load prometheus promtool chromium tmux npm; do
         command -v "$t" >/dev/null || PATH=$PATH:/usr/sbin:/sbin command -v "$t" >/dev/null || return 1
     done
     [ -r /usr/include/bpf/bpf_helpers.h ]

@@ -52,10 +52,12 @@ struct l7_conn {
 	__u8 partial[8];
 };
 
-/* LRU: a close we never see (the process exited, the agent started after it) must not leak. */
+/* LRU: a close we never see (the process exited, the agent started after it) must not leak.
+ * Entries are small (80 bytes): the table is large, because a long-lived connection pushed out
+ * by a churn of short ones would come back mid-stream, where only HTTP/1.x can pick it up. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 16384);
+	__uint(max_entries, 65536);
 	__type(key, __u64);
 	__type(value, struct l7_conn);
 } l7_conns SEC(".maps");

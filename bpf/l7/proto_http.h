@@ -30,10 +30,11 @@ static __always_inline __u8 http_classify(const struct l7_peek *p)
 	return L7_ROLE_UNKNOWN;
 }
 
-/* LRU: a close we never see must not leak. */
+/* LRU: a close we never see must not leak. An entry pushed out costs at most the exchange in
+ * flight on it: the next request line starts a fresh one. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 16384);
+	__uint(max_entries, 8192);
 	__type(key, __u64);
 	__type(value, struct http_state);
 } http_states SEC(".maps");

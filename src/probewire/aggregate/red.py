@@ -103,13 +103,15 @@ class RedSeries:
             sink("dns_lookup_duration_seconds", DNS_LABELS, {"dns_question_name": OVERFLOW}),
         ]
         self.aborted = CounterSeries()
-        self.rpc_budget = LabelBudget(max_series, {"rpc_method": OVERFLOW})
+        self.rpc_server_budget = LabelBudget(max_series, {"rpc_method": OVERFLOW})
+        self.rpc_client_budget = LabelBudget(max_series, {"rpc_method": OVERFLOW})
         self.rpc_server = HistogramSeries(DURATION_BUCKETS)
         self.rpc_client = HistogramSeries(DURATION_BUCKETS)
 
     def budgets(self) -> list[tuple[str, LabelBudget]]:
         return [(s.metric, s.budget) for s in self.sinks] + [
-            ("rpc_server_duration_seconds", self.rpc_budget)]
+            ("rpc_server_duration_seconds", self.rpc_server_budget),
+            ("rpc_client_duration_seconds", self.rpc_client_budget)]
 
     # --- the record path ----------------------------------------------------------------------
     def add(self, memo: Memo, labels: LabelTables, at: np.ndarray, rows: np.ndarray,
@@ -243,9 +245,11 @@ class RedSeries:
     # --- gRPC -----------------------------------------------------------------------------------
     def observe_rpc(self, role: int, service: str, rpc_service: str, rpc_method: str,
                     code: str, seconds: float) -> None:
-        labels = self.rpc_budget.admit(
+        server = role == Role.SERVER
+        budget = self.rpc_server_budget if server else self.rpc_client_budget
+        labels = budget.admit(
             (service, "grpc", rpc_service or UNKNOWN, rpc_method or UNKNOWN, code), RPC_LABELS)
-        series = self.rpc_server if role == Role.SERVER else self.rpc_client
+        series = self.rpc_server if server else self.rpc_client
         series.observe(labels, np.array([max(seconds, 0.0)]))
 
     # --- export ---------------------------------------------------------------------------------
@@ -257,7 +261,8 @@ class RedSeries:
                            s.resp.snapshot() if s.resp is not None else None)
                       for s in self.sinks]
         copy.aborted = self.aborted.snapshot()
-        copy.rpc_budget = self.rpc_budget
+        copy.rpc_server_budget = self.rpc_server_budget
+        copy.rpc_client_budget = self.rpc_client_budget
         copy.rpc_server = self.rpc_server.snapshot()
         copy.rpc_client = self.rpc_client.snapshot()
         return copy

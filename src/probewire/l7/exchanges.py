@@ -159,26 +159,34 @@ def rows_from_exchanges(items: Sequence[tuple[bytes, Exchange]], proto: int,
 
     `target_of(exchange) -> str` gives a row's target string (default: the exchange's
     target, with its namespace for database protocols)."""
-    rows = np.zeros(len(items), dtype=EXCHANGE)
-    if not len(items):
+    n = len(items)
+    rows = np.zeros(n, dtype=EXCHANGE)
+    if not n:
         return rows
-    raw = rows.view(np.uint8).reshape(len(items), -1)
+    raw = rows.view(np.uint8).reshape(n, -1)
     raw[:, :HEADER_SIZE] = np.frombuffer(b"".join(h for h, _ in items),
-                                         dtype=np.uint8).reshape(len(items), HEADER_SIZE)
-    for i, (_, ex) in enumerate(items):
-        r = rows[i]
-        r["proto"] = proto
-        r["tid"] = ex.tid or r["tid"]
+                                         dtype=np.uint8).reshape(n, HEADER_SIZE)
+    exchanges = [ex for _, ex in items]
+    rows["proto"] = proto
+    tids = [ex.tid for ex in exchanges]
+    if any(tids):
+        rows["tid"] = np.where(np.array(tids) != 0, tids, rows["tid"])
+    rows["start_ns"] = [ex.start_ns for ex in exchanges]
+    rows["end_ns"] = [max(ex.end_ns, ex.start_ns) for ex in exchanges]
+    rows["req_body"] = -1
+    rows["resp_body"] = -1
+    op, target, status = labels.op, labels.target, labels.status
+    rows["op"] = [op(ex.operation or OVERFLOW) for ex in exchanges]
+    rows["target"] = [target(target_of(ex) if target_of is not None
+                             else db_target(ex.target, ex.namespace)) for ex in exchanges]
+    rows["status"] = [status(f"{ex.status}\0{ex.error_type}"
+                             if ex.error_type and ex.error_type != ex.status else ex.status)
+                      for ex in exchanges]
+    rows["eflags"] = [(ExchangeFlag.ABORTED if ex.aborted else 0)
+                      | (ExchangeFlag.ERROR if ex.error_type else 0) for ex in exchanges]
+    for i, ex in enumerate(exchanges):
         if ex.peer is not None and ex.peer[0]:
-            _set_peer(r, ex.peer)
-        r["start_ns"], r["end_ns"] = ex.start_ns, max(ex.end_ns, ex.start_ns)
-        r["req_body"], r["resp_body"] = -1, -1
-        r["op"] = labels.op(ex.operation or OVERFLOW)
-        target = target_of(ex) if target_of is not None else db_target(ex.target, ex.namespace)
-        r["target"] = labels.target(target)
-        r["status"] = labels.status(ex.status)
-        r["eflags"] = ((ExchangeFlag.ABORTED if ex.aborted else 0)
-                       | (ExchangeFlag.ERROR if ex.error_type else 0))
+            _set_peer(rows[i], ex.peer)
     return rows
 
 

@@ -25,6 +25,8 @@ from probewire.runtime.ring import VarBatch
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 4096
+# Record `dir` -> Direction (a tuple index: an enum call per record costs more).
+_DIRECTIONS = (Direction.OUT, Direction.IN, Direction.OUT)
 RECORD_DROPPED = "record dropped (ring full)"
 EVICTED = "evicted (too many connections)"
 
@@ -81,17 +83,19 @@ class StreamDemux:
     def feed(self, batch: VarBatch) -> list[Finished]:
         out: list[Finished] = []
         rec = batch.records
-        self.records += len(rec)
-        raw = rec.view(np.uint8).reshape(len(rec), -1)
-        for i, (kind, proto, conn_id, seq, direction, ts, tid, skipped, flags) in enumerate(zip(
+        n = len(rec)
+        self.records += n
+        size = rec.dtype.itemsize
+        flat = (rec if rec.flags.c_contiguous else np.ascontiguousarray(rec)).tobytes()
+        udp_peer = ((rec["flags"] & L7Flag.UDP) != 0) & (rec["rport"] != 0)
+        for i, (kind, proto, conn_id, seq, direction, ts, tid, skipped, peered) in enumerate(zip(
                 rec["kind"].tolist(), rec["proto"].tolist(), rec["conn_id"].tolist(),
                 rec["seq"].tolist(), rec["dir"].tolist(), rec["ts_ns"].tolist(),
-                rec["tid"].tolist(), rec["skipped"].tolist(), rec["flags"].tolist(),
-                strict=True)):
+                rec["tid"].tolist(), rec["skipped"].tolist(), udp_peer.tolist(), strict=True)):
             protocol = self.protocols.get(proto)
             if protocol is None:
                 continue
-            header = raw[i, :HEADER_SIZE].tobytes()
+            header = flat[i * size: i * size + HEADER_SIZE]
             c = self.conns.get(conn_id)
             if c is None or (seq == 1 and c.next_seq != 1) or c.proto != proto:
                 if c is not None:
@@ -100,7 +104,8 @@ class StreamDemux:
                 c = self._new(rec[i], protocol, header)
                 if seq != 1:
                     self._lose(c, "started before the agent or lost its start")
-            self.conns.move_to_end(conn_id)
+            else:
+                self.conns.move_to_end(conn_id)
             if kind == RecordKind.CLOSE:
                 if not c.parser.lost:
                     out += self._finished(c, c.parser.close(ts))
@@ -114,11 +119,11 @@ class StreamDemux:
             c.next_seq = seq + 1
             c.header = header
             peer = None
-            if flags & L7Flag.UDP and rec["rport"][i]:
+            if peered:
                 peer = (format_address(int(rec["family"][i]), rec["raddr"][i]),
                         int(rec["rport"][i]))
             try:
-                done = c.parser.feed(Segment(Direction(direction), batch.data[i], ts, tid,
+                done = c.parser.feed(Segment(_DIRECTIONS[direction], batch.data[i], ts, tid,
                                              skipped, peer))
             except Exception:  # a parser bug must cost its connection, not the batch
                 log.exception("%s parser failed", protocol.name)
@@ -126,7 +131,8 @@ class StreamDemux:
                 self._lose(c, "parser error")
                 continue
             self._note_lost(c)
-            out += self._finished(c, done)
+            if done:
+                out += self._finished(c, done)
         return out
 
     def _note_lost(self, c: _Conn) -> None:
