@@ -5,10 +5,12 @@ from __future__ import annotations
 from probewire.probes.base import Probe
 from probewire.probes.http import HttpProbe
 from probewire.probes.process import ProcessProbe
+from probewire.probes.saturation import SaturationProbe
 from probewire.probes.tcp import TcpProbe
 
 REGISTRY: dict[str, type[Probe]] = {
     TcpProbe.name: TcpProbe,
     ProcessProbe.name: ProcessProbe,
     HttpProbe.name: HttpProbe,
+    SaturationProbe.name: SaturationProbe,
 }
