@@ -36,9 +36,10 @@ const volatile __u8 sched_runq_on = 1;
 const volatile __u8 use_task_storage = 1;
 /* Requests keyed by their address when both block hooks are tp_btf, else by start sector. */
 const volatile __u8 block_key_by_rq = 1;
-/* Address of tcp_rcv_state_process (from /proc/kallsyms): the only place that consumes a SYN
- * a listener answered or dropped. */
-const volatile __u64 tcp_rcv_state_process_addr = 0;
+/* Where tcp_rcv_state_process lies (from /proc/kallsyms: its address, the next symbol's): the
+ * only function that consumes a SYN a listener answered or dropped. */
+const volatile __u64 tcp_rcv_state_process_start = 0;
+const volatile __u64 tcp_rcv_state_process_end = 0;
 const volatile __u32 nr_cpus = 1;
 
 /* --- sched -------------------------------------------------------------------------------- */
@@ -333,7 +334,7 @@ static __always_inline __u32 issuer(void)
 
 static __always_inline int handle_issue(__u64 id, __u32 dev, __u32 bytes, __u8 op)
 {
-	struct block_req_key key = { .id = id, .dev = dev };
+	struct block_req_key key = { .id = id, .dev = dev, .op = op };
 	struct block_req req = { .issue_ns = bpf_ktime_get_ns(), .bytes = bytes, .op = op };
 
 	req.tgid = issuer();
@@ -343,20 +344,27 @@ static __always_inline int handle_issue(__u64 id, __u32 dev, __u32 bytes, __u8 o
 	return 0;
 }
 
-static __always_inline int handle_complete(__u64 id, __u32 dev)
+/* `empty`: the request carries no data, so it may have completed without ever being issued:
+ * the flush machinery ends an empty pre-flush write (fsync's) itself once the device's cache
+ * flush is done, and /proc/diskstats still counts it as a write. */
+static __always_inline int handle_complete(__u64 id, __u32 dev, __u8 op, bool empty)
 {
-	struct block_req_key rkey = { .id = id, .dev = dev };
+	struct block_req_key rkey = { .id = id, .dev = dev, .op = op };
 	struct block_req *req = bpf_map_lookup_elem(&block_reqs, &rkey);
-	struct block_key key = {};
+	struct block_key key = { .dev = dev };
 	struct block_stats *s;
-	__u64 ns;
+	__u64 ns = 0;
 
-	if (!req)
+	if (req) {
+		ns = bpf_ktime_get_ns() - req->issue_ns;
+		key.tgid = req->tgid;
+		key.op = req->op;
+	} else if (empty) {
+		key.tgid = issuer();
+		key.op = op;
+	} else {
 		return 0; /* issued before the agent started, or filtered out */
-	ns = bpf_ktime_get_ns() - req->issue_ns;
-	key.tgid = req->tgid;
-	key.dev = dev;
-	key.op = req->op;
+	}
 	s = bpf_map_lookup_elem(&block_stats, &key);
 	if (!s) {
 		bpf_map_update_elem(&block_stats, &key, &zero_block_stats, BPF_NOEXIST);
@@ -364,11 +372,12 @@ static __always_inline int handle_complete(__u64 id, __u32 dev)
 	}
 	if (s) {
 		s->ios += 1;
-		s->bytes += req->bytes;
+		s->bytes += req ? req->bytes : 0;
 		s->ns_sum += ns;
 		s->us_slots[log2_slot(ns / 1000) & (LOG2_SLOTS - 1)] += 1;
 	}
-	bpf_map_delete_elem(&block_reqs, &rkey);
+	if (req)
+		bpf_map_delete_elem(&block_reqs, &rkey);
 	return 0;
 }
 
@@ -400,14 +409,16 @@ int BPF_PROG(block_rq_complete_btf, struct request *rq, blk_status_t error, unsi
 	 * one, when what completes is all that was left. */
 	if (nr_bytes < rq->__data_len)
 		return 0;
-	return handle_complete(id, rq_dev(rq));
+	return handle_complete(id, rq_dev(rq), op_of_req(rq->cmd_flags), !rq->__data_len);
 }
 
 SEC("tp/block/block_rq_complete")
 int block_rq_complete_tp(struct trace_event_raw_block_rq_completion *ctx)
 {
 	/* Partial completions cannot be told apart here: the first one ends the request. */
-	return handle_complete(ctx->sector, ctx->dev);
+	char c0 = ctx->rwbs[0], c1 = ctx->rwbs[1];
+
+	return handle_complete(ctx->sector, ctx->dev, op_of_rwbs(c0, c1), !ctx->nr_sector);
 }
 
 /* --- TCP listen queues -------------------------------------------------------------------- */
@@ -560,7 +571,8 @@ static __always_inline int handle_consume(const struct sk_buff *skb, __u64 locat
 	struct tcphdr th;
 	unsigned char *head;
 
-	if (location != tcp_rcv_state_process_addr || !location)
+	/* The tracepoint's location is the return address of the consume_skb() call. */
+	if (location < tcp_rcv_state_process_start || location >= tcp_rcv_state_process_end)
 		return 0;
 	/* The socket is not on the skb; its namespace is the input route's device's. */
 	dst = (struct dst_entry *)(BPF_CORE_READ(skb, _skb_refdst) & ~1UL);

@@ -47,7 +47,8 @@ struct sched_task {
 struct block_req_key {
 	__u64 id; /* the struct request address (tp_btf) or its start sector (tp) */
 	__u32 dev; /* kernel dev_t of the disk: major << 20 | minor */
-	__u32 _pad;
+	__u8 op; /* with a sector as id, a flush and fsync's empty write both start at 0 */
+	__u8 _pad[3];
 };
 
 struct block_req {

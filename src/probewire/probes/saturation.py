@@ -55,7 +55,9 @@ SCHED_TASK = np.dtype(
      ("pending_blocked_ns", np.uint64), ("pending_runq", np.uint8), ("slept_io", np.uint8),
      ("has_sum", np.uint8), ("_pad", np.uint8, (5,))]
 )
-BLOCK_REQ_KEY = np.dtype([("id", np.uint64), ("dev", np.uint32), ("_pad", np.uint32)])
+BLOCK_REQ_KEY = np.dtype(
+    [("id", np.uint64), ("dev", np.uint32), ("op", np.uint8), ("_pad", np.uint8, (3,))]
+)
 BLOCK_REQ = np.dtype(
     [("issue_ns", np.uint64), ("tgid", np.uint32), ("bytes", np.uint32), ("op", np.uint8),
      ("_pad", np.uint8, (7,))]
@@ -133,17 +135,27 @@ def netns_cookie() -> int:
     return int.from_bytes(raw, "little")
 
 
-def kallsyms_address(symbol: str, kallsyms: Path = Path("/proc/kallsyms")) -> int:
-    """A kernel function's address (0 if absent or hidden: kptr_restrict without root)."""
+def kallsyms_range(symbol: str, kallsyms: Path = Path("/proc/kallsyms")) -> tuple[int, int]:
+    """[start, end) of a kernel function: its address and the next higher symbol's. (0, 0) if
+    it is absent or hidden (kptr_restrict shows zeros to a reader without CAP_SYSLOG)."""
+    start = 0
     try:
         with kallsyms.open() as f:
+            addresses = []
             for line in f:
                 parts = line.split()
-                if len(parts) >= 3 and parts[2] == symbol:
-                    return int(parts[0], 16)
-    except OSError:
-        return 0
-    return 0
+                if len(parts) < 3:
+                    continue
+                address = int(parts[0], 16)
+                addresses.append(address)
+                if parts[2] == symbol:
+                    start = address
+    except (OSError, ValueError):
+        return 0, 0
+    if not start:
+        return 0, 0
+    end = min((a for a in addresses if a > start), default=0)
+    return (start, end) if end else (0, 0)
 
 
 @dataclass(frozen=True)
@@ -267,13 +279,17 @@ class SaturationProbe(Probe):
 
     def before_load(self, obj: BpfObject) -> None:
         task_storage = self._all_tp_btf(obj, SIGNAL_HOOKS["runqueue"])
+        syn_code = kallsyms_range("tcp_rcv_state_process") if self.settings.listen else (0, 0)
+        if self.settings.listen and not syn_code[0]:
+            log.warning("tcp_rcv_state_process not in /proc/kallsyms: listen overflows of SYNs "
+                        "are attributed at the listener's next dropped handshake ACK")
         obj.set_rodata(
             sched_cpu_on=int(self.settings.cpu),
             sched_runq_on=int(self.settings.runqueue),
             use_task_storage=int(task_storage),
             block_key_by_rq=int(self._all_tp_btf(obj, SIGNAL_HOOKS["block"])),
-            tcp_rcv_state_process_addr=kallsyms_address("tcp_rcv_state_process")
-            if self.settings.listen else 0,
+            tcp_rcv_state_process_start=syn_code[0],
+            tcp_rcv_state_process_end=syn_code[1],
             nr_cpus=possible_cpus(),
         )
         if task_storage:
