@@ -14,6 +14,7 @@ APT_PACKAGES=(
     iproute2 nftables procps                  # ip/tc/ss/nstat, loss rules, ps
     nginx-light wrk curl tmux openssl         # e2e servers, load generator, demos, test certs
     bpftrace bpfcc-tools                      # the peers `make bench` compares against
+    linux-perf                                # `perf bench sched pipe`: bench/saturation.py
     linux-headers-amd64                       # bcc compiles against headers; our kernel ships
                                               # none, so bench/bcc.py points bcc at these
     python3 python3-venv                      # the venv (Debian's python3 needs python3-venv)
