@@ -82,6 +82,7 @@ OOM_EVENT = np.dtype(
      ("path", f"S{OOM_NAME_LEN}", (OOM_PATH_DEPTH,))]
 )
 
+_SCHED_SCALARS = ("cpu_ns", "runq_ns", "runq_waits", "io_ns", "blocked_ns")
 OPERATIONS = ("read", "write", "flush", "discard", "other")  # BLOCK_OP_* in saturation.h
 WAIT_REASONS = ("runqueue", "io", "uninterruptible")
 
@@ -221,7 +222,7 @@ class SaturationTotals:
     # (service, port) -> [overflows, drops]
     listen: dict[tuple[str, ...], np.ndarray]
     # (service, cgroup) -> kills
-    oom: dict[tuple[str, ...], int]
+    oom: dict[tuple[str, str], int]
 
 
 class SaturationProbe(Probe):
@@ -360,7 +361,7 @@ class SaturationProbe(Probe):
             if self.settings.runqueue or self.settings.cpu:
                 keys, values = self.map("sched_stats").read_all(np.dtype(np.uint32), SCHED_STATS)
                 rows = np.column_stack(
-                    [values[f].sum(axis=1) for f in SCHED_STATS.names[:5]]
+                    [values[f].sum(axis=1) for f in _SCHED_SCALARS]
                     + [values["runq_us_slots"].sum(axis=1)]
                 ) if len(keys) else np.zeros((0, 5 + LOG2_SLOTS))
                 sched = self._sched.update(keys, rows, lambda k: (self._service(int(k)),))
