@@ -8,7 +8,9 @@ family), export_latency (event → OTLP span), series_memory (RSS at 1,000 servi
 userspace (L7Probe.on_batch per record, in-process), ring_flood (a kernel program floods a
 ring; the real RingReader and on_batch on one core: records per CPU-second, nothing lost),
 http2 (HTTP/2 exchanges parsed per agent CPU-second, h2load against nginx over TLS), baseline
-(the HTTP hooks' kernel cost against the build before the L7 capture layer, in turns).
+(the HTTP hooks' kernel cost against the build before the L7 capture layer, in turns),
+saturation (the saturation family's kernel ns per run against a trivial counter on each of its
+hooks, and `perf bench sched pipe` throughput with the family on and off).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from bench import (
     overhead,
     peers,
     ring_flood,
+    saturation,
     series_memory,
     startup,
     userspace,
@@ -53,6 +56,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
     "ring_flood": ring_flood.run,
     "http2": http2.run,
     "baseline": baseline.run,
+    "saturation": saturation.run,
 }
 RESULTS = REPO_ROOT / "bench" / "results" / "latest.md"
 

@@ -15,6 +15,7 @@ APT_PACKAGES=(
     nginx-light wrk curl tmux openssl         # e2e servers, load generator, demos, test certs
     nghttp2-client                            # h2load: HTTP/2 load with many streams a connection
     bpftrace bpfcc-tools                      # the peers `make bench` compares against
+    linux-perf                                # `perf bench sched pipe`: bench/saturation.py
     linux-headers-amd64                       # bcc compiles against headers; our kernel ships
                                               # none, so bench/bcc.py points bcc at these
     python3 python3-venv                      # the venv (Debian's python3 needs python3-venv)

@@ -39,6 +39,7 @@ __all__ = [
     "ProbeToggle",
     "ProbesConfig",
     "RingConfig",
+    "SaturationConfig",
     "ServiceRule",
     "ServicesConfig",
     "config_from_mapping",
@@ -183,6 +184,27 @@ class HttpConfig(_Model):
         return tuple(validate_route_pattern(r) for r in routes)
 
 
+class SaturationConfig(_Model):
+    """The fourth golden signal: each switch leaves its hooks unattached when false."""
+
+    enabled: bool = Field(default=True, description="true or false")
+    runqueue: bool = Field(
+        default=True,
+        description="run-queue latency and off-CPU waits by reason (sched_wakeup, "
+        "sched_wakeup_new, sched_switch)",
+    )
+    cpu: bool = Field(default=True, description="CPU time per service (sched_switch)")
+    block: bool = Field(
+        default=True, description="block I/O latency and bytes (block_rq_issue, block_rq_complete)"
+    )
+    listen: bool = Field(
+        default=True,
+        description="TCP listen-queue overflows and drops (consume_skb, kfree_skb, "
+        "inet_sock_set_state)",
+    )
+    oom: bool = Field(default=True, description="OOM kills (oom/mark_victim)")
+
+
 class ProbesConfig(_Model):
     """Which probe families to load."""
 
@@ -194,6 +216,10 @@ class ProbesConfig(_Model):
     http: HttpConfig = Field(default_factory=lambda: HttpConfig(), description="HTTP routes")
     process: ProbeToggle = Field(
         default=ProbeToggle(), description="the process (exec/exit) probe family"
+    )
+    saturation: SaturationConfig = Field(
+        default=SaturationConfig(),
+        description="the saturation family (run queue, CPU, block I/O, listen queues, OOM)",
     )
 
 

@@ -49,6 +49,11 @@ def test_forced_tp_fallbacks_attach_and_count_exactly(kfuncs: bool,
         assert total(s, "probewire_tcp_bytes_sent_total", server_port=p) == 5 * (
             REQUEST_BYTES + len(REPLY))
         assert total(s, "probewire_tcp_resets_total", server_port=str(closed_port)) == 2
+        # The saturation family's tp/ programs keep per-thread state by thread id; its exact
+        # counts under forced tp/ are in test_saturation.py ([tp] cases).
+        assert total(s, "probewire_process_cpu_seconds_total", service_name="pytest") > 0
+        assert total(s, "probewire_sched_runqueue_latency_seconds_count",
+                     service_name="pytest") > 0
         probe = agent.probes["process"]
         wait_for(lambda: len([e for e in probe.events("exit") if e.ppid == os.getpid()]) >= 2)
         exits = [e for e in probe.events("exit") if e.ppid == os.getpid() and e.comm == "sh"]

@@ -48,6 +48,15 @@ HOOKS = (
     ("process", "sched_process_exec"),
     ("process", "sched_process_exit"),
     ("l7", "inet_sock_set_state"),
+    ("saturation", "sched_switch"),
+    ("saturation", "sched_wakeup"),
+    ("saturation", "sched_wakeup_new"),
+    ("saturation", "block_rq_issue"),
+    ("saturation", "block_rq_complete"),
+    ("saturation", "consume_skb"),
+    ("saturation", "kfree_skb"),
+    ("saturation", "inet_sock_set_state"),
+    ("saturation", "mark_victim"),
 )
 # The kernel keeps the first 15 bytes of a program name (BPF_OBJ_NAME_LEN - 1).
 KERNEL_NAME_LEN = 15
@@ -457,7 +466,8 @@ def test_force_hook_tp_is_shown_with_the_forced_reason(test_output_dir: Path) ->
         rows = _probe_rows(listen)
     # The override names a hook, so every family hooking that tracepoint takes it.
     forced = [(p, h) for p, h in HOOKS if h == "inet_sock_set_state"]
-    assert forced == [("tcp", "inet_sock_set_state"), ("l7", "inet_sock_set_state")]
+    assert forced == [("tcp", "inet_sock_set_state"), ("l7", "inet_sock_set_state"),
+                      ("saturation", "inet_sock_set_state")]
     for key in forced:
         _probe, _hook, chosen, attached, _avg, _runs, reason = rows[key]
         assert (chosen, attached) == ("tp/sock/inet_sock_set_state", "yes")

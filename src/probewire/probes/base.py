@@ -97,6 +97,10 @@ class Probe:
         """Metrics read at scrape time."""
         return ()
 
+    def active_hooks(self) -> tuple[Hook, ...]:
+        """The hooks this instance attaches: all of them unless its config turns some off."""
+        return self.hooks
+
     # --- helpers ----------------------------------------------------------------------------
     def budget_families(self) -> Iterable[tuple[str, float, int]]:
         """(metric, overflows, active series) of each label budget the family keeps."""
@@ -141,7 +145,7 @@ class RunningProbe:
 
 
 def choose_programs(
-    probe: type[Probe], support: dict[str, HookSupport], obj: BpfObject,
+    probe: Probe, support: dict[str, HookSupport], obj: BpfObject,
     forced: dict[str, str] | None = None,
 ) -> list[HookChoice]:
     """Per hook: the first program whose hook type this kernel supports.
@@ -150,7 +154,7 @@ def choose_programs(
     tests can prove each fallback works on a kernel that also has the preferred hook.
     """
     choices = []
-    for hook in probe.hooks:
+    for hook in probe.active_hooks():
         rejected: list[str] = []
         chosen: str | None = None
         for prog_name in hook.programs:
@@ -186,7 +190,7 @@ def start_probe(
     try:
         for struct_name, dtype in probe.structs.items():
             obj.struct_layout(struct_name).check_dtype(dtype)
-        choices = choose_programs(type(probe), support, obj, forced)
+        choices = choose_programs(probe, support, obj, forced)
         chosen = {c.program for c in choices if c.program} | {
             name for name in probe.helper_programs
             if support.get(hook_type_of(obj.programs[name].section),

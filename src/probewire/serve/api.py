@@ -19,8 +19,10 @@ from prometheus_client.registry import CollectorRegistry
 from probewire import __version__
 from probewire.agent import Agent
 from probewire.probes.process import RECENT_EVENTS, ProcessProbe
+from probewire.probes.saturation import SaturationProbe
 from probewire.serve.history import RATE_WINDOW_S, History, Window
 from probewire.serve.openapi import openapi_document
+from probewire.serve.saturation import SaturationView
 from probewire.serve.snapshot import Histogram, Snapshot, is_error_status, take
 
 
@@ -71,7 +73,9 @@ class Api:
             "/api/probes": self.probes,
             "/api/agent": self.agent_info,
             "/api/history": self.history_of,
+            "/api/saturation": self.saturation,
         }
+        self.saturation_view = SaturationView(agent.started_at or None)
 
     def snapshot(self) -> Snapshot:
         return take(self.registry)
@@ -169,6 +173,7 @@ class Api:
             "db_calls": self._db_calls(snap, name),
             "db_operations": self._db_operations(snap, name),
             "dns_lookups": self._dns_lookups(snap, name),
+            "saturation": self._saturation_rows()[1].get(name),
         }
 
     @staticmethod
@@ -260,7 +265,7 @@ class Api:
     def graph(self, query: Query) -> dict[str, Any]:
         snap = self.snapshot()
         win = self.history.window(snap)
-        nodes = [
+        nodes: list[dict[str, Any]] = [
             {"id": n, "kind": self._kind(snap, n),
              "db_system": snap.databases().get(n, ""),
              "requests": self._summary(snap, win, n)["requests"],
@@ -268,6 +273,9 @@ class Api:
             for n in sorted(snap.services())
         ]
         edges = [self._edge(c, s, snap, win) for (c, s) in sorted(snap.edges)]
+        saturation = self._saturation_rows()[1]
+        for node in nodes:
+            node["saturated_by"] = saturation.get(str(node["id"]), {}).get("saturated_by", [])
         return {"taken_at": snap.taken_at, "window_seconds": win.seconds, "nodes": nodes,
                 "edges": edges}
 
@@ -340,6 +348,21 @@ class Api:
             "probes": list(per_probe.values()),
             "self_metrics": [{"name": n, "labels": lbl, "value": v}
                              for n, lbl, v in snap.self_samples],
+        }
+
+    # --- saturation ------------------------------------------------------------------------
+    def _saturation_rows(self) -> tuple[float, dict[str, dict[str, Any]]]:
+        probe = self.agent.probes.get("saturation")
+        return self.saturation_view.rows(probe if isinstance(probe, SaturationProbe) else None)
+
+    def saturation(self, query: Query) -> dict[str, Any]:
+        seconds, rows = self._saturation_rows()
+        probe = self.agent.probes.get("saturation")
+        kills = probe.oom_kills() if isinstance(probe, SaturationProbe) else []
+        return {
+            "window_seconds": seconds,
+            "services": sorted(rows.values(), key=lambda r: (-r["cpu_cores"], r["service_name"])),
+            "oom_kills": [dataclasses.asdict(k) for k in kills],
         }
 
     def history_of(self, query: Query) -> dict[str, Any]:

@@ -32,8 +32,25 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 ERROR = _json(_ref("Error"), "Bad request")
 NOT_FOUND = _json(_ref("Error"), "Not found")
 
+SATURATION_ROW = _obj({
+    "service_name": STR,
+    "cpu_seconds": {**NUM, "description": "CPU seconds since the agent started"},
+    "cpu_cores": {**NUM, "description": "CPU seconds per second over the window"},
+    "runqueue_p99_seconds": {**SECONDS_OR_NULL,
+                             "description": "99th percentile wait for a CPU over the window"},
+    "disk_p99_seconds": {**SECONDS_OR_NULL,
+                         "description": "99th percentile block read/write latency over the window"},
+    "listen_overflows": {**NUM, "description": "Listen-queue overflows since the agent started"},
+    "listen_overflows_window": NUM,
+    "oom_kills": {**NUM, "description": "OOM kills since the agent started"},
+    "oom_kills_window": NUM,
+    "saturated_by": {"type": "array", "items": STR,
+                     "description": "Thresholds crossed over the window; empty: not saturated"},
+})
+
 SCHEMAS: dict[str, Any] = {
     "Error": _obj({"error": STR}),
+    "SaturationRow": SATURATION_ROW,
     "ServiceSummary": _obj({
         "name": STR,
         "kind": {"type": "string", "enum": ["service", "client", "external", "database"],
@@ -151,6 +168,8 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "db_calls": {"type": "array", "items": _ref("DbCall")},
                     "db_operations": {"type": "array", "items": _ref("DbOperation")},
                     "dns_lookups": {"type": "array", "items": _ref("DnsLookup")},
+                    "saturation": {"allOf": [_ref("SaturationRow")], "nullable": True,
+                                   "description": "null without saturation data"},
                 })]}, "The service"),
                 [{"name": "name", "in": "path", "required": True, "schema": STR}],
                 {"404": NOT_FOUND},
@@ -162,6 +181,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "kind": {"type": "string",
                              "enum": ["service", "client", "external", "database"]},
                     "db_system": STR, "requests": NUM, "rate": NUM,
+                    "saturated_by": {"type": "array", "items": STR},
                 })},
                 "edges": {"type": "array", "items": _ref("Edge")},
             }), "Graph")),
@@ -228,6 +248,16 @@ def openapi_document(version: str) -> dict[str, Any]:
                 [{"name": "service", "in": "query", "required": False, "schema": STR}],
                 {"404": NOT_FOUND},
             ),
+            "/api/saturation": _get(
+                "Saturation per service (run queue, CPU, disk, listen queues, OOM kills) and "
+                "recent OOM kills",
+                _json(_obj({
+                    "window_seconds": WINDOW,
+                    "services": {"type": "array", "items": _ref("SaturationRow")},
+                    "oom_kills": {"type": "array", "items": _obj({
+                        "timestamp_ns": INT, "pid": INT, "comm": STR, "service_name": STR,
+                        "cgroup": STR, "cgroup_id": INT, "trigger_pid": INT})},
+                }), "Saturation")),
             "/api/openapi.json": _get("This document", _json({"type": "object"}, "OpenAPI")),
         },
         "components": {"schemas": SCHEMAS},

@@ -34,7 +34,8 @@ TCP_COUNTERS = {
     "probewire_tcp_bytes_received_total": "bytes_received",
 }
 # Per-family series the API shows elsewhere; the rest of probewire_* is the agent's own.
-FAMILY_PREFIXES = ("probewire_tcp_", "probewire_process_", "probewire_http_", "probewire_l7_")
+FAMILY_PREFIXES = ("probewire_tcp_", "probewire_process_", "probewire_http_", "probewire_l7_",
+                   "probewire_sched_", "probewire_block_", "probewire_oom_")
 TCP_RESETS = "probewire_tcp_resets_total"
 TCP_RTT = "probewire_tcp_rtt_seconds"
 TCP_LABELS = ("service_name", "direction", "server_address", "server_port")

@@ -151,8 +151,12 @@ function mapSvg(graph) {
   }
   for (const n of nodes) {
     const p = L.pos[n.id];
-    const sub = n.kind === "database" ? (n.db_system || "database") : n.kind === "service" ? `${fmtRate(n.rate)} served` : n.kind;
-    parts.push(`<g class="node ${n.kind}" data-testid="node" data-service="${esc(n.id)}" data-kind="${esc(n.kind)}" data-href="${serviceHref(n.id)}" transform="translate(${p.x},${p.y})">
+    const hot = (n.saturated_by || []).length > 0;
+    const sub = hot ? `saturated: ${n.saturated_by.join(", ")}`
+      : n.kind === "database" ? (n.db_system || "database")
+      : n.kind === "service" ? `${fmtRate(n.rate)} served` : n.kind;
+    parts.push(`<g class="node ${n.kind}${hot ? " saturated" : ""}" data-testid="node" data-service="${esc(n.id)}" data-kind="${esc(n.kind)}" data-saturated="${hot}" data-href="${serviceHref(n.id)}" transform="translate(${p.x},${p.y})">
+      ${hot ? `<title>${esc(n.id)} is saturated: ${esc(n.saturated_by.join(", "))}</title>` : ""}
       <rect width="${L.W}" height="${L.H}"/>
       <text class="name" x="12" y="21">${esc(n.id.length > 24 ? n.id.slice(0, 23) + "…" : n.id)}</text>
       <text class="sub" x="12" y="39">${esc(sub)}</text></g>`);
@@ -285,6 +289,7 @@ function renderService(svc, hist) {
       ${stat("p99", fmtSec(svc.p99_seconds), "stat-p99")}
       ${stat("requests served", fmtNum(svc.requests), "stat-requests")}
     </div>
+    ${saturationCards(svc.saturation)}
     <div class="charts" data-testid="charts">
       <div class="card chart" id="c-rate"></div><div class="card chart" id="c-err"></div>
       <div class="card chart" id="c-lat"></div>
@@ -308,6 +313,52 @@ function renderService(svc, hist) {
   chart(document.getElementById("c-rate"), "Rate (requests/s), last 15 min", ["rate"], [ts, pick("rate")], v => v == null ? "" : fmtRate(v));
   chart(document.getElementById("c-err"), "Errors (5xx ratio)", ["error ratio"], [ts, pick("error_ratio")], v => v == null ? "" : fmtPct(v));
   chart(document.getElementById("c-lat"), "Duration", ["p50", "p99"], [ts, pick("p50_seconds"), pick("p99_seconds")], v => v == null ? "" : fmtSec(v));
+}
+
+// ---------- saturation -------------------------------------------------------------------
+// The fourth golden signal next to RED: waiting for a CPU, CPU used, disk latency, accept
+// queue overflows (serve/saturation.py, over the last minute).
+function saturationCards(s) {
+  if (!s) return "";
+  const hot = new Set(s.saturated_by);
+  const cls = reason => (hot.has(reason) ? "bad" : "");
+  return `<h2>Saturation <span class="muted">(last ${Math.round(s.window_seconds || 60)} s)</span></h2>
+    <div class="cards" data-testid="saturation">
+      ${stat("run-queue wait p99", `<span class="${cls("cpu run queue")}">${fmtSec(s.runqueue_p99_seconds)}</span>`, "stat-runq-p99")}
+      ${stat("CPU (cores)", s.cpu_cores.toFixed(2), "stat-cpu")}
+      ${stat("disk p99", `<span class="${cls("disk latency")}">${fmtSec(s.disk_p99_seconds)}</span>`, "stat-disk-p99")}
+      ${stat("listen overflows", `<span class="${cls("listen queue overflow")}">${fmtNum(s.listen_overflows_window)}</span>`, "stat-overflows")}
+      ${stat("OOM kills", `<span class="${cls("OOM kill")}">${fmtNum(s.oom_kills_window)}</span>`, "stat-oom")}
+    </div>`;
+}
+
+const SATURATION_COLS = [
+  {key: "service_name", label: "service", fmt: v => `<a href="${serviceHref(v)}">${esc(v)}</a>`},
+  {key: "cpu_cores", label: "CPU (cores)", num: true, fmt: v => v.toFixed(2)},
+  {key: "cpu_seconds", label: "CPU s", num: true, fmt: v => v.toFixed(1)},
+  {key: "runqueue_p99_seconds", label: "run-queue p99", num: true, fmt: fmtSec,
+   cls: r => r.saturated_by.includes("cpu run queue") ? "bad" : ""},
+  {key: "disk_p99_seconds", label: "disk p99", num: true, fmt: fmtSec,
+   cls: r => r.saturated_by.includes("disk latency") ? "bad" : ""},
+  {key: "listen_overflows", label: "listen overflows", num: true, fmt: fmtNum,
+   cls: r => r.listen_overflows_window ? "bad" : ""},
+  {key: "oom_kills", label: "OOM kills", num: true, fmt: fmtNum, cls: r => r.oom_kills_window ? "bad" : ""},
+  {key: "saturated_by", label: "saturated by", sortValue: r => r.saturated_by.join(),
+   fmt: v => v.map(x => `<span class="pill">${esc(x)}</span>`).join(" ")},
+];
+const OOM_COLS = [
+  {key: "pid", label: "pid", num: true}, {key: "comm", label: "comm"},
+  {key: "service_name", label: "service"}, {key: "cgroup", label: "cgroup at its limit"},
+  {key: "trigger_pid", label: "allocating pid", num: true},
+];
+
+async function pageSaturation(token) {
+  const data = await api("/api/saturation");
+  if (token !== pageToken) return;
+  (rerender = () => { main.innerHTML = `<h1>Saturation <span class="muted">(windowed figures: last ${Math.round(data.window_seconds)} s)</span></h1>
+    ${table("saturation", SATURATION_COLS, data.services, {sort: {key: "cpu_cores", asc: false}, empty: "No saturation data yet (probes.saturation)."})}
+    <h2>OOM kills</h2>
+    ${table("oom-kills", OOM_COLS, data.oom_kills.slice().reverse(), {empty: "No process was OOM-killed since the agent started."})}`; })();
 }
 
 // ---------- TCP --------------------------------------------------------------------------
@@ -427,6 +478,7 @@ async function refresh(first = false) {
     if (page === "service") await pageService(token, arg);
     else if (page === "services") await pageServices(token);
     else if (page === "tcp") await pageTcp(token);
+    else if (page === "saturation") await pageSaturation(token);
     else if (page === "events") await pageEvents(token, first);
     else if (page === "agent") await pageAgent(token);
     else await pageMap(token);
