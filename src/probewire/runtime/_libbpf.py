@@ -38,6 +38,7 @@ BPF_STATS_RUN_TIME = 0
 # BTF kinds (uapi/linux/btf.h)
 BTF_KIND_INT, BTF_KIND_PTR, BTF_KIND_ARRAY, BTF_KIND_STRUCT, BTF_KIND_UNION = 1, 2, 3, 4, 5
 BTF_KIND_TYPEDEF, BTF_KIND_VAR, BTF_KIND_DATASEC = 8, 14, 15
+BTF_KIND_ENUM = 6
 # map update flags
 BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
 
@@ -52,6 +53,10 @@ class BtfMember(Structure):
 
 class BtfArray(Structure):
     _fields_ = [("type", c_uint32), ("index_type", c_uint32), ("nelems", c_uint32)]
+
+
+class BtfEnum(Structure):
+    _fields_ = [("name_off", c_uint32), ("val", ctypes.c_int32)]
 
 
 class BtfVarSecinfo(Structure):
@@ -247,11 +252,13 @@ __all__ = [
     "BPF_STATS_RUN_TIME",
     "BTF_KIND_ARRAY",
     "BTF_KIND_DATASEC",
+    "BTF_KIND_ENUM",
     "BTF_KIND_STRUCT",
     "BTF_KIND_TYPEDEF",
     "BTF_KIND_UNION",
     "BTF_KIND_VAR",
     "BtfArray",
+    "BtfEnum",
     "BtfMember",
     "BtfType",
     "BtfVarSecinfo",

@@ -469,6 +469,20 @@ class BpfObject:
             )
         return StructLayout(name=name, size=t.size_or_type, fields=tuple(fields))
 
+    def enum_values(self, name: str) -> dict[str, int]:
+        """Names and values of a C enum in the object's BTF (constants Python mirrors)."""
+        btf = self._btf()
+        type_id = lib().btf__find_by_name_kind(btf, name.encode(), _libbpf.BTF_KIND_ENUM)
+        if type_id < 0:
+            raise BpfError(f"enum {name} not found in the BTF of {self.path}")
+        t = lib().btf__type_by_id(btf, type_id).contents
+        vlen = t.info & 0xFFFF
+        members = ctypes.cast(
+            ctypes.addressof(t) + ctypes.sizeof(_libbpf.BtfType),
+            ctypes.POINTER(_libbpf.BtfEnum * vlen),
+        ).contents
+        return {lib().btf__name_by_offset(btf, m.name_off).decode(): int(m.val) for m in members}
+
     def set_rodata(self, **values: int | np.ndarray) -> None:
         """Set `const volatile` globals before load (load-time settings). An array global takes
         a numpy array of exactly its size (e.g. ``np.array([...], np.uint64)``)."""

@@ -78,7 +78,10 @@ SCHEMAS: dict[str, Any] = {
         "pid": INT, "ppid": INT, "uid": INT,
         "timestamp_ns": {**INT, "description": "CLOCK_MONOTONIC nanoseconds"},
         "cgroup_id": INT, "comm": STR, "service_name": STR, "filename": STR,
-        "argv": {"type": "array", "items": STR},
+        "argv": {"type": "array", "items": STR,
+                 "description": "Secrets redacted (security.redact)"},
+        "exe": {**STR, "description": "exec: the image's path as the kernel resolved it "
+                                      "(empty with security off)"},
         "exit_code": {"type": "integer", "nullable": True},
         "exit_signal": {"type": "integer", "nullable": True},
         "lifetime_s": {"type": "number", "nullable": True},
