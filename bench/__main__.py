@@ -6,7 +6,9 @@ program, user-space records per CPU-second), fidelity, startup (start-up time an
 latency (event → exported), peers (bpftrace; bcc's tcplife/tcpretrans beside probewire's tcp
 family), export_latency (event → OTLP span), series_memory (RSS at 1,000 services x 50 routes),
 userspace (HttpProbe.on_batch per record, in-process), ring_flood (a kernel program floods a
-ring; the real RingReader and on_batch on one core: records per CPU-second, nothing lost).
+ring; the real RingReader and on_batch on one core: records per CPU-second, nothing lost),
+security (thousands of /bin/true per second without the agent, with security off, with no
+rules, with the default rules: ns per exec and throughput ratio).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from bench import (
     overhead,
     peers,
     ring_flood,
+    security,
     series_memory,
     startup,
     userspace,
@@ -47,6 +50,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
     "series_memory": series_memory.run,
     "userspace": userspace.run,
     "ring_flood": ring_flood.run,
+    "security": security.run,
 }
 RESULTS = REPO_ROOT / "bench" / "results" / "latest.md"
 
