@@ -29,6 +29,7 @@ from probewire.probes.base import Probe
 from probewire.probes.process import ProcessProbe
 from probewire.security.engine import SecurityEngine
 from probewire.security.kernel import SEC_EXE_MEMFD
+from probewire.security.tree import Node
 from support.attacks import write_scripts
 
 pytestmark = pytest.mark.bpf
@@ -49,6 +50,22 @@ class Env:
         assert isinstance(probe, ProcessProbe) and probe.security is not None
         self.probe: ProcessProbe = probe
         self.engine: SecurityEngine = probe.security
+        # The kernel's clause bits against the same criteria evaluated in Python, for every
+        # exec the module sees (the listener walk aside: it depends on the moment).
+        self.compared = 0
+        self.disagreements: list[str] = []
+        self._clauses = [c for c in self.engine.rules.clauses
+                         if c.kernel and c.match.listening_ancestor is None]
+        self.engine.on_exec.append(self._compare)
+
+    def _compare(self, node: Node) -> None:
+        self.compared += 1
+        for c in self._clauses:
+            kernel = bool((node.clauses or 0) & c.mask)
+            python = c.kernel_criteria_hold(node, [], lambda pid: False)
+            if kernel != python:
+                self.disagreements.append(f"{c.rule.id}: kernel {kernel}, python {python}: "
+                                          f"{node.exe} {node.comm} {node.flags:#x}")
 
     def exited(self, pid: int) -> bool:
         return any(e.pid == pid for e in self.probe.events("exit"))
@@ -324,3 +341,9 @@ def test_execs_carry_the_image_path_the_kernel_resolved(env: Env) -> None:
     assert shell.filename == "/bin/sh" and shell.exe == "/usr/bin/dash"  # through symlinks
     (prog,) = [e for e in execs.values() if e.ppid == root and e.comm == "prog"]
     assert prog.filename == "./prog" and prog.exe == str(build / "prog")  # a relative exec
+
+
+def test_kernel_and_python_agree_on_every_exec_seen(env: Env) -> None:
+    """Runs last in the module: every exec the tests above made (and the host's own)."""
+    assert env.compared >= 2000
+    assert env.disagreements == []

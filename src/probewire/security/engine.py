@@ -88,8 +88,10 @@ class SecurityEngine:
         self.listeners_seeded = 0
         self._users: dict[int, str] = {}
         self._lock = threading.Lock()
-        # Tests and tools (the bench) that want each alert as it happens.
+        # Tests and tools that want each alert, or each exec as the tree has it, as it happens
+        # (on the reader thread, under the engine's lock: they must be quick).
         self.on_alert: list[Callable[[dict[str, Any]], None]] = []
+        self.on_exec: list[Callable[[Node], None]] = []
 
     # --- life cycle --------------------------------------------------------------------------
     def start(self, obj: BpfObject) -> None:
@@ -164,6 +166,8 @@ class SecurityEngine:
         )
         if node.parent is None and ev.ppid > 1:
             self._adopt_parent(node, ev.ppid)
+        for observer in self.on_exec:
+            observer(node)
         if flags & SEC_KILL_FAILED:
             log.error("security: a kill rule matched pid %d (%s) but the kernel refused "
                       "bpf_send_signal; see `probewire doctor`", ev.pid, node.exe)
