@@ -19,6 +19,8 @@ APT_PACKAGES=(
     python3 python3-venv                      # the venv (Debian's python3 needs python3-venv)
     chromium                                  # e2e web UI tests (driven by Playwright)
     prometheus                                # e2e Prometheus server + promtool (rules checks/tests)
+    netcat-openbsd gcc                        # security tests: netcat by a service, a C build;
+                                              # bench/security.py's exec loop
 )
 
 SUDO=()
