@@ -21,6 +21,8 @@ APT_PACKAGES=(
     prometheus                                # e2e Prometheus server + promtool (rules checks/tests)
     netcat-openbsd gcc                        # security tests: netcat by a service, a C build;
                                               # bench/security.py's exec loop
+    podman runc                               # security tests: a package manager in a real
+                                              # container (DESIGN §3's podman recipe)
 )
 
 SUDO=()

@@ -343,6 +343,23 @@ def test_execs_carry_the_image_path_the_kernel_resolved(env: Env) -> None:
     assert prog.filename == "./prog" and prog.exe == str(build / "prog")  # a relative exec
 
 
+PODMAN = ["podman", "run", "--rm", "--runtime", "runc", "--cgroup-manager", "cgroupfs",
+          "--network", "host", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
+          "--rootfs", "/:O"]  # DESIGN §3: no registry here; the host's root, overlaid
+
+
+def test_package_manager_in_a_real_container_raises_one_alert_naming_it(env: Env) -> None:
+    root, done = env.run([*PODMAN, "dpkg", "--version"], timeout_s=180)
+    assert done.returncode == 0, done.stderr
+    assert "package management program" in done.stdout
+    alert = only_alert(env, root)  # runc's own memfd re-exec is excepted: no fileless alert
+    assert alert["rule"] == "package_manager_in_container"
+    assert alert["process"]["exe"] == "/usr/bin/dpkg" and alert["in_container"]
+    # dpkg is gone from /proc by now; the container is named from the kernel's cgroup id.
+    assert alert["container_id"] and len(alert["container_id"]) == 64
+    assert "conmon" in [a.get("comm") for a in alert["ancestry"]]
+
+
 def test_kernel_and_python_agree_on_every_exec_seen(env: Env) -> None:
     """Runs last in the module: every exec the tests above made (and the host's own)."""
     assert env.compared >= 2000

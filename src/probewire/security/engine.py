@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import pwd
 import threading
 import time
@@ -23,7 +24,8 @@ import numpy as np
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from probewire.config import Config
-from probewire.enrich.service import UNKNOWN_SERVICE, ServiceResolver
+from probewire.enrich.service import UNKNOWN_SERVICE, ServiceResolver, container_id_from_cgroup
+from probewire.runtime.filter import cgroup2_root
 from probewire.security import kernel
 from probewire.security.alerts import AlertSink, JsonLinesSink
 from probewire.security.kernel import (
@@ -56,6 +58,8 @@ log = logging.getLogger(__name__)
 SEVERITY_NUMBER = {"info": 9, "low": 10, "medium": 13, "high": 17, "critical": 21}  # OTLP
 # Ancestors shown in an alert (nearest first).
 ALERT_ANCESTRY = 16
+# cgroup directories remembered for naming the container of an exited process.
+MAX_CGROUP_DIRS = 65536
 
 
 def _user(uid: int, cache: dict[int, str]) -> str:
@@ -87,6 +91,8 @@ class SecurityEngine:
         self.sinks: list[AlertSink] = []
         self.listeners_seeded = 0
         self._users: dict[int, str] = {}
+        self._cgroups: dict[int, str] = {}  # cgroup v2 id -> path under the cgroup2 root
+        self._cgroups_walked_at = 0.0
         self._lock = threading.Lock()
         # Tests and tools that want each alert, or each exec as the tree has it, as it happens
         # (on the reader thread, under the engine's lock: they must be quick).
@@ -268,14 +274,36 @@ class SecurityEngine:
         return self.service_of(node)
 
     # --- alerts ------------------------------------------------------------------------------
+    def cgroup_path(self, cgroup_id: int) -> str | None:
+        """A cgroup v2 id (what the kernel records) -> its path, for processes gone from /proc
+        by the time their alert is built (a short-lived `dpkg` in a container). The id is the
+        cgroup directory's inode: walk the hierarchy at most once a second on a miss."""
+        if cgroup_id <= 1:
+            return None
+        if cgroup_id not in self._cgroups and time.monotonic() - self._cgroups_walked_at > 1:
+            self._cgroups_walked_at = time.monotonic()
+            root = cgroup2_root()
+            for path, _, _ in os.walk(root):
+                try:
+                    self._cgroups[os.stat(path).st_ino] = "/" + os.path.relpath(path, root)
+                except OSError:
+                    continue
+                if len(self._cgroups) > MAX_CGROUP_DIRS:
+                    break
+        return self._cgroups.get(cgroup_id)
+
     def _process(self, node: Node) -> dict[str, Any]:
         info = self.services.info_for(node.pid) if not node.exited else None
+        container = info.container_id if info is not None else None
+        if container is None and node.flags & SEC_IN_CONTAINER:
+            path = self.cgroup_path(node.cgroup_id)
+            container = container_id_from_cgroup(path) if path else None
         return {
             "pid": node.pid, "exe": node.exe, "filename": node.filename, "comm": node.comm,
             "argv": list(node.argv), "uid": node.uid, "euid": node.euid,
             "user": _user(node.euid if node.euid >= 0 else node.uid, self._users),
             "service_name": self.service_of(node),
-            "container_id": info.container_id if info is not None else None,
+            "container_id": container,
             "start_ticks": node.start_ticks, "exited": node.exited,
         }
 
