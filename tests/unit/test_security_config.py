@@ -3,6 +3,7 @@ run` exits 2 on a bad rule before it needs any privilege."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,13 +103,20 @@ def test_user_rules_add_to_replace_and_disable_defaults() -> None:
     assert config_from_mapping({"security": {"enabled": False}}).security.effective_rules() == ()
 
 
-def test_cli_exits_2_on_a_bad_rule_naming_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("rule", "expected"), [
+    ("{id: miner_argv, match: {exe_basename: [xmrig], colour: red}}",
+     "rule 'miner_argv': match.colour: unknown field"),
+    ("{id: miner_argv, match: {argv: 'stratum+(tcp'}}",
+     "rule 'miner_argv': match.argv: 'stratum+(tcp' is not a valid regular expression"),
+    ("{id: miner_argv, match: {exe_basename: [xmrig]}, action: block}",
+     "rule 'miner_argv': action: unknown action 'block'; use alert or kill"),
+], ids=["unknown_key", "bad_regex", "unknown_action"])
+def test_cli_exits_2_on_a_bad_rule_naming_it(tmp_path: Path, rule: str, expected: str) -> None:
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text("security:\n  rules:\n    - id: miner_argv\n"
-                   "      match: {argv: 'stratum+(tcp'}\n")
-    with pytest.raises(ConfigError, match=r"rule 'miner_argv': match\.argv"):
+    cfg.write_text(f"security:\n  rules:\n    - {rule}\n")
+    with pytest.raises(ConfigError, match=re.escape(expected)):
         load_config(cfg)
     proc = subprocess.run([sys.executable, "-m", "probewire.cli", "run", "--config", str(cfg)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert "rule 'miner_argv': match.argv" in proc.stderr
+    assert expected in " ".join(proc.stderr.split())  # rich wraps long lines

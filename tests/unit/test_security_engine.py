@@ -218,3 +218,13 @@ def test_python_evaluation_of_kernel_criteria_agrees_on_a_matching_node(
     assert clause.kernel_criteria_hold(node, [], lambda pid: False)
     others = [c for c in rs.clauses if c.rule.id != rule_id and c.kernel]
     assert not any(c.kernel_criteria_hold(node, [], lambda pid: False) for c in others)
+
+
+def test_python_constants_match_the_enums_in_the_objects_btf() -> None:
+    from probewire.runtime.bpf import BpfObject
+    from probewire.runtime.objects import object_path
+    from probewire.security.kernel import ENUMS, check_enums
+
+    with BpfObject(object_path("process")) as obj:
+        check_enums(obj)
+        assert {name: obj.enum_values(name) for name in ENUMS} == ENUMS
