@@ -126,7 +126,9 @@ def env(request: pytest.FixtureRequest) -> Iterator[Env]:
                                                                                     listen):
             if fallback:
                 assert {s.section.split("/")[0] for s in agent.status()} == {"tp"}
-            yield Env(agent, listen, scripts, alert_log)
+            env = Env(agent, listen, scripts, alert_log)
+            assert env.engine.seeded.wait(60)
+            yield env
 
 
 def only_alert(env: Env, root: int) -> dict[str, Any]:

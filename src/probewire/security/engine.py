@@ -90,6 +90,9 @@ class SecurityEngine:
         self.alerts_total = 0
         self.sinks: list[AlertSink] = []
         self.listeners_seeded = 0
+        self.seeded = threading.Event()  # set when the /proc seed is done
+        self._stopping = threading.Event()
+        self._seeder: threading.Thread | None = None
         self._users: dict[int, str] = {}
         self._cgroups: dict[int, str] = {}  # cgroup v2 id -> path under the cgroup2 root
         self._cgroups_walked_at = 0.0
@@ -101,12 +104,16 @@ class SecurityEngine:
 
     # --- life cycle --------------------------------------------------------------------------
     def start(self, obj: BpfObject) -> None:
-        """The object is loaded and attached: fill its maps, seed from /proc, open outputs."""
+        """The object is loaded and attached: fill its maps, open the outputs, and seed the
+        listeners and the tree from /proc on a thread of their own (reading every process's
+        fds and status takes ~0.5 ms a process, too long for start-up; records that arrive
+        meanwhile build the tree as usual, and the seed skips what they already added)."""
         kernel.check_enums(obj)
         self.obj = obj
         self.rules.kernel_tables().write(obj)
-        self.listeners_seeded = kernel.seed_listeners(obj, kernel.listening_holders(self.proc))
-        self.seed_tree()
+        self._seeder = threading.Thread(target=self._seed, name="probewire-security-seed",
+                                        daemon=True)
+        self._seeder.start()
         sec = self.config.security
         if sec.alert_log:
             self.sinks.append(JsonLinesSink(sec.alert_log))
@@ -115,14 +122,32 @@ class SecurityEngine:
             from probewire.export.otlp_logs import OtlpAlertLogs
 
             self.sinks.append(OtlpAlertLogs(otlp))
-        log.info("security: %d rules (%d clauses, %d decided in the kernel at exec), %d "
-                 "processes seeded, %d listeners", len(self.rules.rules),
-                 len(self.rules.clauses), sum(1 for c in self.rules.clauses if c.kernel),
-                 len(self.tree), self.listeners_seeded)
+        log.info("security: %d rules (%d clauses, %d decided in the kernel at exec)",
+                 len(self.rules.rules), len(self.rules.clauses),
+                 sum(1 for c in self.rules.clauses if c.kernel))
+
+    def _seed(self) -> None:
+        t0 = time.monotonic()
+        try:
+            obj = self.obj
+            if obj is not None:
+                self.listeners_seeded = kernel.seed_listeners(
+                    obj, kernel.listening_holders(self.proc))
+            self.seed_tree()
+        except Exception:  # e.g. the agent stopped meanwhile and its maps are closed
+            if self.obj is not None:
+                log.exception("security: seeding from /proc failed")
+            return
+        finally:
+            self.seeded.set()
+        log.info("security: seeded %d processes and %d listeners from /proc in %.3f s",
+                 len(self.tree), self.listeners_seeded, time.monotonic() - t0)
 
     def seed_tree(self) -> None:
         found: dict[int, tuple[Node, int]] = {}
         for entry in self.proc.iterdir():
+            if self._stopping.is_set():
+                return
             if entry.name.isdigit():
                 got = read_proc_node(int(entry.name), self.proc, self.redact)
                 if got is not None:
@@ -131,6 +156,10 @@ class SecurityEngine:
             self.tree.seed(found)
 
     def stop(self) -> None:
+        self._stopping.set()
+        if self._seeder is not None:
+            self._seeder.join(30)
+            self._seeder = None
         for sink in self.sinks:
             sink.close()
         self.sinks.clear()
