@@ -669,10 +669,25 @@ class SecurityConfig(_Model):
             if rule.id in seen:
                 raise ValueError(f"rules: the id {rule.id!r} is used twice; ids are unique")
             seen.add(rule.id)
-        clauses = sum(len(r.alternatives) for r in self.effective_rules())
+        effective = self.effective_rules()
+        clauses = sum(len(r.alternatives) for r in effective)
         if clauses > MAX_SECURITY_CLAUSES:
             raise ValueError(f"rules: {clauses} match alternatives in all; the kernel holds "
                              f"{MAX_SECURITY_CLAUSES}: disable or merge some")
+        alts = [m for r in effective for m in r.alternatives]
+        for what, values, cap in (
+            ("exe_basename names", {n.encode()[:MAX_NAME_BYTES] for m in alts
+                                    for n in m.exe_basename or ()}, 1024),
+            ("exe_dir directories", {d for m in alts for d in m.exe_dir or ()}, 256),
+            ("uids", {u for m in alts for u in m.uid or ()}, 256),
+            ("connects_to ports", {p for m in alts if m.connects_to
+                                   for p in m.connects_to.ports}, 1024),
+            ("connects_to addresses", {a for m in alts if m.connects_to
+                                       for a in m.connects_to.addresses}, 1024),
+        ):
+            if len(values) > cap:
+                raise ValueError(f"rules: {len(values)} distinct {what} in all; the kernel's "
+                                 f"map holds {cap} (bpf/process.bpf.c): use fewer")
         return self
 
     def effective_rules(self) -> tuple[SecurityRule, ...]:

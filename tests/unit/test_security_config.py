@@ -88,6 +88,8 @@ def test_rule_set_errors() -> None:
     # 19 x 3 alternatives + the 9 of the default rules = 66 > 64 kernel clause bits.
     assert "66 match alternatives in all; the kernel holds 64" in error_of(rules(*many))
     assert config_from_mapping(rules(*many, default_rules=False))
+    assert "300 distinct uids in all; the kernel's map holds 256" in error_of(
+        rules({"id": "uids", "match": {"uid": list(range(300))}}))
 
 
 def test_user_rules_add_to_replace_and_disable_defaults() -> None:
