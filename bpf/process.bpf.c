@@ -237,7 +237,8 @@ __noinline int resolve_path(struct exec_scratch *sc, __u64 dentry_p, __u64 vfsmn
 			sc->path_flags = SEC_EXE_TRUNCATED;
 			return 0;
 		}
-		if (i == 0)
+		if (sc->base_off == PATH_BUF - 1) /* the first name: the basename (not i == 0:
+						     * a bind-mounted file starts at its mount) */
 			sc->base_off = sc->path_off + 1;
 		dentry = parent;
 	}
@@ -268,7 +269,9 @@ static __always_inline __u64 name_clauses(struct exec_scratch *sc)
 	bpf_get_current_comm(sc->name, sizeof(sc->name));
 	bits = lookup_name(sc);
 	__builtin_memset(sc->name, 0, sizeof(sc->name));
-	bpf_probe_read_kernel_str(sc->name, SEC_NAME_LEN - 1, &sc->buf[sc->base_off & (PATH_BUF - 1)]);
+	/* Its first 15 bytes and a NUL, as a comm holds them. */
+	bpf_probe_read_kernel_str(sc->name, SEC_NAME_LEN,
+				  &sc->buf[sc->base_off & (PATH_BUF - 1)]);
 	return bits | lookup_name(sc);
 }
 

@@ -112,6 +112,8 @@ def env(request: pytest.FixtureRequest) -> Iterator[Env]:
                  "match": {"exe_basename": ["pw-victim"]}},
                 {"id": "lineage", "severity": "info", "description": "the lineage probe",
                  "match": {"exe_basename": ["pw-lineage"]}},
+                {"id": "long_name", "severity": "info", "description": "a 20-byte name",
+                 "match": {"exe_basename": ["pw-long-name-xyz-abc"]}},
                 {"id": "parent_connects", "severity": "low",
                  "description": "pw-parent or a descendant connects to the watched port",
                  "match": {"exe_basename": ["pw-parent"],
@@ -343,6 +345,22 @@ def test_execs_carry_the_image_path_the_kernel_resolved(env: Env) -> None:
     assert shell.filename == "/bin/sh" and shell.exe == "/usr/bin/dash"  # through symlinks
     (prog,) = [e for e in execs.values() if e.ppid == root and e.comm == "prog"]
     assert prog.filename == "./prog" and prog.exe == str(build / "prog")  # a relative exec
+
+
+def test_a_name_matches_the_resolved_image_through_a_symlink_on_its_first_15_bytes(
+        env: Env) -> None:
+    target = WORK / "pw-long-name-xyz-abc"
+    alias = WORK / "pw-alias"
+    shutil.copy("/bin/true", target)
+    alias.unlink(missing_ok=True)
+    alias.symlink_to(target)
+    # comm is "pw-alias": only the image's own basename (first 15 bytes) can match.
+    root, done = env.run([sys.executable, "-c",
+                          f"import subprocess; subprocess.run([{str(alias)!r}])"])
+    assert done.returncode == 0
+    alert = only_alert(env, root)
+    assert alert["rule"] == "long_name" and alert["process"]["comm"] == "pw-alias"
+    assert alert["process"]["exe"] == str(target)
 
 
 PODMAN = ["podman", "run", "--rm", "--runtime", "runc", "--cgroup-manager", "cgroupfs",
