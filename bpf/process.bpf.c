@@ -151,6 +151,13 @@ static __always_inline void fill_common(struct process_event *e, struct task_str
 	e->timestamp_ns = bpf_ktime_get_ns();
 	e->cgroup_id = bpf_get_current_cgroup_id();
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	/* Every kind's other fields empty; each handler fills its own. */
+	e->lifetime_ns = 0;
+	e->exit_code = 0;
+	e->exit_signal = 0;
+	e->args_len = 0;
+	e->filename[0] = 0;
+	e->args[0] = 0;
 	e->clauses = 0;
 	e->sec_flags = 0;
 	e->dport = 0;
@@ -473,9 +480,6 @@ static __always_inline int handle_exec(struct task_struct *task, const char *fil
 	if (!e)
 		return 0;
 	fill_common(e, task, PROCESS_EXEC);
-	e->lifetime_ns = 0;
-	e->exit_code = 0;
-	e->exit_signal = 0;
 	bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), filename);
 	if (KFUNCS) {
 		struct mm_struct *mm = CAST(struct task_struct, task)->mm;
@@ -489,7 +493,6 @@ static __always_inline int handle_exec(struct task_struct *task, const char *fil
 	len = arg_end - arg_start;
 	if (len > PROCESS_ARGS_LEN)
 		len = PROCESS_ARGS_LEN;
-	e->args_len = 0;
 	if (len && bpf_probe_read_user(e->args, len & (PROCESS_ARGS_LEN - 1 | PROCESS_ARGS_LEN),
 				       (void *)arg_start) == 0)
 		e->args_len = len;
@@ -540,9 +543,6 @@ static __always_inline int handle_exit(struct task_struct *task)
 	code = KREAD(struct task_struct, task, exit_code);
 	e->exit_signal = code & 0x7f;
 	e->exit_code = e->exit_signal ? -1 : (code >> 8) & 0xff;
-	e->args_len = 0;
-	e->filename[0] = 0;
-	e->args[0] = 0;
 	bpf_ringbuf_submit(e, wakeup_flags(&events, sizeof(*e), true));
 	return 0;
 }
@@ -589,12 +589,6 @@ static __always_inline int handle_fork(__u32 child_tgid, __u32 parent_tgid, __u6
 	e->pid = child_tgid;
 	e->ppid = parent_tgid;
 	e->start_ns = start_ns;
-	e->lifetime_ns = 0;
-	e->exit_code = 0;
-	e->exit_signal = 0;
-	e->args_len = 0;
-	e->filename[0] = 0;
-	e->args[0] = 0;
 	bpf_ringbuf_submit(e, wakeup_flags(&events, sizeof(*e), true));
 	return 0;
 }
@@ -714,12 +708,6 @@ static __always_inline void on_connect(__u16 dport, __u16 family, const __u8 *da
 	if (!e)
 		return;
 	fill_common(e, (struct task_struct *)bpf_get_current_task(), PROCESS_CONNECT);
-	e->lifetime_ns = 0;
-	e->exit_code = 0;
-	e->exit_signal = 0;
-	e->args_len = 0;
-	e->filename[0] = 0;
-	e->args[0] = 0;
 	e->dport = dport;
 	e->family = family;
 	__builtin_memcpy(e->daddr, daddr, 16);

@@ -245,6 +245,17 @@ class FilterConfig(_Model):
     ports: tuple[_Port, ...] = Field(default=(), description=f"a list of TCP ports 1..{MAX_PORT}")
 
 
+def _valid_regex(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(
+            f"{pattern!r} is not a valid regular expression ({exc}); escape special "
+            "characters such as . + ( [ with a backslash"
+        ) from None
+    return pattern
+
+
 class ServiceRule(_Model):
     """Names a service; all matchers given must match, and the first matching rule wins."""
 
@@ -290,15 +301,7 @@ class ServiceRule(_Model):
     @field_validator("cmdline", "cgroup")
     @classmethod
     def _regex_compiles(cls, pattern: str | None) -> str | None:
-        if pattern is not None:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(
-                    f"{pattern!r} is not a valid regular expression ({exc}); escape special "
-                    "characters such as . ( [ with a backslash"
-                ) from None
-        return pattern
+        return None if pattern is None else _valid_regex(pattern)
 
     @model_validator(mode="after")
     def _has_matcher(self) -> ServiceRule:
@@ -402,17 +405,6 @@ MAX_NAME_BYTES = 15  # names compare on the kernel's comm length
 def _as_tuple(value: Any) -> Any:
     """A single string where a list is expected means a list of one."""
     return (value,) if isinstance(value, str) else value
-
-
-def _valid_regex(pattern: str) -> str:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(
-            f"{pattern!r} is not a valid regular expression ({exc}); escape special "
-            "characters such as . + ( [ with a backslash"
-        ) from None
-    return pattern
 
 
 def _as_list(value: Any) -> Any:
