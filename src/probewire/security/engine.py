@@ -45,7 +45,13 @@ from probewire.security.kernel import (
 )
 from probewire.security.redact import Redactor
 from probewire.security.rules import Clause, Connection, RuleSet
-from probewire.security.tree import MAX_ANCESTRY, Node, ProcessTree, read_proc_node, ticks
+from probewire.security.tree import (
+    MAX_ANCESTRY,
+    NS_PER_TICK,
+    Node,
+    ProcessTree,
+    read_proc_node,
+)
 
 if TYPE_CHECKING:
     from probewire.probes.process import ProcessEvent
@@ -168,37 +174,43 @@ class SecurityEngine:
     # --- the batch ---------------------------------------------------------------------------
     def on_batch(self, records: np.ndarray, decoded: Sequence[ProcessEvent | None]) -> None:
         """`decoded[i]` is the family's ProcessEvent of records[i] (exec and exit ones)."""
+        # Columns as lists once per batch: a numpy row and its fields cost ~1 µs a record.
         kinds = records["kind"].tolist()
         pids = records["pid"].tolist()
         ppids = records["ppid"].tolist()
-        starts = records["start_ns"].tolist()
+        start_ticks = (records["start_ns"] // np.uint64(NS_PER_TICK)).tolist()
+        uids = records["uid"].tolist()
+        euids = records["euid"].tolist()
+        cgroups = records["cgroup_id"].tolist()
+        clauses = records["clauses"].tolist()
+        flags = records["sec_flags"].tolist()
+        depths = records["listener_depth"].tolist()
         alerts: list[dict[str, Any]] = []
         with self._lock:
             for i, kind in enumerate(kinds):
                 if kind == PROCESS_FORK:
-                    rec = records[i]
-                    self.tree.fork(pids[i], ppids[i], ticks(starts[i]), uid=int(rec["uid"]),
-                                   euid=int(rec["euid"]), cgroup_id=int(rec["cgroup_id"]))
+                    self.tree.fork(pids[i], ppids[i], start_ticks[i], uid=uids[i],
+                                   euid=euids[i], cgroup_id=cgroups[i])
                 elif kind == PROCESS_EXEC:
                     ev = decoded[i]
                     if ev is not None:
-                        alerts += self._on_exec(records[i], ev)
+                        node = self.tree.exec(pids[i], ppids[i], start_ticks[i])
+                        node.exe, node.filename, node.comm = ev.exe, ev.filename, ev.comm
+                        node.argv, node.uid, node.euid = ev.argv, uids[i], euids[i]
+                        node.cgroup_id, node.service = cgroups[i], ev.service_name
+                        node.clauses, node.flags = clauses[i], flags[i]
+                        node.listener_depth, node.exec_ns = depths[i], ev.timestamp_ns
+                        alerts += self._on_exec(node, ev)
                 elif kind == PROCESS_EXIT:
-                    self.tree.exit(pids[i], ticks(starts[i]))
+                    self.tree.exit(pids[i], start_ticks[i])
                 elif kind == PROCESS_CONNECT:
                     alerts += self._on_connect(records[i])
         for alert in alerts:
             self._publish(alert)
 
-    def _on_exec(self, rec: np.void, ev: ProcessEvent) -> list[dict[str, Any]]:
-        flags = int(rec["sec_flags"])
-        node = self.tree.exec(
-            ev.pid, ev.ppid, ticks(int(rec["start_ns"])),
-            exe=ev.exe, filename=ev.filename, comm=ev.comm,
-            argv=ev.argv, uid=ev.uid, euid=int(rec["euid"]), cgroup_id=ev.cgroup_id,
-            service=ev.service_name, clauses=int(rec["clauses"]), flags=flags,
-            listener_depth=int(rec["listener_depth"]), exec_ns=ev.timestamp_ns,
-        )
+    def _on_exec(self, node: Node, ev: ProcessEvent) -> list[dict[str, Any]]:
+        """`node` holds the new image (the tree has it under its parent)."""
+        flags = node.flags
         if node.parent is None and ev.ppid > 1:
             self._adopt_parent(node, ev.ppid)
         for observer in self.on_exec:
@@ -217,7 +229,7 @@ class SecurityEngine:
             ancestry[depth - 1].listener = True
         out = []
         for clause in self.rules.exec_clauses:
-            if bits & clause.mask and clause.rule.id not in node.alerted:
+            if bits & clause.mask and clause.rule.id not in (node.alerted or ()):
                 alert = self._judge(clause, node, ancestry, None)
                 if alert is not None:
                     out.append(alert)
@@ -240,7 +252,7 @@ class SecurityEngine:
         for clause in clauses:
             # The process that connects, or the nearest ancestor the rule is about.
             for depth, subject in enumerate(chain):
-                if subject.evicted or clause.rule.id in subject.alerted:
+                if subject.evicted or clause.rule.id in (subject.alerted or ()):
                     continue
                 alert = self._judge(clause, subject, chain[depth + 1:], conn)
                 if alert is not None:
@@ -261,6 +273,8 @@ class SecurityEngine:
         if self.rules.excepted(rule.id, node, ancestry, self.is_listener, self.service_of,
                                conn):
             return None
+        if node.alerted is None:
+            node.alerted = set()
         node.alerted.add(rule.id)
         return self._alert(clause, node, ancestry, conn)
 

@@ -18,7 +18,7 @@ import os
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from probewire.security.kernel import SEC_EXE_DELETED, SEC_EXE_MEMFD, SEC_IN_CONTAINER
@@ -58,7 +58,7 @@ class Node:
     evicted: bool = False  # a stub: pushed out by the cap, or released
     children: int = 0  # nodes whose parent this is
     depth: int = 0  # ancestors above it (an upper bound once chains are cut)
-    alerted: set[str] = field(default_factory=set)  # rules already alerted for this image
+    alerted: set[str] | None = None  # rules already alerted for this image
 
 
 def same_start(node: Node, start_ticks: int) -> bool:
@@ -202,7 +202,7 @@ class ProcessTree:
         self.evicted += 1
         node.evicted = True
         node.argv = ()
-        node.alerted = set()
+        node.alerted = None
         if node.children <= 0:
             self._release(node)
         else:
@@ -228,7 +228,8 @@ class ProcessTree:
         return self._add(node, parent)
 
     def exec(self, pid: int, ppid: int, start_ticks: int, **image: object) -> Node:
-        """The process `pid` now runs a new image (`image`: the Node fields it sets)."""
+        """The process `pid` now runs a new image: its node, for the caller to set the image
+        on (or `image`: the Node fields to set)."""
         node = self._by_pid.get(pid)
         if node is None or not same_start(node, start_ticks):
             node = self._add(Node(pid, start_ticks), self._by_pid.get(ppid))
@@ -238,7 +239,7 @@ class ProcessTree:
             setattr(node, name, value)
         node.start_ticks = start_ticks  # exact from the exec'ing task
         node.seeded = False
-        node.alerted = set()
+        node.alerted = None
         self._touch(node)
         return node
 
