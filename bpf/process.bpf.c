@@ -200,12 +200,15 @@ static __always_inline bool prepend_name(struct exec_scratch *sc, const __u8 *na
  * PATH_COMPONENTS. A global function, so the verifier checks it once on its own instead of
  * once per path through the exec hook; the offset lives in the scratch map, not a register,
  * so the verifier does not track a different range of it on every iteration. */
-__noinline int resolve_path(struct exec_scratch *sc, __u64 dentry_p, __u64 vfsmnt_p,
-			    __u64 root_p, __u64 root_mnt_p)
+__noinline int resolve_path(__u64 dentry_p, __u64 vfsmnt_p, __u64 root_p, __u64 root_mnt_p)
 {
 	struct dentry *dentry = (struct dentry *)dentry_p;
 	/* struct mount wraps the vfsmount; CO-RE relocates the offset. */
 	struct mount *mnt = (void *)vfsmnt_p - bpf_core_field_offset(struct mount, mnt);
+	__u32 zero = 0;
+	/* The caller's per-CPU scratch, looked up again: a global function taking a pointer
+	 * needs Linux 5.12, scalars only 5.6. */
+	struct exec_scratch *sc = bpf_map_lookup_elem(&exec_scratch, &zero);
 	int i;
 
 	if (!sc)
@@ -373,7 +376,7 @@ static __always_inline void check_exec(struct exec_checks *c, struct exec_scratc
 	__u32 d;
 
 	c->flags = SEC_CHECKED;
-	resolve_path(sc, (__u64)dentry, (__u64)BPF_CORE_READ(exe, f_path.mnt),
+	resolve_path((__u64)dentry, (__u64)BPF_CORE_READ(exe, f_path.mnt),
 		     (__u64)BPF_CORE_READ(task, fs, root.dentry),
 		     (__u64)BPF_CORE_READ(task, fs, root.mnt));
 	c->flags |= sc->path_flags & SEC_EXE_TRUNCATED;
