@@ -10,7 +10,9 @@ ring; the real RingReader and on_batch on one core: records per CPU-second, noth
 http2 (HTTP/2 exchanges parsed per agent CPU-second, h2load against nginx over TLS), baseline
 (the HTTP hooks' kernel cost against the build before the L7 capture layer, in turns),
 saturation (the saturation family's kernel ns per run against a trivial counter on each of its
-hooks, and `perf bench sched pipe` throughput with the family on and off).
+hooks, and `perf bench sched pipe` throughput with the family on and off),
+security (thousands of /bin/true per second without the agent, with security off, with no
+rules, with the default rules: ns per exec and throughput ratio).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from bench import (
     peers,
     ring_flood,
     saturation,
+    security,
     series_memory,
     startup,
     userspace,
@@ -57,6 +60,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
     "http2": http2.run,
     "baseline": baseline.run,
     "saturation": saturation.run,
+    "security": security.run,
 }
 RESULTS = REPO_ROOT / "bench" / "results" / "latest.md"
 

@@ -21,6 +21,10 @@ APT_PACKAGES=(
     python3 python3-venv                      # the venv (Debian's python3 needs python3-venv)
     chromium                                  # e2e web UI tests (driven by Playwright)
     prometheus                                # e2e Prometheus server + promtool (rules checks/tests)
+    netcat-openbsd gcc                        # security tests: netcat by a service, a C build;
+                                              # bench/security.py's exec loop
+    podman runc                               # security tests: a package manager in a real
+                                              # container (DESIGN §3's podman recipe)
 )
 
 SUDO=()

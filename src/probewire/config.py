@@ -40,6 +40,9 @@ __all__ = [
     "ProbesConfig",
     "RingConfig",
     "SaturationConfig",
+    "SecurityConfig",
+    "SecurityMatch",
+    "SecurityRule",
     "ServiceRule",
     "ServicesConfig",
     "config_from_mapping",
@@ -298,6 +301,17 @@ class FilterConfig(_Model):
     ports: tuple[_Port, ...] = Field(default=(), description=f"a list of TCP ports 1..{MAX_PORT}")
 
 
+def _valid_regex(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(
+            f"{pattern!r} is not a valid regular expression ({exc}); escape special "
+            "characters such as . + ( [ with a backslash"
+        ) from None
+    return pattern
+
+
 class ServiceRule(_Model):
     """Names a service; all matchers given must match, and the first matching rule wins."""
 
@@ -343,15 +357,7 @@ class ServiceRule(_Model):
     @field_validator("cmdline", "cgroup")
     @classmethod
     def _regex_compiles(cls, pattern: str | None) -> str | None:
-        if pattern is not None:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(
-                    f"{pattern!r} is not a valid regular expression ({exc}); escape special "
-                    "characters such as . ( [ with a backslash"
-                ) from None
-        return pattern
+        return None if pattern is None else _valid_regex(pattern)
 
     @model_validator(mode="after")
     def _has_matcher(self) -> ServiceRule:
@@ -441,6 +447,310 @@ class ExportConfig(_Model):
     otlp: OtlpConfig = Field(default_factory=lambda: OtlpConfig(), description="OTLP export")
 
 
+# --- security (docs/security.md) --------------------------------------------------------------
+
+_RULE_ID = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+# Criteria the exec hook decides in the kernel (the only ones a kill rule may use).
+KERNEL_CRITERIA = ("exe_basename", "exe_dir", "fileless", "stdio_tcp", "listening_ancestor",
+                   "uid", "container")
+MAX_SECURITY_DEPTH = 8  # SEC_MAX_DEPTH in bpf/process.h
+MAX_SECURITY_CLAUSES = 64  # SEC_MAX_CLAUSES: one bit each
+MAX_NAME_BYTES = 15  # names compare on the kernel's comm length
+
+
+def _as_tuple(value: Any) -> Any:
+    """A single string where a list is expected means a list of one."""
+    return (value,) if isinstance(value, str) else value
+
+
+def _as_list(value: Any) -> Any:
+    """A single mapping where a list of mappings is expected means a list of one."""
+    return (value,) if isinstance(value, dict) else value
+
+
+_Names = typing.Annotated[tuple[str, ...], BeforeValidator(_as_tuple)]
+
+
+class SecurityAncestor(_Model):
+    """Some ancestor within `depth` generations matches every criterion given."""
+
+    exe: _Names | None = Field(default=None, description="globs on the ancestor's image path")
+    exe_basename: _Names | None = Field(
+        default=None, description="names of the ancestor's image, e.g. [sshd]")
+    service: _Names | None = Field(default=None, description="service names, e.g. [shop]")
+    depth: int = Field(
+        default=MAX_SECURITY_DEPTH, ge=1, le=64, strict=True,
+        description="generations to look up: 1 is the parent",
+    )
+
+    @model_validator(mode="after")
+    def _has_criterion(self) -> SecurityAncestor:
+        if (self.exe, self.exe_basename, self.service) == (None, None, None):
+            raise ValueError("give at least one of exe, exe_basename, service")
+        return self
+
+
+class SecurityConnects(_Model):
+    """An outbound TCP connection (by the process or a descendant) to these destinations."""
+
+    ports: tuple[_Port, ...] = Field(default=(), description="destination ports 1..65535")
+    addresses: tuple[str, ...] = Field(
+        default=(), description="destination addresses or networks, e.g. 203.0.113.0/24",
+    )
+
+    @field_validator("addresses")
+    @classmethod
+    def _networks(cls, addresses: tuple[str, ...]) -> tuple[str, ...]:
+        for address in addresses:
+            try:
+                ipaddress.ip_network(address, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{address!r} is not an IP address or network; write e.g. 203.0.113.7 or "
+                    "203.0.113.0/24 or 2001:db8::/32"
+                ) from None
+        return addresses
+
+    @model_validator(mode="after")
+    def _has_destination(self) -> SecurityConnects:
+        if not self.ports and not self.addresses:
+            raise ValueError("give ports, addresses or both")
+        return self
+
+
+class SecurityMatch(_Model):
+    """Criteria of one rule, all of which must hold (docs/security.md has each one)."""
+
+    exe: _Names | None = Field(
+        default=None, description="globs on the image path, e.g. /opt/*/bin/*")
+    exe_basename: _Names | None = Field(
+        default=None, description="names of the image (the first 15 bytes count), e.g. [nc]")
+    exe_dir: _Names | None = Field(
+        default=None, description="absolute directories the image is under, e.g. [/tmp]")
+    argv: str | None = Field(
+        default=None, description="a regular expression searched in the space-joined argv")
+    ancestor: SecurityAncestor | None = Field(
+        default=None, description="a mapping: exe, exe_basename and/or service, and depth")
+    uid: tuple[typing.Annotated[int, Field(strict=True, ge=0, le=2**32 - 2)], ...] | None = \
+        Field(default=None, description="effective uids, e.g. [0]")
+    container: bool | None = Field(
+        default=None, description="true: inside a container; false: on the host")
+    fileless: Literal[True] | None = Field(
+        default=None, description="true: the image is a memfd or a deleted file")
+    stdio_tcp: Literal[True] | None = Field(
+        default=None, description="true: stdin or stdout is a TCP socket")
+    listening_ancestor: int | None = Field(
+        default=None, ge=1, le=MAX_SECURITY_DEPTH, strict=True,
+        description=f"1..{MAX_SECURITY_DEPTH}: an ancestor this many generations up at most "
+                    "(1: the parent) listens on a TCP port",
+    )
+    connects_to: SecurityConnects | None = Field(
+        default=None, description="a mapping with ports and/or addresses")
+
+    @field_validator("argv")
+    @classmethod
+    def _argv_regex(cls, pattern: str | None) -> str | None:
+        return None if pattern is None else _valid_regex(pattern)
+
+    @field_validator("exe_dir")
+    @classmethod
+    def _absolute_dirs(cls, dirs: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for d in dirs or ():
+            if not d.startswith("/") or len(d.encode()) > 200:
+                raise ValueError(f"{d!r} is not an absolute directory (≤ 200 bytes), e.g. /tmp")
+        return dirs
+
+    @field_validator("exe_basename")
+    @classmethod
+    def _plain_names(cls, names: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for name in names or ():
+            if not name or "/" in name or "\0" in name:
+                raise ValueError(f"{name!r} is not a file name; give the last component only")
+        return names
+
+    def criteria(self) -> set[str]:
+        return {name for name in type(self).model_fields if getattr(self, name) is not None}
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> SecurityMatch:
+        if not self.criteria():
+            raise ValueError("an empty match matches every process; give at least one criterion")
+        return self
+
+
+class SecurityRule(_Model):
+    """One rule: alert (or kill) when its match holds and none of its exceptions do."""
+
+    id: str = Field(description="a unique id: lowercase letters, digits and _, e.g. my_rule")
+    severity: Literal["critical", "high", "medium", "low", "info"] = Field(
+        default="high", description="critical, high, medium, low or info")
+    description: str = Field(default="", description="what the rule catches, for the alert")
+    match: typing.Annotated[tuple[SecurityMatch, ...], BeforeValidator(_as_list)] = Field(
+        description="a mapping of criteria (all must hold), or a list of them (any one)")
+    except_: tuple[SecurityMatch, ...] = Field(
+        default=(), alias="except",
+        description="a list of mappings of criteria; a match that also matches one is dropped")
+    action: Literal["alert", "kill"] = Field(
+        default="alert", description="alert, or kill (SIGKILL from the kernel at exec)")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("id")
+    @classmethod
+    def _id_form(cls, rule_id: str) -> str:
+        if not _RULE_ID.match(rule_id):
+            raise ValueError(f"{rule_id!r} is not a rule id; use lowercase letters, digits and _")
+        return rule_id
+
+    @field_validator("match")
+    @classmethod
+    def _some_alternative(cls, match: tuple[SecurityMatch, ...]) -> tuple[SecurityMatch, ...]:
+        if not match:
+            raise ValueError("an empty list matches nothing; give at least one mapping")
+        return match
+
+    @property
+    def alternatives(self) -> tuple[SecurityMatch, ...]:
+        return self.match
+
+    @model_validator(mode="after")
+    def _kill_is_decided_in_kernel(self) -> SecurityRule:
+        if self.action != "kill":
+            return self
+        if self.except_:
+            raise ValueError("except: a kill rule is decided in the kernel at exec, where "
+                             "exceptions are not evaluated; narrow match instead")
+        for i, alt in enumerate(self.alternatives):
+            late = sorted(alt.criteria() - set(KERNEL_CRITERIA))
+            if late:
+                where = "match" if len(self.alternatives) == 1 else f"match.{i}"
+                raise ValueError(
+                    f"{where}.{late[0]}: action kill needs criteria the kernel decides at "
+                    f"exec ({', '.join(KERNEL_CRITERIA)}); {', '.join(late)} can only be "
+                    "decided later, in user space: use action alert"
+                )
+        return self
+
+    # Last, so it wraps the validators above: their errors get the rule's id too.
+    @model_validator(mode="wrap")
+    @classmethod
+    def _name_the_rule(cls, data: Any, handler: Any) -> SecurityRule:
+        """Errors inside a rule say which rule (by id) and which field of it."""
+        rule_id = data.get("id") if isinstance(data, dict) else None
+        # A single mapping was given: its errors say match.argv, not match.0.argv.
+        single = isinstance(data, dict) and isinstance(data.get("match"), dict)
+        try:
+            rule: SecurityRule = handler(data)
+        except ValidationError as exc:
+            problems = []
+            for error in exc.errors():
+                parts = [str(p) for p in error["loc"]]
+                if single and parts[:2] == ["match", "0"]:
+                    del parts[1]
+                loc = ".".join(parts)
+                message = str(error["msg"]).removeprefix("Value error, ")
+                if error["type"] == "extra_forbidden":
+                    names = [p for p in parts[:-1] if not p.isdigit()]
+                    model: type[BaseModel] = SecurityMatch if names else SecurityRule
+                    if names[1:2] == ["ancestor"]:
+                        model = SecurityAncestor
+                    elif names[1:2] == ["connects_to"]:
+                        model = SecurityConnects
+                    known = ", ".join(f.alias or n for n, f in model.model_fields.items())
+                    message = f"unknown field; known fields are: {known}"
+                elif error["type"] == "literal_error" and loc.endswith("action"):
+                    message = f"unknown action {error['input']!r}; use alert or kill"
+                elif error["type"] not in ("value_error", "missing") and "input" in error:
+                    message += f" (got {error['input']!r})"
+                problems.append(f"{loc}: {message}" if loc else message)
+            name = f"rule {rule_id!r}" if rule_id else "a rule without an id"
+            raise ValueError(f"{name}: " + "; ".join(problems)) from None
+        return rule
+
+
+class SecurityRedact(_Model):
+    """Secrets removed from argv wherever it is shown (added to the built-in list)."""
+
+    flags: tuple[str, ...] = Field(
+        default=(), description="more flags whose value is a secret, e.g. [--db-pass]")
+    patterns: tuple[str, ...] = Field(
+        default=(), description="more regular expressions; a group named value, if any, is "
+                                "what gets replaced, else the whole match")
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns_compile(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_valid_regex(p) for p in patterns)
+
+
+class SecurityConfig(_Model):
+    """Exec and connection rules, the process tree, alerts and enforcement."""
+
+    enabled: bool = Field(default=True, description="true or false")
+    default_rules: bool = Field(default=True, description="load the built-in rules")
+    disabled_rules: tuple[str, ...] = Field(
+        default=(), description="ids of built-in rules to leave out, e.g. [exec_from_temp_dir]")
+    rules: tuple[SecurityRule, ...] = Field(
+        default=(), description="more rules; one with a built-in rule's id replaces it")
+    alert_log: str | None = Field(
+        default=None, description="a file to append alerts to as JSON lines, or - for stdout")
+    otlp_logs: bool = Field(
+        default=True, description="send alerts as OTLP log records while export.otlp is on")
+    redact: SecurityRedact = Field(default=SecurityRedact(), description="secrets in argv")
+    max_processes: int = Field(
+        default=16384, ge=256, le=1 << 20, strict=True,
+        description="processes the tree keeps (live ones and exited ancestors of live ones)")
+    max_alerts: int = Field(
+        default=1000, ge=1, le=100_000, strict=True,
+        description="recent alerts the API and the UI keep")
+
+    @model_validator(mode="after")
+    def _rule_set(self) -> SecurityConfig:
+        from probewire.security.defaults import DEFAULT_RULE_IDS
+
+        unknown = [r for r in self.disabled_rules if r not in DEFAULT_RULE_IDS]
+        if unknown:
+            raise ValueError(f"disabled_rules: {unknown[0]!r} is not a built-in rule; the "
+                             f"built-in ids are {', '.join(DEFAULT_RULE_IDS)}")
+        seen: set[str] = set()
+        for rule in self.rules:
+            if rule.id in seen:
+                raise ValueError(f"rules: the id {rule.id!r} is used twice; ids are unique")
+            seen.add(rule.id)
+        effective = self.effective_rules()
+        clauses = sum(len(r.alternatives) for r in effective)
+        if clauses > MAX_SECURITY_CLAUSES:
+            raise ValueError(f"rules: {clauses} match alternatives in all; the kernel holds "
+                             f"{MAX_SECURITY_CLAUSES}: disable or merge some")
+        alts = [m for r in effective for m in r.alternatives]
+        for what, values, cap in (
+            ("exe_basename names", {n.encode()[:MAX_NAME_BYTES] for m in alts
+                                    for n in m.exe_basename or ()}, 1024),
+            ("exe_dir directories", {d for m in alts for d in m.exe_dir or ()}, 256),
+            ("uids", {u for m in alts for u in m.uid or ()}, 256),
+            ("connects_to ports", {p for m in alts if m.connects_to
+                                   for p in m.connects_to.ports}, 1024),
+            ("connects_to addresses", {a for m in alts if m.connects_to
+                                       for a in m.connects_to.addresses}, 1024),
+        ):
+            if len(values) > cap:
+                raise ValueError(f"rules: {len(values)} distinct {what} in all; the kernel's "
+                                 f"map holds {cap} (bpf/process.bpf.c): use fewer")
+        return self
+
+    def effective_rules(self) -> tuple[SecurityRule, ...]:
+        """Built-in rules (unless disabled or replaced by a user rule of the same id), then
+        the user's rules."""
+        from probewire.security.defaults import DEFAULT_RULES
+
+        mine = {r.id for r in self.rules}
+        builtin = tuple(
+            SecurityRule.model_validate(r) for r in DEFAULT_RULES
+            if self.default_rules and r["id"] not in mine and r["id"] not in self.disabled_rules
+        ) if self.enabled else ()
+        return builtin + (self.rules if self.enabled else ())
+
+
 class Config(_Model):
     """The whole agent configuration."""
 
@@ -462,6 +772,9 @@ class Config(_Model):
     services: ServicesConfig = Field(default=ServicesConfig(), description="service naming rules")
     export: ExportConfig = Field(
         default_factory=lambda: ExportConfig(), description="OTLP export settings"
+    )
+    security: SecurityConfig = Field(
+        default_factory=lambda: SecurityConfig(), description="security rules and alerts"
     )
 
     @field_validator("listen")

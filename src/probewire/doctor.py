@@ -89,15 +89,19 @@ def run_checks(console: Console, listen: str) -> bool:
                          f"none; {len(loaded)} in use by {in_use}" if loaded else "none"))
         if _agent_running(listen):
             rows.append(("agent", True, f"answering at {listen}"))
+        from probewire.security.enforce import kill_supported
+
+        rows.append(("security kill action", *kill_supported()))
     table = Table(title="probewire doctor")
     table.add_column("check")
     table.add_column("ok")
     table.add_column("detail", overflow="fold")
-    # Hook types a kernel lacks are facts, not failures; the rest must pass.
+    # Hook types a kernel lacks are facts, not failures (so is a kernel that cannot enforce
+    # kill rules: they still alert); the rest must pass.
     ok = True
     for name, passed, detail in rows:
         table.add_row(name, "yes" if passed else "no", detail)
-        if not passed and not name.startswith("hook "):
+        if not passed and not name.startswith("hook ") and name != "security kill action":
             ok = False
     console.print(table)
     return ok

@@ -27,6 +27,7 @@ EXPECTED_ROWS = (
     "agent RSS holding HTTP series",
     "user space: L7Probe.on_batch",
     "user space: ring drain + decode + aggregate, one core",
+    "exec throughput ratio (default rules / no agent)",
 )
 
 

@@ -47,6 +47,8 @@ HOOKS = (
     ("tcp", "tcp_receive_reset"),
     ("process", "sched_process_exec"),
     ("process", "sched_process_exit"),
+    ("process", "sched_process_fork"),
+    ("process", "inet_sock_set_state"),
     ("l7", "inet_sock_set_state"),
     ("saturation", "sched_switch"),
     ("saturation", "sched_wakeup"),
@@ -466,8 +468,8 @@ def test_force_hook_tp_is_shown_with_the_forced_reason(test_output_dir: Path) ->
         rows = _probe_rows(listen)
     # The override names a hook, so every family hooking that tracepoint takes it.
     forced = [(p, h) for p, h in HOOKS if h == "inet_sock_set_state"]
-    assert forced == [("tcp", "inet_sock_set_state"), ("l7", "inet_sock_set_state"),
-                      ("saturation", "inet_sock_set_state")]
+    assert forced == [("tcp", "inet_sock_set_state"), ("process", "inet_sock_set_state"),
+                      ("l7", "inet_sock_set_state"), ("saturation", "inet_sock_set_state")]
     for key in forced:
         _probe, _hook, chosen, attached, _avg, _runs, reason = rows[key]
         assert (chosen, attached) == ("tp/sock/inet_sock_set_state", "yes")

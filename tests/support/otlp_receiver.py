@@ -21,9 +21,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import grpc
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
@@ -61,6 +63,18 @@ class Receiver:
         default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    log_requests: list[logs_service_pb2.ExportLogsServiceRequest] = field(default_factory=list)
+
+    def logs(self) -> list[tuple[dict[str, Any], LogRecord]]:
+        """(resource attributes, log record) of every log record received."""
+        with self.lock:
+            out = []
+            for req in self.log_requests:
+                for rl in req.resource_logs:
+                    res = attrs(rl.resource.attributes)
+                    for sl in rl.scope_logs:
+                        out.extend((res, r) for r in sl.log_records)
+            return out
 
     def spans(self) -> list[ReceivedSpan]:
         with self.lock:
@@ -91,6 +105,8 @@ class Receiver:
         with self.lock:
             if isinstance(req, trace_service_pb2.ExportTraceServiceRequest):
                 self.trace_requests.append(req)
+            elif isinstance(req, logs_service_pb2.ExportLogsServiceRequest):
+                self.log_requests.append(req)
             else:
                 self.metric_requests.append(req)
             self.headers.append(headers)
@@ -114,6 +130,15 @@ class _Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
         return metrics_service_pb2.ExportMetricsServiceResponse()
 
 
+class _Logs(logs_service_pb2_grpc.LogsServiceServicer):
+    def __init__(self, rx: Receiver) -> None:
+        self.rx = rx
+
+    def Export(self, request: Any, context: Any) -> Any:
+        self.rx._add(request, dict(context.invocation_metadata()))
+        return logs_service_pb2.ExportLogsServiceResponse()
+
+
 def _http_handler(rx: Receiver) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -135,6 +160,9 @@ def _http_handler(rx: Receiver) -> type[BaseHTTPRequestHandler]:
             elif self.path == "/v1/metrics":
                 req = metrics_service_pb2.ExportMetricsServiceRequest.FromString(body)
                 resp = metrics_service_pb2.ExportMetricsServiceResponse()
+            elif self.path == "/v1/logs":
+                req = logs_service_pb2.ExportLogsServiceRequest.FromString(body)
+                resp = logs_service_pb2.ExportLogsServiceResponse()
             else:
                 self.send_error(404)
                 return
@@ -156,6 +184,7 @@ def otlp_receiver(protocol: str = "grpc") -> Iterator[Receiver]:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Traces(rx), server)
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_Metrics(rx), server)
+        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_Logs(rx), server)
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         rx.endpoint = f"http://127.0.0.1:{port}"

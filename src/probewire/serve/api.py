@@ -20,6 +20,7 @@ from probewire import __version__
 from probewire.agent import Agent
 from probewire.probes.process import RECENT_EVENTS, ProcessProbe
 from probewire.probes.saturation import SaturationProbe
+from probewire.security.engine import SecurityEngine
 from probewire.serve.history import RATE_WINDOW_S, History, Window
 from probewire.serve.openapi import openapi_document
 from probewire.serve.saturation import SaturationView
@@ -74,6 +75,9 @@ class Api:
             "/api/agent": self.agent_info,
             "/api/history": self.history_of,
             "/api/saturation": self.saturation,
+            # security (docs/security.md)
+            "/api/security/alerts": self.security_alerts,
+            "/api/security/rules": self.security_rules,
         }
         self.saturation_view = SaturationView(agent.started_at or None)
 
@@ -87,6 +91,9 @@ class Api:
         prefix = "/api/services/"
         if path.startswith(prefix) and len(path) > len(prefix):
             return self.service(unquote(path[len(prefix):]))
+        prefix = "/api/processes/"
+        if path.startswith(prefix) and len(path) > len(prefix):
+            return self.process(unquote(path[len(prefix):]))
         raise ApiError(404, f"no such endpoint: {path}; see /api/openapi.json")
 
     # --- services --------------------------------------------------------------------------
@@ -375,3 +382,37 @@ class Api:
             raise ApiError(404, f"no history for service {service!r} (yet); sampled every "
                                 f"{self.history.interval_s:g} s")
         return {"service": service, "interval_seconds": self.history.interval_s, **series}
+
+    # --- security ---------------------------------------------------------------------------
+    def _security(self) -> SecurityEngine | None:
+        probe = self.agent.probes.get("process")
+        return probe.security if isinstance(probe, ProcessProbe) else None
+
+    def security_alerts(self, query: Query) -> dict[str, Any]:
+        engine = self._security()
+        if engine is None:
+            return {"enabled": False, "alerts": [], "total": 0, "stats": {}}
+        cap = engine.config.security.max_alerts
+        limit = _int_param(query, "limit", cap, 1, cap)
+        since = _int_param(query, "since_id", 0, 0, 2**63 - 1)
+        rule = query.get("rule", [None])[-1]
+        return {"enabled": True, "alerts": engine.recent(since, limit, rule),
+                "total": engine.alerts_total, "stats": engine.stats()}
+
+    def security_rules(self, query: Query) -> dict[str, Any]:
+        engine = self._security()
+        if engine is None:
+            return {"enabled": False, "rules": []}
+        return {"enabled": True, "rules": engine.rule_rows()}
+
+    def process(self, pid_text: str) -> dict[str, Any]:
+        if not pid_text.isdigit() or not 0 < int(pid_text) < 2**32:
+            raise ApiError(400, f"process {pid_text!r}: expected a pid, an integer > 0")
+        engine = self._security()
+        if engine is None:
+            raise ApiError(404, "the process tree is kept only with security on "
+                                "(security.enabled)")
+        found = engine.ancestry_of(int(pid_text))
+        if found is None:
+            raise ApiError(404, f"no live process {pid_text} in the process tree")
+        return found

@@ -119,7 +119,10 @@ SCHEMAS: dict[str, Any] = {
         "pid": INT, "ppid": INT, "uid": INT,
         "timestamp_ns": {**INT, "description": "CLOCK_MONOTONIC nanoseconds"},
         "cgroup_id": INT, "comm": STR, "service_name": STR, "filename": STR,
-        "argv": {"type": "array", "items": STR},
+        "argv": {"type": "array", "items": STR,
+                 "description": "Secrets redacted (security.redact)"},
+        "exe": {**STR, "description": "exec: the image's path as the kernel resolved it "
+                                      "(empty with security off)"},
         "exit_code": {"type": "integer", "nullable": True},
         "exit_signal": {"type": "integer", "nullable": True},
         "lifetime_s": {"type": "number", "nullable": True},
@@ -140,6 +143,86 @@ def _get(summary: str, ok: dict[str, Any], params: list[dict[str, Any]] | None =
     if params:
         op["parameters"] = params
     return {"get": op}
+
+
+# --- security (docs/security.md) -------------------------------------------------------------
+NULL_STR = {"type": "string", "nullable": True}
+_PROCESS_PROPS: dict[str, Any] = {
+    "pid": INT, "exe": {**STR, "description": "The image's path as the kernel resolved it"},
+    "filename": {**STR, "description": "The path given to execve"}, "comm": STR,
+    "argv": {"type": "array", "items": STR, "description": "Secrets redacted"},
+    "uid": INT, "euid": INT, "user": STR, "service_name": STR,
+    "container_id": NULL_STR, "start_ticks": INT,
+    "exited": {**BOOL, "description": "Exited, kept in the tree for its children"},
+}
+SCHEMAS.update({
+    "SecurityProcess": _obj(_PROCESS_PROPS),
+    "SecurityAncestor": {"oneOf": [
+        _ref("SecurityProcess"),
+        _obj({"pid": INT, "evicted": {"type": "boolean", "enum": [True]}}, extra=False),
+    ], "description": "An ancestor; past the tree's cap only its pid is left"},
+    "SecurityAlert": _obj({
+        "id": {**INT, "description": "Increasing; page with since_id"},
+        "time": {**NUM, "description": "Unix seconds"},
+        "timestamp_ns": {**INT, "description": "CLOCK_MONOTONIC nanoseconds of the event"},
+        "rule": STR,
+        "severity": {"type": "string", "enum": ["critical", "high", "medium", "low", "info"]},
+        "description": STR,
+        "action": {"type": "string", "enum": ["alert", "killed"]},
+        "service_name": {**STR, "description": "The nearest network server among the process "
+                                               "and its ancestors, else the process's own"},
+        "process": _ref("SecurityProcess"),
+        "container_id": NULL_STR,
+        "in_container": BOOL,
+        "ancestry": {"type": "array", "items": _ref("SecurityAncestor"),
+                     "description": "The parent first"},
+        "ancestry_truncated": BOOL,
+        "evidence": {"type": "object", "description": "What the kernel found at exec, and the "
+                                                      "connection for connects_to rules"},
+    }),
+    "SecurityRule": _obj({
+        "id": STR, "severity": STR, "description": STR,
+        "action": {"type": "string", "enum": ["alert", "kill"]},
+        "match": {"type": "array", "items": {"type": "object"},
+                  "description": "Alternatives: any one matches; criteria within one all must"},
+        "except": {"type": "array", "items": {"type": "object"}},
+        "kernel_criteria": {"type": "array", "items": STR,
+                            "description": "Criteria the kernel decides at exec"},
+        "alerts": INT, "kills": INT,
+    }),
+})
+
+
+def security_paths() -> dict[str, Any]:
+    return {
+        "/api/security/alerts": _get(
+            "Recent security alerts, oldest first", _json(_obj({
+                "enabled": BOOL,
+                "alerts": {"type": "array", "items": _ref("SecurityAlert")},
+                "total": {**INT, "description": "Alerts since the agent started"},
+                "stats": {"type": "object", "description": "Process tree size and outputs"},
+            }), "Alerts"),
+            [{"name": "since_id", "in": "query", "required": False,
+              "description": "Only alerts with a larger id",
+              "schema": {"type": "integer", "minimum": 0, "maximum": 9223372036854775807}},
+             {"name": "limit", "in": "query", "required": False,
+              "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+             {"name": "rule", "in": "query", "required": False, "schema": STR}],
+            {"400": ERROR},
+        ),
+        "/api/security/rules": _get("The rules in force, with alert and kill counts", _json(_obj({
+            "enabled": BOOL, "rules": {"type": "array", "items": _ref("SecurityRule")},
+        }), "Rules")),
+        "/api/processes/{pid}": _get(
+            "A live process and its ancestry from the process tree",
+            _json(_obj({"process": _ref("SecurityProcess"),
+                        "ancestry": {"type": "array", "items": _ref("SecurityAncestor")}}),
+                  "The process"),
+            [{"name": "pid", "in": "path", "required": True,
+              "schema": {"type": "integer", "minimum": 1, "maximum": 4294967295}}],
+            {"400": ERROR, "404": NOT_FOUND},
+        ),
+    }
 
 
 def openapi_document(version: str) -> dict[str, Any]:
@@ -259,6 +342,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                         "cgroup": STR, "cgroup_id": INT, "trigger_pid": INT})},
                 }), "Saturation")),
             "/api/openapi.json": _get("This document", _json({"type": "object"}, "OpenAPI")),
+            **security_paths(),
         },
         "components": {"schemas": SCHEMAS},
     }

@@ -430,6 +430,89 @@ async function pageEvents(token, first) {
   document.getElementById("ev-count").textContent = `${feed.rows.length} shown, newest first`;
 }
 
+// ---------- security ---------------------------------------------------------------------
+const RULE_COLS = [
+  {key: "id", label: "rule"},
+  {key: "severity", label: "severity", fmt: v => `<span class="pill ${esc(v)}">${esc(v)}</span>`},
+  {key: "action", label: "action", fmt: v => v === "kill" ? `<span class="pill killed">kill</span>` : "alert"},
+  {key: "alerts", label: "alerts", num: true, fmt: fmtNum},
+  {key: "kills", label: "kills", num: true, fmt: fmtNum},
+  {key: "kernel_criteria", label: "decided in the kernel", sortValue: r => r.kernel_criteria.join(),
+   fmt: v => v.map(k => `<span class="pill">${esc(k)}</span>`).join(" ") || "–"},
+  {key: "description", label: "what it catches"},
+];
+
+function procName(p) {
+  const path = p.exe || p.filename || "";
+  return p.comm || path.split("/").pop() || "?";
+}
+
+// The alert's lineage, oldest ancestor on the left and the process that matched on the right.
+function ancestrySvg(alert) {
+  const chain = alert.ancestry.slice().reverse().concat([alert.process]);
+  const W = 150, H = 46, GAP = 26, PAD = 2;
+  const width = PAD * 2 + chain.length * W + (chain.length - 1) * GAP;
+  const parts = [`<svg class="ancestry" data-testid="ancestry" viewBox="0 0 ${width} ${H + PAD * 2}" width="${width}" height="${H + PAD * 2}">`];
+  chain.forEach((p, i) => {
+    const x = PAD + i * (W + GAP);
+    if (i) parts.push(`<path d="M${x - GAP},${PAD + H / 2} L${x - 4},${PAD + H / 2}" marker-end="url(#arrow)"/>`);
+    const subject = i === chain.length - 1;
+    const server = !subject && alert.service_name && p.service_name === alert.service_name;
+    const cls = ["proc", subject ? "subject" : "", server ? "server" : "", p.exited ? "exited" : ""].join(" ");
+    const name = p.evicted ? "…" : procName(p);
+    const title = p.evicted ? `pid ${p.pid} (no longer in the tree)` :
+      `${p.exe || p.filename}\n${(p.argv || []).join(" ")}\nuser ${p.user} · service ${p.service_name}${p.exited ? " · exited" : ""}`;
+    parts.push(`<g class="${cls}" data-testid="ancestor" data-pid="${p.pid}" transform="translate(${x},${PAD})"><title>${esc(title)}</title>
+      <rect width="${W}" height="${H}"/>
+      <text class="name" x="8" y="18">${esc(name.length > 19 ? name.slice(0, 18) + "…" : name)}</text>
+      <text x="8" y="35">pid ${p.pid}${p.service_name && !p.evicted ? " · " + esc(p.service_name.slice(0, 12)) : ""}</text></g>`);
+  });
+  parts.push("</svg>");
+  return parts.join("");
+}
+
+function alertCard(a) {
+  const when = new Date(a.time * 1000).toLocaleTimeString();
+  const conn = a.evidence && a.evidence.connection;
+  const why = [a.evidence.stdin_tcp || a.evidence.stdout_tcp ? "stdio is a TCP socket" : "",
+    a.evidence.exe_memfd ? "memfd image" : a.evidence.exe_deleted ? "deleted image" : "",
+    a.evidence.listener_depth ? `listening ancestor ${a.evidence.listener_depth} up` : "",
+    a.in_container ? `in container ${a.container_id ? a.container_id.slice(0, 12) : ""}` : "",
+    conn ? `connection to ${conn.address}:${conn.port} by pid ${conn.pid}` : ""].filter(Boolean).join(" · ");
+  return `<div class="alert ${esc(a.severity)}" data-testid="alert" data-rule="${esc(a.rule)}" data-pid="${a.process.pid}" data-id="${a.id}">
+    <div class="head"><span class="pill ${esc(a.severity)}">${esc(a.severity)}</span>
+      <span class="rule">${esc(a.rule)}</span>${a.action === "killed" ? `<span class="pill killed">killed</span>` : ""}
+      <span>service <a data-testid="alert-service" href="${serviceHref(a.service_name)}">${esc(a.service_name)}</a></span>
+      <span class="muted">${esc(when)} · pid ${a.process.pid} · user ${esc(a.process.user)}</span></div>
+    <div class="cmd">${esc(a.process.exe || a.process.filename)}  ${esc(a.process.argv.join(" "))}</div>
+    ${why ? `<div class="muted">${esc(why)}</div>` : ""}
+    <div class="card" style="margin:6px 0 0;overflow-x:auto">${ancestrySvg(a)}</div></div>`;
+}
+
+async function pageSecurity(token) {
+  const [data, rules] = await Promise.all([api("/api/security/alerts?limit=200"), api("/api/security/rules")]);
+  if (token !== pageToken) return;
+  (rerender = () => {
+    if (!data.enabled) {
+      main.innerHTML = `<h1>Security</h1><div class="card empty" data-testid="security-off">Security monitoring is off (security.enabled: false).</div>`;
+      return;
+    }
+    const kills = rules.rules.reduce((n, r) => n + r.kills, 0);
+    const alerts = data.alerts.slice().reverse();
+    main.innerHTML = `<h1>Security</h1>
+      <svg width="0" height="0" style="position:absolute"><defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#94a3b8"/></marker></defs></svg>
+      <div class="cards">
+        ${stat("alerts since start", fmtNum(data.total), "security-total")}
+        ${stat("execs killed", fmtNum(kills), "security-kills")}
+        ${stat("rules", fmtNum(rules.rules.length), "security-rules-count")}
+        ${stat("processes in the tree", fmtNum(data.stats.processes + data.stats.exited_kept), "security-processes")}
+      </div>
+      <h2>Alerts <span class="muted">(newest first; each with its ancestry, the matching process on the right)</span></h2>
+      <div data-testid="security-alerts">${alerts.length ? alerts.map(alertCard).join("") : `<div class="card empty" data-testid="security-alerts-empty">No alerts.</div>`}</div>
+      <h2>Rules</h2>${table("security-rules", RULE_COLS, rules.rules)}`;
+  })();
+}
+
 // ---------- agent ------------------------------------------------------------------------
 const HOOK_COLS = [
   {key: "probe", label: "probe"}, {key: "hook", label: "hook"},
@@ -481,6 +564,7 @@ async function refresh(first = false) {
     else if (page === "saturation") await pageSaturation(token);
     else if (page === "events") await pageEvents(token, first);
     else if (page === "agent") await pageAgent(token);
+    else if (page === "security") await pageSecurity(token);
     else await pageMap(token);
     if (token === pageToken) { setStatus("updated " + new Date().toLocaleTimeString()); document.body.dataset.loaded = page; }
   } catch (e) {
