@@ -102,7 +102,7 @@ struct custom_spec {
 	__u8 py_name_len;
 	__u8 py_n_suffixes; /* 0: any file (module __main__) */
 	__u8 py_suffix_len[CUSTOM_PY_SUFFIXES];
-	__u8 _pad[6];
+	__u8 _pad[10];
 	__s64 result_operand;
 	__u64 duration_bounds_ns[CUSTOM_MAX_BOUNDS];
 	struct custom_field labels[CUSTOM_MAX_LABELS];

@@ -18,6 +18,7 @@ from probewire.errors import PrivilegeError, ProbewireError
 from probewire.probes import REGISTRY
 from probewire.probes.base import SHARED_MAPS, Probe, ProbeContext, RunningProbe, start_probe
 from probewire.probes.http import HttpProbe
+from probewire.probes.process import ProcessProbe
 from probewire.runtime.bpf import (
     PRIVILEGE_FIX,
     BpfObject,
@@ -134,6 +135,7 @@ class Agent:
                     ring = Ring(self.running[name].obj.maps[ring_name], dtype,
                                 f"{name}:{ring_name}")
                     self.reader.add(ring, functools.partial(probe.on_ring, ring_name))
+            self._subscribe_to_execs()
             if self.config.export.otlp.enabled:
                 self._start_otlp()
         except BaseException:
@@ -144,6 +146,17 @@ class Agent:
         self.startup_s = time.monotonic() - t0
         log.info("probes attached in %.3f s: %s", self.startup_s,
                  ", ".join(f"{s.probe}:{s.section}" for s in self.status()))
+
+    def _subscribe_to_execs(self) -> None:
+        """Families that attach to processes as they exec (the uprobe layer's clients: custom
+        probes, TLS) get the process family's exec/exit events."""
+        process = self.probes.get("process")
+        if not isinstance(process, ProcessProbe):
+            return
+        for probe in self.probes.values():
+            hook = getattr(probe, "on_process_events", None)
+            if callable(hook) and hook not in process.subscribers:
+                process.subscribers.append(hook)
 
     def _start_otlp(self) -> None:
         from probewire.export.otlp import OtlpExporter

@@ -9,6 +9,7 @@ message names the file, the dotted field path and the fix.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import mmap
 import re
 import typing
@@ -20,9 +21,9 @@ import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
-    RootModel,
     ConfigDict,
     Field,
+    RootModel,
     ValidationError,
     field_validator,
     model_validator,
@@ -291,11 +292,18 @@ class CustomValue(CustomField):
     @field_validator("buckets")
     @classmethod
     def _increasing(cls, buckets: tuple[float, ...]) -> tuple[float, ...]:
-        if any(b >= c for b, c in zip(buckets, buckets[1:], strict=False)):
+        if any(b >= c for b, c in itertools.pairwise(buckets)):
             raise ValueError(f"buckets {list(buckets)} must be strictly increasing")
         if any(b != b or abs(b) == float("inf") for b in buckets):
             raise ValueError("buckets must be finite numbers (+Inf is always added)")
         return buckets
+
+    @model_validator(mode="after")
+    def _unsigned_bounds(self) -> CustomValue:
+        if self.type.startswith("u") and self.buckets[0] < 0:
+            raise ValueError(f"buckets: a {self.type} is never negative; start the buckets at 0 "
+                             "or above")
+        return self
 
 
 class CustomResult(_Model):
@@ -364,7 +372,7 @@ class CustomProbeConfig(_Model):
     @field_validator("duration_buckets")
     @classmethod
     def _increasing(cls, buckets: tuple[float, ...]) -> tuple[float, ...]:
-        if any(b >= c for b, c in zip(buckets, buckets[1:], strict=False)) or buckets[0] <= 0:
+        if any(b >= c for b, c in itertools.pairwise(buckets)) or buckets[0] <= 0:
             raise ValueError(f"{list(buckets)} must be positive and strictly increasing")
         return buckets
 
@@ -749,7 +757,7 @@ def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
         field = model.model_fields.get(part)
         if field is None:
             return None
-        annotation = field.annotation
+        annotation: Any = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, RootModel):
             annotation = annotation.model_fields["root"].annotation  # probes.custom: a list
         if typing.get_origin(annotation) in (tuple, list):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from probewire.probes.base import Probe
+from probewire.probes.custom import CustomProbe
 from probewire.probes.http import HttpProbe
 from probewire.probes.process import ProcessProbe
 from probewire.probes.tcp import TcpProbe
@@ -11,4 +12,5 @@ REGISTRY: dict[str, type[Probe]] = {
     TcpProbe.name: TcpProbe,
     ProcessProbe.name: ProcessProbe,
     HttpProbe.name: HttpProbe,
+    CustomProbe.name: CustomProbe,
 }
