@@ -542,7 +542,17 @@ static __always_inline int custom_exit(struct pt_regs *ctx, __u32 probe, bool py
 	ck.probe = probe;
 	calls = bpf_map_lookup_elem(&custom_calls, &ck);
 	if (!calls || calls->depth == 0) {
-		count_error(probe, CUSTOM_ERR_NO_ENTRY);
+		if (python) {
+			/* CPython 3.11 fires function__return but never function__entry (CPython
+			 * gh-98894): the call counts here, untimed. */
+			__builtin_memset(&s->key, 0, sizeof(s->key));
+			s->key.tgid = tgid;
+			s->key.probe = probe;
+			__builtin_memset(s->frame.values, 0, sizeof(s->frame.values));
+			count_call(spec, probe, &s->key, s->frame.values, 0, false);
+		} else {
+			count_error(probe, CUSTOM_ERR_NO_ENTRY);
+		}
 		return 0;
 	}
 	d = calls->depth;

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -117,12 +118,33 @@ def python_suffixes(module: str) -> list[str]:
     return [f"{stem}.py", f"{stem}/__init__.py"]
 
 
+# CPython 3.11 has the function__entry note but never fires it (its new frame layout skipped
+# the call site; CPython gh-98894), 3.12-3.14 have no function__entry/return notes at all
+# (PEP 669 dropped them; gh-104280), 3.15 restores both. Debian 12's python3 is 3.11.
+PYTHON_ENTRY_NOTE = (
+    "CPython 3.11 fires function__return but never function__entry (CPython gh-98894, "
+    "fixed in 3.15): calls are counted at the return; {name}_duration_seconds needs "
+    "function__entry and stays empty on this interpreter"
+)
+_CPYTHON_VERSION = re.compile(r"python(3\.\d+)")
+
+
+def python_entry_note(path: str) -> str:
+    """What a python_function probe cannot do in the interpreter at `path`, or ""."""
+    m = _CPYTHON_VERSION.search(os.path.basename(path))
+    if m and m.group(1) in ("3.11", "3.12", "3.13", "3.14"):
+        return PYTHON_ENTRY_NOTE
+    return ""
+
+
 def build_spec(cfg: CustomProbeConfig) -> np.void:
     """The kernel's view of one probe (struct custom_spec)."""
     spec: np.void = np.zeros(1, CUSTOM_SPEC)[0]
     flags = 0
     abi = ABI_USDT if cfg.kind != "symbol" else ABI_GO if cfg.abi == "go" else ABI_SYSV
-    if cfg.duration or cfg.result is not None:
+    # A Python call is counted at function__return, the one of CPython's two probes that fires
+    # on every interpreter with them (see python_entry_note).
+    if cfg.duration or cfg.result is not None or cfg.kind == "python":
         flags |= AT_RETURN
         if cfg.kind == "symbol" and cfg.abi == "sysv":
             flags |= MATCH_SP
@@ -267,6 +289,11 @@ class CustomProbe(Probe):
         specs = obj.maps["custom_specs"]
         for i, spec in enumerate(self.specs):
             specs.update(i.to_bytes(4, "little"), spec.tobytes())
+        for cfg in self.configs:
+            if cfg.kind == "python" and cfg.duration:
+                log.warning("custom probe %s: %s", cfg.name,
+                            PYTHON_ENTRY_NOTE.format(name=cfg.name).replace(
+                                "this interpreter", "Debian 12's python3.11 (and 3.12-3.14)"))
         self.layer = UprobeLayer("custom", self.ctx.services)
         for i, cfg in enumerate(self.configs):
             self.layer.add(self._client(obj, i, cfg))
@@ -284,11 +311,11 @@ class CustomProbe(Probe):
         elif cfg.kind == "usdt":
             sites.append(Site(progs["custom_usdt"], usdt=cfg.usdt_parts, cookie=probe))
         else:
-            sites.append(Site(progs["custom_usdt"], usdt=("python", "function__entry"),
+            sites.append(Site(progs["custom_usdt_return"], usdt=("python", "function__return"),
                               cookie=probe))
-            if at_return:
-                sites.append(Site(progs["custom_usdt_return"],
-                                  usdt=("python", "function__return"), cookie=probe))
+            if cfg.duration:
+                sites.append(Site(progs["custom_usdt"], usdt=("python", "function__entry"),
+                                  cookie=probe))
         return Client(cfg.name, _target(cfg), tuple(sites), go=cfg.abi == "go")
 
     def on_process_events(self, events: Sequence[Any]) -> None:
@@ -310,9 +337,12 @@ class CustomProbe(Probe):
             where = cfg.symbol or cfg.usdt or cfg.python_function or ""
             mine = [s for s in states if s.client == cfg.name]
             for s in mine:
+                note = ""
+                if cfg.kind == "python" and cfg.duration and s.state == "attached":
+                    note = python_entry_note(s.file).format(name=cfg.name)
                 rows.append({"probe": cfg.name, "where": where, "pid": s.pid, "comm": s.comm,
                              "state": s.state, "file": s.file, "shared": s.shared,
-                             "reason": s.reason})
+                             "reason": s.reason or note})
             if not mine:
                 rows.append({"probe": cfg.name, "where": where, "pid": 0, "comm": "",
                              "state": "no process", "file": "", "shared": False,
