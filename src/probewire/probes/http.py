@@ -14,9 +14,9 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -782,6 +782,11 @@ class HttpProbe(Probe):
         if self.tls is not None:
             self.tls.stop()
             self.tls = None
+
+    def on_process_events(self, events: Sequence[Any]) -> None:
+        """Exec/exit events (ProcessProbe.subscribers): TLS attaches to new processes."""
+        if self.tls is not None:
+            self.tls.on_process_events(events)
 
     def before_load(self, obj: BpfObject) -> None:
         if not self.ctx.config.probes.http.trace_agent:
