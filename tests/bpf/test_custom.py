@@ -339,6 +339,13 @@ def test_symbol_missing_in_a_later_process_is_counted_and_the_agent_stays_up(
                      reason="symbol_missing") == 1
         svc.calls(["call 5 1 acme"])  # the process runs on, unobserved; the agent serves on
         assert total(scrape(listen), "payments_calls_total") == 0
+        # `probewire probes` lists it with the reason.
+        out = subprocess.run([sys.executable, "-m", "probewire.cli", "probes", "--listen", listen],
+                             capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "COLUMNS": "400"})
+        assert out.returncode == 0, out.stderr
+        line = next(ln for ln in out.stdout.splitlines() if f" {svc.pid} " in ln)
+        assert "missing" in line and "stripped binary" in line, out.stdout
 
 
 @pytest.mark.parametrize(("probe", "words"), [

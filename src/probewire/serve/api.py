@@ -18,10 +18,17 @@ from prometheus_client.registry import CollectorRegistry
 
 from probewire import __version__
 from probewire.agent import Agent
+from probewire.probes.custom import CustomProbe
 from probewire.probes.process import RECENT_EVENTS, ProcessProbe
 from probewire.serve.history import RATE_WINDOW_S, History, Window
 from probewire.serve.openapi import openapi_document
 from probewire.serve.snapshot import Histogram, Snapshot, is_error_status, take
+
+
+def custom_status(agent: Agent) -> list[dict[str, Any]]:
+    """Custom probes (probes.custom) per process: attach state, file, and why not."""
+    probe = agent.probes.get("custom")
+    return probe.status() if isinstance(probe, CustomProbe) else []
 
 
 class ApiError(Exception):
@@ -240,6 +247,7 @@ class Api:
                 {**dataclasses.asdict(s), "avg_ns": s.avg_ns} for s in self.agent.status()
             ],
             "tls": self.agent.tls_status(),
+            "custom": custom_status(self.agent),
         }
 
     def agent_info(self, query: Query) -> dict[str, Any]:
