@@ -6,7 +6,9 @@ program, user-space records per CPU-second), fidelity, startup (start-up time an
 latency (event → exported), peers (bpftrace; bcc's tcplife/tcpretrans beside probewire's tcp
 family), export_latency (event → OTLP span), series_memory (RSS at 1,000 services x 50 routes),
 userspace (HttpProbe.on_batch per record, in-process), ring_flood (a kernel program floods a
-ring; the real RingReader and on_batch on one core: records per CPU-second, nothing lost).
+ring; the real RingReader and on_batch on one core: records per CPU-second, nothing lost),
+custom (a custom probe's cost per call next to bpftrace's uprobe count() on the same function;
+start-up with 5 custom probes).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from types import FrameType
 
 from bench import (
+    custom,
     export_latency,
     fidelity,
     latency,
@@ -47,6 +50,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
     "series_memory": series_memory.run,
     "userspace": userspace.run,
     "ring_flood": ring_flood.run,
+    "custom": custom.run,
 }
 RESULTS = REPO_ROOT / "bench" / "results" / "latest.md"
 

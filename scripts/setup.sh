@@ -19,6 +19,7 @@ APT_PACKAGES=(
     python3 python3-venv                      # the venv (Debian's python3 needs python3-venv)
     chromium                                  # e2e web UI tests (driven by Playwright)
     prometheus                                # e2e Prometheus server + promtool (rules checks/tests)
+    gcc systemtap-sdt-dev golang-go binutils  # custom probe tests: C with <sys/sdt.h>, Go, strip
 )
 
 SUDO=()
