@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ _SYM64 = np.dtype([("st_name", "<u4"), ("st_info", "u1"), ("st_other", "u1"),
 _STT_FUNC, _STT_GNU_IFUNC = 2, 10
 _PF_X = 1
 _NEAREST = 5
+_CLONE = re.compile(r" \[clone [^\]]*\]")
 
 
 class SymbolNotFound(ProbewireError):
@@ -177,7 +179,10 @@ class ElfFile:
                 full = cxxfilt.demangle(sym)
             except cxxfilt.InvalidName:
                 continue
-            for key in {full, _without_params(full)}:
+            # GCC's specialised copies ("f(int) [clone .isra.0]") are the code that runs when
+            # the original was optimised away; their arguments may differ (see README).
+            plain = _CLONE.sub("", full)
+            for key in {full, plain, _without_params(plain)}:
                 out.setdefault(key, []).extend(fns)
         return out
 
