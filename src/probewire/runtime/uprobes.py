@@ -122,6 +122,7 @@ class ProcessState:
     shared: bool = False  # the attachment is per inode, shared by every process mapping it
     start_ticks: int = 0
     attempts: int = 0
+    exe: str = ""  # the executable when looked at: an exec into another binary starts over
 
 
 @dataclass
@@ -315,8 +316,9 @@ class UprobeLayer:
         for client in self.clients:
             key = (client.name, pid)
             state = self._states.get(key)
-            if state is not None and state.start_ticks != info.start_ticks:
-                self._release(client.name, pid)  # the pid was reused
+            if state is not None and (state.start_ticks != info.start_ticks
+                                      or state.exe != info.exe):
+                self._release(client.name, pid)  # the pid was reused, or exec'd anew
                 state = None
             if not self._targets(client, info):
                 if state is not None:
@@ -373,10 +375,12 @@ class UprobeLayer:
         if not final:
             self._set(client, info, "waiting", reason=reason, attempts=attempt + 1)
             return True
+        previous = self._states.get((client.name, info.pid))
         self._set(client, info, "missing", reason=reason, attempts=attempt + 1)
-        self.errors[(client.name, "symbol_missing")] += 1
-        log.warning("%s: %s in pid %d (%s): %s", self.name, client.name, info.pid, info.comm,
-                    reason)
+        if previous is None or previous.state != "missing":  # once per process, not per rescan
+            self.errors[(client.name, "symbol_missing")] += 1
+            log.warning("%s: %s in pid %d (%s): %s", self.name, client.name, info.pid,
+                        info.comm, reason)
         return False
 
     def _plan(self, client: Client, elf: ElfFile) -> list[_Plan]:
@@ -459,7 +463,11 @@ class UprobeLayer:
 
     def _set(self, client: Client, info: _Proc, state: str, **kw: Any) -> None:
         self._states[(client.name, info.pid)] = ProcessState(
-            client.name, info.pid, info.comm, state, start_ticks=info.start_ticks, **kw)
+            client.name, info.pid, info.comm, state, start_ticks=info.start_ticks,
+            exe=info.exe, **kw)
+        if state == "attached" and self.services is not None:
+            # Named while alive: a process that exits before the next scrape keeps its name.
+            self.services.name_for(info.pid)
 
     # --- detaching -------------------------------------------------------------------------
     def _release(self, client: str, pid: int) -> None:
