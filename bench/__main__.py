@@ -12,7 +12,9 @@ http2 (HTTP/2 exchanges parsed per agent CPU-second, h2load against nginx over T
 saturation (the saturation family's kernel ns per run against a trivial counter on each of its
 hooks, and `perf bench sched pipe` throughput with the family on and off),
 security (thousands of /bin/true per second without the agent, with security off, with no
-rules, with the default rules: ns per exec and throughput ratio).
+rules, with the default rules: ns per exec and throughput ratio),
+custom (a custom probe's cost per call next to bpftrace's uprobe count() on the same function;
+start-up with 5 custom probes).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from types import FrameType
 
 from bench import (
     baseline,
+    custom,
     export_latency,
     fidelity,
     http2,
@@ -61,6 +64,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
     "baseline": baseline.run,
     "saturation": saturation.run,
     "security": security.run,
+    "custom": custom.run,
 }
 RESULTS = REPO_ROOT / "bench" / "results" / "latest.md"
 

@@ -25,6 +25,7 @@ APT_PACKAGES=(
                                               # bench/security.py's exec loop
     podman runc                               # security tests: a package manager in a real
                                               # container (DESIGN §3's podman recipe)
+    gcc systemtap-sdt-dev golang-go binutils  # custom probe tests: C with <sys/sdt.h>, Go, strip
 )
 
 SUDO=()

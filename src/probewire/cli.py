@@ -172,6 +172,24 @@ def probes(config: ConfigOpt = None, listen: ListenOpt = None) -> None:
             + " TLS linked statically (Go crypto/tls, BoringSSL in grpcio or Chrome) is not seen.",
             highlight=False, soft_wrap=True,
         )
+    custom = data.get("custom")
+    if custom:
+        _print_custom(console, custom)
+
+
+def _print_custom(console: Console, rows: list[dict[str, Any]]) -> None:
+    """Custom probes per process: attached (to which file, shared by inode or per process),
+    or why not (no such symbol with the nearest names, a stripped binary, ...)."""
+    from rich.table import Table
+
+    table = Table(title="custom probes (probes.custom): per process")
+    for col in ("probe", "symbol / usdt", "pid", "comm", "state", "file", "why not / note"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        state = r["state"] + (" (by inode)" if r["shared"] else "")
+        table.add_row(r["probe"], r["where"], str(r["pid"] or "-"), r["comm"] or "-", state,
+                      r["file"] or "-", r["reason"])
+    console.print(table)
 
 
 def _probe_locally(cfg: Config) -> dict[str, Any]:
@@ -182,8 +200,10 @@ def _probe_locally(cfg: Config) -> dict[str, Any]:
     agent = Agent(cfg)
     agent.start()
     try:
+        from probewire.serve.api import custom_status
+
         return {"probes": [{**dataclasses.asdict(s), "avg_ns": s.avg_ns} for s in agent.status()],
-                "tls": agent.tls_status()}
+                "tls": agent.tls_status(), "custom": custom_status(agent)}
     finally:
         agent.stop()
 

@@ -9,6 +9,7 @@ message names the file, the dotted field path and the fix.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import mmap
 import re
 import typing
@@ -22,6 +23,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    RootModel,
     ValidationError,
     field_validator,
     model_validator,
@@ -31,6 +33,8 @@ from probewire.errors import ConfigError
 
 __all__ = [
     "Config",
+    "CustomProbeConfig",
+    "CustomProbes",
     "ExportConfig",
     "FilterConfig",
     "HttpConfig",
@@ -206,6 +210,313 @@ class SaturationConfig(_Model):
         "inet_sock_set_state)",
     )
     oom: bool = Field(default=True, description="OOM kills (oom/mark_victim)")
+# --- custom probes (probes.custom) ---------------------------------------------------------------
+# The schema's names are a contract (README "Custom probes"); limits mirror bpf/custom.h.
+
+CUSTOM_TYPES = ("u8", "u16", "u32", "u64", "s8", "s16", "s32", "s64", "f32", "f64", "bool", "str")
+CUSTOM_MAX_LABELS = 8
+CUSTOM_MAX_VALUES = 4
+CUSTOM_MAX_OFFSETS = 4
+CUSTOM_MAX_BOUNDS = 16
+# Bytes of label values one kernel key holds: an integer label takes 8, a str its max_len.
+CUSTOM_LABEL_BYTES = 64
+CUSTOM_STR_DEFAULT_BYTES = 32
+# Integer argument registers: x86-64 System V (rdi, rsi, rdx, rcx, r8, r9), Go's register ABI
+# (rax, rbx, rcx, rdi, rsi, r8, r9, r10, r11), and USDT's at most 12 operands (sys/sdt.h).
+CUSTOM_ARG_REGISTERS = {
+    "sysv": ("rdi", "rsi", "rdx", "rcx", "r8", "r9"),
+    "go": ("rax", "rbx", "rcx", "rdi", "rsi", "r8", "r9", "r10", "r11"),
+}
+CUSTOM_USDT_MAX_ARGS = 12
+CUSTOM_DURATION_BUCKETS = (1e-6, 5e-6, 1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5,
+                           1.0, 5.0, 10.0)
+_METRIC_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_RESULT_TEST = re.compile(r"^\s*(==|!=|<=|>=|<|>)\s*([-+]?(?:0[xX][0-9a-fA-F]+|\d+))\s*$")
+_PY_FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_<][\w.<>]*$")
+_RESERVED_LABELS = ("service_name", "result", "le")
+
+
+def _metric_name(name: str, what: str) -> str:
+    if not _METRIC_NAME.match(name):
+        raise ValueError(
+            f"{name!r} is not a valid {what}; use letters, digits and underscores, not starting "
+            "with a digit, e.g. payments"
+        )
+    return name
+
+
+class CustomTarget(_Model):
+    """Which processes a custom probe attaches to: exactly one matcher."""
+
+    exe: str | None = Field(
+        default=None, description="a glob (fnmatch) on the executable path, e.g. */payd"
+    )
+    service: str | None = Field(default=None, description="a service name, e.g. payments")
+    comm: str | None = Field(
+        default=None, description=f"the exact process comm (at most {MAX_COMM_BYTES} bytes)"
+    )
+    pids: tuple[_Pid, ...] = Field(default=(), description="a list of process ids, e.g. [1234]")
+
+    @model_validator(mode="after")
+    def _one_matcher(self) -> CustomTarget:
+        given = [k for k in ("exe", "service", "comm") if getattr(self, k) is not None]
+        given += ["pids"] if self.pids else []
+        blank = [k for k in ("exe", "service", "comm")
+                 if getattr(self, k) is not None and not str(getattr(self, k)).strip()]
+        if blank or not given:
+            raise ValueError(
+                "empty target; give one of exe (a glob such as \"*/payd\"), service, comm or "
+                "pids (a non-empty list)"
+            )
+        if len(given) > 1:
+            raise ValueError(f"target has {' and '.join(given)}; give exactly one of them")
+        if self.comm is not None and len(self.comm.encode()) > MAX_COMM_BYTES:
+            raise ValueError(f"comm {self.comm!r} is longer than {MAX_COMM_BYTES} bytes and can "
+                             "never match (the kernel truncates comm); use exe instead")
+        return self
+
+
+class CustomField(_Model):
+    """One argument read: a register, or through a chain of offsets from it."""
+
+    name: str = Field(description="the label or metric suffix, e.g. currency")
+    arg: int = Field(strict=True, ge=0, description="the argument index, 0 for the first")
+    type: str = Field(description=f"one of {', '.join(CUSTOM_TYPES)}")
+    offsets: tuple[int, ...] = Field(
+        default=(), max_length=CUSTOM_MAX_OFFSETS,
+        description="byte offsets: every one but the last dereferences a pointer, the last "
+        "reads the value, e.g. [8]",
+    )
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        if value not in CUSTOM_TYPES:
+            raise ValueError(f"unknown type {value!r}; use one of {', '.join(CUSTOM_TYPES)}")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, name: str) -> str:
+        return _metric_name(name, "name")
+
+
+class CustomLabel(CustomField):
+    """A bounded label from an argument."""
+
+    values: dict[int, str] | None = Field(
+        default=None, description="names for raw values, e.g. {0: usd, 1: eur}; others show "
+        "as the number",
+    )
+    max_len: int = Field(
+        default=CUSTOM_STR_DEFAULT_BYTES, strict=True, ge=2, le=CUSTOM_LABEL_BYTES,
+        description=f"str only: bytes read, NUL included (2..{CUSTOM_LABEL_BYTES})",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        if name in _RESERVED_LABELS:
+            raise ValueError(f"label name {name!r} is reserved; choose another")
+        return name
+
+    @property
+    def key_bytes(self) -> int:
+        return self.max_len if self.type == "str" else 8
+
+
+class CustomValue(CustomField):
+    """A histogram of an argument's values."""
+
+    buckets: tuple[float, ...] = Field(
+        min_length=1, max_length=CUSTOM_MAX_BOUNDS,
+        description=f"1..{CUSTOM_MAX_BOUNDS} increasing upper bounds, e.g. [1000, 10000]",
+    )
+
+    @field_validator("type")
+    @classmethod
+    def _numeric(cls, value: str) -> str:
+        if value == "str":
+            raise ValueError("a histogram needs a number; use a str as a label instead")
+        return value
+
+    @field_validator("buckets")
+    @classmethod
+    def _increasing(cls, buckets: tuple[float, ...]) -> tuple[float, ...]:
+        if any(b >= c for b, c in itertools.pairwise(buckets)):
+            raise ValueError(f"buckets {list(buckets)} must be strictly increasing")
+        if any(b != b or abs(b) == float("inf") for b in buckets):
+            raise ValueError("buckets must be finite numbers (+Inf is always added)")
+        return buckets
+
+    @model_validator(mode="after")
+    def _unsigned_bounds(self) -> CustomValue:
+        if self.type.startswith("u") and self.buckets[0] < 0:
+            raise ValueError(f"buckets: a {self.type} is never negative; start the buckets at 0 "
+                             "or above")
+        return self
+
+
+class CustomResult(_Model):
+    """result="ok"|"error" from the return value."""
+
+    ok: str = Field(description='a test of the return value, e.g. "== 0" or ">= 0"')
+    type: Literal["u8", "u16", "u32", "u64", "s8", "s16", "s32", "s64", "bool"] | None = Field(
+        default=None, description="how to read the return register: s32 for a C int (the "
+        "default under abi sysv), s64 for a long or pointer (the default under abi go)",
+    )
+
+    @field_validator("ok")
+    @classmethod
+    def _test_parses(cls, ok: str) -> str:
+        if not _RESULT_TEST.match(ok):
+            raise ValueError(
+                f"{ok!r} is not a test of the return value; write an operator (==, !=, <, <=, "
+                "> or >=) and an integer, e.g. \"== 0\""
+            )
+        return ok.strip()
+
+    @property
+    def op_operand(self) -> tuple[str, int]:
+        m = _RESULT_TEST.match(self.ok)
+        assert m is not None
+        return m.group(1), int(m.group(2), 0)
+
+
+class CustomProbeConfig(_Model):
+    """One custom probe: where it attaches and what it counts."""
+
+    name: str = Field(description="the metric prefix, e.g. payments")
+    target: CustomTarget = Field(description="exe, service, comm or pids")
+    symbol: str | None = Field(
+        default=None, description="a function (plain, mangled or demangled C++ name)"
+    )
+    usdt: str | None = Field(default=None, description="a USDT probe, provider:probe")
+    python_function: str | None = Field(
+        default=None, description="a Python function module:qualname (CPython's USDT probes)"
+    )
+    abi: Literal["sysv", "go"] = Field(
+        default="sysv", description="sysv (C, C++, Rust) or go (Go's register ABI)"
+    )
+    duration: bool = Field(default=False, description="export <name>_duration_seconds")
+    duration_buckets: tuple[float, ...] = Field(
+        default=CUSTOM_DURATION_BUCKETS, min_length=1, max_length=CUSTOM_MAX_BOUNDS,
+        description="increasing upper bounds in seconds",
+    )
+    result: CustomResult | None = Field(default=None, description='e.g. {ok: "== 0"}')
+    labels: tuple[CustomLabel, ...] = Field(
+        default=(), max_length=CUSTOM_MAX_LABELS, description="bounded labels from arguments"
+    )
+    values: tuple[CustomValue, ...] = Field(
+        default=(), max_length=CUSTOM_MAX_VALUES, description="histograms of argument values"
+    )
+    max_series: int = Field(
+        default=1000, strict=True, ge=1,
+        description="label sets per metric; more are folded into the first label = other",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, name: str) -> str:
+        return _metric_name(name, "metric prefix")
+
+    @field_validator("duration_buckets")
+    @classmethod
+    def _increasing(cls, buckets: tuple[float, ...]) -> tuple[float, ...]:
+        if any(b >= c for b, c in itertools.pairwise(buckets)) or buckets[0] <= 0:
+            raise ValueError(f"{list(buckets)} must be positive and strictly increasing")
+        return buckets
+
+    @property
+    def kind(self) -> str:
+        return "symbol" if self.symbol else "usdt" if self.usdt else "python"
+
+    @property
+    def usdt_parts(self) -> tuple[str, str]:
+        assert self.usdt is not None
+        provider, _, probe = self.usdt.partition(":")
+        return provider, probe
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CustomProbeConfig:
+        where = [k for k in ("symbol", "usdt", "python_function") if getattr(self, k)]
+        if len(where) != 1:
+            raise ValueError(
+                "say where to attach with exactly one of symbol (a function), usdt "
+                "(provider:probe) or python_function (module:qualname)"
+                + (f"; got {' and '.join(where)}" if where else "")
+            )
+        if self.usdt is not None:
+            provider, _, probe = self.usdt.partition(":")
+            if not provider or not probe or ":" in probe:
+                raise ValueError(f"usdt {self.usdt!r}: write provider:probe, e.g. myapp:payment")
+        if self.python_function is not None:
+            if not _PY_FUNCTION.match(self.python_function):
+                raise ValueError(f"python_function {self.python_function!r}: write "
+                                 "module:qualname, e.g. payments.core:process_payment")
+            if self.labels or self.values or self.result:
+                raise ValueError("python_function: CPython's USDT probes pass no arguments or "
+                                 "return value; remove labels, values and result")
+        if self.kind != "symbol":
+            if self.abi != "sysv":
+                raise ValueError("abi: go applies to symbol probes only")
+            if self.usdt is not None and (self.duration or self.result):
+                raise ValueError("usdt: a USDT probe is a point, with no return; remove "
+                                 "duration and result (or probe the function with symbol)")
+        if self.kind == "usdt":
+            limit, regs = CUSTOM_USDT_MAX_ARGS, "USDT operands"
+        else:
+            names = CUSTOM_ARG_REGISTERS[self.abi]
+            limit, regs = len(names), f"{self.abi} ABI registers {', '.join(names)}"
+        seen: set[str] = set()
+        used_bytes = 0
+        for group, fields in (("labels", self.labels), ("values", self.values)):
+            for i, f in enumerate(fields):
+                at = f"{group}.{i} ({f.name})"
+                if f.arg >= limit:
+                    raise ValueError(
+                        f"{at}.arg: {f.arg} is not an argument index here: 0..{limit - 1} "
+                        f"({regs}); arguments passed on the stack cannot be read"
+                    )
+                if f.type in ("f32", "f64") and not f.offsets and self.kind != "usdt":
+                    raise ValueError(
+                        f"{at}.type: a {f.type} argument is passed in an SSE register, which "
+                        "uprobes cannot read; read a float through a pointer with offsets"
+                    )
+                if f.name in seen:
+                    raise ValueError(f"{at}.name: {f.name!r} is used twice; names must differ")
+                seen.add(f.name)
+                if isinstance(f, CustomLabel):
+                    used_bytes += f.key_bytes
+        if used_bytes > CUSTOM_LABEL_BYTES:
+            raise ValueError(
+                f"labels take {used_bytes} bytes, more than the {CUSTOM_LABEL_BYTES}-byte label "
+                "budget of a kernel key (a number takes 8, a str its max_len); lower max_len "
+                "or drop a label"
+            )
+        clash = {v.name for v in self.values} & {"calls", "duration_seconds"}
+        if clash:
+            raise ValueError(f"values: {sorted(clash)} would clash with {self.name}_calls_total "
+                             f"or {self.name}_duration_seconds; rename it")
+        return self
+
+
+class CustomProbes(RootModel[tuple[CustomProbeConfig, ...]]):
+    """probes.custom: a list of custom probes; the family is loaded when it is not empty."""
+
+    model_config = ConfigDict(frozen=True)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.root)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> CustomProbes:
+        names = [p.name for p in self.root]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"probe names {dupes} are used twice; each name is a metric prefix")
+        return self
 
 
 class ProbesConfig(_Model):
@@ -223,6 +534,10 @@ class ProbesConfig(_Model):
     saturation: SaturationConfig = Field(
         default=SaturationConfig(),
         description="the saturation family (run queue, CPU, block I/O, listen queues, OOM)",
+    )
+    custom: CustomProbes = Field(
+        default_factory=lambda: CustomProbes(()),
+        description="a list of custom probes (uprobes, uretprobes, USDT) counted in the kernel",
     )
 
 
@@ -809,7 +1124,9 @@ def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
         field = model.model_fields.get(part)
         if field is None:
             return None
-        annotation = field.annotation
+        annotation: Any = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, RootModel):
+            annotation = annotation.model_fields["root"].annotation  # probes.custom: a list
         if typing.get_origin(annotation) in (tuple, list):
             annotation = typing.get_args(annotation)[0]
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
@@ -842,12 +1159,28 @@ def _describe(error: Mapping[str, Any]) -> str:
     return f"{path}: {message}{shown}{hint}"
 
 
+def _name_custom_probe(problem: str, loc: tuple[int | str, ...], data: Mapping[str, Any]) -> str:
+    """Say which custom probe a problem is in by its name, not only its index."""
+    if len(loc) < 3 or loc[:2] != ("probes", "custom") or not isinstance(loc[2], int):
+        return problem
+    try:
+        name = data["probes"]["custom"][loc[2]]["name"]
+    except (KeyError, IndexError, TypeError):
+        return problem
+    # The cross-field checks (arg index by ABI, float registers) report from the probe's level
+    # with the field's own path first: join the two into one dotted path.
+    problem = re.sub(r"^(probes\.custom\.\d+): ((?:labels|values)\.\d+) \((\w+)\)\.(\w+): ",
+                     r"\1.\2.\4 (\3): ", problem)
+    return f"{problem} (custom probe {name!r})" if isinstance(name, str) else problem
+
+
 def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
     """Validate an already-parsed mapping; errors name ``source`` and every bad field."""
     try:
         return Config.model_validate(dict(data))
     except ValidationError as exc:
-        problems = [_describe(error) for error in exc.errors()]
+        problems = [_name_custom_probe(_describe(error), error["loc"], data)
+                    for error in exc.errors()]
         noun = "problem" if len(problems) == 1 else "problems"
         lines = "\n  ".join(problems)
         raise ConfigError(

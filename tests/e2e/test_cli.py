@@ -90,9 +90,10 @@ def _expected_programs(listen: str) -> tuple[Counter[str], Counter[str]]:
     libraries = len(payload["tls"]["libraries"])
     assert payload["tls"]["links"] == libraries * len(TLS_PROBES)
     tls_links = Counter(p[:KERNEL_NAME_LEN] for p, _, _ in TLS_PROBES for _ in range(libraries))
+    running = {s["probe"] for s in status}  # a family with nothing to attach is not loaded
     helpers = Counter(
         name[:KERNEL_NAME_LEN]
-        for probe in REGISTRY.values()
+        for family, probe in REGISTRY.items() if family in running
         for name in getattr(probe, "helper_programs", ())
     )
     return attached + helpers, attached + tls_links

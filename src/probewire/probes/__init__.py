@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from probewire.probes.base import Probe
+from probewire.probes.custom import CustomProbe
 from probewire.probes.l7 import L7Probe
 from probewire.probes.process import ProcessProbe
 from probewire.probes.saturation import SaturationProbe
@@ -13,4 +14,5 @@ REGISTRY: dict[str, type[Probe]] = {
     ProcessProbe.name: ProcessProbe,
     L7Probe.name: L7Probe,
     SaturationProbe.name: SaturationProbe,
+    CustomProbe.name: CustomProbe,
 }

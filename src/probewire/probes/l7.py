@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -153,6 +153,11 @@ class L7Probe(Probe):
         if self.tls is not None:
             self.tls.stop()
             self.tls = None
+
+    def on_process_events(self, events: Sequence[Any]) -> None:
+        """Exec/exit events (ProcessProbe.subscribers): TLS attaches to new processes."""
+        if self.tls is not None:
+            self.tls.on_process_events(events)
 
     # --- the record path --------------------------------------------------------------------------
     def on_batch(self, records: np.ndarray) -> None:

@@ -78,6 +78,11 @@ class UprobeOpts(Structure):
     ]
 
 
+class UsdtOpts(Structure):
+    # struct bpf_usdt_opts in libbpf 1.1
+    _fields_ = [("sz", c_size_t), ("usdt_cookie", c_uint64)]
+
+
 class TestRunOpts(Structure):
     # struct bpf_test_run_opts in libbpf 1.1
     _fields_ = [
@@ -125,6 +130,10 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "bpf_program__attach_uprobe_opts": (
         c_void_p,
         [c_void_p, c_int, c_char_p, c_size_t, POINTER(UprobeOpts)],
+    ),
+    "bpf_program__attach_usdt": (
+        c_void_p,
+        [c_void_p, c_int, c_char_p, c_char_p, c_char_p, POINTER(UsdtOpts)],
     ),
     "bpf_link__destroy": (c_int, [c_void_p]),
     "bpf_link__fd": (c_int, [c_void_p]),
@@ -264,6 +273,7 @@ __all__ = [
     "BtfVarSecinfo",
     "MapBatchOpts",
     "UprobeOpts",
+    "UsdtOpts",
     "last_errno",
     "lib",
     "strerror",

@@ -183,6 +183,35 @@ class Program:
         _check_ptr(ptr, f"attach {kind} {binary}:{func_name}")
         return Link(ptr, f"{kind}:{binary}:{func_name}")
 
+    def attach_uprobe_at(
+        self, binary: str, offset: int, *, retprobe: bool = False, pid: int = -1,
+        cookie: int = 0, what: str = "",
+    ) -> Link:
+        """A uprobe at a file offset (the uprobe layer resolves symbols itself), carrying
+        `cookie` for bpf_get_attach_cookie; pid -1 is every process mapping the file."""
+        opts = _libbpf.UprobeOpts(sz=ctypes.sizeof(_libbpf.UprobeOpts), retprobe=retprobe,
+                                  bpf_cookie=cookie)
+        ptr = lib().bpf_program__attach_uprobe_opts(
+            self._ptr, pid, binary.encode(), offset, ctypes.byref(opts)
+        )
+        kind = "uretprobe" if retprobe else "uprobe"
+        where = f"{binary}:{what or hex(offset)}" + (f" (pid {pid})" if pid >= 0 else "")
+        _check_ptr(ptr, f"attach {kind} {where}")
+        return Link(ptr, f"{kind}:{where}")
+
+    def attach_usdt(
+        self, binary: str, provider: str, name: str, *, pid: int = -1, cookie: int = 0
+    ) -> Link:
+        """Every site of a USDT probe, through libbpf (which reads the note's operand specs
+        and sets the semaphore's kernel reference count); `cookie` is bpf_usdt_cookie()."""
+        opts = _libbpf.UsdtOpts(sz=ctypes.sizeof(_libbpf.UsdtOpts), usdt_cookie=cookie)
+        ptr = lib().bpf_program__attach_usdt(
+            self._ptr, pid, binary.encode(), provider.encode(), name.encode(), ctypes.byref(opts)
+        )
+        where = f"{binary}:{provider}:{name}" + (f" (pid {pid})" if pid >= 0 else "")
+        _check_ptr(ptr, f"attach usdt {where}")
+        return Link(ptr, f"usdt:{where}")
+
     def test_run(self, ctx: bytes) -> tuple[int, bytes]:
         """BPF_PROG_TEST_RUN of a SEC("syscall") program with `ctx` as its context, which the
         program may write its results into: (return value, context after the run)."""

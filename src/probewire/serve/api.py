@@ -18,6 +18,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from probewire import __version__
 from probewire.agent import Agent
+from probewire.probes.custom import CustomProbe
 from probewire.probes.process import RECENT_EVENTS, ProcessProbe
 from probewire.probes.saturation import SaturationProbe
 from probewire.security.engine import SecurityEngine
@@ -25,6 +26,12 @@ from probewire.serve.history import RATE_WINDOW_S, History, Window
 from probewire.serve.openapi import openapi_document
 from probewire.serve.saturation import SaturationView
 from probewire.serve.snapshot import Histogram, Snapshot, is_error_status, take
+
+
+def custom_status(agent: Agent) -> list[dict[str, Any]]:
+    """Custom probes (probes.custom) per process: attach state, file, and why not."""
+    probe = agent.probes.get("custom")
+    return probe.status() if isinstance(probe, CustomProbe) else []
 
 
 class ApiError(Exception):
@@ -327,6 +334,7 @@ class Api:
             ],
             "tls": self.agent.tls_status(),
             "coverage": self.agent.coverage(),
+            "custom": custom_status(self.agent),
         }
 
     def agent_info(self, query: Query) -> dict[str, Any]:

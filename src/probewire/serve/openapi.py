@@ -303,6 +303,9 @@ def openapi_document(version: str) -> dict[str, Any]:
                              "(l7: per protocol, connections classified, exchanges parsed, "
                              "parse failures and lost connections with reasons)",
                              "additionalProperties": {"type": "object"}},
+                "custom": {"type": "array", "items": _obj({
+                    "probe": STR, "where": STR, "pid": INT, "comm": STR, "state": STR,
+                    "file": STR, "shared": BOOL, "reason": STR})},
             }), "Probes")),
             "/api/agent": _get("The agent itself: uptime, events and drops per probe", _json(_obj({
                 "version": STR, "pid": INT, "listen": STR, "started_at": NUM,
