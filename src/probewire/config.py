@@ -33,10 +33,12 @@ __all__ = [
     "Config",
     "ExportConfig",
     "FilterConfig",
+    "MemoryConfig",
     "OtlpConfig",
     "ProbeToggle",
     "ProbesConfig",
     "RingConfig",
+    "RouteLearningConfig",
     "ServiceRule",
     "ServicesConfig",
     "config_from_mapping",
@@ -110,6 +112,53 @@ class ProbeToggle(_Model):
     enabled: bool = Field(default=True, description="true or false")
 
 
+class RouteLearningConfig(_Model):
+    """Route templates learned per service (aggregate/routes.py RouteLearner)."""
+
+    enabled: bool = Field(default=True, description="true or false")
+    max_distinct: int = Field(
+        default=64, ge=2, strict=True,
+        description="distinct values a path position may show (per service, under the same "
+        "prefix) before it becomes a {param}, an integer >= 2",
+    )
+    max_nodes_per_service: int = Field(
+        default=2048, ge=16, strict=True,
+        description="learned path values kept per service, an integer >= 16; a value beyond "
+        "it turns its position into a {param} instead",
+    )
+    max_services: int = Field(
+        default=64, ge=1, strict=True,
+        description="services that learn, an integer >= 1; others keep the heuristic routes",
+    )
+    keep_hits: int = Field(
+        default=4, ge=1, strict=True,
+        description="a value seen under this many distinct paths before its position "
+        "collapses stays literal (like /users/me beside /users/{id}), an integer >= 1",
+    )
+    keep_max: int = Field(
+        default=8, ge=0, strict=True,
+        description="at most this many values stay literal per collapsed position, >= 0",
+    )
+
+
+class MemoryConfig(_Model):
+    """The memory guard (runtime/memory.py): shrink caches near the memory limit."""
+
+    limit_mb: int = Field(
+        default=0, ge=0, strict=True,
+        description="the agent's memory limit in MB against its RSS; 0 uses the limit of its "
+        "cgroup (memory.high/memory.max, or memory.limit_in_bytes on cgroup v1), if any",
+    )
+    shrink_at: float = Field(
+        default=0.85, gt=0.0, le=1.0, allow_inf_nan=False,
+        description="drop caches when usage reaches this share of the limit, 0 < x <= 1",
+    )
+    interval_s: float = Field(
+        default=1.0, gt=0.0, allow_inf_nan=False,
+        description="seconds between memory readings, a number > 0",
+    )
+
+
 class HttpConfig(_Model):
     """HTTP/1.x golden signals."""
 
@@ -132,6 +181,26 @@ class HttpConfig(_Model):
         ge=10,
         strict=True,
         description="label sets one HTTP metric may hold; more go to http_route=\"other\"",
+    )
+    max_series_per_service: int = Field(
+        default=500,
+        ge=1,
+        strict=True,
+        description="label sets one service may hold in one HTTP metric (max_series_per_metric "
+        "still caps the total); more of that service's go to http_route=\"other\", so one "
+        "service's flood of routes never takes another's room",
+    )
+    series_ttl_s: float = Field(
+        default=0.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="drop a label set no exchange wrote for this many seconds and give its "
+        "room back (0: never); a series that comes back starts from zero, which Prometheus' "
+        "rate() reads as a counter reset",
+    )
+    route_learning: RouteLearningConfig = Field(
+        default_factory=lambda: RouteLearningConfig(),
+        description="route templates learned per service",
     )
     kernel_aggregation: bool = Field(
         default=True,
@@ -406,6 +475,9 @@ class Config(_Model):
     services: ServicesConfig = Field(default=ServicesConfig(), description="service naming rules")
     export: ExportConfig = Field(
         default_factory=lambda: ExportConfig(), description="OTLP export settings"
+    )
+    memory: MemoryConfig = Field(
+        default_factory=lambda: MemoryConfig(), description="the memory guard"
     )
 
     @field_validator("listen")

@@ -37,6 +37,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "MAX_SEGMENTS",
@@ -310,6 +311,20 @@ class RouteTemplater:
             self._cache.clear()
             return n
 
+    def learned(self) -> dict[str, Any]:
+        """What the learner holds, for /api/routes and `probewire routes` (JSON-ready)."""
+        learner = self.learner
+        if learner is None:
+            return {"enabled": False, "generation": 0, "services": {}}
+        services = {}
+        for name, stats in learner.summary().items():
+            services[name] = {**stats, "templates": [
+                {"template": t.template, "distinct_values": t.distinct_values,
+                 "kept": list(t.kept), "reason": t.reason, "collapsed_at": t.collapsed_at}
+                for t in learner.templates(name)]}
+        return {"enabled": True, "generation": learner.generation, "services": services,
+                "untracked": learner.untracked}
+
     def template(self, path: bytes | str, service: str | None = None) -> str:
         """The route of a request target; with a service and a learner, as learned for it."""
         route = self._heuristic(path)
@@ -579,7 +594,7 @@ class RouteLearner:
         """Per service: value nodes held and positions collapsed."""
         with self._lock:
             tries = dict(self._tries)
-        return {name: {"nodes": t.nodes, "templates": _collapsed(t.root)}
+        return {name: {"nodes": t.nodes, "collapsed": _collapsed(t.root)}
                 for name, t in sorted(tries.items())}
 
     def forget_idle(self, idle_before: float) -> int:

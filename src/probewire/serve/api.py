@@ -71,6 +71,7 @@ class Api:
             "/api/probes": self.probes,
             "/api/agent": self.agent_info,
             "/api/history": self.history_of,
+            "/api/routes": self.learned_routes,
         }
 
     def snapshot(self) -> Snapshot:
@@ -153,6 +154,8 @@ class Api:
             "outgoing": [self._edge(c, s, snap, win) for (c, s) in sorted(snap.edges) if c == name],
             "incoming": [self._edge(c, s, snap, win) for (c, s) in sorted(snap.edges) if s == name],
             "client_calls": self._client_calls(snap, name),
+            "learned_routes": self._learned().get("services", {}).get(name, {}).get(
+                "templates", []),
         }
 
     def _client_calls(self, snap: Snapshot, name: str) -> list[dict[str, Any]]:
@@ -269,6 +272,25 @@ class Api:
             "self_metrics": [{"name": n, "labels": lbl, "value": v}
                              for n, lbl, v in snap.self_samples],
         }
+
+    # --- learned routes ----------------------------------------------------------------------
+    def _learned(self) -> dict[str, Any]:
+        """What the route learner holds, from the family that offers it (capability
+        ``learned_routes()``, aggregate/routes.py RouteTemplater.learned's shape)."""
+        for probe in self.agent.probes.values():
+            learned = getattr(probe, "learned_routes", None)
+            if callable(learned):
+                out: dict[str, Any] = learned()
+                return out
+        return {"enabled": False, "generation": 0, "services": {}}
+
+    def learned_routes(self, query: Query) -> dict[str, Any]:
+        learned = self._learned()
+        service = query.get("service", [None])[-1]
+        if service is not None:
+            learned = {**learned, "services": {
+                k: v for k, v in learned.get("services", {}).items() if k == service}}
+        return learned
 
     def history_of(self, query: Query) -> dict[str, Any]:
         service = query.get("service", [None])[-1]
