@@ -6,7 +6,10 @@ program, user-space records per CPU-second), fidelity, startup (start-up time an
 latency (event → exported), peers (bpftrace; bcc's tcplife/tcpretrans beside probewire's tcp
 family), export_latency (event → OTLP span), series_memory (RSS at 1,000 services x 50 routes),
 userspace (HttpProbe.on_batch per record, in-process), ring_flood (a kernel program floods a
-ring; the real RingReader and on_batch on one core: records per CPU-second, nothing lost).
+ring; the real RingReader and on_batch on one core: records per CPU-second, nothing lost),
+soak (RSS plateau and slope of the agent under distinct-path churn across 20 services:
+PROBEWIRE_SOAK_MINUTES / PROBEWIRE_SOAK_CONNECTIONS set its length), faults (the fault matrix:
+each row the losses nobody counted; PROBEWIRE_FAULTS=name,... runs some rows).
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ from types import FrameType
 
 from bench import (
     export_latency,
+    faults,
     fidelity,
     latency,
     overhead,
     peers,
     ring_flood,
     series_memory,
+    soak,
     startup,
     userspace,
 )
@@ -47,6 +52,8 @@ BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
     "series_memory": series_memory.run,
     "userspace": userspace.run,
     "ring_flood": ring_flood.run,
+    "soak": soak.run,
+    "faults": faults.run,
 }
 RESULTS = REPO_ROOT / "bench" / "results" / "latest.md"
 

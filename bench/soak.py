@@ -50,11 +50,16 @@ def soak(minutes: float, connections: int) -> list[Row]:
         t0 = time.monotonic()
         points: list[tuple[float, float]] = []
         peaks: dict[str, float] = {}
+        next_at = t0 + sample_s
         while load.poll() is None and time.monotonic() - t0 < duration_s * 3 + 60:
-            time.sleep(min(sample_s, 1.0) if not points else sample_s)
+            time.sleep(max(min(next_at - time.monotonic(), 1.0), 0.0))
+            if time.monotonic() < next_at:
+                continue
+            next_at += sample_s
             points.append((time.monotonic() - t0, rss_mb(agent.pid)))
             for name, n in userspace_entries(agent).items():
                 peaks[name] = max(peaks.get(name, 0.0), n)
+        points.append((time.monotonic() - t0, rss_mb(agent.pid)))  # as the load ends
         result = finish_load(load, timeout_s=30)
         delta = settle(agent, SERVICES) - before
         after = rss_mb(agent.pid)
