@@ -185,3 +185,37 @@ def test_templater_without_service_keeps_its_heuristic_answer() -> None:
     assert templater.template("/u/ee", "svc") == f"/u/{PARAM}"
     assert templater.generation == 1
     assert RouteTemplater().generation == 0
+
+
+def test_a_churn_of_distinct_paths_across_services_ends_in_few_routes_and_bounded_state() -> None:
+    # The soak's shapes (bench/stress.py): ids the heuristics know, and plain names only the
+    # learner can tell from routes; 20 services, 40,000 distinct paths.
+    templater = RouteTemplater(learner=RouteLearner(), cache_size=0)
+    routes: dict[str, set[str]] = {}
+
+    def letters(i: int) -> str:
+        out = ""
+        while True:
+            out += "abcdefghijklmnopqrstuvwxyz"[i % 26]
+            i //= 26
+            if not i:
+                return out
+
+    for i in range(40_000):
+        shape = i % 6
+        path = [f"/r/{i * 7919 % 0xFFFFFF:06x}a/z{i % 1000}", f"/orders/ord_{i}a{i % 10}/items",
+                f"/u/{letters(i)}/posts", f"/img/{i * 2654435761 % 2**64:016x}.png",
+                f"/events/2024-01-{1 + i % 28:02d}/x", f"/users/u{i}@example.com/prefs"][shape]
+        service = f"svc-{i % 20:02d}"
+        routes.setdefault(service, set()).add(templater.template(path, service))
+    learner = templater.learner
+    assert learner is not None
+    for service, seen in routes.items():
+        # Shapes the heuristics know are one route each; two positions only the learner
+        # templates (names, and z<n> with n under three digits) collapse once they pass
+        # max_distinct values (those stay as they were first seen).
+        assert len(seen) <= 6 + 2 * (learner.max_distinct + 1), (service, sorted(seen)[:10])
+        names = {r for r in seen if r.startswith("/u/")}
+        if names:
+            assert f"/u/{PARAM}/posts" in names and len(names) <= learner.max_distinct + 1
+    assert learner.nodes <= learner.max_nodes
