@@ -555,16 +555,17 @@ class RouteLearner:
             return segment
         return _form(collapse, segment)
 
-    def _collapse(self, trie: _Trie, node: _Node, reason: str) -> None:
+    def _collapse(self, trie: _Trie, node: _Node, reason: str, incoming: int = 1) -> None:
+        """Make `node`'s position a parameter; `incoming` values arrive with the decision."""
         children = node.children or {}
         values = [(v, c) for v, c in children.items() if not _PURE_PLACEHOLDER_RE.fullmatch(v)]
         established = sorted((c.hits, v) for v, c in values if c.hits >= self.keep_hits)
-        kept = frozenset(v for _, v in established[-self.keep_max:] if self.keep_max)
+        kept = frozenset(v for _, v in (established[-self.keep_max:] if self.keep_max else []))
         for value, child in values:
             if value not in kept:
                 trie.nodes -= _size(child)
                 del children[value]
-        node.collapse = _Collapse(kept, {}, len(values) + 1, reason, time.time())
+        node.collapse = _Collapse(kept, {}, len(values) + incoming, reason, time.time())
         node.literals = len(kept)
         self.collapses += 1
         self._generation += 1
@@ -592,10 +593,9 @@ class RouteLearner:
 
     def summary(self) -> dict[str, dict[str, int]]:
         """Per service: value nodes held and positions collapsed."""
-        with self._lock:
-            tries = dict(self._tries)
-        return {name: {"nodes": t.nodes, "collapsed": _collapsed(t.root)}
-                for name, t in sorted(tries.items())}
+        with self._lock:  # learn() changes the tries on the reader thread
+            return {name: {"nodes": t.nodes, "collapsed": _collapsed(t.root)}
+                    for name, t in sorted(self._tries.items())}
 
     def forget_idle(self, idle_before: float) -> int:
         """Drop the state of services not seen since `idle_before` (the learner's clock)."""
@@ -621,7 +621,7 @@ class RouteLearner:
                     if widest is None:
                         break
                     before = trie.nodes
-                    self._collapse(trie, widest, "memory")
+                    self._collapse(trie, widest, "memory", incoming=0)
                     freed += before - trie.nodes
                     if trie.nodes >= before:
                         break
