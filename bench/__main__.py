@@ -14,7 +14,10 @@ hooks, and `perf bench sched pipe` throughput with the family on and off),
 security (thousands of /bin/true per second without the agent, with security off, with no
 rules, with the default rules: ns per exec and throughput ratio),
 custom (a custom probe's cost per call next to bpftrace's uprobe count() on the same function;
-start-up with 5 custom probes).
+start-up with 5 custom probes),
+soak (RSS plateau and slope of the agent under distinct-path churn across 20 services:
+PROBEWIRE_SOAK_MINUTES / PROBEWIRE_SOAK_CONNECTIONS set its length), faults (the fault matrix:
+each row the losses nobody counted; PROBEWIRE_FAULTS=name,... runs some rows).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from bench import (
     baseline,
     custom,
     export_latency,
+    faults,
     fidelity,
     http2,
     latency,
@@ -44,6 +48,7 @@ from bench import (
     saturation,
     security,
     series_memory,
+    soak,
     startup,
     userspace,
 )
@@ -65,6 +70,8 @@ BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
     "saturation": saturation.run,
     "security": security.run,
     "custom": custom.run,
+    "soak": soak.run,
+    "faults": faults.run,
 }
 RESULTS = REPO_ROOT / "bench" / "results" / "latest.md"
 

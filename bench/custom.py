@@ -56,7 +56,8 @@ def _probe_yaml(binary: Path, name: str, symbol: str = "process_payment",
 
 
 def _agent_config(binary: Path, probes: str, families: bool) -> str:
-    off = "" if families else "  tcp: {enabled: false}\n  l7: {enabled: false}\n  saturation: {enabled: false}\n"
+    off = "" if families else ("  tcp: {enabled: false}\n  l7: {enabled: false}\n"
+                               "  saturation: {enabled: false}\n")
     return f"bpf_stats: off\nprobes:\n{off}  custom:\n{probes}"
 
 

@@ -1,5 +1,5 @@
-"""`probewire` command line: run, probes, doctor. Exit codes: 0 ok, 2 usage/config, 3 privilege
-or kernel feature (the message says the fix)."""
+"""`probewire` command line: run, probes, doctor, top, routes. Exit codes: 0 ok, 2 usage/config,
+3 privilege or kernel feature (the message says the fix)."""
 
 from __future__ import annotations
 
@@ -234,6 +234,51 @@ def top(
         raise _fail(exc) from None
     # Exit 1 when --once finds no agent (a script's "nothing to read", not a usage error).
     raise typer.Exit(0 if run_top(_console(), target, interval, once, limit) else 1)
+
+
+@app.command()
+def routes(
+    listen: ListenOpt = None,
+    service: Annotated[str | None, typer.Option(help="Only this service.")] = None,
+) -> None:
+    """Route templates the running agent learned per service: the path positions that became
+    parameters, how many values they showed, and the values kept literal."""
+    import urllib.error
+    from urllib.parse import quote
+
+    from rich.table import Table
+
+    try:
+        target = listen or "127.0.0.1:9464"
+        parse_listen(target)
+    except ProbewireError as exc:
+        raise _fail(exc) from None
+    path = "/api/routes" + (f"?service={quote(service)}" if service else "")
+    try:
+        data = _fetch(target, path)
+    except (urllib.error.URLError, OSError) as exc:
+        _console(stderr=True).print(f"no agent answering at {target} ({exc}); start one with "
+                                    "`probewire run` or pass --listen", highlight=False)
+        raise typer.Exit(1) from None
+    console = _console()
+    if not data.get("enabled"):
+        console.print("route learning is off (probes.http.route_learning.enabled) or the HTTP "
+                      "family does not offer it")
+        return
+    table = Table(title=f"learned routes (generation {data.get('generation', 0)})")
+    for col in ("service", "template", "values seen", "kept literal", "why", "nodes"):
+        table.add_column(col, overflow="fold")
+    for name, svc in sorted(data.get("services", {}).items()):
+        templates = svc.get("templates", [])
+        if not templates:
+            table.add_row(name, "-", "", "", "", str(svc.get("nodes", 0)))
+        for t in templates:
+            table.add_row(name, t["template"], str(t["distinct_values"]),
+                          ", ".join(t["kept"]), t["reason"], str(svc.get("nodes", 0)))
+    console.print(table)
+    if data.get("untracked"):
+        console.print(f"{data['untracked']} lookups came from services beyond "
+                      "probes.http.route_learning.max_services (not learned)")
 
 
 @app.command()

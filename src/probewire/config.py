@@ -39,10 +39,12 @@ __all__ = [
     "FilterConfig",
     "HttpConfig",
     "L7Config",
+    "MemoryConfig",
     "OtlpConfig",
     "ProbeToggle",
     "ProbesConfig",
     "RingConfig",
+    "RouteLearningConfig",
     "SaturationConfig",
     "SecurityConfig",
     "SecurityMatch",
@@ -120,6 +122,53 @@ class ProbeToggle(_Model):
     enabled: bool = Field(default=True, description="true or false")
 
 
+class RouteLearningConfig(_Model):
+    """Route templates learned per service (aggregate/routes.py RouteLearner)."""
+
+    enabled: bool = Field(default=True, description="true or false")
+    max_distinct: int = Field(
+        default=64, ge=2, strict=True,
+        description="distinct values a path position may show (per service, under the same "
+        "prefix) before it becomes a {param}, an integer >= 2",
+    )
+    max_nodes_per_service: int = Field(
+        default=2048, ge=16, strict=True,
+        description="learned path values kept per service, an integer >= 16; a value beyond "
+        "it turns its position into a {param} instead",
+    )
+    max_services: int = Field(
+        default=64, ge=1, strict=True,
+        description="services that learn, an integer >= 1; others keep the heuristic routes",
+    )
+    keep_hits: int = Field(
+        default=4, ge=1, strict=True,
+        description="a value seen under this many distinct paths before its position "
+        "collapses stays literal (like /users/me beside /users/{id}), an integer >= 1",
+    )
+    keep_max: int = Field(
+        default=8, ge=0, strict=True,
+        description="at most this many values stay literal per collapsed position, >= 0",
+    )
+
+
+class MemoryConfig(_Model):
+    """The memory guard (runtime/memory.py): shrink caches near the memory limit."""
+
+    limit_mb: int = Field(
+        default=0, ge=0, strict=True,
+        description="the agent's memory limit in MB against its RSS; 0 uses the limit of its "
+        "cgroup (memory.high/memory.max, or memory.limit_in_bytes on cgroup v1), if any",
+    )
+    shrink_at: float = Field(
+        default=0.85, gt=0.0, le=1.0, allow_inf_nan=False,
+        description="drop caches when usage reaches this share of the limit, 0 < x <= 1",
+    )
+    interval_s: float = Field(
+        default=1.0, gt=0.0, allow_inf_nan=False,
+        description="seconds between memory readings, a number > 0",
+    )
+
+
 class L7Config(_Model):
     """The L7 capture layer and the protocols parsed on it."""
 
@@ -143,6 +192,22 @@ class L7Config(_Model):
         strict=True,
         description="label sets one L7 metric may hold; more fold into an \"other\" series "
         "(http_route, db_collection_name, dns_question_name ...) and are counted",
+    )
+    max_series_per_service: int = Field(
+        default=500,
+        ge=1,
+        strict=True,
+        description="label sets one service may hold in one L7 metric (max_series_per_metric "
+        "still caps the total); more of that service's fold into \"other\", so one service's "
+        "flood of routes never takes another's room",
+    )
+    series_ttl_s: float = Field(
+        default=0.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="drop a label set no exchange wrote for this many seconds and give its "
+        "room back (0: never); a series that comes back starts from zero, which Prometheus' "
+        "rate() reads as a counter reset",
     )
     kernel_aggregation: bool = Field(
         default=True,
@@ -182,6 +247,10 @@ class HttpConfig(_Model):
         description="route patterns tried before the heuristics, e.g. /users/{id} or "
         "/static/{*path}",
     )
+    route_learning: RouteLearningConfig = Field(
+        default_factory=lambda: RouteLearningConfig(),
+        description="route templates learned per service",
+    )
 
     @field_validator("routes")
     @classmethod
@@ -210,6 +279,8 @@ class SaturationConfig(_Model):
         "inet_sock_set_state)",
     )
     oom: bool = Field(default=True, description="OOM kills (oom/mark_victim)")
+
+
 # --- custom probes (probes.custom) ---------------------------------------------------------------
 # The schema's names are a contract (README "Custom probes"); limits mirror bpf/custom.h.
 
@@ -1090,6 +1161,9 @@ class Config(_Model):
     )
     security: SecurityConfig = Field(
         default_factory=lambda: SecurityConfig(), description="security rules and alerts"
+    )
+    memory: MemoryConfig = Field(
+        default_factory=lambda: MemoryConfig(), description="the memory guard"
     )
 
     @field_validator("listen")

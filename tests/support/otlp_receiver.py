@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from concurrent import futures
@@ -139,7 +140,7 @@ class _Logs(logs_service_pb2_grpc.LogsServiceServicer):
         return logs_service_pb2.ExportLogsServiceResponse()
 
 
-def _http_handler(rx: Receiver) -> type[BaseHTTPRequestHandler]:
+def _http_handler(rx: Receiver, delay_s: float = 0.0) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -148,6 +149,8 @@ def _http_handler(rx: Receiver) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            if delay_s:
+                time.sleep(delay_s)  # a slow collector (the fault matrix)
             encoding = self.headers.get("Content-Encoding", "")
             if encoding == "gzip":
                 body = gzip.decompress(body)
@@ -178,7 +181,8 @@ def _http_handler(rx: Receiver) -> type[BaseHTTPRequestHandler]:
 
 
 @contextlib.contextmanager
-def otlp_receiver(protocol: str = "grpc") -> Iterator[Receiver]:
+def otlp_receiver(protocol: str = "grpc", delay_s: float = 0.0) -> Iterator[Receiver]:
+    """`delay_s` (http/protobuf only): answer each export that much later, a slow collector."""
     rx = Receiver(protocol)
     if protocol == "grpc":
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
@@ -193,7 +197,7 @@ def otlp_receiver(protocol: str = "grpc") -> Iterator[Receiver]:
         finally:
             server.stop(grace=None)
         return
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _http_handler(rx))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _http_handler(rx, delay_s))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     rx.endpoint = f"http://127.0.0.1:{httpd.server_address[1]}"

@@ -263,6 +263,22 @@ class OtlpExporter:
         with self._lock:
             return self._queued
 
+    def shrink(self) -> int:
+        """Memory pressure (runtime/memory.py): drop the waiting batches, counted as dropped
+        exactly as sink() counts a batch it refuses. Returns the exchanges dropped."""
+        dropped = 0
+        while True:
+            try:
+                batch = self._queue.get_nowait()
+            except queue.Empty:
+                return dropped
+            n = len(batch)
+            with self._lock:
+                self._queued -= n
+                self.batches_dropped += 1
+                self.spans_dropped += n
+            dropped += n
+
     def _take(self, batch: ExchangeBatch) -> ExchangeBatch:
         with self._lock:
             self._queued -= len(batch)

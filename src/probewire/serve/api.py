@@ -85,6 +85,7 @@ class Api:
             # security (docs/security.md)
             "/api/security/alerts": self.security_alerts,
             "/api/security/rules": self.security_rules,
+            "/api/routes": self.learned_routes,
         }
         self.saturation_view = SaturationView(agent.started_at or None)
 
@@ -188,6 +189,8 @@ class Api:
             "db_operations": self._db_operations(snap, name),
             "dns_lookups": self._dns_lookups(snap, name),
             "saturation": self._saturation_rows()[1].get(name),
+            "learned_routes": self._learned().get("services", {}).get(name, {}).get(
+                "templates", []),
         }
 
     @staticmethod
@@ -379,6 +382,24 @@ class Api:
             "services": sorted(rows.values(), key=lambda r: (-r["cpu_cores"], r["service_name"])),
             "oom_kills": [dataclasses.asdict(k) for k in kills],
         }
+    # --- learned routes ----------------------------------------------------------------------
+    def _learned(self) -> dict[str, Any]:
+        """What the route learner holds, from the family that offers it (capability
+        ``learned_routes()``, aggregate/routes.py RouteTemplater.learned's shape)."""
+        for probe in self.agent.probes.values():
+            learned = getattr(probe, "learned_routes", None)
+            if callable(learned):
+                out: dict[str, Any] = learned()
+                return out
+        return {"enabled": False, "generation": 0, "services": {}}
+
+    def learned_routes(self, query: Query) -> dict[str, Any]:
+        learned = self._learned()
+        service = query.get("service", [None])[-1]
+        if service is not None:
+            learned = {**learned, "services": {
+                k: v for k, v in learned.get("services", {}).items() if k == service}}
+        return learned
 
     def history_of(self, query: Query) -> dict[str, Any]:
         service = query.get("service", [None])[-1]

@@ -19,9 +19,11 @@ from urllib.parse import parse_qs, urlparse
 from prometheus_client.registry import CollectorRegistry
 
 from probewire.agent import Agent
+from probewire.aggregate.bounds import Bounds
 from probewire.export.prometheus import CONTENT_TYPE_LATEST, render_text
 from probewire.serve.api import Api, ApiError
 from probewire.serve.history import SAMPLE_INTERVAL_S, History, Sampler
+from probewire.serve.structures import BoundsCollector, guard_for, register_agent_structures
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,12 @@ class AgentServer:
         self.history = History(sample_interval_s)
         self.api = Api(agent, registry, self.history)
         self.sampler = Sampler(self.history, self.api.snapshot)
+        # Bounded memory: the user-space structures' sizes next to the maps' on /metrics, and
+        # the guard that shrinks them near the memory limit (serve/structures.py).
+        self.bounds = Bounds()
+        register_agent_structures(self.bounds, agent, self.history)
+        self.guard = guard_for(agent, self.bounds)
+        registry.register(BoundsCollector(self.bounds, self.guard))
         handler = self._handler_class()
         # An IPv6 listen address (config gives it without brackets) needs an AF_INET6 socket.
         server_class = _HTTPServer6 if ":" in host else _HTTPServer
@@ -170,6 +178,7 @@ class AgentServer:
 
     def start(self) -> None:
         self.sampler.start()
+        self.guard.start()
         self._thread = threading.Thread(
             target=self.httpd.serve_forever, name="probewire-http", daemon=True
         )
@@ -177,6 +186,7 @@ class AgentServer:
 
     def stop(self) -> None:
         self.sampler.stop()
+        self.guard.stop()
         # shutdown() waits for serve_forever, which never ran if start() was not reached.
         if self._thread is not None:
             self.httpd.shutdown()

@@ -127,6 +127,16 @@ SCHEMAS: dict[str, Any] = {
         "exit_signal": {"type": "integer", "nullable": True},
         "lifetime_s": {"type": "number", "nullable": True},
     }),
+    "LearnedRoute": _obj({
+        "template": {**STR, "description": "The prefix with the learned parameter, e.g. "
+                                           "/users/{param}"},
+        "distinct_values": {**INT, "description": "Distinct values seen there when it "
+                                                  "collapsed"},
+        "kept": {"type": "array", "items": STR,
+                 "description": "Values that stay literal (established before the collapse)"},
+        "reason": {"type": "string", "enum": ["values", "memory"]},
+        "collapsed_at": {**NUM, "description": "Unix time"},
+    }),
     "ProbeHook": _obj({
         "probe": STR, "hook": STR, "program": {"type": "string", "nullable": True},
         "section": STR, "attached": {"type": "boolean"}, "fallback_reason": STR,
@@ -253,6 +263,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "dns_lookups": {"type": "array", "items": _ref("DnsLookup")},
                     "saturation": {"allOf": [_ref("SaturationRow")], "nullable": True,
                                    "description": "null without saturation data"},
+                    "learned_routes": {"type": "array", "items": _ref("LearnedRoute")},
                 })]}, "The service"),
                 [{"name": "name", "in": "path", "required": True, "schema": STR}],
                 {"404": NOT_FOUND},
@@ -344,6 +355,23 @@ def openapi_document(version: str) -> dict[str, Any]:
                         "timestamp_ns": INT, "pid": INT, "comm": STR, "service_name": STR,
                         "cgroup": STR, "cgroup_id": INT, "trigger_pid": INT})},
                 }), "Saturation")),
+            "/api/routes": _get(
+                "Route templates each service's traffic taught (positions that became "
+                "parameters)",
+                _json(_obj({
+                    "enabled": BOOL,
+                    "generation": {**INT, "description": "Moves whenever a learned decision "
+                                                         "changes a route"},
+                    "untracked": INT,
+                    "services": {"type": "object", "additionalProperties": _obj({
+                        "nodes": {**INT, "description": "Learned path values held"},
+                        "collapsed": {**INT, "description": "Positions that became "
+                                                            "parameters"},
+                        "templates": {"type": "array", "items": _ref("LearnedRoute")},
+                    })},
+                }, required=["enabled", "generation", "services"]), "Learned routes"),
+                [{"name": "service", "in": "query", "required": False, "schema": STR}],
+            ),
             "/api/openapi.json": _get("This document", _json({"type": "object"}, "OpenAPI")),
             **security_paths(),
         },
