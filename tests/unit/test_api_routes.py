@@ -6,7 +6,7 @@ from __future__ import annotations
 from prometheus_client.registry import CollectorRegistry
 
 from probewire.agent import Agent
-from probewire.aggregate.routes import PARAM, RouteLearner, RouteTemplater
+from probewire.aggregate.routes import PARAM, RouteTemplater
 from probewire.config import Config
 from probewire.serve.api import Api
 from probewire.serve.history import History
@@ -14,10 +14,11 @@ from probewire.serve.openapi import openapi_document
 
 
 def _api_with_learner() -> tuple[Api, RouteTemplater]:
-    agent = Agent(Config())
-    templater = RouteTemplater(learner=RouteLearner(max_distinct=3))
-    # The capability the HTTP family offers (the lead wires it into HttpProbe).
-    agent.probes["http"].learned_routes = templater.learned  # type: ignore[attr-defined]
+    agent = Agent(Config.model_validate(
+        {"probes": {"http": {"route_learning": {"max_distinct": 3}}}}))
+    # The capability the l7 family offers, over the templater its record path uses.
+    templater = agent.probes["l7"].templater  # type: ignore[attr-defined]
+    assert isinstance(templater, RouteTemplater)
     return Api(agent, CollectorRegistry(auto_describe=False), History()), templater
 
 
@@ -36,8 +37,10 @@ def test_api_routes_lists_each_services_learned_templates() -> None:
     assert list(only["services"]) == ["db"]
 
 
-def test_api_routes_says_off_without_the_capability() -> None:
-    api = Api(Agent(Config()), CollectorRegistry(auto_describe=False), History())
+def test_api_routes_says_off_when_learning_is_off() -> None:
+    agent = Agent(Config.model_validate(
+        {"probes": {"http": {"route_learning": {"enabled": False}}}}))
+    api = Api(agent, CollectorRegistry(auto_describe=False), History())
     assert api.handle("/api/routes", {}) == {"enabled": False, "generation": 0, "services": {}}
 
 

@@ -32,7 +32,7 @@ from probewire.aggregate.http_heads import header_length, nth_request, request_p
 from probewire.aggregate.memo import ENDPOINTS_MAX
 from probewire.aggregate.red import HTTP_CLIENT, HTTP_CLIENT_LABELS, HTTP_SERVER
 from probewire.aggregate.red import HTTP_SERVER_LABELS as SERVER_LABELS
-from probewire.aggregate.routes import RouteTemplater
+from probewire.aggregate.routes import RouteLearner, RouteTemplater
 from probewire.config import config_from_mapping
 from probewire.enrich.net import format_address
 from probewire.enrich.service import ServiceResolver
@@ -174,13 +174,18 @@ class Histograms:
 class Reference:
     """The rules of on_batch, one row and one group at a time."""
 
-    def __init__(self, budget: int, names: Names) -> None:
+    def __init__(self, budget: int, names: Names, per_service: int = 500,
+                 learner: RouteLearner | None = None) -> None:
         self.names = names
         self.templater = RouteTemplater(ROUTES)
-        self.server_budget = LabelBudget(budget, {"http_route": "other"})
+        self.learner = learner
+        if learner is not None:
+            learner.protected = learner.protected | frozenset(ROUTES)
+        self.server_budget = LabelBudget(budget, {"http_route": "other"}, per_service)
         self.client_budget = LabelBudget(budget, {"http_route": "other",
-                                                  "server_address": "other"})
-        self.edge_budget = LabelBudget(budget, {"client": "other"})
+                                                  "server_address": "other"}, per_service)
+        self.edge_budget = LabelBudget(budget, {"client": "other"}, per_service,
+                                       service_label="server")
         self.hist = {name: Histograms(DURATION_BUCKETS) for name in
                      ("server_duration", "client_duration", "edge_client_seconds",
                       "edge_server_seconds")}
@@ -240,6 +245,8 @@ class Reference:
 
     def batch(self, rec: np.ndarray) -> list[dict[str, Any]]:
         rows = [self.row(r) for r in rec]
+        if self.learner is not None:
+            self.learn(rows)
         self.local_addresses.update(x["local"] for x in rows)
         for members in first_appearance([(x["role"], x["local_key"], x["lport"],
                                           x["service_key"]) for x in rows]).values():
@@ -249,6 +256,21 @@ class Reference:
         self.series(rows)
         self.edges(rows)
         return rows
+
+    def learn(self, rows: list[dict[str, Any]]) -> None:
+        """Each row's route as its service learned it by the end of the batch: learn every
+        row's in order, then ask again until no answer can change (no collapse)."""
+        learner = self.learner
+        assert learner is not None
+        for x in rows:
+            learner.learn(x["service"], x["route"])
+        while True:
+            generation = learner.generation
+            answers = [learner.learn(x["service"], x["route"]) for x in rows]
+            if learner.generation == generation:
+                break
+        for x, route in zip(rows, answers, strict=True):
+            x["route"] = route
 
     def series(self, rows: list[dict[str, Any]]) -> None:
         keys = [(x["role"], x["service_key"], x["verb"], x["status"], x["route"],
@@ -350,15 +372,22 @@ def assert_same(probe: L7Probe, ref: Reference) -> None:
     assert endpoints.local_addresses == ref.local_addresses
 
 
-def run(batches: list[list[dict[str, Any]]], budget: int, renames: list[bool]) -> None:
+# Route learning that collapses early and keeps no literal (which literals are kept depends
+# on how often the learner is asked, which the memo changes on purpose).
+LEARNING = {"max_distinct": 3, "keep_max": 0}
+
+
+def run(batches: list[list[dict[str, Any]]], budget: int, renames: list[bool],
+        per_service: int = 500) -> None:
     names = Names()
     cfg = config_from_mapping({"probes": {
-        "l7": {"kernel_aggregation": False, "max_series_per_metric": budget},
-        "http": {"routes": list(ROUTES)}}})
+        "l7": {"kernel_aggregation": False, "max_series_per_metric": budget,
+               "max_series_per_service": per_service},
+        "http": {"routes": list(ROUTES), "route_learning": LEARNING}}})
     probe = L7Probe(ProbeContext(cfg, names))
     sunk: list[ExchangeBatch] = []
     probe.sinks.append(sunk.append)
-    ref = Reference(budget, names)
+    ref = Reference(budget, names, per_service, RouteLearner(**LEARNING))
     for rows, rename in zip(batches, renames, strict=True):
         if rename:
             names.rename(102, "web-" + str(names.generation))
@@ -380,11 +409,12 @@ SETTINGS = settings(max_examples=150, deadline=None,
 
 
 @SETTINGS
-@given(BATCHES, st.sampled_from([10, 100_000]), st.data())
+@given(BATCHES, st.sampled_from([10, 100_000]), st.sampled_from([3, 500]), st.data())
 def test_batches_give_the_series_a_row_by_row_reference_gives(
-        batches: list[list[dict[str, Any]]], budget: int, data: st.DataObject) -> None:
+        batches: list[list[dict[str, Any]]], budget: int, per_service: int,
+        data: st.DataObject) -> None:
     renames = data.draw(st.lists(st.booleans(), min_size=len(batches), max_size=len(batches)))
-    run(batches, budget, renames)
+    run(batches, budget, renames, per_service)
 
 
 @SETTINGS

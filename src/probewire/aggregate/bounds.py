@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-__all__ = ["BoundRow", "Bounds", "Structure"]
+from probewire.aggregate.routes import RouteTemplater
+
+__all__ = ["BoundRow", "Bounds", "Structure", "register_templater"]
 
 log = logging.getLogger(__name__)
 
@@ -127,3 +129,20 @@ class Bounds:
             evictions.add_metric([row.structure], row.evictions)
             shrunk.add_metric([row.structure], row.shrunk)
         yield from (entries, capacity, evictions, shrunk)
+
+
+def register_templater(bounds: Bounds, templater: RouteTemplater, prefix: str = "http") -> None:
+    """The route cache and the learner's state: a family holding a templater calls this from
+    its register_bounds."""
+    bounds.register(
+        f"{prefix}.route_cache", bound=templater.cache_size, policy="LRU of raw paths",
+        size=lambda: templater.cached_paths, shrink=templater.clear_cache,
+        evictions=lambda: templater.evictions)
+    learner = templater.learner
+    if learner is not None:
+        bounds.register(
+            f"{prefix}.route_learner", bound=learner.max_nodes,
+            policy="per service a capped set of values per position; a value beyond the node "
+            "cap collapses its position; idle services forgotten after the series TTL",
+            size=lambda: learner.nodes, shrink=learner.shrink,
+            evictions=lambda: learner.collapses)

@@ -113,7 +113,9 @@ class ServiceGraph:
         if memo.server_edge_folded:
             again = (table[:, 3] != 0) & (edge < existing)
             if again.any():
-                self.budget.count_overflows(len(distinct(edge[again])))
+                for e in distinct(edge[again]):
+                    # (A folded edge keeps its server: the share's service.)
+                    self.budget.count_overflows(1, memo.server_edge_labels[e][1])
         far = table[:, 1] >= 0
         self.server_total.add_rows(table[far, 1])
         bad = far & failed[server]
@@ -186,6 +188,22 @@ class ServiceGraph:
         totals[0] += count
         totals[1] += failed
         self.client_seconds.merge((service, f"{peer}:{port}", ctype), duration, seconds)
+
+    # --- series TTL -------------------------------------------------------------------------------
+    def expire_clients(self, before: float) -> int:
+        """Drop client-side edges no exchange wrote since `before` (their server-side names
+        are admitted at scrape time: those go from the budget too). The caller holds the
+        pipeline's lock and drops the memo's names afterwards."""
+        idle = self.client_seconds.idle(before)
+        for key in idle:
+            client, peer, ctype = key
+            host, _, port = peer.rpartition(":")
+            self.client_seconds.remove(key)
+            self.client_total.pop((client, (host, int(port)), ctype), None)
+            labels = (client, self.endpoints.server_name((host, int(port))), ctype)
+            if self.server_seconds.touched(labels) is None:
+                self.budget.release(labels, EDGE_LABELS)
+        return len(idle)
 
     # --- export ---------------------------------------------------------------------------------
     def totals(self) -> tuple[CounterSeries, CounterSeries, HistogramSeries, HistogramSeries]:

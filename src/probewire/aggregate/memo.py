@@ -6,10 +6,10 @@ neutral header) the memo holds its service, addresses, endpoints and series clas
 set what the budget said and its series rows (red.py); per edge its rows (graph.py).
 
 Everything here is a memo of a deterministic answer (formatting an address, the budget's answer
-for a label set: a budget never frees a series, so that answer never changes), except service
-names, which are asked again whenever the resolver says an answer may have changed
-(ServiceResolver.name_until); a changed name drops everything built from names. Ids are dense
-and start afresh with the memo (`too_big`).
+for a label set), except service names, which are asked again whenever the resolver says an
+answer may have changed (ServiceResolver.name_until); a changed name, or a label set the series
+TTL freed (the budget's answers change then), drops everything built from names. Ids are dense
+and start afresh with the memo (`too_big`, or the memory guard's `shrink`).
 """
 
 from __future__ import annotations
@@ -140,6 +140,7 @@ class Memo:
         self.classes: list[tuple[int, int, int, int]] = []
         self.client_edge_ids: dict[tuple[int, int, int], int] = {}
         self.client_edges: list[tuple[int, int, int]] = []
+        self.names_epoch = 0  # moves with drop_names
         self.drop_connections()
         self.drop_names()
 
@@ -158,7 +159,9 @@ class Memo:
         self.put_items: dict[int, tuple[tuple[str, int], str]] = {}
 
     def drop_names(self) -> None:
-        """Forget everything built from service names (one changed)."""
+        """Forget everything built from service names (one changed) or from budget answers
+        (a label set was freed)."""
+        self.names_epoch = getattr(self, "names_epoch", 0) + 1
         # Series keys -> entry; per entry a row of `entries`: sink (plus FOLDED if its label
         # set was folded), its rows in the duration, request size and response size series
         # of the sink (-1: none). Keys with the same effect share an entry (with a budget
@@ -234,10 +237,14 @@ class Memo:
             self.endpoints.append((self.address_names[address], port))
         return found
 
-    def too_big(self) -> bool:
+    def size(self) -> int:
+        """Entries of its largest table."""
         return max(len(self.address_names), len(self.service_keys), len(self.endpoints),
                    len(self.classes), len(self.client_edges), self.entry_keys,
-                   len(self.name_ids), len(self.server_edge_labels)) > MEMO_MAX
+                   len(self.name_ids), len(self.server_edge_labels))
+
+    def too_big(self) -> bool:
+        return self.size() > MEMO_MAX
 
 
 # Entry kinds beyond the sinks (red.py): an aborted exchange counted on its own, a row that

@@ -11,8 +11,8 @@ sets is a handful of whole-array adds. A new label set is labelled by its protoc
   dns   dns_lookup_duration_seconds (client side)
   rpc   rpc_{server,client}_duration_seconds (gRPC calls, observed one by one)
 
-Every metric has a label budget (aggregate/budget.py): past it, label sets fold into an
-"other" series and the overflow is counted.
+Every metric has a label budget (aggregate/budget.py), in all and per service: past it, label
+sets fold into an "other" series and the overflow is counted.
 """
 
 from __future__ import annotations
@@ -83,10 +83,13 @@ class Sink:
 
 
 class RedSeries:
-    def __init__(self, max_series: int) -> None:
+    def __init__(self, max_series: int, max_series_per_service: int | None = None) -> None:
+        def budget(fold: dict[str, str]) -> LabelBudget:
+            return LabelBudget(max_series, fold, max_series_per_service)
+
         def sink(metric: str, labels: tuple[str, ...], fold: dict[str, str],
                  sizes: tuple[bool, bool] = (False, False)) -> Sink:
-            return Sink(metric, labels, LabelBudget(max_series, fold),
+            return Sink(metric, labels, budget(fold),
                         HistogramSeries(DURATION_BUCKETS),
                         HistogramSeries(SIZE_BUCKETS) if sizes[0] else None,
                         HistogramSeries(SIZE_BUCKETS) if sizes[1] else None)
@@ -103,8 +106,8 @@ class RedSeries:
             sink("dns_lookup_duration_seconds", DNS_LABELS, {"dns_question_name": OVERFLOW}),
         ]
         self.aborted = CounterSeries()
-        self.rpc_server_budget = LabelBudget(max_series, {"rpc_method": OVERFLOW})
-        self.rpc_client_budget = LabelBudget(max_series, {"rpc_method": OVERFLOW})
+        self.rpc_server_budget = budget({"rpc_method": OVERFLOW})
+        self.rpc_client_budget = budget({"rpc_method": OVERFLOW})
         self.rpc_server = HistogramSeries(DURATION_BUCKETS)
         self.rpc_client = HistogramSeries(DURATION_BUCKETS)
 
@@ -155,11 +158,14 @@ class RedSeries:
                 found = np.minimum(np.searchsorted(fresh, key), len(fresh) - 1)
                 again &= fresh[found] != key  # (np.isin would import numpy.ma: 1.3 MB)
             if again.any():
-                _, first = np.unique(key[again], return_index=True)
-                folded = (kind[again][first] & ~FOLDED).tolist()
-                for s, n in zip(*np.unique(folded, return_counts=True), strict=True):
+                # Once per distinct label set, for its service's share too.
+                where = again.nonzero()[0]
+                _, first = np.unique(key[where], return_index=True)
+                for i in where[first].tolist():
+                    s = int(kind[i]) & ~FOLDED
                     if s < len(self.sinks):
-                        self.sinks[int(s)].budget.count_overflows(int(n))
+                        service = memo.service_names[memo.classes[int(at[i, CLASS])][2]]
+                        self.sinks[s].budget.count_overflows(1, service)
             kind = kind & ~FOLDED
         aborted = kind == ABORTED
         if aborted.any():
@@ -269,7 +275,8 @@ class RedSeries:
 
     def families(self) -> Iterator[Metric]:
         http_server, http_client, db_client, db_server, dns = self.sinks
-        assert http_server.req and http_server.resp and http_client.req
+        assert http_server.req is not None and http_server.resp is not None
+        assert http_client.req is not None
         yield http_server.duration.family(
             http_server.metric, "Duration of HTTP server requests: request's first byte read "
             "to response's last byte written.", HTTP_SERVER_LABELS)

@@ -35,7 +35,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -598,6 +598,16 @@ class RouteLearner:
         with self._lock:  # learn() changes the tries on the reader thread
             return {name: {"nodes": t.nodes, "collapsed": _collapsed(t.root)}
                     for name, t in sorted(self._tries.items())}
+
+    def touch(self, services: Iterable[str]) -> None:
+        """Mark services as in use (a caller that memoises ``learn``'s answers calls this for
+        the services it answered from memory, so :meth:`forget_idle` keeps them)."""
+        now = self._clock()
+        with self._lock:
+            for service in services:
+                trie = self._tries.get(service)
+                if trie is not None:
+                    trie.last_used = now
 
     def forget_idle(self, idle_before: float) -> int:
         """Drop the state of services not seen since `idle_before` (the learner's clock)."""

@@ -159,7 +159,8 @@ class KernelAggregates:
             peer = format_address(int(k["family"]), k["raddr"])
             method = int(k["method"])
             base = (service, METHODS[method] if method < len(METHODS) else "_OTHER",
-                    str(status), self.ops.name(int(k["op"])),
+                    str(status),
+                    self.pipeline.learned_route(service, self.ops.name(int(k["op"]))),
                     "https" if int(k["flags"]) & L7Flag.TLS else "http")
             ctype = connection_type(proto)
             if role == Role.SERVER:

@@ -21,8 +21,10 @@ from typing import Any, ClassVar
 import numpy as np
 from prometheus_client.core import CounterMetricFamily, Metric
 
+from probewire.aggregate.bounds import Bounds, register_templater
+from probewire.aggregate.memo import MEMO_MAX
 from probewire.aggregate.pipeline import ExchangePipeline, ExchangeSink, RpcCall
-from probewire.aggregate.routes import RouteTemplater
+from probewire.aggregate.routes import RouteLearner, RouteTemplater
 from probewire.l7.constants import Coverage, Proto
 from probewire.l7.exchanges import ExchangeFlag, LabelTables, rows_from_exchanges
 from probewire.l7.kernel_agg import KernelAggregates, KernelOps
@@ -36,7 +38,7 @@ from probewire.l7.records import (
     STRUCTS,
 )
 from probewire.l7.registry import PROTOCOLS
-from probewire.l7.streams import Finished, StreamDemux
+from probewire.l7.streams import EVICTED, Finished, StreamDemux
 from probewire.probes.base import Hook, Probe, ProbeContext
 from probewire.probes.tls import TLS_PROGRAMS, TlsAttacher
 from probewire.runtime.bpf import BpfObject
@@ -72,8 +74,16 @@ class L7Probe(Probe):
             p.proto_id: p for p in PROTOCOLS if cfg.protocols is None or p.name in cfg.protocols}
         self.helper_programs = ("l7_capture_tp", *TLS_PROGRAMS, *(
             f"l7_{p.name}_{kind}" for p in self.protocols.values() for kind in ("tp", "uprobe")))
-        self.pipeline = ExchangePipeline(ctx.services, cfg.max_series_per_metric)
-        self.templater = RouteTemplater(ctx.config.probes.http.routes)
+        http = ctx.config.probes.http
+        learning = http.route_learning
+        learner = RouteLearner(
+            max_distinct=learning.max_distinct,
+            max_nodes_per_service=learning.max_nodes_per_service,
+            max_services=learning.max_services, keep_hits=learning.keep_hits,
+            keep_max=learning.keep_max) if learning.enabled else None
+        self.templater = RouteTemplater(http.routes, learner=learner)
+        self.pipeline = ExchangePipeline(ctx.services, cfg.max_series_per_metric,
+                                         cfg.max_series_per_service, learner, cfg.series_ttl_s)
         self.http1 = Http1Decoder(self.templater, self.pipeline.labels)
         self.pipeline.decoder_sizes.append(self.http1.size)
         self.demux = StreamDemux({i: p for i, p in self.protocols.items()
@@ -111,6 +121,23 @@ class L7Probe(Probe):
             "tls": int(counts[Proto.UNKNOWN, Coverage.UNCLASSIFIED_TLS]),
             "plain": int(counts[Proto.UNKNOWN, Coverage.UNCLASSIFIED])}
         return out
+
+    def learned_routes(self) -> dict[str, Any]:
+        """What the route learner holds per service (/api/routes, `probewire routes`)."""
+        return self.templater.learned()
+
+    def register_bounds(self, bounds: Bounds) -> None:
+        """The family's user-space structures, with their bounds (serve/structures.py)."""
+        register_templater(bounds, self.templater)
+        bounds.register(
+            "l7.memo", bound=MEMO_MAX,
+            policy="ids of connections, services, addresses, label sets and paths; starts "
+            "afresh past the bound", size=self.pipeline.memo_size, shrink=self.pipeline.shrink)
+        bounds.register(
+            "l7.streams", bound=self.demux.max_connections,
+            policy="connections parsed here; the least recently fed goes (counted in "
+            "probewire_l7_connections_lost{reason=evicted})", size=lambda: len(self.demux.conns),
+            evictions=lambda: sum(n for (_, r), n in self.demux.lost.items() if r == EVICTED))
 
     def tls_status(self) -> dict[str, Any]:
         import dataclasses

@@ -16,13 +16,12 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from probewire.agent import Agent
-from probewire.aggregate.bounds import Bounds
-from probewire.aggregate.routes import RouteTemplater
+from probewire.aggregate.bounds import Bounds, register_templater
 from probewire.probes.process import RECENT_EVENTS, ProcessProbe
 from probewire.runtime.memory import CgroupMemory, MemoryGuard
 from probewire.serve.history import MAX_COLUMNS, MAX_SERVICES, RATE_WINDOW_S, History
 
-__all__ = ["BoundsCollector", "guard_for", "register_agent_structures"]
+__all__ = ["BoundsCollector", "guard_for", "register_agent_structures", "register_templater"]
 
 # ServiceResolver's default max_entries (enrich/service.py), until it exposes its bound.
 SERVICE_CACHE_MAX = 65536
@@ -82,26 +81,3 @@ def register_agent_structures(bounds: Bounds, agent: Agent, history: History) ->
         register = getattr(probe, "register_bounds", None)
         if callable(register):
             register(bounds)
-            continue
-        # Until the HTTP family registers its own (register_bounds): its route cache, read
-        # through the templater's own thread-safe API.
-        templater = getattr(probe, "routes", None)
-        if isinstance(templater, RouteTemplater):
-            register_templater(bounds, templater)
-
-
-def register_templater(bounds: Bounds, templater: RouteTemplater, prefix: str = "http") -> None:
-    """The route cache and the learner's state: a family holding a templater calls this from
-    its register_bounds."""
-    bounds.register(
-        f"{prefix}.route_cache", bound=templater.cache_size, policy="LRU of raw paths",
-        size=lambda: templater.cached_paths, shrink=templater.clear_cache,
-        evictions=lambda: templater.evictions)
-    learner = templater.learner
-    if learner is not None:
-        bounds.register(
-            f"{prefix}.route_learner", bound=learner.max_nodes,
-            policy="per service a capped set of values per position; a value beyond the node "
-            "cap collapses its position; idle services forgotten after the series TTL",
-            size=lambda: learner.nodes, shrink=learner.shrink,
-            evictions=lambda: learner.collapses)
