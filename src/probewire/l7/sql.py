@@ -73,10 +73,15 @@ class Statement:
         return f"{self.operation} {self.collection}" if self.collection else self.operation
 
 
-def _tokens(sql: str, dialect: str) -> list[list[tuple[int, str]]]:
-    """Statements as (kind, text) tokens: words upper-cased, identifiers unquoted."""
+def _tokens(sql: str, dialect: str, cut: bool) -> list[list[tuple[int, str]]]:
+    """Statements as (kind, text) tokens: words upper-cased, identifiers unquoted. A text
+    that was cut short loses its last token (perhaps the first letters of a name)."""
     out: list[list[tuple[int, str]]] = [[]]
-    for m in _TOKENS[dialect].finditer(sql, 0, MAX_SQL):
+    end = min(len(sql), MAX_SQL)
+    cut = cut or len(sql) > MAX_SQL
+    for m in _TOKENS[dialect].finditer(sql, 0, end):
+        if cut and m.end() == end:
+            break
         kind = m.lastgroup
         if kind == "tag":
             kind = "dollar"
@@ -117,6 +122,8 @@ def _name_at(toks: list[tuple[int, str]], i: int) -> str:
         if i + 2 < n and toks[i + 1] == (_PUNCT, ".") and toks[i + 2][0] in (_WORD, _ID):
             i += 2
             continue
+        if i + 1 < n and toks[i + 1] == (_PUNCT, ".") and i + 2 == n:
+            return ""  # "schema." and the text stops: the name was cut
         break
     name = ".".join(parts)
     return name if 0 < len(name) <= MAX_NAME else ""
@@ -174,7 +181,7 @@ def _statement(toks: list[tuple[int, str]]) -> Statement:
                 op, body = text.upper(), j + 1
                 break
         else:
-            return Statement("WITH")
+            return Statement("")  # no main statement (in what was captured)
     return Statement(op, _collection(op, toks, body))
 
 
@@ -211,9 +218,11 @@ def _collection(op: str, toks: list[tuple[int, str]], body: int) -> str:
 
 
 @lru_cache(maxsize=4096)
-def statements(sql: str, dialect: str = "postgresql") -> tuple[Statement, ...]:
-    """The statements of a query string, in order (empty ones left out)."""
-    return tuple(_statement(t) for t in _tokens(sql, dialect))
+def statements(sql: str, dialect: str = "postgresql", cut: bool = False) -> tuple[
+        Statement, ...]:
+    """The statements of a query string, in order (empty ones left out); cut: the text is
+    the beginning of a longer one."""
+    return tuple(_statement(t) for t in _tokens(sql, dialect, cut))
 
 
 def summarize(sql: str, dialect: str = "postgresql") -> Statement:

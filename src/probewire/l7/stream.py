@@ -153,6 +153,7 @@ class Source:
                 self.hole -= k
                 left -= k
                 truncated = True
+                keep = len(kept)  # what is kept stays one contiguous prefix
                 continue
             yield
         return bytes(kept), truncated
@@ -183,6 +184,7 @@ class Side:
     reader: Reader | None = None
     synced: bool = False
     seen: bool = False  # any segment arrived in this direction
+    held: list[Segment] = field(default_factory=list)  # unsynced: a beginning being proven
 
 
 @dataclass(slots=True)
@@ -192,6 +194,7 @@ class Request:
     start_ns: int
     tid: int = 0
     request_bytes: int = 0
+    turn: int = field(default=0, kw_only=True)  # the client's turn (DuplexParser.turn)
 
 
 @dataclass
@@ -203,7 +206,13 @@ class DuplexParser(StreamParser):
     max_pending: int = 1024
     pending: deque[Any] = field(default_factory=deque)
     out: list[Exchange] = field(default_factory=list)
-    lost_at_ns: int = 0  # responses wait for a request sent after this
+    lost_at_ns: int = 0
+    # Turns: requests sent after responses came start a new turn. A client that reads its
+    # answers before it asks again sends nothing in a turn that is answered in a later one,
+    # so after a loss the responses are in step again with the first turn after it.
+    turn: int = 0
+    lost_turn: int = -1
+    answered: bool = False  # a response segment came since the last request segment
 
     def __post_init__(self) -> None:
         self.req = Side(Source(self.max_buffer))
@@ -217,15 +226,17 @@ class DuplexParser(StreamParser):
     def response_reader(self, src: Source) -> Reader:
         raise NotImplementedError
 
-    def request_proven(self, seg: Segment) -> bool:
+    # Proofs answer True (a message starts here), False (not provably), or None (the bytes
+    # so far are a valid beginning: decide with the next segment's).
+    def request_proven(self, seg: Segment) -> bool | None:
         """The segment provably starts a request (a handshake, or whole messages)."""
         raise NotImplementedError
 
-    def response_proven(self, seg: Segment) -> bool:
+    def response_proven(self, seg: Segment) -> bool | None:
         """The segment starts a response whatever was asked (e.g. a server greeting)."""
         return False
 
-    def response_plausible(self, seg: Segment) -> bool:
+    def response_plausible(self, seg: Segment) -> bool | None:
         """The segment may start a response (checked with the request/response alternation)."""
         return True
 
@@ -238,12 +249,17 @@ class DuplexParser(StreamParser):
         """The exchange a request still pending at close becomes (None: none)."""
         return None
 
+    def on_lost(self, is_req: bool) -> None:
+        """A direction lost sync: forget state its lost bytes may have changed."""
+
     def dropped(self, item: Any) -> None:
         """A pending request was dropped (lost pairing, overflow): count it if it mattered."""
         self.failures["request_lost"] += 1
 
     # -- the machinery -------------------------------------------------------------------------
     def push_pending(self, item: Any) -> None:
+        if isinstance(item, Request):
+            item.turn = self.turn
         if len(self.pending) >= self.max_pending:
             self.dropped(self.pending.popleft())
             self.failures["pending_overflow"] += 1
@@ -253,45 +269,86 @@ class DuplexParser(StreamParser):
         is_req = segment.direction == self.req_dir
         side = self.req if is_req else self.resp
         side.seen = True
-        if not side.synced and not self._sync(side, is_req, segment):
-            return self._flush()
-        side.src.push(segment.data, segment.skipped, segment.ts_ns, segment.tid)
-        try:
-            if side.reader is None:
-                side.reader = (self.request_reader if is_req else self.response_reader)(side.src)
-            next(side.reader)
-            if side.src.at_hole():
-                raise Lost("hole_at_boundary")
-        except Lost as lost:
-            self.lose(is_req, lost.reason, segment.ts_ns)
-        except Exception as exc:  # a parser bug must cost the connection, never the agent
-            self.lose(is_req, f"parser_error:{type(exc).__name__}", segment.ts_ns)
+        if is_req and self.answered:
+            self.turn += 1
+        self.answered = not is_req
+        if side.synced:
+            self._run(side, is_req, [segment])
+        else:
+            self._run(side, is_req, self._sync(side, is_req, segment))
         return self._flush()
 
-    def _sync(self, side: Side, is_req: bool, seg: Segment) -> bool:
+    def _run(self, side: Side, is_req: bool, segments: list[Segment]) -> None:
+        for seg in segments:
+            if not side.synced:
+                return
+            side.src.push(seg.data, seg.skipped, seg.ts_ns, seg.tid)
+            try:
+                if side.reader is None:
+                    side.reader = (self.request_reader if is_req
+                                   else self.response_reader)(side.src)
+                next(side.reader)
+                if side.src.at_hole():
+                    raise Lost("hole_at_boundary")
+            except Lost as lost:
+                self.lose(is_req, lost.reason, seg.ts_ns)
+            except Exception as exc:  # a parser bug must cost the connection, never the agent
+                self.lose(is_req, f"parser_error:{type(exc).__name__}", seg.ts_ns)
+
+    def _sync(self, side: Side, is_req: bool, seg: Segment) -> list[Segment]:
+        """The segments to parse once this one (with those held before it) proves where a
+        message starts; [] while it does not (yet)."""
+        held = side.held
+        if held and held[-1].skipped:
+            held.clear()  # bytes missing between: the held ones cannot be continued
+        held.append(seg)
         try:
-            if is_req:
-                ok = self.request_proven(seg)
-            elif self.response_proven(seg) or (self._after_request(seg)
-                                               and self.response_plausible(seg)):
-                ok = True
-            elif self.response_resync(seg):
+            verdict = self._verdict(is_req, held)
+            while verdict is False and len(held) > 1:  # perhaps a message starts later
+                self.failures["unsynced_segment"] += 1
+                held.pop(0)
+                verdict = self._verdict(is_req, held)
+            if verdict is None and (held[-1].skipped
+                                    or sum(len(h.data) for h in held) > self.max_buffer):
+                verdict = False  # a beginning that a hole cuts off never completes
+            if verdict is False and not is_req and self.response_resync(seg):
+                held.clear()
                 self._start(side)
-                return False  # in sync from the next segment
-            else:
-                ok = False
+                return []  # in sync from the next segment: nothing of this one to parse
         except Exception as exc:
             self.failures[f"parser_error:{type(exc).__name__}"] += 1
-            return False
-        if not ok:
+            verdict = False
+        if verdict is None:
+            return []
+        if verdict is False:
             self.failures["unsynced_segment"] += 1
-            return False
+            held.clear()
+            if not is_req:
+                # an answer to what waits would have started here: it cannot be seen
+                self.lost_turn = self.turn
+            return []
         if not is_req:
             # requests sent before the loss will never see their responses
-            while self.pending and self._start_of(self.pending[0]) < self.lost_at_ns:
+            while self.pending and getattr(self.pending[0], "turn", 0) <= self.lost_turn:
                 self.dropped(self.pending.popleft())
+        out = list(held)
+        held.clear()
         self._start(side)
-        return True
+        return out
+
+    def _verdict(self, is_req: bool, held: list[Segment]) -> bool | None:
+        first = held[0]
+        seg = first if len(held) == 1 else Segment(
+            first.direction, b"".join(h.data for h in held), first.ts_ns, first.tid,
+            held[-1].skipped, first.peer)
+        if is_req:
+            return self.request_proven(seg)
+        proven = self.response_proven(seg)
+        if proven is not False:
+            return proven
+        if self._after_request(first):
+            return self.response_plausible(seg)
+        return False
 
     def _start(self, side: Side) -> None:
         side.synced = True
@@ -299,7 +356,8 @@ class DuplexParser(StreamParser):
         side.reader = None
 
     def _after_request(self, seg: Segment) -> bool:
-        return any(self.lost_at_ns <= self._start_of(p) <= seg.ts_ns for p in self.pending)
+        return any(getattr(p, "turn", 0) > self.lost_turn and self._start_of(p) <= seg.ts_ns
+                   for p in self.pending)
 
     @staticmethod
     def _start_of(item: Any) -> int:
@@ -313,13 +371,19 @@ class DuplexParser(StreamParser):
             side.reader = None
             side.src.reset()
         self.lost_at_ns = ts_ns
+        self.lost_turn = self.turn
+        self.on_lost(is_req)
         if is_req:
             while self.pending:
                 self.dropped(self.pending.popleft())
 
     def close(self, ts_ns: int) -> list[Exchange]:
         while self.pending:
-            ex = self.abort(self.pending.popleft(), ts_ns)
+            item = self.pending.popleft()
+            if getattr(item, "turn", 0) <= self.lost_turn:
+                self.dropped(item)  # answered, where this parser could not see
+                continue
+            ex = self.abort(item, ts_ns)
             if ex is not None:
                 self.out.append(ex)
         return self._flush()

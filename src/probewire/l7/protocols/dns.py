@@ -8,8 +8,8 @@ are two exchanges even with one id). Works the same from either end: whoever sen
 (QR=0) is the requester.
 
 ``operation`` is the question's type ("A", "AAAA", "TYPE65534" for unnamed ones), ``target``
-the question name in lower case without the trailing dot ("." for the root), bytes that are
-not letters, digits, '-' or '_' escaped as dig and dnspython write them (``\\.``, ``\\DDD``).
+the question name in lower case without the trailing dot ("." for the root), written as dig
+and dnspython write names (``\\.`` for a dot inside a label, ``\\DDD`` for unprintable bytes).
 A response with RCODE other than NOERROR has ``status`` the RCODE's name ("NXDOMAIN") and
 ``error_type`` its lower case ("nxdomain", "servfail", "refused", ...); a query unanswered
 for TIMEOUT_NS (5 s, glibc's default per try) ends as ``error_type`` "timeout" with that
@@ -56,7 +56,7 @@ TYPES = {
 }
 RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED",
           6: "YXDOMAIN", 7: "YXRRSET", 8: "NXRRSET", 9: "NOTAUTH", 10: "NOTZONE"}
-_PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_")
+_ESCAPED = frozenset(b'"().;\\@$')  # as dig and dnspython write names
 
 
 def type_name(qtype: int) -> str:
@@ -76,10 +76,10 @@ class Message:
 def _label_text(label: bytes) -> str:
     out = []
     for b in label.lower():
-        if b in _PLAIN:
-            out.append(chr(b))
-        elif 0x21 <= b <= 0x7E:
+        if b in _ESCAPED:
             out.append("\\" + chr(b))
+        elif 0x21 <= b <= 0x7E:
+            out.append(chr(b))
         else:
             out.append(f"\\{b:03d}")
     return "".join(out)
@@ -157,6 +157,7 @@ class DnsParser(StreamParser):
     # TCP: per direction, the reader of length-prefixed messages (None: not in sync)
     sources: dict[Direction, Source] = field(default_factory=dict)
     readers: dict[Direction, Reader | None] = field(default_factory=dict)
+    held: dict[Direction, list[Segment]] = field(default_factory=dict)  # a beginning, unproven
 
     def feed(self, segment: Segment) -> list[Exchange]:
         try:
@@ -173,19 +174,34 @@ class DnsParser(StreamParser):
 
     def _stream(self, seg: Segment) -> None:
         src = self.sources.setdefault(seg.direction, Source(65536 + 2))
-        reader = self.readers.get(seg.direction)
-        if reader is None:
-            if not _tcp_chain(seg.data, seg.skipped):
-                self.failures["unsynced_segment"] += 1
+        segments = [seg]
+        if self.readers.get(seg.direction) is None:
+            held = self.held.setdefault(seg.direction, [])
+            if held and held[-1].skipped:
+                held.clear()
+            held.append(seg)
+            data = b"".join(h.data for h in held)
+            verdict = _tcp_chain(data, seg.skipped)
+            if verdict is None and len(data) <= 65537:
+                return  # the beginning of a message: decide with more of it
+            if not verdict:
+                self.failures["unsynced_segment"] += len(held)
+                held.clear()
                 return
+            segments = list(held)
+            held.clear()
             src.reset()
-            reader = self.readers[seg.direction] = self._tcp_reader(src, seg.direction)
-        src.push(seg.data, seg.skipped, seg.ts_ns, seg.tid)
-        try:
-            next(reader)
-        except Lost as lost:
-            self.failures[lost.reason] += 1
-            self.readers[seg.direction] = None
+            self.readers[seg.direction] = self._tcp_reader(src, seg.direction)
+        for s in segments:
+            reader = self.readers.get(seg.direction)
+            if reader is None:
+                return
+            src.push(s.data, s.skipped, s.ts_ns, s.tid)
+            try:
+                next(reader)
+            except Lost as lost:
+                self.failures[lost.reason] += 1
+                self.readers[seg.direction] = None
 
     def _tcp_reader(self, src: Source, direction: Direction) -> Reader:
         while True:
@@ -253,19 +269,25 @@ class DnsParser(StreamParser):
         return out
 
 
-def _tcp_chain(d: bytes, skipped: int) -> bool:
-    """d is whole length-prefixed DNS messages (the last may run into the hole)."""
-    pos = 0
+def _tcp_chain(d: bytes, skipped: int) -> bool | None:
+    """d is whole length-prefixed DNS messages (the last may run into the hole after d);
+    None: so far the beginning of one."""
+    pos, n = 0, len(d)
+    if not n:
+        return False
     for _ in range(256):
-        if pos + 14 > len(d):
-            return False
+        if pos == n:
+            return True
+        if pos > n:  # the last message goes on past what was captured
+            return True if skipped else None
+        if pos + 2 > n:
+            return None if not skipped else False
         length = be16(d, pos)
-        msg = parse(d[pos + 2: pos + 2 + length])
-        if length < 12 or (msg is None and pos + 2 + length <= len(d)):
+        if length < 12:
+            return False
+        if pos + 2 + length <= n and parse(d[pos + 2: pos + 2 + length]) is None:
             return False
         pos += 2 + length
-        if pos == len(d) or (skipped and len(d) < pos <= len(d) + skipped):
-            return True
     return False
 
 

@@ -65,10 +65,10 @@ def _count(b: bytes) -> int | None:
 @dataclass
 class MemcachedParser(DuplexParser):
     # -- sync ------------------------------------------------------------------------------------
-    def request_proven(self, seg: Segment) -> bool:
+    def request_proven(self, seg: Segment) -> bool | None:
         return _commands_chain(seg.data, seg.skipped)
 
-    def response_plausible(self, seg: Segment) -> bool:
+    def response_plausible(self, seg: Segment) -> bool | None:
         d = seg.data
         return bool(d) and (0x41 <= d[0] <= 0x5A or 0x30 <= d[0] <= 0x39)
 
@@ -88,10 +88,8 @@ class MemcachedParser(DuplexParser):
                 size += block + 2
             if name == b"quit":
                 continue
-            known = name in COMMANDS
-            item = _Cmd(ts, tid, size, name if known else b"")
-            if not known:
-                self.failures["unknown_command"] += 1
+            # a command the server does not know is answered ERROR: an error exchange
+            item = _Cmd(ts, tid, size, name if name in COMMANDS else b"")
             if name in NOREPLY_ABLE and words[-1] == b"noreply":
                 self._emit(item, ts, "")
                 continue
@@ -164,25 +162,32 @@ def _block_len(name: bytes, words: list[bytes]) -> int | None:
     return None
 
 
-def _commands_chain(d: bytes, skipped: int) -> bool:
+def _commands_chain(d: bytes, skipped: int) -> bool | None:
+    """d is whole commands (data blocks included); None: so far the beginning of one."""
     pos, n = 0, len(d)
     if not n:
         return False
+    more = None if not skipped else False
     for _ in range(4096):
         if pos == n:
             return True
         end = d.find(b"\r\n", pos, pos + MAX_LINE)
+        if end < 0 and pos:
+            return more if n - pos < MAX_LINE else False
         if end < 0:
-            return False
+            word = d[pos:].split(b" ", 1)[0].rstrip(b"\r")
+            known = any(c.startswith(word) for c in COMMANDS) if b" " not in d[pos:] \
+                else word in COMMANDS
+            return more if word and known and n - pos < MAX_LINE else False
         words = d[pos:end].split()
-        if not words or words[0] not in COMMANDS:
-            return False
+        if pos == 0 and (not words or words[0] not in COMMANDS):
+            return False  # after a known command, any line is one (unknown ones: ERROR)
         pos = end + 2
         block = _block_len(words[0], words)
         if block is not None:
             pos += block + 2
-            if pos > n:
-                return bool(skipped) and pos <= n + skipped
+            if pos > n:  # the data block goes on past what was captured
+                return True if skipped else None
             if d[pos - 2: pos] != b"\r\n":
                 return False
     return False

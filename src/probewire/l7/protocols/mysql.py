@@ -75,6 +75,7 @@ class _Command(Request):
     statements: list[Statement] = field(default_factory=list)
     sql_use: str = ""  # the database of a USE statement
     db: str = ""  # COM_INIT_DB's
+    cut: bool = False  # its text was cut short: results past its statements are unknown ones
 
 
 @dataclass(slots=True)
@@ -100,23 +101,34 @@ class MySQLParser(DuplexParser):
     handshake_parsed: bool = False
 
     # -- sync ------------------------------------------------------------------------------------
-    def request_proven(self, seg: Segment) -> bool:
+    def request_proven(self, seg: Segment) -> bool | None:
         d = seg.data
         if self.pending and isinstance(self.pending[0], _Handshake):
+            if len(d) < 4 or (le_int(d, 0, 3) + 4 > len(d) and not seg.skipped):
+                return None if d[3:4] in (b"", b"\1") else False
             return len(d) >= 36 and le_int(d, 0, 3) + 4 == len(d) and d[3] == 1
         return _command_chain(d, seg.skipped)
 
-    def response_proven(self, seg: Segment) -> bool:
+    def response_proven(self, seg: Segment) -> bool | None:
         d = seg.data
-        if _greeting(d) and le_int(d, 0, 3) + 4 == len(d):
-            self.pending.clear()
-            self.handshake_parsed = False
-            self.push_pending(_Handshake(seg.ts_ns, seg.tid))
-            return True
-        return False
+        if len(d) < 7:
+            return None if d[3:4] in (b"", b"\0") and d[4:5] in (b"", b"\x0a") else False
+        if not _greeting(d):
+            return False
+        if le_int(d, 0, 3) + 4 > len(d):
+            return None
+        if le_int(d, 0, 3) + 4 < len(d):
+            return False
+        self.pending.clear()
+        self.lost_turn = -1  # a greeting starts the connection afresh
+        self.handshake_parsed = False
+        self.push_pending(_Handshake(seg.ts_ns, seg.tid))
+        return True
 
-    def response_plausible(self, seg: Segment) -> bool:
-        return len(seg.data) >= 5 and seg.data[3] == 1
+    def response_plausible(self, seg: Segment) -> bool | None:
+        if len(seg.data) < 4:
+            return None
+        return seg.data[3] == 1
 
     # -- requests --------------------------------------------------------------------------------
     def request_reader(self, src: Source) -> Reader:
@@ -187,8 +199,10 @@ class MySQLParser(DuplexParser):
             if sql_bytes[:2] == b"\0\x01":  # query attributes: none (count 0, one set)
                 sql_bytes = sql_bytes[2:]
             sql = sql_bytes.decode("utf-8", "replace")
-            found = statements(sql, "mysql") or (Statement(""),)
+            cut = truncated or len(p) >= KEEP_SQL
+            found = statements(sql, "mysql", cut) or (Statement(""),)
             item.statements = list(found if cmd == COM_QUERY else found[:1])
+            item.cut = cut
             use = _USE.match(sql) if cmd == COM_QUERY else None
             item.sql_use = use.group(1) if use else ""
         elif cmd == COM_STMT_EXECUTE and len(p) >= 5:
@@ -311,8 +325,9 @@ class MySQLParser(DuplexParser):
         """A result ended well; with more results to come the command goes on."""
         if status & SERVER_MORE_RESULTS_EXISTS:
             self.state = _FIRST
-            if len(cmd.statements) > 1:
-                self._emit(cmd, cmd.statements.pop(0), ts, "")
+            if len(cmd.statements) > 1 or cmd.cut:
+                self._emit(cmd, cmd.statements.pop(0) if cmd.statements else Statement(""),
+                           ts, "")
                 cmd.request_bytes = 0
             return
         self._done(cmd, ts)
@@ -328,8 +343,8 @@ class MySQLParser(DuplexParser):
                 self.namespace = cmd.sql_use
         if cmd.command == COM_STMT_PREPARE and not error:
             emit = False
-        if emit and cmd.statements:
-            self._emit(cmd, cmd.statements[0], ts, error)
+        if emit and (cmd.statements or cmd.cut):
+            self._emit(cmd, cmd.statements[0] if cmd.statements else Statement(""), ts, error)
         self.resp_bytes = 0
 
     def _emit(self, cmd: _Command, stmt: Statement, ts: int, error: str) -> None:
@@ -386,18 +401,20 @@ def _greeting(d: bytes) -> bool:
             and (d[6] == 0x2E or 0x30 <= d[6] <= 0x39) and 40 <= le_int(d, 0, 3) <= 1024)
 
 
-def _command_chain(d: bytes, skipped: int) -> bool:
-    """d is whole command packets (sequence id 0), the last may run into the hole."""
+def _command_chain(d: bytes, skipped: int) -> bool | None:
+    """d is whole command packets (sequence id 0), the last may run into the hole; None: so
+    far the beginning of one."""
     pos = 0
-    total = len(d) + skipped
     for _ in range(64):
+        if pos >= len(d):
+            return None if not skipped else False
         if pos + 5 > len(d):
-            return False
+            return None if d[pos + 3: pos + 4] in (b"", b"\0") and not skipped else False
         length, seq = le_int(d, pos, 3), d[pos + 3]
         if seq != 0 or length == 0 or d[pos + 4] not in COMMANDS:
             return False
         pos += 4 + length
-        if pos == len(d) or (skipped and len(d) < pos <= total):
+        if pos == len(d) or (skipped and pos > len(d)):
             return True
     return False
 

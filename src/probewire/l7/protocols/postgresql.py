@@ -104,25 +104,37 @@ class PostgresParser(DuplexParser):
     startup_next: bool = False  # the next frontend packet is a startup packet
 
     # -- sync ------------------------------------------------------------------------------------
-    def request_proven(self, seg: Segment) -> bool:
+    def on_lost(self, is_req: bool) -> None:
+        if is_req:
+            self.req_start = None
+            self.req_bytes = 0
+        self.resp_bytes = 0
+        self.cycle_error = False
+    def request_proven(self, seg: Segment) -> bool | None:
         data = seg.data
         if self._tls_record(data):
             self._tls_seen()
             return False
-        if _startup_code(data) is not None:
-            self.startup_next = True
-            return True
+        if data[:1] == b"\0":  # typed messages never start with 0, start-up packets do
+            proven = _startup_packet(data)
+            if proven:
+                self.startup_next = True
+            return proven
         return _frontend_chain(data, seg.skipped)
 
-    def response_plausible(self, seg: Segment) -> bool:
-        if self._tls_record(seg.data):
+    def response_plausible(self, seg: Segment) -> bool | None:
+        d = seg.data
+        if self._tls_record(d):
             self._tls_seen()
             return False
         head = self.pending[0] if self.pending else None
         if isinstance(head, _OneByte):
-            return len(seg.data) >= 1 and seg.data[0] in b"SNGE"
-        d = seg.data
-        return len(d) >= 5 and d[0] in BACKEND and 4 <= be32(d, 1) < MAX_MESSAGE
+            return len(d) >= 1 and d[0] in b"SNGE"
+        if not d or d[0] not in BACKEND:
+            return False
+        if len(d) < 5:
+            return None if not seg.skipped else False
+        return 4 <= be32(d, 1) < MAX_MESSAGE
 
     def response_resync(self, seg: Segment) -> bool:
         if seg.skipped or not self.req.synced:
@@ -202,15 +214,16 @@ class PostgresParser(DuplexParser):
         if self.req_start is None:
             self.req_start = (ts, tid)
         self.req_bytes += size
+        cut = truncated or len(body) >= KEEP_REQUEST.get(kind, 0)
         if kind == ord("Q"):
             sql = _cstr(body).decode("utf-8", "replace")
-            for st in statements(sql, "postgresql") or (Statement(""),):
+            for st in statements(sql, "postgresql", cut) or (Statement(""),):
                 self._exec(st)
             self.push_pending(_Sync(ts, tid))
             self._reset_if_deallocate(sql)
         elif kind == ord("P"):
             name, rest = _cstr_split(body)
-            found = statements(_cstr(rest).decode("utf-8", "replace"), "postgresql")
+            found = statements(_cstr(rest).decode("utf-8", "replace"), "postgresql", cut)
             stmt: Statement | None = found[0] if found else Statement("")
             self._remember(self.prepared, name, stmt, MAX_STATEMENTS, "statement_evicted")
             self._step(b"1", stmt)
@@ -401,32 +414,38 @@ def _sqlstate(body: bytes) -> str:
     return "ERROR"
 
 
-def _startup_code(data: bytes) -> int | None:
-    """The code of a startup-phase packet that is all of data, else None."""
+def _startup_packet(data: bytes) -> bool | None:
+    """data is one whole start-up packet (None: the beginning of one)."""
     if len(data) < 8:
-        return None
+        return None if data[:2].strip(b"\0") == b"" else False
     length, code = be32(data), be32(data, 4)
-    if length != len(data):
+    if code in (SSL_REQUEST, GSSENC_REQUEST):
+        expect = 8
+    elif code == CANCEL_REQUEST:
+        expect = 16
+    elif code == PROTOCOL_3 and 9 <= length <= MAX_STARTUP:
+        expect = length
+    else:
+        return False
+    if length != expect or len(data) > expect:
+        return False
+    if len(data) < expect:
         return None
-    if length == 8 and code in (SSL_REQUEST, GSSENC_REQUEST):
-        return code
-    if length == 16 and code == CANCEL_REQUEST:
-        return code
-    if code == PROTOCOL_3 and 9 <= length <= MAX_STARTUP and data[-1] == 0:
-        return code
-    return None
+    return code != PROTOCOL_3 or data[-1] == 0
 
 
-def _frontend_chain(data: bytes, skipped: int) -> bool:
+def _frontend_chain(data: bytes, skipped: int) -> bool | None:
     """data is whole frontend messages, the last one ending a burst (it may run into the
-    hole that follows data)."""
+    hole that follows data); None: so far a valid beginning of such messages."""
     pos, last = 0, -1
-    total = len(data) + skipped
+    n = len(data)
     for _ in range(4096):
-        if pos == len(data) or (pos >= len(data) and pos <= total):
+        if pos == n:
             return last in BURST_END
-        if pos + 5 > len(data):
-            return False
+        if pos > n:  # the last message goes on past what was captured
+            return None if not skipped else last in BURST_END
+        if pos + 5 > n:
+            return None if data[pos] in FRONTEND and not skipped else False
         kind, length = data[pos], be32(data, pos + 1)
         if kind not in FRONTEND or not 4 <= length < MAX_MESSAGE:
             return False

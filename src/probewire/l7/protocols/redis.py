@@ -108,10 +108,16 @@ class RedisParser(DuplexParser):
     monitor: bool = False
 
     # -- sync ------------------------------------------------------------------------------------
-    def request_proven(self, seg: Segment) -> bool:
-        return not self.monitor and _commands_chain(seg.data, seg.skipped)
+    def on_lost(self, is_req: bool) -> None:
+        if is_req:  # the EXEC or DISCARD may be among the lost bytes
+            self.in_multi = self.skip_next = False
+            self.tx = []
+    def request_proven(self, seg: Segment) -> bool | None:
+        if self.monitor:
+            return False
+        return _commands_chain(seg.data, seg.skipped)
 
-    def response_plausible(self, seg: Segment) -> bool:
+    def response_plausible(self, seg: Segment) -> bool | None:
         return not self.monitor and bool(seg.data) and seg.data[0] in REPLY_TYPES
 
     # -- requests --------------------------------------------------------------------------------
@@ -131,9 +137,11 @@ class RedisParser(DuplexParser):
                     length = _int(head[1:])
                     if head[:1] != b"$" or length is None or not 0 <= length <= MAX_BULK:
                         raise Lost("bad_request")
-                    data, _ = yield from src.body(length + 2, KEEP_ARG if i < 3 else 0)
+                    data, cut = yield from src.body(length + 2, KEEP_ARG if i < 3 else 0)
                     if i < 3:
-                        args.append(data[:length])
+                        # a name cut by a hole is no name (its first letters could be one)
+                        args.append(b"" if cut and (i == 0 or len(data) < length) else
+                                    data[:length])
                     size += len(head) + 4 + length
                 if n > 0:
                     self._command(args, n, ts, tid, size)
@@ -306,36 +314,52 @@ class RedisParser(DuplexParser):
                         tid=item.tid, summary=item.name, aborted=True)
 
 
-def _commands_chain(d: bytes, skipped: int) -> bool:
-    """d is whole commands (RESP arrays of bulk strings, or inline lines); the last bulk may
-    run into the hole after d."""
+def _partial_int(b: bytes) -> bool:
+    """b may begin a length line: digits, perhaps the CR that ends them."""
+    digits = b[:-1] if b.endswith(b"\r") else b
+    return digits.isdigit() or not b
+
+
+def _commands_chain(d: bytes, skipped: int) -> bool | None:
+    """d is whole commands (RESP arrays of bulk strings); the last value may go on past d
+    and its hole. None: so far the beginning of one."""
     pos, n = 0, len(d)
     if not n:
         return False
+    more = None if not skipped else False  # what a command cut at the end of d means
     for _ in range(4096):
         if pos == n:
             return True
         if d[pos] == 0x2A:  # *
             end = d.find(b"\r\n", pos, pos + 24)
-            argc = _int(d[pos + 1: end]) if end > 0 else None
+            if end < 0:
+                return more if n - pos < 24 and _partial_int(d[pos + 1:]) else False
+            argc = _int(d[pos + 1: end])
             if argc is None or not 0 < argc <= MAX_ARGS:
                 return False
             pos = end + 2
             for _ in range(argc):
+                if pos >= n:
+                    return more
                 end = d.find(b"\r\n", pos, pos + 24)
-                length = _int(d[pos + 1: end]) if end > 0 and d[pos:pos + 1] == b"$" else None
+                if end < 0:
+                    ok = d[pos:pos + 1] == b"$" and _partial_int(d[pos + 1:])
+                    return more if ok and n - pos < 24 else False
+                length = _int(d[pos + 1: end]) if d[pos:pos + 1] == b"$" else None
                 if length is None or not 0 <= length <= MAX_BULK:
                     return False
                 pos = end + 2 + length + 2
-                if pos > n:
-                    return bool(skipped) and pos <= n + skipped
+                if pos > n:  # the value goes on past what was captured
+                    return True if skipped else None
                 if d[pos - 2: pos] != b"\r\n":
                     return False
+        elif pos == 0:
+            # an inline command proves nothing: the tail of a value looks the same
+            return False
         else:
             end = d.find(b"\r\n", pos, pos + MAX_LINE)
-            word = d[pos: end].split(b" ", 1)[0] if end > 0 else b""
-            if not (0 < len(word) <= 20 and word.isalpha()):
-                return False
+            if end < 0:
+                return more
             pos = end + 2
     return False
 
