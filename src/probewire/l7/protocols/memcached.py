@@ -186,8 +186,8 @@ def _commands_chain(d: bytes, skipped: int) -> bool | None:
         block = _block_len(words[0], words)
         if block is not None:
             pos += block + 2
-            if pos > n:  # the data block goes on past what was captured
-                return True if skipped else None
+            if pos > n:  # the data block goes on past these bytes: the line proved it
+                return True
             if d[pos - 2: pos] != b"\r\n":
                 return False
     return False

@@ -406,7 +406,9 @@ def _command_chain(d: bytes, skipped: int) -> bool | None:
     far the beginning of one."""
     pos = 0
     for _ in range(64):
-        if pos >= len(d):
+        if pos > len(d):  # the packet goes on past these bytes: its header proved it
+            return True
+        if pos == len(d):
             return None if not skipped else False
         if pos + 5 > len(d):
             return None if d[pos + 3: pos + 4] in (b"", b"\0") and not skipped else False

@@ -442,8 +442,8 @@ def _frontend_chain(data: bytes, skipped: int) -> bool | None:
     for _ in range(4096):
         if pos == n:
             return last in BURST_END
-        if pos > n:  # the last message goes on past what was captured
-            return None if not skipped else last in BURST_END
+        if pos > n:  # the last message goes on past these bytes
+            return last in BURST_END if skipped or last == ord("Q") else None
         if pos + 5 > n:
             return None if data[pos] in FRONTEND and not skipped else False
         kind, length = data[pos], be32(data, pos + 1)

@@ -321,8 +321,8 @@ def _partial_int(b: bytes) -> bool:
 
 
 def _commands_chain(d: bytes, skipped: int) -> bool | None:
-    """d is whole commands (RESP arrays of bulk strings); the last value may go on past d
-    and its hole. None: so far the beginning of one."""
+    """d is whole commands (RESP arrays of bulk strings); the last value may go on past d.
+    None: so far the beginning of one."""
     pos, n = 0, len(d)
     if not n:
         return False
@@ -349,8 +349,8 @@ def _commands_chain(d: bytes, skipped: int) -> bool | None:
                 if length is None or not 0 <= length <= MAX_BULK:
                     return False
                 pos = end + 2 + length + 2
-                if pos > n:  # the value goes on past what was captured
-                    return True if skipped else None
+                if pos > n:  # the value goes on past these bytes: its head proved it
+                    return True
                 if d[pos - 2: pos] != b"\r\n":
                     return False
         elif pos == 0:
