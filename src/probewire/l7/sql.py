@@ -15,9 +15,10 @@ tokens of their own that only separate words; the operation and the collection a
 fixed places (the first word; the name after FROM/JOIN/INTO/UPDATE/TABLE/ON).
 
 Written by hand rather than with sqlparse: the agent summarizes every statement it sees, and
-sqlparse's full lexer and grouping cost ~100-300 µs for an ordinary statement where this one
-regular-expression tokenizer (C speed) takes a few µs; only the verb and the first table are
-needed, not a parse tree. Summaries are memoized by text (bounded), so repeated statements
+sqlparse's full lexer and grouping took ~40x as long as this one regular-expression tokenizer
+on a 120-character SELECT with a join (4.2 ms vs 0.10 ms uncached, one run on a busy 2-core
+machine: the ratio, not the numbers); only the verb and the first table are needed, not a
+parse tree. Summaries are memoized by text (bounded), so repeated statements
 (prepared ones, ORMs) cost a dictionary look-up.
 """
 
