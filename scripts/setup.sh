@@ -21,6 +21,10 @@ APT_PACKAGES=(
     python3 python3-venv                      # the venv (Debian's python3 needs python3-venv)
     chromium                                  # e2e web UI tests (driven by Playwright)
     prometheus                                # e2e Prometheus server + promtool (rules checks/tests)
+    # L7 protocol tests (tests/e2e/test_l7_servers.py, tests/support/dbservers.py): real
+    # servers and their stock clients; libpq5 is what pure-Python psycopg loads
+    postgresql postgresql-client libpq5 mariadb-server mariadb-client redis-server redis-tools
+    memcached dnsmasq-base bind9-dnsutils
     netcat-openbsd gcc                        # security tests: netcat by a service, a C build;
                                               # bench/security.py's exec loop
     podman runc                               # security tests: a package manager in a real

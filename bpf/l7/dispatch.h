@@ -51,6 +51,7 @@ static __always_inline bool l7_classify(struct l7_conn *c, struct l7_event *ev, 
 	pk->transport = ev->transport;
 	pk->lport = c->h.lport;
 	pk->rport = c->h.rport;
+	pk->call_len = ev->total + p;
 	ev->partial_len = p;
 
 	L7_PROTOCOLS(L7_CLASSIFY_ONE)

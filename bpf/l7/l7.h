@@ -88,6 +88,8 @@ struct l7_peek {
 	__u16 lport;
 	__u16 rport;
 	__u16 _pad;
+	__u32 call_len; /* bytes the whole call moved (>= len): a message's length field can be
+			 * checked against it (0 from older callers: treated as len) */
 };
 
 /* The neutral header every L7 ring record starts with: the type tag first, then the protocol,

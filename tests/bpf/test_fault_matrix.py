@@ -52,10 +52,6 @@ def test_garbage_on_traced_ports_parsers_hold_real_requests_exact() -> None:
     assert out.details["handler_errors"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the HTTP family's memo (probes/http.py _Memo), the agent's largest user-space structure, "
-    "is not registered with the bounds registry yet (HttpProbe.register_bounds): the guard "
-    "shrinks what is registered and the agent is still OOM-killed"))
 def test_memory_limited_agent_degrades_instead_of_being_oom_killed() -> None:
     out = faults.scenario("memory_limited")
     assert out.details["alive"] == 1 and out.details["oom_kills"] == 0, out.lost

@@ -89,7 +89,8 @@ class _Echo(Protocol):
     proto_id = 6  # borrows a free id for the test
     kind = "db"
 
-    def classify(self, peek: bytes, direction: Direction, transport: Transport) -> Role:
+    def classify(self, peek: bytes, direction: Direction, transport: Transport, *,
+                 lport: int = 0, rport: int = 0, call_len: int = 0) -> Role:
         return Role.UNKNOWN
 
     def parser(self, conn: ConnInfo) -> StreamParser:

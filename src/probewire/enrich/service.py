@@ -410,6 +410,26 @@ class _CompiledRule:
         return self.cgroup is None or bool(self.cgroup.search(info.cgroup))
 
 
+# The kernel keeps a command's first 15 bytes as its comm.
+_COMM_LEN = 15
+
+
+def _program_name(info: ProcessInfo) -> str:
+    """The executable's name, or the name it was started under when that is another: a
+    multi-call binary started through a symlink (Debian's redis-server is a link to
+    redis-check-rdb, busybox's applets) is named as it was called. exec(2) sets comm from the
+    path it was given, so a comm that is not the start of the executable's name, and that the
+    command line starts with, is the called name."""
+    exe = _basename(info.exe)
+    comm = info.comm
+    if not exe or not comm or exe.startswith(comm):
+        return exe
+    called = _basename(info.cmdline[0]).split(" ")[0] if info.cmdline else ""
+    if not called.startswith(comm):
+        return exe  # comm renamed by the program itself (prctl): keep the executable's name
+    return comm if len(comm) < _COMM_LEN else called
+
+
 def _name(info: ProcessInfo, rules: Sequence[_CompiledRule]) -> str:
     for rule in rules:
         if rule.matches(info):
@@ -417,7 +437,7 @@ def _name(info: ProcessInfo, rules: Sequence[_CompiledRule]) -> str:
     candidates = (
         info.systemd_unit.removesuffix(".service") if info.systemd_unit else None,
         interpreter_target(info.cmdline, info.exe),
-        _basename(info.exe),
+        _program_name(info),
         info.comm,
     )
     # A blank name (exe "/", a comm of spaces) would make an empty label; fall through instead.
@@ -425,7 +445,8 @@ def _name(info: ProcessInfo, rules: Sequence[_CompiledRule]) -> str:
 
 
 def service_name(info: ProcessInfo, rules: Sequence[ServiceRule] = ()) -> str:
-    """Name a process: config rules, systemd unit, interpreter script, exe, comm, ``unknown``."""
+    """Name a process: config rules, systemd unit, interpreter script, exe (as called), comm,
+    ``unknown``."""
     return _name(info, [_CompiledRule.of(rule) for rule in rules])
 
 

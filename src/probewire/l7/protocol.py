@@ -116,10 +116,15 @@ class Protocol(ABC):
     parsed_in_kernel: bool = False
 
     @abstractmethod
-    def classify(self, peek: bytes, direction: Direction, transport: Transport) -> Role:
+    def classify(self, peek: bytes, direction: Direction, transport: Transport, *,
+                 lport: int = 0, rport: int = 0, call_len: int = 0) -> Role:
         """The Python mirror of the kernel classifier: given the first bytes a call moved on a
         connection not yet classified, the role of the process if they start a message of this
-        protocol, else Role.UNKNOWN. Must agree with the kernel's on every input."""
+        protocol, else Role.UNKNOWN. Must agree with the kernel's on every input.
+
+        ``peek`` is at most L7_PEEK bytes (struct l7_peek's data[:len]); ``lport``/``rport`` are
+        the socket's local and remote ports and ``call_len`` the bytes the whole call moved
+        (0: just ``len(peek)``), as struct l7_peek carries them."""
 
     @abstractmethod
     def parser(self, conn: ConnInfo) -> StreamParser:

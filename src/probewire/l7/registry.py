@@ -9,11 +9,17 @@ from __future__ import annotations
 
 from probewire.l7.constants import Proto
 from probewire.l7.protocol import ConnInfo, Direction, Protocol, Role, StreamParser, Transport
-from probewire.l7.protocols import http1, http2
+from probewire.l7.protocols import dns, http1, http2, memcached, mysql, postgresql, redis
 
+# In enum l7_proto order (the kernel tries classifiers in its L7_PROTOCOLS order).
 PROTOCOLS: tuple[Protocol, ...] = (
     http1.PROTOCOL,
     http2.PROTOCOL,
+    postgresql.PROTOCOL,
+    mysql.PROTOCOL,
+    redis.PROTOCOL,
+    memcached.PROTOCOL,
+    dns.PROTOCOL,
 )
 
 
@@ -24,7 +30,8 @@ class _Unknown(Protocol):
     proto_id = Proto.UNKNOWN
     kind = "unknown"
 
-    def classify(self, peek: bytes, direction: Direction, transport: Transport) -> Role:
+    def classify(self, peek: bytes, direction: Direction, transport: Transport, *,
+                 lport: int = 0, rport: int = 0, call_len: int = 0) -> Role:
         return Role.UNKNOWN
 
     def parser(self, conn: ConnInfo) -> StreamParser:

@@ -359,7 +359,8 @@ class Http1(Protocol):
     kind = "http"
     parsed_in_kernel = True
 
-    def classify(self, peek: bytes, direction: Direction, transport: Transport) -> Role:
+    def classify(self, peek: bytes, direction: Direction, transport: Transport, *,
+                 lport: int = 0, rport: int = 0, call_len: int = 0) -> Role:
         if transport != Transport.TCP:
             return Role.UNKNOWN
         if method_of(peek):

@@ -252,7 +252,8 @@ class Http2(Protocol):
     proto_id = Proto.HTTP2
     kind = "http"
 
-    def classify(self, peek: bytes, direction: Direction, transport: Transport) -> Role:
+    def classify(self, peek: bytes, direction: Direction, transport: Transport, *,
+                 lport: int = 0, rport: int = 0, call_len: int = 0) -> Role:
         if transport == Transport.TCP and peek.startswith(PREFACE[:14]):
             return Role.CLIENT if direction == Direction.OUT else Role.SERVER
         return Role.UNKNOWN
