@@ -31,22 +31,22 @@ from probewire.errors import ConfigError
 
 __all__ = [
     "Config",
+    "ContainersConfig",
     "ExportConfig",
     "FilterConfig",
+    "KubernetesConfig",
     "OtlpConfig",
     "ProbeToggle",
     "ProbesConfig",
     "RingConfig",
-    "ServiceRule",
-    "ServicesConfig",
-    "ContainersConfig",
-    "KubernetesConfig",
     "SamplingConfig",
     "ServeConfig",
+    "ServiceRule",
+    "ServicesConfig",
     "config_from_mapping",
     "load_config",
-    "read_config_file",
     "parse_listen",
+    "read_config_file",
 ]
 
 DEFAULT_LISTEN = "127.0.0.1:9464"

@@ -170,6 +170,11 @@ class RouteTemplater:
         self._lock = threading.Lock()
 
     @property
+    def patterns(self) -> tuple[str, ...]:
+        """The route patterns, normalised, in order of preference."""
+        return tuple(p.route for p in self._patterns)
+
+    @property
     def cached_paths(self) -> int:
         with self._lock:
             return len(self._cache)

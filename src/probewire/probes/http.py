@@ -25,6 +25,7 @@ from probewire.aggregate.budget import LabelBudget
 from probewire.aggregate.http_heads import nth_request
 from probewire.aggregate.routes import RouteTemplater
 from probewire.aggregate.series import CounterSeries, HistogramSeries, grown
+from probewire.config import Config
 from probewire.enrich.net import format_address
 from probewire.probes.base import Hook, Probe, ProbeContext
 from probewire.probes.h2 import H2_CHUNK_DTYPE, H2Exchange, H2Tracker
@@ -792,6 +793,32 @@ class HttpProbe(Probe):
             duration_bounds_ns=np.array([round(b * 1e9) for b in DURATION_BUCKETS], np.uint64),
             size_bounds=np.array(SIZE_BUCKETS, np.uint64),
         )
+
+    def reconfigure(self, config: Config) -> None:
+        """Routes, budgets and TLS capture from a reloaded config (Agent.reconfigure). Paths
+        the kernel already maps to routes are forgotten with the memo, so the new patterns
+        apply to the next exchange on any path; series already made stay as they are."""
+        cfg = config.probes.http
+        with self._lock:
+            if RouteTemplater(cfg.routes).patterns != self.routes.patterns:
+                self.routes = RouteTemplater(cfg.routes)
+                self.__dict__.pop("_memo", None)
+                if self.obj is not None:
+                    routes_map = self.map("http_routes")
+                    for key in list(routes_map.keys()):
+                        routes_map.delete(key)
+            if cfg.max_series_per_metric != self.server_budget.max_series:
+                for budget in (self.server_budget, self.client_budget, self.edge_budget,
+                               self.rpc_budget):
+                    budget.resize(cfg.max_series_per_metric)
+                self.__dict__.pop("_memo", None)
+        if self.obj is not None:
+            if cfg.tls and self.tls is None and self.obj.programs["tls_exit"].fd >= 0:
+                self.tls = TlsAttacher(self.obj)
+                self.tls.start()
+            elif not cfg.tls and self.tls is not None:
+                self.tls.stop()  # detaches every libssl uprobe
+                self.tls = None
 
     # --- decoding --------------------------------------------------------------------------
     @functools.cached_property
