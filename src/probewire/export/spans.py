@@ -29,6 +29,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
@@ -77,8 +78,10 @@ _OT_TH = re.compile(r"(?:^|;)th:([0-9a-f]{1,14})(?:;|$)")
 
 
 def sampling_threshold(probability: float) -> int:
-    """T for a sampling probability p in (0, 1]: round((1 - p) * 2^56)."""
-    return min(_MAX_T - 1, max(0, round((1.0 - probability) * _MAX_T)))
+    """T for a sampling probability p in (0, 1]: round((1 - p) * 2^56), in exact arithmetic
+    (1-in-N as the fraction 1/N: a float 0.1 times 2^56 is off in its last digits)."""
+    exact = Fraction(probability).limit_denominator(1 << 24)
+    return min(_MAX_T - 1, max(0, round((1 - exact) * _MAX_T)))
 
 
 def threshold_text(threshold: int) -> str:
