@@ -54,6 +54,7 @@ class KubeApi:
     watch_hold_s: float = 0.2  # how long an idle watch waits for events between polls
     cond: threading.Condition = field(default_factory=threading.Condition)
     bookmarks: bool = True
+    watch_epoch: int = 0  # bumped by end_watches(): open watches end, as at their timeout
 
     def put(self, resource: str, items: list[dict[str, Any]]) -> None:
         with self.cond:
@@ -79,10 +80,17 @@ class KubeApi:
             return self.version
 
     def compact(self) -> None:
-        """Versions up to now are gone: a watch from one of them gets 410."""
+        """Versions up to now are gone: a watch (re)started from one of them gets 410; a watch
+        that is open goes on, as with etcd compaction."""
         with self.cond:
             self.version += 1
             self.compacted = self.version
+            self.cond.notify_all()
+
+    def end_watches(self) -> None:
+        """End every open watch (what the API server does at a watch's timeout)."""
+        with self.cond:
+            self.watch_epoch += 1
             self.cond.notify_all()
 
     def watch_requests(self, resource: str = "pods") -> list[dict[str, str]]:
@@ -161,23 +169,15 @@ def _handler(api: KubeApi) -> type[BaseHTTPRequestHandler]:
                 self._end_stream()
                 return
             deadline = time.monotonic() + float(query.get("timeoutSeconds") or 30)
+            epoch = api.watch_epoch
             self._start_stream()
             try:
-                while time.monotonic() < deadline:
+                while time.monotonic() < deadline and api.watch_epoch == epoch:
                     with api.cond:
-                        if since < api.compacted:
-                            pending: list[tuple[int, str, dict[str, Any]]] = []
-                            gone = True
-                        else:
-                            gone = False
+                        pending = [e for e in api.log.get(resource, []) if e[0] > since]
+                        if not pending:
+                            api.cond.wait(api.watch_hold_s)
                             pending = [e for e in api.log.get(resource, []) if e[0] > since]
-                            if not pending:
-                                api.cond.wait(api.watch_hold_s)
-                                pending = [e for e in api.log.get(resource, [])
-                                           if e[0] > since]
-                    if gone:
-                        self._event({"type": "ERROR", "object": _gone(since)})
-                        break
                     for version, kind, obj in pending:
                         since = version
                         if _selected(obj, selector):
