@@ -117,5 +117,5 @@ def test_bearer_token_is_sent_and_a_refusal_is_reported(tmp_path: pytest.TempPat
 
 
 def test_unreachable_api_is_an_error_with_the_url() -> None:
-    with pytest.raises(ApiError, match="127.0.0.1:1"):
+    with pytest.raises(ApiError, match=r"127\.0\.0\.1:1"):
         ApiClient("http://127.0.0.1:1", timeout_s=1).get("/api/v1/pods", {})
