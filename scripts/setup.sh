@@ -19,7 +19,15 @@ APT_PACKAGES=(
     python3 python3-venv                      # the venv (Debian's python3 needs python3-venv)
     chromium                                  # e2e web UI tests (driven by Playwright)
     prometheus                                # e2e Prometheus server + promtool (rules checks/tests)
+    podman runc                               # real containers as identities (crun refuses
+                                              # hybrid cgroups; tests pass --runtime runc)
 )
+# `kubectl kustomize` renders deploy/kubernetes in the tests. Debian's kubernetes-client
+# unless a kubectl is installed already (another package owning /usr/bin/kubectl would
+# make the install fail on a file conflict).
+if ! command -v kubectl >/dev/null; then
+    APT_PACKAGES+=(kubernetes-client)
+fi
 
 SUDO=()
 if [ "$(id -u)" != 0 ]; then
@@ -38,7 +46,7 @@ fi
 key=$( { printf '%s\n' "${APT_PACKAGES[@]}" "$PYTHON"; cat pyproject.toml setup.py; } | sha256sum | cut -d' ' -f1)
 tools_present() {
     local t
-    for t in clang llc bpftool make ip tc nft nstat ss nginx wrk curl prometheus promtool chromium tmux npm; do
+    for t in clang llc bpftool make ip tc nft nstat ss nginx wrk curl prometheus promtool chromium tmux npm podman runc kubectl; do
         command -v "$t" >/dev/null || PATH=$PATH:/usr/sbin:/sbin command -v "$t" >/dev/null || return 1
     done
     [ -r /usr/include/bpf/bpf_helpers.h ]
