@@ -90,6 +90,7 @@ class LiveFilter:
         self._thread: threading.Thread | None = None
         if services.workloads is not None:
             services.workloads.listeners.append(self._wake.set)
+        self._warned = False
 
     def apply(self, config: FilterConfig, containers: ContainersConfig | None = None) -> None:
         with self._lock:
@@ -108,6 +109,11 @@ class LiveFilter:
     def _scan(self) -> dict[str, int]:
         """Cgroup ids of every matching container (its own cgroup and the ones below it)."""
         found: dict[str, int] = {}
+        if not (self.cgroup_root / "cgroup.procs").exists() and not self._warned:
+            self._warned = True
+            log.warning("filter.k8s_*: no cgroup v2 hierarchy at %s, so no container can match "
+                        "and nothing is traced; mount cgroupfs into the agent (the DaemonSet "
+                        "mounts the host's /sys/fs/cgroup)", self.cgroup_root)
         workloads = self.services.workloads
         if workloads is None:
             return found

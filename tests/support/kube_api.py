@@ -255,3 +255,25 @@ def pod(name: str, namespace: str, uid: str, node: str, ip: str, *,
                 {"name": c, "image": "registry.example/app:1"} for c in (containers or {})]},
             "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
                        "hostIP": "192.0.2.1", "containerStatuses": statuses}}
+
+
+def main() -> None:
+    """`python tests/support/kube_api.py HOST PORT PODS.json [SERVICES.json]`: serve until
+    killed (for agents in other network namespaces than the test's)."""
+    import sys
+
+    host, port, pods_file = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    pods = json.loads(Path(pods_file).read_text())["items"]
+    services = (json.loads(Path(sys.argv[4]).read_text())["items"] if len(sys.argv) > 4
+                else [])
+    api = KubeApi()
+    api.put("pods", pods)
+    api.put("services", services)
+    server = ThreadingHTTPServer((host, port), _handler(api))
+    server.daemon_threads = True
+    print(f"listening on {host}:{server.server_address[1]}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
