@@ -6,7 +6,8 @@ program, user-space records per CPU-second), fidelity, startup (start-up time an
 latency (event → exported), peers (bpftrace; bcc's tcplife/tcpretrans beside probewire's tcp
 family), export_latency (event → OTLP span), series_memory (RSS at 1,000 services x 50 routes),
 userspace (HttpProbe.on_batch per record, in-process), ring_flood (a kernel program floods a
-ring; the real RingReader and on_batch on one core: records per CPU-second, nothing lost).
+ring; the real RingReader and on_batch on one core: records per CPU-second, nothing lost),
+fleet (RSS and CPU with 500 containers' cgroups and 5,000 pods replayed through the API).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from types import FrameType
 from bench import (
     export_latency,
     fidelity,
+    fleet,
     latency,
     overhead,
     peers,
@@ -47,6 +49,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
     "series_memory": series_memory.run,
     "userspace": userspace.run,
     "ring_flood": ring_flood.run,
+    "fleet": fleet.run,
 }
 RESULTS = REPO_ROOT / "bench" / "results" / "latest.md"
 

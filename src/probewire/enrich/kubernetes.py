@@ -28,6 +28,7 @@ import os
 import re
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -188,6 +189,16 @@ def pod_from_object(obj: Mapping[str, Any]) -> PodMeta | None:
         labels=labels, workload_kind=kind, workload_name=name, ips=ips,
         host_network=bool(spec.get("hostNetwork")), containers=containers,
     )
+
+
+_NAME_LABEL = "app.kubernetes.io/name"
+
+
+def _peer_only(pod: PodMeta) -> PodMeta:
+    label = pod.labels.get(_NAME_LABEL)
+    return PodMeta(pod.uid, sys.intern(pod.namespace), pod.name, sys.intern(pod.node),
+                   {_NAME_LABEL: label} if label else {}, pod.workload_kind,
+                   sys.intern(pod.workload_name), pod.ips, pod.host_network, {})
 
 
 # --- the API client ----------------------------------------------------------------------------
@@ -431,8 +442,7 @@ class KubeStore:
         self._lock = threading.Lock()
         self._pods: dict[str, PodMeta] = {}  # this node's, by uid
         self._by_container: dict[str, str] = {}  # container id -> pod uid
-        self._cluster_pods: dict[str, tuple[str, str, tuple[str, ...]]] = {}  # uid -> ns,key,ips
-        self._by_ip: dict[str, PodMeta | tuple[str, str, str, str]] = {}
+        self._by_ip: dict[str, PodMeta] = {}
         self._services: dict[str, tuple[str, str, tuple[str, ...]]] = {}  # uid -> ns, name, ips
         self._service_ips: dict[str, tuple[str, str]] = {}
         self._cluster_meta: dict[str, PodMeta] = {}
@@ -469,27 +479,35 @@ class KubeStore:
         with self._lock:
             if kind == "SYNC":
                 self._pods = {p.uid: p for p in pods}
-            for p in pods:
-                if kind == "DELETED":
-                    self._pods.pop(p.uid, None)
-                elif kind != "SYNC":
-                    self._pods[p.uid] = p
-            self._by_container = {cid: p.uid for p in self._pods.values()
-                                  for cid in p.containers}
+                self._by_container = {cid: p.uid for p in pods for cid in p.containers}
+            else:
+                for p in pods:
+                    old = self._pods.pop(p.uid, None)
+                    for cid in old.containers if old is not None else ():
+                        self._by_container.pop(cid, None)
+                    if kind != "DELETED":
+                        self._pods[p.uid] = p
+                        self._by_container.update(dict.fromkeys(p.containers, p.uid))
         self._changed()
 
     def _on_cluster_pods(self, kind: str, objects: list[Mapping[str, Any]]) -> None:
-        pods = [p for p in map(pod_from_object, objects) if p is not None]
+        # Kept for naming peers only: the name label and the workload, not every label and
+        # container (a cluster holds many more pods than a node).
+        pods = [_peer_only(p) for p in map(pod_from_object, objects) if p is not None]
         with self._lock:
             if kind == "SYNC":
-                self._cluster_meta = {}
-            for p in pods:
-                if kind == "DELETED":
-                    self._cluster_meta.pop(p.uid, None)
-                else:
-                    self._cluster_meta[p.uid] = p
-            self._by_ip = {ip: p for p in self._cluster_meta.values() if not p.host_network
-                           for ip in p.ips}
+                self._cluster_meta = {p.uid: p for p in pods}
+                self._by_ip = {ip: p for p in pods if not p.host_network for ip in p.ips}
+            else:
+                for p in pods:
+                    old = self._cluster_meta.pop(p.uid, None)
+                    for ip in old.ips if old is not None else ():
+                        if self._by_ip.get(ip) is old:
+                            del self._by_ip[ip]
+                    if kind != "DELETED":
+                        self._cluster_meta[p.uid] = p
+                        if not p.host_network:
+                            self._by_ip.update(dict.fromkeys(p.ips, p))
         # Peers are named at scrape time: nothing cached depends on other nodes' pods.
 
     def _on_services(self, kind: str, objects: list[Mapping[str, Any]]) -> None:
@@ -530,7 +548,7 @@ class KubeStore:
             if found is None:
                 found = next((p for p in self._pods.values() if ip in p.ips
                               and not p.host_network), None)
-            return found if isinstance(found, PodMeta) else None
+            return found
 
     def service_by_ip(self, ip: str) -> tuple[str, str] | None:
         """(namespace, name) of the Service with this cluster IP."""

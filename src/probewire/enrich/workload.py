@@ -37,6 +37,8 @@ __all__ = ["Workload", "WorkloadResolver", "matches_selectors"]
 
 log = logging.getLogger(__name__)
 
+NOTIFY_S = 0.2
+
 
 @dataclass(frozen=True, slots=True)
 class Workload:
@@ -73,6 +75,11 @@ class WorkloadResolver:
         self.kube: KubeStore | None = None
         self.listeners: list[Callable[[], None]] = []
         self._lock = threading.Lock()
+        # Pod events come in bursts (a rollout, a relist): listeners (renaming, the filter
+        # scan) run once per burst, at most every NOTIFY_S, on their own thread.
+        self._pending = threading.Event()
+        self._stopping = threading.Event()
+        self._notifier: threading.Thread | None = None
 
     def start(self) -> None:
         """Start the API watches when configured (kubernetes.api) and reachable."""
@@ -86,8 +93,12 @@ class WorkloadResolver:
                     "kubernetes.api: on, but no API server is known; run in a pod (which sets "
                     "KUBERNETES_SERVICE_HOST) or set kubernetes.api_url")
             return
+        self._stopping.clear()
+        self._notifier = threading.Thread(target=self._notify, name="probewire-k8s-notify",
+                                          daemon=True)
+        self._notifier.start()
         self.kube = KubeStore(client, node_name(cfg.node_name, self.env), cfg.cluster_peers,
-                              on_change=self._changed)
+                              on_change=self._pending.set)
         if not self.kube.start(cfg.startup_wait_s):
             log.warning("kubernetes: the API server at %s did not list pods within %.1f s; "
                         "naming from container annotations until it does", client.url,
@@ -97,6 +108,21 @@ class WorkloadResolver:
         if self.kube is not None:
             self.kube.stop()
             self.kube = None
+        self._stopping.set()
+        self._pending.set()
+        if self._notifier is not None:
+            self._notifier.join(timeout=5)
+            self._notifier = None
+
+    def _notify(self) -> None:
+        while True:
+            self._pending.wait()
+            if self._stopping.is_set():
+                return
+            self._pending.clear()
+            self._changed()
+            if self._stopping.wait(NOTIFY_S):
+                return
 
     def _changed(self) -> None:
         for listener in list(self.listeners):
