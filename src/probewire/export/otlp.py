@@ -136,6 +136,11 @@ def agent_resource(extra: dict[str, str]) -> Resource:
         "process.runtime.name": sys.implementation.name,
         "process.runtime.version": ".".join(map(str, sys.version_info[:3])),
     }
+    # Inside Kubernetes (the DaemonSet passes these through the downward API).
+    for var, key in (("NODE_NAME", "k8s.node.name"), ("POD_NAME", "k8s.pod.name"),
+                     ("POD_NAMESPACE", "k8s.namespace.name")):
+        if os.environ.get(var):
+            attrs[key] = os.environ[var]
     attrs.update(extra)
     return Resource.create(attrs)
 
