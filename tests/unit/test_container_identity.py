@@ -173,3 +173,21 @@ def test_recorded_pods_decode_to_their_workloads() -> None:
     assert pods["cart-7d9f8b6c5d-x2x9k"].containers == {"a" * 64: "cart"}
     assert pods["cart-7d9f8b6c5d-x2x9k"].ips == ("10.244.1.11",)
     assert pod_from_object({"kind": "Status"}) is None
+
+
+def test_kubernetes_selectors_match_namespace_workload_and_labels() -> None:
+    from probewire.config import FilterConfig
+    from probewire.enrich.kubernetes import PodIdentity
+    from probewire.enrich.workload import matches_selectors
+
+    cart = PodIdentity("shop", "cart-7d9f8b6c5d-x2x9k", "cart", "", "deployment", "cart",
+                       {"app.kubernetes.io/name": "cart", "tier": "web"})
+    assert matches_selectors(cart, FilterConfig(k8s_namespaces=("sh*",)))
+    assert not matches_selectors(cart, FilterConfig(k8s_namespaces=("staging",)))
+    assert matches_selectors(cart, FilterConfig(k8s_workloads=("deployment/cart",)))
+    assert matches_selectors(cart, FilterConfig(k8s_workloads=("cart",)))
+    assert not matches_selectors(cart, FilterConfig(k8s_workloads=("statefulset/cart",)))
+    assert matches_selectors(cart, FilterConfig(k8s_labels={"tier": "web"}))
+    assert not matches_selectors(cart, FilterConfig(k8s_namespaces=("shop",),
+                                                    k8s_labels={"tier": "db"}))
+    assert not matches_selectors(None, FilterConfig(k8s_namespaces=("*",)))
