@@ -1,7 +1,8 @@
 """Live reconfiguration of a running `probewire run`: the config file is a ConfigMap-style
 symlink chain swapped atomically, as kubelet does; the port and pid filters change what is
 counted within 2 s, with the same process and counters that keep counting; a broken file is
-refused and the old config keeps running; SIGHUP reloads.
+refused and the old config keeps running; service rules and route patterns apply to the next
+request; SIGHUP reloads.
 
 Counts are of this test's own servers (named by port rules), so other traffic on the host does
 not change them.
@@ -9,11 +10,13 @@ not change them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,11 +63,12 @@ class ConfigMapDir:
         os.replace(tmp, self.root / "..data")
 
 
-def _config(ports: list[int], pids: list[int], rules: dict[str, int]) -> str:
+def _config(ports: list[int], pids: list[int], rules: dict[str, int],
+            routes: list[str] | None = None) -> str:
     return yaml.safe_dump({
         "filter": {"ports": ports, "pids": pids},
         "services": {"rules": [{"name": n, "port": p} for n, p in rules.items()]},
-        "probes": {"http": {"tls": False}},
+        "probes": {"http": {"tls": False, "routes": routes or []}},
         "kubernetes": {"api": "off"},
     })
 
@@ -159,9 +163,20 @@ def test_filters_reload_live_broken_file_refused_sighup_reloads(tmp_path: Path) 
             assert wait_for(lambda: counted("reload-a") == 8)
             assert counted("reload-b") == 6
 
+            # Service rules and route patterns: new names and routes from the next request on.
+            renamed = {"reload-a": port_a, "reload-b2": port_b}
+            cm.write(_config([port_b], [], renamed, routes=["/items/{id}"]))
+            assert wait_for(lambda: reloads("success") == 3, APPLY_WITHIN_S)
+            for i in range(3):
+                with contextlib.suppress(urllib.error.HTTPError):
+                    urllib.request.urlopen(f"http://127.0.0.1:{port_b}/items/{i}", timeout=10)
+            assert wait_for(lambda: total(scrape(listen), SERVER, service_name="reload-b2",
+                                          http_route="/items/{id}") == 3)
+            assert counted("reload-b") == 6  # the old series stays as it was
+
             # SIGHUP reloads (and no longer kills the agent).
             agent.send_signal(signal.SIGHUP)
-            assert wait_for(lambda: reloads("success") == 3, APPLY_WITHIN_S)
+            assert wait_for(lambda: reloads("success") == 4, APPLY_WITHIN_S)
             assert agent.poll() is None and _api(listen, "/api/agent")["pid"] == pid
             assert "configuration reloaded" in log_path.read_text()
             assert "refused, the running configuration stays" in log_path.read_text()
