@@ -765,6 +765,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 # PROBEWIRE_* variables that are not configuration (setup.py reads this one at build time).
 NON_CONFIG_ENV = frozenset({"PROBEWIRE_SKIP_BPF_BUILD"})
+# What Kubernetes injects for a Service named "probewire" in the pod's namespace (service
+# links): PROBEWIRE_SERVICE_HOST, PROBEWIRE_PORT_9464_TCP_ADDR, ... never configuration.
+_SERVICE_LINK_ENV = re.compile(
+    r"^PROBEWIRE_(?:SERVICE_(?:HOST|PORT(?:_\w+)?)|PORT(?:_\d+_(?:TCP|UDP|SCTP)(?:_\w+)?)?)$")
 ENV_PREFIX = "PROBEWIRE_"
 OTLP_GRPC_PORT = 4317
 
@@ -826,7 +830,8 @@ def probewire_env(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str
     data: dict[str, Any] = {}
     origins: dict[str, str] = {}
     for var in sorted(env):
-        if not var.startswith(ENV_PREFIX) or var in NON_CONFIG_ENV:
+        if not var.startswith(ENV_PREFIX) or var in NON_CONFIG_ENV \
+                or _SERVICE_LINK_ENV.match(var):
             continue
         path = _env_path(Config, var[len(ENV_PREFIX):])
         if path is None:

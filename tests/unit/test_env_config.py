@@ -67,8 +67,12 @@ def test_bad_variables_name_themselves() -> None:
         resolve_config(None, {"PROBEWIRE_FILTER_PORTS": "[70000]"})
     with pytest.raises(ConfigError, match="PROBEWIRE_NOPE: names no configuration key"):
         resolve_config(None, {"PROBEWIRE_NOPE": "1"})
-    # Not configuration: setup.py's build switch.
-    resolve_config(None, {"PROBEWIRE_SKIP_BPF_BUILD": "1"})
+    # Not configuration: setup.py's build switch, and Kubernetes' service links for a
+    # Service named probewire.
+    resolve_config(None, {"PROBEWIRE_SKIP_BPF_BUILD": "1", "PROBEWIRE_SERVICE_HOST": "10.0.0.1",
+                          "PROBEWIRE_SERVICE_PORT": "9464", "PROBEWIRE_SERVICE_PORT_METRICS": "1",
+                          "PROBEWIRE_PORT": "tcp://10.0.0.1:9464",
+                          "PROBEWIRE_PORT_9464_TCP_ADDR": "10.0.0.1"})
 
 
 def test_an_otlp_endpoint_alone_turns_export_on_with_the_spec_default_protocol() -> None:

@@ -92,8 +92,9 @@ def test_410_gone_lists_again_and_resumes() -> None:
 def test_cluster_pods_and_services_name_peer_addresses() -> None:
     with kube_api(pods=load_items("pods.json"), services=load_items("services.json")) as api:
         store = KubeStore(ApiClient(api.url), NODE, cluster=True)
-        assert store.start(wait_s=10)
+        assert store.start(wait_s=10)  # this node's pods; the cluster's arrive after
         try:
+            assert all(r.synced.wait(10) for r in store.reflectors)
             assert store.pod_by_ip("10.244.2.21").name == "checkout-5c8f9d7b6f-m2n4p"  # type: ignore[union-attr]
             assert store.service_by_ip("10.96.12.34") == ("shop", "checkout")
             assert store.service_by_ip("None") is None  # headless services have no IP

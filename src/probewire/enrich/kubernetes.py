@@ -30,7 +30,6 @@ import socket
 import ssl
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -457,13 +456,12 @@ class KubeStore:
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self, wait_s: float = 5.0) -> bool:
-        """Start every watch; wait up to `wait_s` for the first lists (so processes seen at
-        start-up get their workload at once). True if all listed in time."""
+        """Start every watch; wait up to `wait_s` for this node's pods (so processes seen at
+        start-up get their workload at once; the cluster-wide lists, only for naming peers,
+        arrive when they do). True if they were listed in time."""
         for r in self.reflectors:
             r.start()
-        deadline = time.monotonic() + wait_s
-        return all(r.synced.wait(max(0.0, deadline - time.monotonic()))
-                   for r in self.reflectors)
+        return self.reflectors[0].synced.wait(wait_s)
 
     def stop(self) -> None:
         for r in self.reflectors:
