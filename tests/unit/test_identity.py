@@ -110,3 +110,25 @@ def test_families_without_keys_pass_through_untouched() -> None:
     c.add_metric(["tcp"], 1)
     (same,) = LabelExpander().families([c])
     assert same is c
+
+
+def test_the_ui_snapshot_keeps_namespaces_apart() -> None:
+    from prometheus_client.registry import CollectorRegistry
+
+    from probewire.serve.snapshot import take
+
+    h = HistogramMetricFamily("http_server_request_duration_seconds", "x",
+                              labels=["service_name", "http_request_method",
+                                      "http_response_status_code", "http_route"])
+    h.add_metric([SHOP, "GET", "200", "/"], [("0.1", 3), ("+Inf", 3)], 0.1)
+    h.add_metric([STAGING, "GET", "200", "/"], [("0.1", 5), ("+Inf", 5)], 0.2)
+
+    class Families:
+        def collect(self) -> list[HistogramMetricFamily]:
+            return list(LabelExpander().families([h]))
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Families())  # type: ignore[arg-type]
+    snap = take(registry)
+    assert {k[0]: v.count for k, v in snap.server.items()} == {"cart (shop)": 3,
+                                                               "cart (staging)": 5}
