@@ -546,6 +546,10 @@ class _Memo:
     everything built from names. Ids are dense and start afresh with the memo.
     """
 
+    # Set by HttpProbe.reconfigure (another thread): the reader replaces the memo before its
+    # next batch, never in the middle of one.
+    stale = False
+
     def __init__(self) -> None:
         # Request paths: head words up to the path's end and its start -> route id, for paths
         # ending in the first window and in the longer one; by the path's bytes -> route id.
@@ -673,7 +677,7 @@ class _Memo:
         return ids
 
     def too_big(self) -> bool:
-        return max(len(self.paths), len(self.long_paths), len(self.path_route),
+        return self.stale or max(len(self.paths), len(self.long_paths), len(self.path_route),
                    len(self.slow_requests), len(self.route_names),
                    len(self.address_names), len(self.service_keys), len(self.endpoints),
                    len(self.classes), len(self.client_edges), self.entry_keys,
@@ -802,7 +806,7 @@ class HttpProbe(Probe):
         with self._lock:
             if RouteTemplater(cfg.routes).patterns != self.routes.patterns:
                 self.routes = RouteTemplater(cfg.routes)
-                self.__dict__.pop("_memo", None)
+                self._memo.stale = True
                 if self.obj is not None:
                     routes_map = self.map("http_routes")
                     for key in list(routes_map.keys()):
@@ -811,7 +815,7 @@ class HttpProbe(Probe):
                 for budget in (self.server_budget, self.client_budget, self.edge_budget,
                                self.rpc_budget):
                     budget.resize(cfg.max_series_per_metric)
-                self.__dict__.pop("_memo", None)
+                self._memo.stale = True
         if self.obj is not None:
             if cfg.tls and self.tls is None and self.obj.programs["tls_exit"].fd >= 0:
                 self.tls = TlsAttacher(self.obj)
