@@ -217,13 +217,23 @@ def _handler(api: KubeApi) -> type[BaseHTTPRequestHandler]:
 @contextlib.contextmanager
 def kube_api(pods: list[dict[str, Any]] | None = None,
              services: list[dict[str, Any]] | None = None,
-             host: str = "127.0.0.1") -> Iterator[KubeApi]:
+             host: str = "127.0.0.1",
+             tls: tuple[Path, Path] | None = None) -> Iterator[KubeApi]:
+    """The replaying server; with `tls` (certificate, key) it serves HTTPS, as the API does."""
     api = KubeApi()
     api.put("pods", pods or [])
     api.put("services", services or [])
     server = ThreadingHTTPServer((host, 0), _handler(api))
     server.daemon_threads = True
-    api.url = f"http://{host}:{server.server_address[1]}"
+    scheme = "http"
+    if tls is not None:
+        import ssl
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(str(tls[0]), str(tls[1]))
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        scheme = "https"
+    api.url = f"{scheme}://{host}:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

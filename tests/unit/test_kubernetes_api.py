@@ -9,11 +9,13 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from probewire.enrich.kubernetes import ApiClient, ApiError, KubeStore, Reflector
 from support.kube_api import kube_api, load_items
+from support.servers import self_signed_cert
 
 NODE = "node-a"
 
@@ -120,3 +122,24 @@ def test_bearer_token_is_sent_and_a_refusal_is_reported(tmp_path: pytest.TempPat
 def test_unreachable_api_is_an_error_with_the_url() -> None:
     with pytest.raises(ApiError, match=r"127\.0\.0\.1:1"):
         ApiClient("http://127.0.0.1:1", timeout_s=1).get("/api/v1/pods", {})
+
+
+def test_in_cluster_client_uses_the_service_host_token_and_ca(tmp_path: Path) -> None:
+    cert, key = self_signed_cert(tmp_path)
+    token = tmp_path / "token"
+    token.write_text("projected-token")
+    with kube_api(pods=load_items("pods.json"), tls=(cert, key)) as api:
+        api.token = "projected-token"
+        port = api.url.rsplit(":", 1)[1]
+        env = {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": port}
+        client = ApiClient.in_cluster(None, str(token), str(cert), env)
+        assert client is not None and client.url == api.url
+        assert len(client.get("/api/v1/pods", {})["items"]) == 6
+        # A CA that did not sign the server's certificate: refused, with the URL.
+        (tmp_path / "other").mkdir()
+        other, _ = self_signed_cert(tmp_path / "other")
+        untrusting = ApiClient.in_cluster(None, str(token), str(other), env)
+        assert untrusting is not None
+        with pytest.raises(ApiError, match="CERTIFICATE_VERIFY_FAILED"):
+            untrusting.get("/api/v1/pods", {})
+    assert ApiClient.in_cluster(None, str(token), str(cert), {}) is None  # not in a pod
