@@ -115,7 +115,8 @@ def run(quick: bool) -> list[Row]:
     rss = {k: Row(f"agent RSS, idle ({k})", "MB", target="≤ 60 MB idle (DESIGN §5)",
                   goal=("<=", 60.0)) for k in ("no Kubernetes", "500 containers, 5,000 pods")}
     cpu = {k: Row(f"agent CPU, idle ({k})", "% of a core") for k in rss}
-    listed = Row("start-up to healthy with the 5,000-pod lists", "s")
+    listed = Row("start-up to healthy (this node's 500 pods listed)", "s")
+    cluster_listed = Row("start to the cluster's 5,000 pods and 500 Services listed", "s")
     churn = Row("agent CPU to follow 5,000 pod watch events", "CPU s")
     applied = Row("containers matched by the namespace filter", "containers",
                   target=f"= {CONTAINERS}", goal=("==", float(CONTAINERS)), judge="all")
@@ -139,11 +140,20 @@ def run(quick: bool) -> list[Row]:
             })
             with running_agent(config, timeout_s=120) as agent:
                 listed.add(agent.healthy_after_s)
-                info = json.loads(get(f"http://{agent.listen}/api/agent"))
-                kube = info.get("kubernetes") or {}
-                listed.note = (f"{kube.get('node_pods')} node pods, {kube.get('cluster_pods')} "
-                               f"cluster pods, {kube.get('services')} Services listed in pages "
-                               "of 500")
+                listed.note = ("start-up waits for this node's pods only; the cluster-wide "
+                               "lists (peer names) follow")
+                deadline = time.monotonic() + 120
+                kube: dict[str, Any] = {}
+                while time.monotonic() < deadline:
+                    kube = json.loads(get(f"http://{agent.listen}/api/agent")
+                                      ).get("kubernetes") or {}
+                    if kube.get("cluster_pods") == PODS and kube.get("services") == SERVICES:
+                        break
+                    time.sleep(0.1)
+                cluster_listed.add(time.monotonic() - agent.spawned_at)
+                cluster_listed.note = (f"{kube.get('node_pods')} node pods, "
+                                       f"{kube.get('cluster_pods')} cluster pods, "
+                                       f"{kube.get('services')} Services, pages of 500")
                 key = "500 containers, 5,000 pods"
                 r, c = _idle(agent, idle_s)
                 rss[key].add(r)
@@ -174,4 +184,4 @@ def run(quick: bool) -> list[Row]:
     note = "needs a quiet machine: other agents and tests share these 2 cores"
     for row in (*rss.values(), *cpu.values()):
         row.note = row.note or note
-    return [*rss.values(), *cpu.values(), listed, applied, churn]
+    return [*rss.values(), *cpu.values(), listed, cluster_listed, applied, churn]
