@@ -1,5 +1,6 @@
 """Agent RSS and CPU on a busy Kubernetes node: 500 containers' cgroups and 5,000 pods replayed
-through the API, beside the same agent with no Kubernetes at all, in one run.
+through the API, beside the same agent with no Kubernetes at all, in one run (--quick: 100
+containers and 1,000 pods).
 
 The node: 500 kubepods-style container cgroups (systemd driver: cri-containerd-<id>.scope under
 kubepods-besteffort-pod<uid>.slice) made in the cgroup v2 hierarchy, each with its OCI
@@ -34,9 +35,7 @@ from bench.harness import get, running_agent, wait_stable
 from bench.report import Row
 from support import kube_api  # tests/support, on sys.path through bench.harness
 
-CONTAINERS = 500
-PODS = 5000
-SERVICES = 500
+SCALE = {False: (500, 5000, 500), True: (100, 1000, 100)}  # quick: (containers, pods, Services)
 NODE = "bench-node"
 NAMESPACES = 20
 
@@ -111,15 +110,18 @@ def _idle(agent: Any, seconds: float) -> tuple[float, float]:
 
 
 def run(quick: bool) -> list[Row]:
-    idle_s = 5.0 if quick else 20.0
+    idle_s = 3.0 if quick else 20.0
+    containers, pods_n, services_n = SCALE[quick]
+    key = f"{containers} containers, {pods_n:,} pods"
     rss = {k: Row(f"agent RSS, idle ({k})", "MB", target="≤ 60 MB idle (DESIGN §5)",
-                  goal=("<=", 60.0)) for k in ("no Kubernetes", "500 containers, 5,000 pods")}
+                  goal=("<=", 60.0)) for k in ("no Kubernetes", key)}
     cpu = {k: Row(f"agent CPU, idle ({k})", "% of a core") for k in rss}
-    listed = Row("start-up to healthy (this node's 500 pods listed)", "s")
-    cluster_listed = Row("start to the cluster's 5,000 pods and 500 Services listed", "s")
-    churn = Row("agent CPU to follow 5,000 pod watch events", "CPU s")
+    listed = Row(f"start-up to healthy (this node's {containers} pods listed)", "s")
+    cluster_listed = Row(f"start to the cluster's {pods_n:,} pods and {services_n} Services "
+                         "listed", "s")
+    churn = Row(f"agent CPU to follow {pods_n:,} pod watch events", "CPU s")
     applied = Row("containers matched by the namespace filter", "containers",
-                  target=f"= {CONTAINERS}", goal=("==", float(CONTAINERS)), judge="all")
+                  target=f"= {containers}", goal=("==", float(containers)), judge="all")
     with running_agent("{probes: {http: {tls: false}}, kubernetes: {api: off}, "
                        "bpf_stats: off}") as agent:
         r, c = _idle(agent, idle_s)
@@ -127,9 +129,9 @@ def run(quick: bool) -> list[Row]:
         cpu["no Kubernetes"].add(c)
     tmp = Path(tempfile.mkdtemp(prefix="pw-bench-fleet-"))
     try:
-        with node(CONTAINERS, tmp) as (state, local_pods), \
-                kube_api.kube_api(pods=local_pods + _other_pods(PODS - CONTAINERS),
-                                  services=_services(SERVICES)) as api:
+        with node(containers, tmp) as (state, local_pods), \
+                kube_api.kube_api(pods=local_pods + _other_pods(pods_n - containers),
+                                  services=_services(services_n)) as api:
             config = json.dumps({
                 "bpf_stats": "off", "probes": {"http": {"tls": False}},
                 "containers": {"state_paths": {
@@ -147,14 +149,13 @@ def run(quick: bool) -> list[Row]:
                 while time.monotonic() < deadline:
                     kube = json.loads(get(f"http://{agent.listen}/api/agent")
                                       ).get("kubernetes") or {}
-                    if kube.get("cluster_pods") == PODS and kube.get("services") == SERVICES:
+                    if kube.get("cluster_pods") == pods_n and kube.get("services") == services_n:
                         break
                     time.sleep(0.1)
                 cluster_listed.add(time.monotonic() - agent.spawned_at)
                 cluster_listed.note = (f"{kube.get('node_pods')} node pods, "
                                        f"{kube.get('cluster_pods')} cluster pods, "
                                        f"{kube.get('services')} Services, pages of 500")
-                key = "500 containers, 5,000 pods"
                 r, c = _idle(agent, idle_s)
                 rss[key].add(r)
                 cpu[key].add(c)
@@ -165,7 +166,7 @@ def run(quick: bool) -> list[Row]:
                                 and ("probe", "tcp") in lbls))
                 applied.note = "filter_cgroups entries (probewire_map_entries), refreshed ≤ 10 s"
                 cpu0 = agent.cpu_s()
-                for pod in local_pods * (PODS // CONTAINERS):
+                for pod in local_pods * (pods_n // containers):
                     changed = copy.deepcopy(pod)
                     changed["metadata"]["labels"]["rollout"] = secrets.token_hex(2)
                     api.add("MODIFIED", changed)
@@ -173,7 +174,7 @@ def run(quick: bool) -> list[Row]:
                 while time.monotonic() < deadline:
                     kube = json.loads(get(
                         f"http://{agent.listen}/api/agent")).get("kubernetes") or {}
-                    if sum(w["events"] for w in kube.get("watches", [])) >= 2 * PODS:
+                    if sum(w["events"] for w in kube.get("watches", [])) >= 2 * pods_n:
                         break
                     time.sleep(0.2)
                 churn.add(agent.cpu_s() - cpu0)

@@ -27,6 +27,7 @@ EXPECTED_ROWS = (
     "agent RSS holding HTTP series",
     "user space: HttpProbe.on_batch",
     "user space: ring drain + decode + aggregate, one core",
+    "agent RSS, idle (no Kubernetes)",
 )
 
 
