@@ -17,7 +17,8 @@ custom (a custom probe's cost per call next to bpftrace's uprobe count() on the 
 start-up with 5 custom probes),
 soak (RSS plateau and slope of the agent under distinct-path churn across 20 services:
 PROBEWIRE_SOAK_MINUTES / PROBEWIRE_SOAK_CONNECTIONS set its length), faults (the fault matrix:
-each row the losses nobody counted; PROBEWIRE_FAULTS=name,... runs some rows).
+each row the losses nobody counted; PROBEWIRE_FAULTS=name,... runs some rows),
+fleet (RSS and CPU with 500 containers' cgroups and 5,000 pods replayed through the API).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from bench import (
     export_latency,
     faults,
     fidelity,
+    fleet,
     http2,
     latency,
     overhead,
@@ -72,6 +74,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
     "custom": custom.run,
     "soak": soak.run,
     "faults": faults.run,
+    "fleet": fleet.run,
 }
 RESULTS = REPO_ROOT / "bench" / "results" / "latest.md"
 

@@ -31,6 +31,7 @@ EXPECTED_ROWS = (
     "exec throughput ratio (default rules / no agent)",
     "soak: answered requests neither recorded nor counted as dropped",
     "fault: ring storm",
+    "agent RSS, idle (no Kubernetes)",
 )
 # The soak and the fault matrix have their own short tests (tests/bpf/test_fault_matrix.py):
 # here a shorter soak and one fault row prove the bench plumbing.

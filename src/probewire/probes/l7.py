@@ -25,6 +25,7 @@ from probewire.aggregate.bounds import Bounds, register_templater
 from probewire.aggregate.memo import MEMO_MAX
 from probewire.aggregate.pipeline import ExchangePipeline, ExchangeSink, RpcCall
 from probewire.aggregate.routes import RouteLearner, RouteTemplater
+from probewire.config import Config
 from probewire.l7.constants import Coverage, Proto
 from probewire.l7.exchanges import ExchangeFlag, LabelTables, rows_from_exchanges
 from probewire.l7.kernel_agg import KernelAggregates, KernelOps
@@ -175,6 +176,31 @@ class L7Probe(Probe):
         if self.ctx.config.probes.l7.tls and obj.programs["tls_exit"].fd >= 0:
             self.tls = TlsAttacher(obj)
             self.tls.start()
+
+    def reconfigure(self, config: Config) -> None:
+        """Routes, budgets and TLS capture from a reloaded config (Agent.reconfigure). New
+        route patterns apply to the next exchange on any path (the kernel forgets the paths it
+        counts by route, the memo starts afresh); series already made stay as they are."""
+        http, cfg = config.probes.http, config.probes.l7
+        if tuple(RouteTemplater(http.routes).patterns) != self.templater.patterns:
+            self.templater = RouteTemplater(http.routes, learner=self.templater.learner)
+            self.http1.templater = self.templater
+            self.pipeline.shrink()
+            if self.obj is not None:
+                ops = self.map("l7_ops")
+                for key in list(ops.keys()):
+                    ops.delete(key)
+        if cfg.max_series_per_metric != self.pipeline.red.sinks[0].budget.max_series:
+            for _, budget in self.pipeline.budgets():
+                budget.resize(cfg.max_series_per_metric)
+            self.pipeline.shrink()  # (answers memoised under the old limit go)
+        if self.obj is not None:
+            if cfg.tls and self.tls is None and self.obj.programs["tls_exit"].fd >= 0:
+                self.tls = TlsAttacher(self.obj)
+                self.tls.start()
+            elif not cfg.tls and self.tls is not None:
+                self.tls.stop()  # detaches every libssl uprobe
+                self.tls = None
 
     def on_stop(self) -> None:
         if self.tls is not None:
