@@ -181,6 +181,9 @@ class Agent:
         if cfg.traces:
             for sinks in self.exchange_sources():
                 sinks.append(self.otlp.sink)
+            # A family whose kernel side keeps 1 trace in N says which records were kept.
+            self.otlp.assembler.kernel_sampling = any(
+                getattr(p, "kernel_sampling", False) for p in self.probes.values())
         self.otlp.start()
 
     def _prepare(self) -> set[str]:

@@ -95,3 +95,22 @@ def test_span_resource_carries_kubernetes_attributes() -> None:
     assert attrs["k8s.namespace.name"] == "shop" and attrs["service.namespace"] == "shop"
     assert attrs["k8s.deployment.name"] == "cart" and attrs["k8s.pod.name"] == "cart-1-x2x9k"
     assert attrs["env"] == "prod"
+
+
+def test_the_kernels_decision_keeps_its_traces_with_ids_that_agree() -> None:
+    """With the kernel deciding (HttpFlag.SAMPLED on its records), exactly the records it kept
+    become spans, and each new trace id's randomness is on the kept side of the threshold, as
+    a collector reading th will check."""
+    from probewire.l7.constants import HttpFlag
+
+    p = 0.1
+    a = SpanAssembler(p, link_wait_ns=0, rng=random.Random(3))
+    a.kernel_sampling = True
+    batch = servers(200)
+    assert batch.http is not None
+    batch.http["hflags"][::4] = HttpFlag.SAMPLED  # 50 kept by the kernel
+    spans = a.add(batch)
+    assert len(spans) == 50 and a.unsampled == 150
+    for span in spans:
+        assert span.context.trace_id & ((1 << RANDOMNESS_BITS) - 1) >= sampling_threshold(p)
+        assert span.context.trace_state.get("ot") == "th:e6666666666666"

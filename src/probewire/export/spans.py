@@ -40,7 +40,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from probewire import __version__
 from probewire.aggregate.http_heads import nth_request, parse_request_line
 from probewire.enrich.identity import resource_attributes as key_attributes
-from probewire.l7.constants import Role
+from probewire.l7.constants import HttpFlag, Role
 from probewire.l7.exchanges import NUMERIC_STATUSES, ExchangeBatch, ExchangeFlag, split_db_target
 from probewire.l7.registry import protocol_by_id
 
@@ -203,6 +203,7 @@ class _Exchange:
     sampled: bool = True
     propagated: Traceparent | None = None
     threshold: str | None = None  # the "th" of the sampling decision, when known
+    kernel_kept: bool | None = None  # the kernel's sampling decision (HTTP/1.x records)
 
 
 def _listening_tgids_probe(tgid: int) -> bool:
@@ -261,6 +262,10 @@ class SpanAssembler:
         self.linked = 0
         self.export_calls = 0  # OTLP export exchanges, never made spans (is_otlp_export)
 
+    # Set when the kernel decides which traces to keep (probes/l7.py sample_spans): HTTP/1.x
+    # records then say so (HttpFlag.SAMPLED) and new trace ids are drawn to agree with it.
+    kernel_sampling = False
+
     def set_sampling(self, probability: float, honor_traceparent: bool = True) -> None:
         """Keep new traces with this probability (consistently with the trace id, as
         OpenTelemetry's probability sampling does); an incoming sampled flag decides for its
@@ -271,8 +276,25 @@ class SpanAssembler:
         self.threshold_text = threshold_text(self.threshold) if 0 < probability < 1 else None
 
     def _decide(self, ex: _Exchange) -> None:
-        ex.sampled = (ex.trace_id & (_MAX_T - 1)) >= self.threshold and self.probability > 0
+        if ex.kernel_kept is not None:
+            # The kernel drew (with the same probability); a new trace id agrees with it.
+            ex.sampled = ex.kernel_kept
+        else:
+            ex.sampled = (ex.trace_id & (_MAX_T - 1)) >= self.threshold and self.probability > 0
         ex.threshold = self.threshold_text
+
+    def _new_trace_id(self, ex: _Exchange) -> int:
+        """A random trace id; when the kernel decided, one whose randomness (its low 56 bits)
+        is on the side of the threshold the decision says, as a collector will read it."""
+        trace_id = self._new_id(128)
+        if ex.kernel_kept is None:
+            return trace_id
+        low, span = (self.threshold, _MAX_T - self.threshold) if ex.kernel_kept \
+            else (0, self.threshold)
+        if span <= 0:
+            return trace_id
+        randomness = low + self._rng.randrange(span)
+        return (trace_id & ~(_MAX_T - 1)) | randomness or 1
 
     # --- public ------------------------------------------------------------------------------
     def add(self, batch: ExchangeBatch, now_ns: int | None = None) -> list[ReadableSpan]:
@@ -319,10 +341,13 @@ class SpanAssembler:
             eflags = int(r["eflags"])
             status = int(r["status"])
             head = _Head()
+            kernel_kept = None
             if protocol.kind == "http":
                 at = int(index[i]) if index is not None else -1
                 if http is not None and at >= 0:
                     h = http[at]
+                    if self.kernel_sampling:
+                        kernel_kept = bool(int(h["hflags"]) & HttpFlag.SAMPLED)
                     head = _parse_head(bytes(h["req_head"][: int(h["req_head_len"])]),
                                        int(h["pipe_idx"]))
                 else:
@@ -342,6 +367,7 @@ class SpanAssembler:
                 local=batch.local_address[i], local_port=int(r["lport"]),
                 arrived_ns=now_ns, status_text=batch.status[i],
                 attributes=dict(batch.attributes[i]) if batch.attributes else {},
+                kernel_kept=kernel_kept,
             )
 
     def _new_id(self, bits: int) -> int:
@@ -361,7 +387,7 @@ class SpanAssembler:
             else:
                 self._decide(ex)
         else:
-            ex.trace_id = self._new_id(128)
+            ex.trace_id = self._new_trace_id(ex)
             self._decide(ex)
 
     def _client_ids(self, ex: _Exchange) -> None:
