@@ -16,8 +16,8 @@ rules, with the default rules: ns per exec and throughput ratio),
 custom (a custom probe's cost per call next to bpftrace's uprobe count() on the same function;
 start-up with 5 custom probes),
 soak (RSS plateau and slope of the agent under distinct-path churn across 20 services:
-PROBEWIRE_SOAK_MINUTES / PROBEWIRE_SOAK_CONNECTIONS set its length), faults (the fault matrix:
-each row the losses nobody counted; PROBEWIRE_FAULTS=name,... runs some rows),
+BENCH_SOAK_MINUTES / BENCH_SOAK_CONNECTIONS set its length), faults (the fault matrix:
+each row the losses nobody counted; BENCH_FAULTS=name,... runs some rows),
 fleet (RSS and CPU with 500 containers' cgroups and 5,000 pods replayed through the API).
 """
 

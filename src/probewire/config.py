@@ -1533,7 +1533,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
 #
 # Precedence, highest first: command-line flags > environment > config file > defaults.
 # PROBEWIRE_<PATH> sets any key, the path's dots written as "_" and upper-cased
-# (PROBEWIRE_PROBES_HTTP_MAX_SERIES_PER_METRIC=500); the value is YAML, so lists and mappings
+# (PROBEWIRE_PROBES_L7_MAX_SERIES_PER_METRIC=500); the value is YAML, so lists and mappings
 # work (PROBEWIRE_FILTER_PORTS='[80, 443]'). OTEL_* variables follow the OpenTelemetry SDK
 # environment specification; a set OTLP endpoint turns OTLP export on.
 

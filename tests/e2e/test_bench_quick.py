@@ -35,8 +35,8 @@ EXPECTED_ROWS = (
 )
 # The soak and the fault matrix have their own short tests (tests/bpf/test_fault_matrix.py):
 # here a shorter soak and one fault row prove the bench plumbing.
-SHORT = {"PROBEWIRE_SOAK_MINUTES": "0.1", "PROBEWIRE_SOAK_CONNECTIONS": "1000",
-         "PROBEWIRE_FAULTS": "ring_storm"}
+SHORT = {"BENCH_SOAK_MINUTES": "0.1", "BENCH_SOAK_CONNECTIONS": "1000",
+         "BENCH_FAULTS": "ring_storm"}
 
 
 @pytest.mark.timeout(390)
