@@ -18,7 +18,10 @@ start-up with 5 custom probes),
 soak (RSS plateau and slope of the agent under distinct-path churn across 20 services:
 BENCH_SOAK_MINUTES / BENCH_SOAK_CONNECTIONS set its length), faults (the fault matrix:
 each row the losses nobody counted; BENCH_FAULTS=name,... runs some rows),
-fleet (RSS and CPU with 500 containers' cgroups and 5,000 pods replayed through the API).
+fleet (RSS and CPU with 500 containers' cgroups and 5,000 pods replayed through the API),
+realistic (nginx proxying to a gunicorn upstream doing 0.5 ms of CPU work per request, keep-alive
+and new connections: throughput/p99 ratios with default probes and with OTLP traces, spans
+dropped, event → span p99, agent CPU per 1k requests).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from bench import (
     latency,
     overhead,
     peers,
+    realistic,
     ring_flood,
     saturation,
     security,
@@ -75,6 +79,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
     "soak": soak.run,
     "faults": faults.run,
     "fleet": fleet.run,
+    "realistic": realistic.run,
 }
 RESULTS = REPO_ROOT / "bench" / "results" / "latest.md"
 
