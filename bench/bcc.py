@@ -48,7 +48,7 @@ TOOLS = {
 }
 HOOKS = {"tcplife-bpfcc": "sock:inet_sock_set_state", "tcpretrans-bpfcc": "tcp:tcp_retransmit_skb"}
 # The closest probewire job to tcplife + tcpretrans: its tcp family alone.
-TCP_ONLY = "probes: {http: {enabled: false}, process: {enabled: false}}\n"
+TCP_ONLY = "probes: {l7: {enabled: false}, process: {enabled: false}}\n"
 MODULES = Path("/lib/modules")
 PEER = "probewire tcp family"
 

@@ -122,7 +122,7 @@ def run(quick: bool) -> list[Row]:
     churn = Row(f"agent CPU to follow {pods_n:,} pod watch events", "CPU s")
     applied = Row("containers matched by the namespace filter", "containers",
                   target=f"= {containers}", goal=("==", float(containers)), judge="all")
-    with running_agent("{probes: {http: {tls: false}}, kubernetes: {api: off}, "
+    with running_agent("{probes: {l7: {tls: false}}, kubernetes: {api: off}, "
                        "bpf_stats: off}") as agent:
         r, c = _idle(agent, idle_s)
         rss["no Kubernetes"].add(r)
@@ -133,7 +133,7 @@ def run(quick: bool) -> list[Row]:
                 kube_api.kube_api(pods=local_pods + _other_pods(pods_n - containers),
                                   services=_services(services_n)) as api:
             config = json.dumps({
-                "bpf_stats": "off", "probes": {"http": {"tls": False}},
+                "bpf_stats": "off", "probes": {"l7": {"tls": False}},
                 "containers": {"state_paths": {
                     "containerd": [f"{state}/*/{{id}}/config.json"]}},
                 "kubernetes": {"api": "on", "api_url": api.url, "node_name": NODE,

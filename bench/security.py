@@ -61,7 +61,7 @@ CONFIGS = {
     "default rules": "",
 }
 # Only the process family: the figure is about execs, not HTTP or TCP.
-COMMON = "bpf_stats: on\nprobes: {http: {enabled: false}, tcp: {enabled: false}}\n"
+COMMON = "bpf_stats: on\nprobes: {l7: {enabled: false}, tcp: {enabled: false}}\n"
 EXEC_PROGRAMS = ("process_exec_btf", "process_exec_tp")
 
 

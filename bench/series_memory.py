@@ -128,7 +128,8 @@ CHILD = textwrap.dedent("""
                       "warm_render_s": warm,
                       "after_scrape_mb": after_scrape, "render_s": render_s,
                       "page_bytes": page_bytes, "samples": lines[0], "ui_mb": ui_peak,
-                      "active": probe.server_budget.active_series}))
+                      "active": sum(a for m, _, a in probe.budget_families()
+                                 if m == "http_server_request_duration_seconds")}))
 """)
 
 
