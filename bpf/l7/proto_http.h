@@ -257,54 +257,78 @@ struct {
 } iov_scratch SEC(".maps");
 
 /* Did this write end with the last chunk? Its final bytes are CRLF "0" CRLF CRLF (the CRLF
- * that ends the previous chunk or the head), or just "0" CRLF CRLF when written alone. Up to
- * 8 iovecs are followed to the one holding the write's last byte; more, or sendfile, is not
- * looked at (the next request or close then ends the exchange). */
+ * that ends the previous chunk or the head), or just "0" CRLF CRLF when written alone. A
+ * gathered write is walked to the iovec holding its last written byte (a short write ends
+ * mid-buffer, so the last chunk then goes out in a later call, which is looked at in turn), up
+ * to LAST_CHUNK_IOVS iovecs (nginx gathers at most 64 per call); the 7 bytes may straddle up to
+ * three iovecs (nginx writes "0" CRLF CRLF in a buffer of its own after the data's CRLF).
+ * Beyond that, or with sendfile, the next request or the close ends the exchange. */
+#define LAST_CHUNK_IOVS 64
+
 static __always_inline bool wrote_last_chunk(const void *buf, __u32 first_len, __u64 n,
 					     const struct iovec *iovs, __u64 niov)
 {
-	__u8 tail[8] = {};
-	const __u8 *end = NULL;
+	static const __u8 want[7] = {'\r', '\n', '0', '\r', '\n', '\r', '\n'};
+	__u64 base[3] = {}, len[3] = {}; /* the last three non-empty segments, newest first */
 	__u64 rem = n;
+	__u32 zero = 0;
+	struct iovecs8 *v;
 
 	if (!buf || n < 5)
 		return false;
 	if (first_len >= n) {
-		end = (const __u8 *)buf + n;
-	} else if (iovs && niov <= 8) {
-		__u32 zero = 0;
-		struct iovec *v = bpf_map_lookup_elem(&iov_scratch, &zero); /* not the stack */
-
-		if (!v || bpf_probe_read_user(v, sizeof(v[0]) * (niov & 7 ? niov & 7 : 8), iovs))
+		base[0] = (__u64)buf;
+		len[0] = n;
+		rem = 0;
+	} else if (iovs && niov <= LAST_CHUNK_IOVS) {
+		v = bpf_map_lookup_elem(&iov_scratch, &zero); /* not the stack */
+		if (!v)
 			return false;
-		for (int i = 0; i < 8; i++) {
-			__u64 len;
+		for (int g = 0; g < LAST_CHUNK_IOVS / 8 && rem; g++) {
+			__u64 left = niov - g * 8;
 
-			if (i >= niov)
+			if (g * 8 >= niov ||
+			    bpf_probe_read_user(v, sizeof(v->v[0]) * (left >= 8 ? 8 : left & 7),
+						iovs + g * 8))
 				return false;
-			len = v[i].iov_len < rem ? v[i].iov_len : rem;
-			if (len == rem) {
-				if (len < 5)
-					return false; /* the last chunk straddles iovecs */
-				end = (const __u8 *)v[i].iov_base + len;
-				rem = len;
-				break;
+			for (int i = 0; i < 8 && rem; i++) {
+				__u64 l;
+
+				if (g * 8 + i >= niov)
+					return false;
+				l = v->v[i].iov_len < rem ? v->v[i].iov_len : rem;
+				if (!l)
+					continue;
+				base[2] = base[1];
+				len[2] = len[1];
+				base[1] = base[0];
+				len[1] = len[0];
+				base[0] = (__u64)v->v[i].iov_base;
+				len[0] = l;
+				rem -= l;
 			}
-			rem -= len;
 		}
 	}
-	if (!end)
+	if (rem || !len[0])
 		return false;
-	if (rem >= 7) {
-		if (bpf_probe_read_user(tail + 1, 7, end - 7))
+	/* Byte k from the end, k = 0..6, compared with the pattern read backwards. */
+	for (int k = 0; k < 7; k++) {
+		__u64 off = k, addr;
+		__u8 c;
+
+		if (off < len[0]) {
+			addr = base[0] + len[0] - 1 - off;
+		} else if ((off -= len[0]) < len[1]) {
+			addr = base[1] + len[1] - 1 - off;
+		} else if ((off -= len[1]) < len[2]) {
+			addr = base[2] + len[2] - 1 - off;
+		} else {
+			return k == 5 && n == 5; /* "0" CRLF CRLF written alone */
+		}
+		if (bpf_probe_read_user(&c, 1, (const void *)addr) || c != want[6 - k])
 			return false;
-		return tail[1] == '\r' && tail[2] == '\n' && tail[3] == '0' && tail[4] == '\r' &&
-		       tail[5] == '\n' && tail[6] == '\r' && tail[7] == '\n';
 	}
-	if (n != 5 || bpf_probe_read_user(tail + 3, 5, end - 5))
-		return false;
-	return tail[3] == '0' && tail[4] == '\r' && tail[5] == '\n' && tail[6] == '\r' &&
-	       tail[7] == '\n';
+	return true;
 }
 
 /* Server: count the exchange as soon as its response's last byte is written (the head said

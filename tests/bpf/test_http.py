@@ -271,6 +271,51 @@ def test_chunked_response_counted_at_its_last_chunk_while_the_connection_idles(
             conn.close()
 
 
+@pytest.mark.parametrize("chunks", [3, 20])
+def test_last_chunk_in_a_gathered_write_ends_the_exchange_while_the_connection_idles(
+    agent, chunks
+) -> None:
+    """A server that writes its whole chunked response in one sendmsg of many iovecs (12, and
+    63 at 20 chunks, of the 64 looked at), the last chunk split over three of them (CRLF, "0"
+    CRLF, CRLF): the exchange is counted at that write while the connection stays open."""
+    import random
+    import threading
+
+    _, listen = agent
+    rng = random.Random(chunks)
+    body = [bytes([97 + i % 26]) * rng.randint(1, 3000) for i in range(chunks)]
+    iovs = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"]
+    for i, part in enumerate(body):
+        iovs += [b"\r\n"] if i else []
+        iovs += [f"{len(part):x}\r\n".encode(), part]
+    iovs += [b"\r\n", b"0\r\n", b"\r\n"]
+    srv = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(65536)
+            assert conn.sendmsg(iovs) == sum(map(len, iovs))
+            done.wait(30)  # the connection stays open and idle while the test checks
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    d = Delta(listen)
+    client = http.client.HTTPConnection("127.0.0.1", srv.getsockname()[1], timeout=30)
+    try:
+        client.request("GET", "/gathered")
+        resp = client.getresponse()
+        assert resp.status == 200 and resp.read() == b"".join(body)
+        d.settle(SERVER, 1, service_name="pytest", http_route="/gathered")
+        assert server(d, "pytest", "GET", "/gathered", 200) == 1
+    finally:
+        done.set()
+        client.close()
+        t.join(10)
+        srv.close()
+
+
 def test_thousand_requests_on_one_keepalive_connection(agent, stack) -> None:
     _, listen = agent
     ng, _ = stack
