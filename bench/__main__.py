@@ -18,7 +18,9 @@ start-up with 5 custom probes),
 soak (RSS plateau and slope of the agent under distinct-path churn across 20 services:
 PROBEWIRE_SOAK_MINUTES / PROBEWIRE_SOAK_CONNECTIONS set its length), faults (the fault matrix:
 each row the losses nobody counted; PROBEWIRE_FAULTS=name,... runs some rows),
-fleet (RSS and CPU with 500 containers' cgroups and 5,000 pods replayed through the API).
+fleet (RSS and CPU with 500 containers' cgroups and 5,000 pods replayed through the API),
+spans (OTLP spans encoded+sent per agent CPU-second, probewire's encoder beside the SDK's, over
+gRPC and HTTP/protobuf; event → span p99 at 5k exchanges/s).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from bench import (
     security,
     series_memory,
     soak,
+    spans,
     startup,
     userspace,
 )
@@ -75,6 +78,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
     "soak": soak.run,
     "faults": faults.run,
     "fleet": fleet.run,
+    "spans": spans.run,
 }
 RESULTS = REPO_ROOT / "bench" / "results" / "latest.md"
 

@@ -32,6 +32,7 @@ EXPECTED_ROWS = (
     "soak: answered requests neither recorded nor counted as dropped",
     "fault: ring storm",
     "agent RSS, idle (no Kubernetes)",
+    "OTLP spans encoded+sent per agent CPU-second, gRPC",
 )
 # The soak and the fault matrix have their own short tests (tests/bpf/test_fault_matrix.py):
 # here a shorter soak and one fault row prove the bench plumbing.

@@ -165,6 +165,9 @@ class _Logs(logs_service_pb2_grpc.LogsServiceServicer):
 def _http_handler(rx: Receiver, delay_s: float = 0.0) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # As a collector does (Go sets TCP_NODELAY): the body written after the headers must
+        # not wait for the client's delayed ACK of them.
+        disable_nagle_algorithm = True
 
         def log_message(self, *args: Any) -> None:
             pass
