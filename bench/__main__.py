@@ -21,7 +21,9 @@ each row the losses nobody counted; BENCH_FAULTS=name,... runs some rows),
 fleet (RSS and CPU with 500 containers' cgroups and 5,000 pods replayed through the API),
 realistic (nginx proxying to a gunicorn upstream doing 0.5 ms of CPU work per request, keep-alive
 and new connections: throughput/p99 ratios with default probes and with OTLP traces, spans
-dropped, event → span p99, agent CPU per 1k requests).
+dropped, event → span p99, agent CPU per 1k requests),
+spans (OTLP spans encoded+sent per agent CPU-second, probewire's encoder beside the SDK's, over
+gRPC and HTTP/protobuf; event → span p99 at 5k exchanges/s).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from bench import (
     security,
     series_memory,
     soak,
+    spans,
     startup,
     userspace,
 )
@@ -80,6 +83,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
     "faults": faults.run,
     "fleet": fleet.run,
     "realistic": realistic.run,
+    "spans": spans.run,
 }
 RESULTS = REPO_ROOT / "bench" / "results" / "latest.md"
 

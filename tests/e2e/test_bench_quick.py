@@ -35,6 +35,7 @@ EXPECTED_ROWS = (
     "realistic, keep-alive (default probes): throughput ratio",
     "realistic, new connections (default probes): throughput ratio",
     "realistic, keep-alive (OTLP traces): spans dropped per run",
+    "OTLP spans encoded+sent per agent CPU-second, gRPC",
 )
 # The soak and the fault matrix have their own short tests (tests/bpf/test_fault_matrix.py):
 # here a shorter soak and one fault row prove the bench plumbing.

@@ -65,6 +65,22 @@ class Receiver:
     headers: list[dict[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     log_requests: list[logs_service_pb2.ExportLogsServiceRequest] = field(default_factory=list)
+    # A stalled collector: while `hold` is clear, every export waits (answered once it is set).
+    hold: threading.Event | None = None
+    # A collector that fails: the first `fail_first` exports are refused as temporarily
+    # unavailable (gRPC UNAVAILABLE, HTTP 503), as a restarting collector refuses them.
+    fail_first: int = 0
+    refused: int = 0
+
+    def _refuse(self) -> bool:
+        """Wait while held; True if this export is to be refused (and counts it)."""
+        if self.hold is not None:
+            self.hold.wait(timeout=120)
+        with self.lock:
+            if self.refused < self.fail_first:
+                self.refused += 1
+                return True
+            return False
 
     def logs(self) -> list[tuple[dict[str, Any], LogRecord]]:
         """(resource attributes, log record) of every log record received."""
@@ -118,6 +134,8 @@ class _Traces(trace_service_pb2_grpc.TraceServiceServicer):
         self.rx = rx
 
     def Export(self, request: Any, context: Any) -> Any:
+        if self.rx._refuse():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "collector restarting")
         self.rx._add(request, dict(context.invocation_metadata()))
         return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -127,6 +145,8 @@ class _Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
         self.rx = rx
 
     def Export(self, request: Any, context: Any) -> Any:
+        if self.rx._refuse():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "collector restarting")
         self.rx._add(request, dict(context.invocation_metadata()))
         return metrics_service_pb2.ExportMetricsServiceResponse()
 
@@ -136,6 +156,8 @@ class _Logs(logs_service_pb2_grpc.LogsServiceServicer):
         self.rx = rx
 
     def Export(self, request: Any, context: Any) -> Any:
+        if self.rx._refuse():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "collector restarting")
         self.rx._add(request, dict(context.invocation_metadata()))
         return logs_service_pb2.ExportLogsServiceResponse()
 
@@ -143,6 +165,9 @@ class _Logs(logs_service_pb2_grpc.LogsServiceServicer):
 def _http_handler(rx: Receiver, delay_s: float = 0.0) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # As a collector does (Go sets TCP_NODELAY): the body written after the headers must
+        # not wait for the client's delayed ACK of them.
+        disable_nagle_algorithm = True
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -151,6 +176,11 @@ def _http_handler(rx: Receiver, delay_s: float = 0.0) -> type[BaseHTTPRequestHan
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
             if delay_s:
                 time.sleep(delay_s)  # a slow collector (the fault matrix)
+            if rx._refuse():
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             encoding = self.headers.get("Content-Encoding", "")
             if encoding == "gzip":
                 body = gzip.decompress(body)
@@ -181,9 +211,11 @@ def _http_handler(rx: Receiver, delay_s: float = 0.0) -> type[BaseHTTPRequestHan
 
 
 @contextlib.contextmanager
-def otlp_receiver(protocol: str = "grpc", delay_s: float = 0.0) -> Iterator[Receiver]:
-    """`delay_s` (http/protobuf only): answer each export that much later, a slow collector."""
-    rx = Receiver(protocol)
+def otlp_receiver(protocol: str = "grpc", delay_s: float = 0.0,
+                  hold: threading.Event | None = None, fail_first: int = 0) -> Iterator[Receiver]:
+    """`delay_s` (http/protobuf only): answer each export that much later, a slow collector.
+    `hold`, `fail_first`: see Receiver (a stalled collector; one refusing its first exports)."""
+    rx = Receiver(protocol, hold=hold, fail_first=fail_first)
     if protocol == "grpc":
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Traces(rx), server)

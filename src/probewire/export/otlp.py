@@ -1,4 +1,5 @@
-"""OTLP export: the /metrics families and HTTP spans through the OpenTelemetry SDK's exporters.
+"""OTLP export: the /metrics families through the OpenTelemetry SDK's exporters, and spans
+encoded by probewire and sent by the SDK's span exporters.
 
 Metrics: every ``interval_s`` the agent's own Prometheus collector is read and its families are
 converted to OTLP points (cumulative sums, gauges, explicit-bucket histograms) that the SDK's
@@ -15,7 +16,11 @@ Spans: the l7 family hands each decoded batch to :meth:`OtlpExporter.sink`; a qu
 the ring reader from the network and one exporter thread assembles spans
 (:mod:`probewire.export.spans`) and exports what it has each time it wakes, so spans leave as
 soon as the ring's 128-record / 5 ms batch reaches us. Event → export latency is measured from
-the exchange's kernel end timestamp to the export call's return.
+the exchange's kernel end timestamp to the export call's return. The spans' request bytes are
+written by :mod:`probewire.export.span_encoder` straight from the assembler's records and sent
+by the SDK exporter of the configured protocol (:mod:`probewire.export.span_transport`: its
+channel or session, TLS, headers, compression, timeout and retries); any other SpanExporter
+handed in gets the SDK's ReadableSpans instead.
 """
 
 from __future__ import annotations
@@ -47,14 +52,19 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.metrics.export import Metric as OtlpMetric
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from probewire import __version__
 from probewire.config import Config, OtlpConfig, SamplingConfig
 from probewire.errors import ConfigError
-from probewire.export.spans import SCOPE, SpanAssembler
+from probewire.export.span_encoder import SpanEncoder
+from probewire.export.span_transport import (
+    EncodedSpanExporter,
+    GrpcSpanExporter,
+    HttpSpanExporter,
+)
+from probewire.export.spans import SCOPE, SpanAssembler, SpanRecord, readable_span
 from probewire.l7.exchanges import ExchangeBatch
 
 __all__ = ["OtlpExporter", "families_to_otlp", "make_exporters"]
@@ -183,7 +193,8 @@ def signal_endpoint(cfg: OtlpConfig, signal: str) -> tuple[str, str]:
 
 
 def make_exporters(cfg: OtlpConfig) -> tuple[MetricExporter, SpanExporter]:
-    """The SDK's OTLP exporters for each signal's protocol, endpoint, headers and TLS."""
+    """The SDK's OTLP exporters for each signal's protocol, endpoint, headers and TLS (for
+    spans, the SDK's exporters that also send requests encoded by us: span_transport)."""
     timeout = cfg.timeout_s
     tls: dict[str, Any] = dict(certificate_file=cfg.certificate_file,
                                client_certificate_file=cfg.client_certificate_file,
@@ -207,17 +218,9 @@ def make_exporters(cfg: OtlpConfig) -> tuple[MetricExporter, SpanExporter]:
     headers = dict(cfg.traces_headers if cfg.traces_headers is not None else cfg.headers)
     spans: SpanExporter
     if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-            OTLPSpanExporter as GrpcSpans,
-        )
-
-        spans = GrpcSpans(**_grpc_channel(cfg, url), headers=headers, timeout=timeout)
+        spans = GrpcSpanExporter(**_grpc_channel(cfg, url), headers=headers, timeout=timeout)
     else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-            OTLPSpanExporter as HttpSpans,
-        )
-
-        spans = HttpSpans(endpoint=url, headers=headers, timeout=timeout, **tls)
+        spans = HttpSpanExporter(endpoint=url, headers=headers, timeout=timeout, **tls)
     return metrics, spans
 
 
@@ -237,6 +240,7 @@ class OtlpExporter:
             cfg.sampling_ratio * sampling.probability, int(cfg.link_wait_ms * 1e6),
             cfg.resource_attributes, process_attributes=process_attributes,
             honor_traceparent=sampling.honor_traceparent)
+        self.encoder = SpanEncoder()
         # Bounded by exchanges (cfg.max_queue_spans), not batches: a batch holds 1 to
         # thousands of them, and what the bound is for is how long the newest one waits.
         self._queue: queue.Queue[ExchangeBatch] = queue.Queue()
@@ -333,25 +337,31 @@ class OtlpExporter:
         tick = max(min(self.cfg.link_wait_ms / 4000.0, 0.25), 0.005)
         while True:
             stopping = self._stop.is_set()
-            spans: list[ReadableSpan] = []
+            spans: list[SpanRecord] = []
             try:
                 batch = self._take(self._queue.get(timeout=tick))
-                spans.extend(self.assembler.add(batch))
+                spans.extend(self.assembler.add_records(batch))
                 while len(spans) < MAX_EXPORT_SPANS:
-                    spans.extend(self.assembler.add(self._take(self._queue.get_nowait())))
+                    spans.extend(self.assembler.add_records(
+                        self._take(self._queue.get_nowait())))
             except queue.Empty:
                 pass
             except Exception:
                 log.exception("building spans failed")
-            spans.extend(self.assembler.flush(everything=stopping and self._queue.empty()))
+            spans.extend(self.assembler.flush_records(
+                everything=stopping and self._queue.empty()))
             if spans:
                 self._export_spans(spans)
             if stopping and self._queue.empty() and not self.assembler.pending:
                 return
 
-    def _export_spans(self, spans: Sequence[ReadableSpan]) -> None:
+    def _export_spans(self, spans: Sequence[SpanRecord]) -> None:
         try:
-            result = self.span_exporter.export(spans)
+            exporter = self.span_exporter
+            if isinstance(exporter, EncodedSpanExporter):
+                result = exporter.export_encoded(self.encoder.encode(spans), len(spans))
+            else:
+                result = exporter.export([readable_span(s) for s in spans])
         except Exception:
             log.exception("OTLP span export failed")
             result = SpanExportResult.FAILURE
@@ -362,14 +372,14 @@ class OtlpExporter:
                 self.spans_failed += len(spans)
                 return
             self.spans_exported += len(spans)
-            ends = np.array([(s.end_time or 0) - offset for s in spans], dtype=np.int64)
+            ends = np.array([s.end_ns - offset for s in spans], dtype=np.int64)
             lat = np.maximum(done - ends, 0)
             secs = lat / 1e9
             self.latency_counts += np.bincount(
                 np.searchsorted(LATENCY_BUCKETS, secs, side="left"),
                 minlength=len(LATENCY_BUCKETS) + 1)
             self.latency_sum_s += float(secs.sum())
-            server = np.array([s.kind.name == "SERVER" for s in spans], dtype=bool)
+            server = np.array([s.server for s in spans], dtype=bool)
             idx = (self._n_samples + np.arange(len(lat))) % LATENCY_SAMPLES
             self._samples[idx] = lat
             self._samples_server[idx] = server

@@ -16,6 +16,12 @@ first bytes of the request head. From those this module builds OpenTelemetry spa
   (the same rule as the SDK's ``ParentBased(TraceIdRatioBased)``). Tail sampling belongs in the
   collector (deploy/otel-collector/).
 
+The assembler's output is a light :class:`SpanRecord` per finished span (its name, kind, ids,
+trace state, wall-clock times, attributes, status and resource). The direct OTLP encoder
+(:mod:`probewire.export.span_encoder`) turns batches of them into protobuf bytes; ``add`` and
+``flush`` also make them into the SDK's ``ReadableSpan`` for any other ``SpanExporter``. Both come
+from the same record, so the two paths cannot disagree.
+
 Nothing here does I/O except reading /proc once per new process to learn whether it listens.
 """
 
@@ -38,7 +44,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 from probewire import __version__
-from probewire.aggregate.http_heads import nth_request, parse_request_line
+from probewire.aggregate.http_heads import METHODS, nth_request, parse_request_line
 from probewire.enrich.identity import resource_attributes as key_attributes
 from probewire.l7.constants import HttpFlag, Role
 from probewire.l7.exchanges import NUMERIC_STATUSES, ExchangeBatch, ExchangeFlag, split_db_target
@@ -55,6 +61,9 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 # Processes whose "do I listen?" answer is cached, and for how long (ns).
 _LISTEN_CACHE_MAX = 4096
 _LISTEN_TTL_NS = 10_000_000_000
+# Parsed request heads kept (a repeated head is parsed once).
+_HEAD_CACHE_MAX = 4096
+_ID_POOL_BYTES = 4096
 _TCP_LISTEN = "0A"
 
 
@@ -126,6 +135,26 @@ class _Head:
     method: str | None = None
     target: bytes = b""
     headers: dict[bytes, bytes] = field(default_factory=dict)
+    otlp: bool = False  # is_otlp_export: an OTLP export call, never a span
+
+
+_NO_HEAD = _Head()
+
+
+# A whole request line as parse_request_line reads it (a known method, a target of visible
+# bytes, HTTP/1.0, 1.1 or 2, then the line's end), matched in C; anything else (a cut line,
+# junk) goes to parse_request_line itself. tests/unit/test_span_encoder.py checks they agree.
+_REQUEST_LINE = re.compile(
+    rb"(" + b"|".join(m.encode() for m in METHODS) + rb") ([^\x00-\x20\x7f]+) "
+    rb"HTTP/(?:1\.[01]|2)\r?\n")
+
+
+def request_line(head: bytes) -> tuple[str, bytes] | None:
+    """parse_request_line, with the common case in one regex match."""
+    m = _REQUEST_LINE.match(head)
+    if m is not None:
+        return m[1].decode("ascii"), m[2]
+    return parse_request_line(head)
 
 
 def _parse_head(head: bytes, pipe_idx: int) -> _Head:
@@ -134,7 +163,7 @@ def _parse_head(head: bytes, pipe_idx: int) -> _Head:
         parsed = nth_request(head, pipe_idx)
         # Headers of later pipelined requests are rarely inside the captured bytes.
         return _Head(parsed[0], parsed[1]) if parsed else _Head()
-    parsed = parse_request_line(head)
+    parsed = request_line(head)
     if parsed is None:
         return _Head()
     out = _Head(parsed[0], parsed[1])
@@ -173,7 +202,12 @@ def is_otlp_export(target: bytes, method: str | None = "POST",
     return path in OTLP_HTTP_PATHS or (content_type or b"").startswith(b"application/x-protobuf")
 
 
-@dataclass
+def _with_otlp(head: _Head) -> _Head:
+    head.otlp = is_otlp_export(head.target, head.method, head.headers.get(b"content-type"))
+    return head
+
+
+@dataclass(slots=True)
 class _Exchange:
     kind: str  # the protocol's kind: "http", "db", "dns"
     protocol: str
@@ -204,6 +238,53 @@ class _Exchange:
     propagated: Traceparent | None = None
     threshold: str | None = None  # the "th" of the sampling decision, when known
     kernel_kept: bool | None = None  # the kernel's sampling decision (HTTP/1.x records)
+
+
+class SpanResource:
+    """The OpenTelemetry resource of one process's spans, shared by all its records. The direct
+    encoder keeps the resource's protobuf bytes here (`encoded`), made once."""
+
+    __slots__ = ("encoded", "resource")
+
+    def __init__(self, resource: Resource) -> None:
+        self.resource = resource
+        self.encoded: bytes | None = None
+
+
+@dataclass(slots=True)
+class SpanRecord:
+    """One finished span, as both export paths take it. Times are wall-clock ns; a zero
+    `parent_id` is a root; `threshold` is the "th" of the span's tracestate ("ot=th:<it>").
+    Attribute values are str or int, never bool (the encoder caches by (key, value), and
+    True == 1)."""
+
+    name: str
+    server: bool  # SpanKind SERVER, else CLIENT
+    trace_id: int
+    span_id: int
+    parent_id: int
+    parent_remote: bool
+    threshold: str | None
+    start_ns: int
+    end_ns: int
+    attributes: dict[str, str | int]
+    error: bool  # StatusCode ERROR, else UNSET
+    resource: SpanResource
+
+
+def readable_span(rec: SpanRecord) -> ReadableSpan:
+    """The SDK's ReadableSpan of a record (for any SpanExporter)."""
+    state = TraceState([("ot", f"th:{rec.threshold}")]) if rec.threshold else None
+    ctx = SpanContext(rec.trace_id, rec.span_id, is_remote=False, trace_flags=_SAMPLED,
+                      trace_state=state)
+    parent = (SpanContext(rec.trace_id, rec.parent_id, is_remote=rec.parent_remote,
+                          trace_flags=_SAMPLED) if rec.parent_id else None)
+    return ReadableSpan(
+        name=rec.name, context=ctx, parent=parent, resource=rec.resource.resource,
+        attributes=rec.attributes, kind=SpanKind.SERVER if rec.server else SpanKind.CLIENT,
+        status=Status(StatusCode.ERROR) if rec.error else Status(StatusCode.UNSET),
+        instrumentation_scope=SCOPE, start_time=rec.start_ns, end_time=rec.end_ns,
+    )
 
 
 def _listening_tgids_probe(tgid: int) -> bool:
@@ -255,9 +336,17 @@ class SpanAssembler:
         self.offset_ns = wall_clock_offset_ns()
         self._offset_at = time.monotonic_ns()
         self._rng = rng or random.SystemRandom()
+        # Ids come from a pool of OS random bytes (one getrandom call per 4 KiB, not one per
+        # id); a given rng (tests) draws them itself, so its ids are reproducible.
+        self._pool = b""
+        self._pool_at = 0
+        self._draw = self._rng.getrandbits if rng is not None else self._pool_bits
         self._pending: OrderedDict[tuple[int, int], list[_Exchange]] = OrderedDict()
         self._listens: OrderedDict[int, tuple[bool, int]] = OrderedDict()
-        self._resources: dict[tuple[str, int], Resource] = {}
+        self._resources: dict[tuple[str, int], SpanResource] = {}
+        # The same resource under another (service, tgid): one entry, as the SDK groups them.
+        self._resource_entries: dict[Resource, SpanResource] = {}
+        self._heads: dict[tuple[bytes, int], _Head] = {}
         self.unsampled = 0
         self.linked = 0
         self.export_calls = 0  # OTLP export exchanges, never made spans (is_otlp_export)
@@ -299,13 +388,20 @@ class SpanAssembler:
     # --- public ------------------------------------------------------------------------------
     def add(self, batch: ExchangeBatch, now_ns: int | None = None) -> list[ReadableSpan]:
         """Spans finished by this batch (in order); client spans may wait for their parent."""
+        return [readable_span(r) for r in self.add_records(batch, now_ns)]
+
+    def flush(self, now_ns: int | None = None, everything: bool = False) -> list[ReadableSpan]:
+        """Client spans that waited long enough (or all of them) as spans without a parent."""
+        return [readable_span(r) for r in self.flush_records(now_ns, everything)]
+
+    def add_records(self, batch: ExchangeBatch, now_ns: int | None = None) -> list[SpanRecord]:
+        """`add`, as records (what the direct OTLP encoder takes)."""
         now_ns = time.monotonic_ns() if now_ns is None else now_ns
         if now_ns - self._offset_at > 60_000_000_000:  # follow NTP slews
             self.offset_ns, self._offset_at = wall_clock_offset_ns(), now_ns
         done: list[_Exchange] = []
         for ex in self._decode(batch, now_ns):
-            if is_otlp_export(ex.head.target, ex.head.method,
-                              ex.head.headers.get(b"content-type")):
+            if ex.head.otlp:
                 self.export_calls += 1
                 continue
             if ex.server:
@@ -320,12 +416,13 @@ class SpanAssembler:
                     self._finish_root_client(ex)
                     done.append(ex)
         done.extend(self._expire(now_ns))
-        return self._to_spans(done)
+        return self._to_records(done)
 
-    def flush(self, now_ns: int | None = None, everything: bool = False) -> list[ReadableSpan]:
-        """Client spans that waited long enough (or all of them) as spans without a parent."""
+    def flush_records(self, now_ns: int | None = None,
+                      everything: bool = False) -> list[SpanRecord]:
+        """`flush`, as records."""
         now_ns = time.monotonic_ns() if now_ns is None else now_ns
-        return self._to_spans(self._expire(now_ns, everything))
+        return self._to_records(self._expire(now_ns, everything))
 
     @property
     def pending(self) -> int:
@@ -333,48 +430,85 @@ class SpanAssembler:
 
     # --- internals ---------------------------------------------------------------------------
     def _decode(self, batch: ExchangeBatch, now_ns: int) -> Iterable[_Exchange]:
+        # Whole columns as Python ints once per batch: a numpy scalar read per field and row
+        # costs more than everything else done with the row.
         rows = batch.rows
+        n = len(rows)
+        if not n:
+            return
+        proto, role = rows["proto"].tolist(), rows["role"].tolist()
+        tgid, tid = rows["tgid"].tolist(), rows["tid"].tolist()
+        start, end = rows["start_ns"].tolist(), rows["end_ns"].tolist()
+        statuses, eflags = rows["status"].tolist(), rows["eflags"].tolist()
+        rport, lport = rows["rport"].tolist(), rows["lport"].tolist()
         http, index = batch.http, batch.http_index
-        for i in range(len(rows)):
-            r = rows[i]
-            protocol = protocol_by_id(int(r["proto"]))
-            eflags = int(r["eflags"])
-            status = int(r["status"])
-            head = _Head()
+        at_of: list[int] = index.tolist() if index is not None else [-1] * n
+        heads = b""
+        head_len = 0
+        if http is not None and len(http):
+            heads = http["req_head"].tobytes()
+            head_len = http.dtype["req_head"].itemsize
+            head_lens = http["req_head_len"].tolist()
+            pipe_idx = http["pipe_idx"].tolist()
+            hflags = http["hflags"].tolist()
+        attributes = batch.attributes
+        protocols = {p: protocol_by_id(p) for p in set(proto)}
+        server_role, aborted_flag, h2_flag = int(Role.SERVER), int(ExchangeFlag.ABORTED), \
+            int(ExchangeFlag.H2)
+        sampled_flag = int(HttpFlag.SAMPLED)
+        for i in range(n):
+            protocol = protocols[proto[i]]
+            status = statuses[i]
+            head = _NO_HEAD
             kernel_kept = None
             if protocol.kind == "http":
-                at = int(index[i]) if index is not None else -1
-                if http is not None and at >= 0:
-                    h = http[at]
+                at = at_of[i]
+                if head_len and at >= 0:
                     if self.kernel_sampling:
-                        kernel_kept = bool(int(h["hflags"]) & HttpFlag.SAMPLED)
-                    head = _parse_head(bytes(h["req_head"][: int(h["req_head_len"])]),
-                                       int(h["pipe_idx"]))
+                        kernel_kept = bool(hflags[at] & sampled_flag)
+                    base = at * head_len
+                    head = self._head(heads[base: base + min(head_lens[at], head_len)],
+                                      pipe_idx[at])
                 else:
-                    path = str(batch.attributes[i].get("path", "")) if batch.attributes else ""
-                    head = _Head(batch.operation[i], path.encode("latin-1", "replace"))
+                    path = str(attributes[i].get("path", "")) if attributes else ""
+                    head = _with_otlp(_Head(batch.operation[i],
+                                            path.encode("latin-1", "replace")))
+            row_attributes = attributes[i] if attributes else None
+            # Positional, in _Exchange's field order: keywords cost twice as much here.
             yield _Exchange(
-                kind=protocol.kind, protocol=protocol.name,
-                server=int(r["role"]) == Role.SERVER,
-                tgid=int(r["tgid"]), tid=int(r["tid"]),
-                start_ns=int(r["start_ns"]), end_ns=int(r["end_ns"]),
-                status=status if status < NUMERIC_STATUSES else 0,
-                aborted=bool(eflags & ExchangeFlag.ABORTED),
-                h2=bool(eflags & ExchangeFlag.H2),
-                service=batch.service[i], method=batch.operation[i], route=batch.target[i],
-                head=head,
-                peer=batch.peer_address[i], peer_port=int(r["rport"]),
-                local=batch.local_address[i], local_port=int(r["lport"]),
-                arrived_ns=now_ns, status_text=batch.status[i],
-                attributes=dict(batch.attributes[i]) if batch.attributes else {},
+                protocol.kind, protocol.name, role[i] == server_role, tgid[i], tid[i],
+                start[i], end[i], status if status < NUMERIC_STATUSES else 0,
+                bool(eflags[i] & aborted_flag), bool(eflags[i] & h2_flag),
+                batch.service[i], batch.operation[i], batch.target[i], head,
+                batch.peer_address[i], rport[i], batch.local_address[i], lport[i], now_ns,
+                batch.status[i], dict(row_attributes) if row_attributes else {},
                 kernel_kept=kernel_kept,
             )
+
+    def _head(self, raw: bytes, pipe_idx: int) -> _Head:
+        """_parse_head, remembered: a client sends the same head again and again (heads are
+        never changed once parsed)."""
+        key = (raw, pipe_idx)
+        head = self._heads.get(key)
+        if head is None:
+            if len(self._heads) >= _HEAD_CACHE_MAX:
+                self._heads.clear()
+            head = self._heads[key] = _with_otlp(_parse_head(raw, pipe_idx))
+        return head
 
     def _new_id(self, bits: int) -> int:
         value = 0
         while not value:
-            value = self._rng.getrandbits(bits)
+            value = self._draw(bits)
         return value
+
+    def _pool_bits(self, bits: int) -> int:
+        size = bits // 8
+        at = self._pool_at
+        if at + size > len(self._pool):
+            self._pool, at = os.urandom(_ID_POOL_BYTES), 0
+        self._pool_at = at + size
+        return int.from_bytes(self._pool[at: at + size])
 
     def _start_trace(self, ex: _Exchange, header: bytes | None) -> None:
         ex.span_id = self._new_id(64)
@@ -461,11 +595,12 @@ class SpanAssembler:
             self._listens.popitem(last=False)
         return answer
 
-    def _resource(self, service: str, tgid: int) -> Resource:
-        res = self._resources.get((service, tgid))
-        if res is None:
+    def _resource(self, service: str, tgid: int) -> SpanResource:
+        entry = self._resources.get((service, tgid))
+        if entry is None:
             if len(self._resources) > _LISTEN_CACHE_MAX:
                 self._resources.clear()
+                self._resource_entries.clear()
             attrs: dict[str, str | int] = {
                 "service.name": service, "host.name": self.host_name, "process.pid": tgid,
                 "telemetry.distro.name": "probewire", "telemetry.distro.version": __version__,
@@ -487,21 +622,20 @@ class SpanAssembler:
             attrs.update({k: v for k, v in self.resource_attributes.items()
                           if k != "service.name"})
             res = Resource.create(attrs)
-            self._resources[(service, tgid)] = res
-        return res
+            entry = self._resource_entries.setdefault(res, SpanResource(res))
+            self._resources[(service, tgid)] = entry
+        return entry
 
-    def _to_spans(self, done: list[_Exchange]) -> list[ReadableSpan]:
-        spans = []
+    def _to_records(self, done: list[_Exchange]) -> list[SpanRecord]:
+        records = []
         for ex in done:
             if not ex.sampled:
                 self.unsampled += 1
                 continue
-            spans.append(self._span(ex))
-        return spans
+            records.append(self._record(ex) if ex.kind == "http" else self._db_record(ex))
+        return records
 
-    def _span(self, ex: _Exchange) -> ReadableSpan:
-        if ex.kind != "http":
-            return self._db_span(ex)
+    def _record(self, ex: _Exchange) -> SpanRecord:
         target = ex.head.target.decode("latin-1")
         path = target.split("?", 1)[0]
         attrs: dict[str, str | int] = {
@@ -518,7 +652,6 @@ class SpanAssembler:
         if user_agent:
             attrs["user_agent.original"] = user_agent.decode("latin-1")
         if ex.server:
-            kind = SpanKind.SERVER
             name = f"{ex.method} {ex.route}"
             attrs.update({
                 "http.route": ex.route, "url.path": path, "url.scheme": "http",
@@ -529,7 +662,6 @@ class SpanAssembler:
                 attrs["url.query"] = target.split("?", 1)[1]
             failed = ex.aborted or ex.status >= 500
         else:
-            kind = SpanKind.CLIENT
             name = ex.method
             host = ex.head.headers.get(b"host", b"").decode("latin-1") or (
                 f"{ex.peer}:{ex.peer_port}")
@@ -540,23 +672,16 @@ class SpanAssembler:
             failed = ex.aborted or ex.status >= 400
         if failed:
             attrs["error.type"] = "aborted" if ex.aborted else str(ex.status)
-        status = Status(StatusCode.ERROR) if failed else Status(StatusCode.UNSET)
-        state = TraceState([("ot", f"th:{ex.threshold}")]) if ex.threshold else None
-        ctx = SpanContext(ex.trace_id, ex.span_id, is_remote=False, trace_flags=_SAMPLED,
-                          trace_state=state)
-        parent = (SpanContext(ex.trace_id, ex.parent_id, is_remote=ex.parent_remote,
-                              trace_flags=_SAMPLED) if ex.parent_id else None)
-        return ReadableSpan(
-            name=name, context=ctx, parent=parent, resource=self._resource(ex.service, ex.tgid),
-            attributes=attrs, kind=kind, status=status, instrumentation_scope=SCOPE,
-            start_time=ex.start_ns + self.offset_ns,
-            end_time=max(ex.end_ns, ex.start_ns) + self.offset_ns,
-        )
+        return SpanRecord(
+            name, ex.server, ex.trace_id, ex.span_id, ex.parent_id, ex.parent_remote,
+            ex.threshold, ex.start_ns + self.offset_ns,
+            max(ex.end_ns, ex.start_ns) + self.offset_ns, attrs, failed,
+            self._resource(ex.service, ex.tgid))
 
-    def _db_span(self, ex: _Exchange) -> ReadableSpan:
+    def _db_record(self, ex: _Exchange) -> SpanRecord:
         """A database, cache or DNS exchange: OpenTelemetry's database span conventions
         (db.*; DNS questions as dns.question.*). Query text never leaves: the name is the
-        literal-free summary."""
+        literal-free summary. (No tracestate: only HTTP spans carry the sampling threshold.)"""
         code, _, error = ex.status_text.partition("\0")
         error = error or ("aborted" if ex.aborted else code)
         attrs: dict[str, str | int] = {"thread.id": ex.tid}
@@ -586,13 +711,7 @@ class SpanAssembler:
                 attrs.update({"server.address": ex.peer, "server.port": ex.peer_port})
         if error:
             attrs["error.type"] = error
-        ctx = SpanContext(ex.trace_id, ex.span_id, is_remote=False, trace_flags=_SAMPLED)
-        parent = (SpanContext(ex.trace_id, ex.parent_id, is_remote=ex.parent_remote,
-                              trace_flags=_SAMPLED) if ex.parent_id else None)
-        return ReadableSpan(
-            name=name, context=ctx, parent=parent, resource=self._resource(ex.service, ex.tgid),
-            attributes=attrs, kind=SpanKind.SERVER if ex.server else SpanKind.CLIENT,
-            status=Status(StatusCode.ERROR) if error else Status(StatusCode.UNSET),
-            instrumentation_scope=SCOPE, start_time=ex.start_ns + self.offset_ns,
-            end_time=max(ex.end_ns, ex.start_ns) + self.offset_ns,
-        )
+        return SpanRecord(
+            name, ex.server, ex.trace_id, ex.span_id, ex.parent_id, ex.parent_remote, None,
+            ex.start_ns + self.offset_ns, max(ex.end_ns, ex.start_ns) + self.offset_ns, attrs,
+            bool(error), self._resource(ex.service, ex.tgid))
