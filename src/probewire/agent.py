@@ -117,7 +117,8 @@ class Agent:
                 futures = {
                     name: pool.submit(start_probe, probe, self.support, self._shared,
                                       self.config.ring.size_bytes, self.forced_hooks,
-                                      self.config.ring.batch_records, self._opened.pop(name))
+                                      self.config.ring.batch_records, self._opened.pop(name),
+                                      self.config.ring.data_size_bytes)
                     for name, probe in self.probes.items()
                 }
                 errors = []

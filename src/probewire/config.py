@@ -628,6 +628,16 @@ class RingConfig(_Model):
             f"{MIN_RING_BYTES}, e.g. 4194304"
         ),
     )
+    data_size_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        strict=True,
+        description=(
+            "the L7 capture layer's bytes ring (HTTP/2, databases, caches, DNS) in bytes, a "
+            "power of two >= the page size: one record lost there gives a whole HTTP/2 "
+            "connection up (HPACK state cannot be resynchronized), so it is sized to ride out "
+            "a reader held off the CPU for a while, e.g. 16777216"
+        ),
+    )
     batch_records: int = Field(
         default=128,
         strict=True,
@@ -641,7 +651,7 @@ class RingConfig(_Model):
         description="flush downstream after this many milliseconds, a number > 0",
     )
 
-    @field_validator("size_bytes")
+    @field_validator("size_bytes", "data_size_bytes")
     @classmethod
     def _power_of_two(cls, size_bytes: int) -> int:
         if size_bytes < MIN_RING_BYTES or size_bytes & (size_bytes - 1):

@@ -189,3 +189,13 @@ def test_connections_opened_before_the_agent_are_counted_as_such_never_guessed(
     finally:
         channel.close()
         sock.close()
+
+
+def test_the_bytes_ring_has_its_own_size() -> None:
+    """ring.data_size_bytes sizes the L7 bytes ring (one lost record gives an HTTP/2
+    connection up), ring.size_bytes the record rings."""
+    with running_agent({"ring": {"size_bytes": 1 << 20, "data_size_bytes": 1 << 23}}) as (
+            agent, _):
+        maps = agent.running["l7"].obj.maps
+        assert maps["l7_data"].max_entries == 1 << 23
+        assert maps["events"].max_entries == 1 << 20

@@ -161,10 +161,10 @@ def test_hundreds_of_multiplexed_grpc_calls_counted_exactly_on_both_sides(
                                 ("rpc_server_duration_seconds", "volume_server")):
             wait_for(lambda f=family, s=service: sum(rpc_counts(listen, f, s).values()) >= calls,
                      timeout_s=60)
-            lost = {k: v for k, v in scrape(listen).items()
-                    if k[0].startswith(("probewire_http2_", "probewire_l7_", "probewire_events_"))
-                    and v}
-            assert rpc_counts(listen, family, service) == want, (family, lost)
+            lost = "; ".join(f"{k[0]}{dict(k[1])}={v:g}" for k, v in scrape(listen).items()
+                             if v and k[0].startswith(("probewire_http2_", "probewire_events_",
+                                                       "probewire_l7_truncated")))
+            assert rpc_counts(listen, family, service) == want, f"{family}: {lost}"
         s = scrape(listen)
         assert total(s, "probewire_http2_connections_lost_total") == 0
         assert total(s, "probewire_l7_truncated_calls_total", protocol="http2") == 0

@@ -182,6 +182,7 @@ def start_probe(
     forced: dict[str, str] | None = None,
     wakeup_records: int = 128,
     obj: BpfObject | None = None,
+    data_ring_bytes: int | None = None,
 ) -> RunningProbe:
     """Open, configure, load and attach one family; `shared` holds the maps every family
     uses (the filter), created once by the agent."""
@@ -203,7 +204,10 @@ def start_probe(
                 obj.maps[name].reuse_fd(shared[name].fd)
         obj.maps["events"].set_max_entries(ring_size_bytes if probe.record_dtype else 4096)
         for ring_name in probe.extra_rings:
-            obj.maps[ring_name].set_max_entries(ring_size_bytes)
+            size = ring_size_bytes
+            if ring_name in probe.variable_rings and data_ring_bytes is not None:
+                size = data_ring_bytes
+            obj.maps[ring_name].set_max_entries(size)
         probe.obj = obj
         obj.set_rodata(wakeup_records=wakeup_records, use_kfuncs=int(probe.kfuncs))
         probe.before_load(obj)
