@@ -48,9 +48,19 @@ struct l7_conn {
 	__u8 tries[2]; /* classification calls made in each direction */
 	__u8 last_dir;
 	__u8 partial_len; /* bytes of a split first message kept in `partial` */
-	__u32 seq; /* l7_data records shipped on this connection */
+	/* l7_data records shipped on this connection, per direction (seq[0]: in, seq[1]: out).
+	 * A reader and a writer thread of one connection run their calls at once on two CPUs:
+	 * one counter, read at the start of a call's walk and written back at its end, gave two
+	 * records the same number (a gap to user space, the connection given up as if a record
+	 * had been dropped). Calls in one direction are serialized by the application. */
+	__u32 seq[2];
 	__u8 partial[8];
 };
+
+static __always_inline __u32 *conn_seq(struct l7_conn *c, __u8 dir)
+{
+	return &c->seq[dir == L7_DIR_IN ? 0 : 1];
+}
 
 /* LRU: a close we never see (the process exited, the agent started after it) must not leak.
  * Entries are small (80 bytes): the table is large, because a long-lived connection pushed out
@@ -610,7 +620,7 @@ static __always_inline int l7_ship_data(void *ctx, struct l7_event *ev)
 	if (ev->dir == L7_DIR_IN)
 		find_peer(&c->h);
 	l7_event_identity(ev, c);
-	w->seq = c->seq;
+	w->seq = *conn_seq(c, ev->dir);
 	if (ev->io == IO_MMSG) {
 		w->iovs = ev->iovs;
 		w->niov = ev->niov;
@@ -641,7 +651,7 @@ static __always_inline int l7_ship_data(void *ctx, struct l7_event *ev)
 	/* Looked up again: the verifier does not carry the pointer across bpf_loop. */
 	c = bpf_map_lookup_elem(&l7_conns, &ev->key);
 	if (c)
-		c->seq = w->seq;
+		*conn_seq(c, ev->dir) = w->seq;
 	return 0;
 }
 
@@ -649,8 +659,8 @@ static __always_inline int l7_ship_data(void *ctx, struct l7_event *ev)
  * the connection's entry goes. */
 static __always_inline bool l7_close_shipped(struct l7_conn *c, __u64 key, bool close_call)
 {
-	c->seq += 1;
-	emit(&c->h, NULL, L7_RECORD_CLOSE, 0, 0, 0, c->seq);
+	/* Its number is one past all records made: 1 says the agent saw the whole connection. */
+	emit(&c->h, NULL, L7_RECORD_CLOSE, 0, 0, 0, c->seq[0] + c->seq[1] + 1);
 	return true;
 }
 

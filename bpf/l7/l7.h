@@ -127,7 +127,8 @@ enum l7_data_limit {
 struct l7_data {
 	L7_HEADER;
 	__u64 ts_ns; /* CLOCK_MONOTONIC, when the call returned */
-	__u32 seq; /* per connection, counts every record, so a dropped one shows as a gap */
+	__u32 seq; /* per connection and direction, counts every record, so a dropped one shows
+		    * as a gap; a close record's is one past all records of both directions */
 	__u32 len; /* data bytes that follow */
 	__u32 skipped; /* bytes the call moved after these that are not captured */
 	__u8 dir; /* enum l7_dir */

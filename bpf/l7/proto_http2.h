@@ -167,7 +167,7 @@ static __always_inline int http2_parse(void *ctx, struct l7_event *ev)
 		return 0;
 	l7_event_identity(ev, c);
 	side = (ev->dir == L7_DIR_OUT) == (c->h.role == L7_ROLE_CLIENT) ? 0 : 1;
-	w->seq = c->seq;
+	w->seq = *conn_seq(c, ev->dir);
 	st = bpf_map_lookup_elem(&h2_states, &ev->key);
 	if (!st) {
 		struct h2_state fresh = {};
@@ -213,7 +213,7 @@ static __always_inline int http2_parse(void *ctx, struct l7_event *ev)
 		__builtin_memcpy(&st->d[side & 1], f, sizeof(*f));
 	c = bpf_map_lookup_elem(&l7_conns, &ev->key);
 	if (c)
-		c->seq = w->seq;
+		*conn_seq(c, ev->dir) = w->seq;
 	return 0;
 }
 

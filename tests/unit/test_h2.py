@@ -112,12 +112,14 @@ def records_for(wire: list[tuple[int, bytes]], cuts: list[int] | None = None,
         for i in range(0, len(data), min(step, H2_CHUNK)):
             chunks.append((side, data[i:i + min(step, H2_CHUNK)]))
     rec = np.zeros(len(chunks), dtype=L7_DATA)
+    made = [0, 0]  # records per direction: the kernel numbers each direction's own
     for i, (side, data) in enumerate(chunks):
+        made[side] += 1
         rec[i]["kind"] = RecordKind.DATA
         rec[i]["proto"] = Proto.HTTP2
         rec[i]["tgid"] = 42
         rec[i]["conn_id"] = conn_id
-        rec[i]["seq"] = i + 1
+        rec[i]["seq"] = made[side]
         rec[i]["ts_ns"] = 1000 + i
         rec[i]["dir"] = Direction.IN if side == 0 else Direction.OUT
         rec[i]["role"] = Role.SERVER

@@ -124,7 +124,7 @@ def test_a_protocol_added_as_a_plug_in_reaches_metrics_graph_and_sinks() -> None
     rec["role"] = Role.CLIENT
     rec["tgid"] = 4242
     rec["conn_id"] = 0x77
-    rec["seq"] = [1, 2, 3, 4]
+    rec["seq"] = [1, 1, 2, 2]  # per direction
     rec["dir"] = [Direction.OUT, Direction.IN, Direction.OUT, Direction.IN]
     rec["ts_ns"] = [10, 20, 30, 45]
     rec["family"] = 2

@@ -1,10 +1,12 @@
 """Connection bytes from the kernel (l7_data records) to each connection's protocol parser.
 
-Records come in order per connection, numbered by the kernel (`seq` counts every record it
-made, shipped or dropped). A gap means a record was lost to a full ring: the connection is
-given up (a parser fed a stream with a hole in it could put wrong labels on real traffic) and
-counted. A close record ends the connection (its requests still waiting are aborted); the
-number of connections held is bounded, the least recently active going first.
+Records come in order per connection and direction, numbered by the kernel (`seq` counts every
+record it made in that direction, shipped or dropped: a reader and a writer thread of one
+connection make records at once on two CPUs, which one counter could not number without a
+race). A gap means a record was lost to a full ring: the connection is given up (a parser fed
+a stream with a hole in it could put wrong labels on real traffic) and counted. A close record
+ends the connection (its requests still waiting are aborted); the number of connections held
+is bounded, the least recently active going first.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from probewire.runtime.ring import VarBatch
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 4096
-# Record `dir` -> Direction (a tuple index: an enum call per record costs more).
+# Record `dir` -> Direction (a tuple index: an enum call per record costs more), and -> the
+# index of its sequence in _Conn.next_seq (the kernel's l7_conn.seq: 0 in, 1 out).
 _DIRECTIONS = (Direction.OUT, Direction.IN, Direction.OUT)
+_SEQ_INDEX = (1, 0, 1)
 RECORD_DROPPED = "record dropped (ring full)"
 EVICTED = "evicted (too many connections)"
 
@@ -36,7 +40,7 @@ class _Conn:
     proto: int
     parser: StreamParser
     header: bytes  # the neutral header of its latest record (rows are made from it)
-    next_seq: int
+    next_seq: list[int]  # per direction: [in, out]
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,13 @@ class StreamDemux:
                 continue
             header = flat[i * size: i * size + HEADER_SIZE]
             c = self.conns.get(conn_id)
-            if c is None or (seq == 1 and c.next_seq != 1) or c.proto != proto:
+            side = _SEQ_INDEX[direction]
+            # A close record's seq is one past both directions' records: 1 for a connection
+            # that made none. A data record numbered 1 where records came before is a new
+            # connection on a reused socket address.
+            fresh = seq == 1 and (c is None or (c.next_seq != [1, 1] if kind == RecordKind.CLOSE
+                                                else c.next_seq[side] != 1))
+            if c is None or fresh or c.proto != proto:
                 if c is not None:
                     out += self._finished(c, c.parser.close(ts))
                     self._forget(conn_id)
@@ -113,10 +123,10 @@ class StreamDemux:
                 continue
             if c.parser.lost:
                 continue
-            if seq != c.next_seq:
+            if seq != c.next_seq[side]:
                 self._lose(c, RECORD_DROPPED)
                 continue
-            c.next_seq = seq + 1
+            c.next_seq[side] = seq + 1
             c.header = header
             peer = None
             if peered:
@@ -159,7 +169,7 @@ class StreamDemux:
             local=(format_address(family, rec["laddr"]), int(rec["lport"])),
             remote=(format_address(family, rec["raddr"]), int(rec["rport"])),
         )
-        c = _Conn(int(rec["proto"]), protocol.parser(info), header, 1)
+        c = _Conn(int(rec["proto"]), protocol.parser(info), header, [1, 1])
         conn_id = int(rec["conn_id"])
         self.conns[conn_id] = c
         while len(self.conns) > self.max_connections:
