@@ -1,4 +1,4 @@
-# Entry points: make setup | build | run | test | bench | lint | clean
+# Entry points: make setup | build | run | test | test-kernels | bench | lint | clean
 SHELL  := /bin/bash
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -10,7 +10,7 @@ BENCH_ARGS ?=
 # Loading BPF programs needs root; fall back to sudo for a non-root user.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all setup build run test bench lint clean distclean
+.PHONY: all setup build run test test-kernels test-kernels-ci bench lint clean distclean
 
 all: build
 
@@ -28,6 +28,28 @@ run: setup
 test: setup
 	$(MAKE) build
 	$(SUDO) $(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+	$(MAKE) test-kernels-ci
+
+# The kernel matrix (scripts/kernels/): each Debian kernel boots in an emulated guest (QEMU TCG)
+# that runs the kernel-facing tests on this checkout's .venv and BPF objects, then one table of
+# kernel x pass/fail/skip and the hook types chosen (test-output/kernels/summary.md).
+# make test-kernels KERNELS=bullseye KERNEL_TESTS='tests/bpf/test_tcp.py' for a part of it.
+KERNELS      ?= bullseye,bookworm,trixie
+KERNEL_TESTS ?=
+test-kernels: setup
+	$(MAKE) build
+	$(SUDO) $(BIN)/python scripts/kernels/matrix.py --suites $(KERNELS) -- $(KERNEL_TESTS)
+
+# The part of the matrix `make test` (and so CI) runs: Debian 5.10, the kernel with the most
+# fallbacks to take (no bpf_loop, no task storage, no bpf_rdonly_cast; fentry and kprobes
+# there), and the tests that prove hook choice, the fallbacks and a family switched off.
+KERNELS_CI_TESTS := tests/bpf/test_fallback_hooks.py tests/bpf/test_process.py \
+	tests/e2e/test_cli.py::test_doctor_reports_hook_types_this_kernel_offers \
+	tests/e2e/test_cli.py::test_probes_shows_tp_btf_chosen_and_attached_for_every_hook
+test-kernels-ci: setup
+	$(MAKE) build
+	$(SUDO) env GUEST_CLI_REPORTS=0 $(BIN)/python scripts/kernels/matrix.py --suites bullseye \
+		--out test-output/kernels-ci --timeout-min 60 -- $(KERNELS_CI_TESTS)
 
 bench: setup
 	$(MAKE) build

@@ -1,0 +1,41 @@
+#!/bin/bash
+# Runs inside a matrix guest (scripts/kernels/matrix.py boots it with virtme-ng): the host's root,
+# read-only over 9p with tmpfs overlays, so the project's own .venv and built objects are used.
+#   guest.sh OUT_DIR [PYTEST ARGS...]
+# Writes to OUT_DIR (shared read-write with the host): uname, report.json
+# (scripts/kernels/report.py: features, hook choices, the verifier's word for a family switched
+# off), doctor.txt and probes.txt (unless GUEST_CLI_REPORTS=0), junit.xml and pytest.log, then
+# rc (pytest's exit code).
+set -uo pipefail
+out=$1
+shift
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin COLUMNS=200 \
+    PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# The repo is read-only in the guest; hypothesis keeps its example database in the cwd.
+export HYPOTHESIS_STORAGE_DIRECTORY=/tmp/hypothesis
+step() { echo "guest $(uname -r) $(date +%T): $*" >&2; }
+
+uname -r > "$out/uname"
+# bpffs for tests that pin; tracefs, debugfs and cgroup2 are mounted by virtme-ng's init.
+mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+ip link set lo up
+
+step report
+timeout 1200 .venv/bin/python scripts/kernels/report.py "$out/report.json" > "$out/report.log" 2>&1
+if [ "${GUEST_CLI_REPORTS:-1}" = 1 ]; then
+    step doctor
+    timeout 900 .venv/bin/probewire doctor > "$out/doctor.txt" 2>&1
+    echo "doctor exit $?" >> "$out/doctor.txt"
+    step probes
+    timeout 900 .venv/bin/probewire probes > "$out/probes.txt" 2>&1
+    echo "probes exit $?" >> "$out/probes.txt"
+fi
+step "pytest $*"
+# The CPU is emulated (~14x slower): a test gets 15 min, not the suite's 5. The repo is
+# read-only here (no cache provider); test-output/ is shared read-write.
+timeout "${GUEST_PYTEST_TIMEOUT_S:-7200}" .venv/bin/pytest -p no:cacheprovider -rA -v \
+    -o timeout=900 --junitxml="$out/junit.xml" "$@" > "$out/pytest.log" 2>&1
+rc=$?
+step "pytest exit $rc: $(tail -n 1 "$out/pytest.log")"
+echo "$rc" > "$out/rc"

@@ -1,0 +1,83 @@
+"""What the agent finds and chooses on the running kernel, as JSON for the matrix summary.
+
+Run inside a matrix guest by guest.sh (or by hand on any host, as root):
+    .venv/bin/python scripts/kernels/report.py OUT.json
+
+Each probe family is started on its own, so a family the kernel refuses is named with its own
+error and the libbpf log of its load (the verifier's word), not mixed with the others'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from probewire.agent import Agent
+from probewire.config import config_from_mapping
+from probewire.errors import ProbewireError
+from probewire.probes import REGISTRY
+from probewire.runtime.features import probe_hook_types, probe_kernel_features
+
+# Verifier logs run to thousands of lines; the end holds the rejection.
+LOG_TAIL_LINES = 60
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.extend(record.getMessage().rstrip("\n").splitlines())
+
+
+def _family(name: str) -> dict[str, Any]:
+    enabled = {other: {"enabled": other == name} for other in REGISTRY}
+    agent = Agent(config_from_mapping({"probes": enabled, "bpf_stats": "off"}))
+    capture = _Capture()
+    libbpf = logging.getLogger("probewire.libbpf")
+    libbpf.addHandler(capture)
+    libbpf.setLevel(logging.WARNING)
+    t0 = time.monotonic()
+    try:
+        agent.start()
+    except ProbewireError as exc:
+        return {"loaded": False, "error": str(exc), "log": capture.lines[-LOG_TAIL_LINES:]}
+    finally:
+        libbpf.removeHandler(capture)
+    try:
+        disabled = dict(getattr(agent, "disabled", {}))
+        return {
+            "loaded": name in agent.running,
+            "error": disabled.get(name, ""),
+            "startup_s": round(time.monotonic() - t0, 3),
+            "hooks": [dataclasses.asdict(s) for s in agent.status()],
+            "features_off": dict(getattr(agent, "features_off", {})),
+            "log": capture.lines[-LOG_TAIL_LINES:] if name in disabled else [],
+        }
+    finally:
+        agent.stop()
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    report: dict[str, Any] = {
+        "kernel": platform.release(),
+        "hook_types": {t: dataclasses.asdict(s) for t, s in probe_hook_types().items()},
+        "kernel_features": {
+            f: dataclasses.asdict(s) for f, s in probe_kernel_features().items()
+        },
+        "families": {name: _family(name) for name in REGISTRY},
+    }
+    out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
