@@ -91,6 +91,8 @@ class Agent:
         self.startup_s = 0.0
         self._shared: dict[str, StandaloneMap] = {}
         self._opened: dict[str, BpfObject] = {}
+        # Families switched off because this kernel refused them: name -> the kernel's reason.
+        self.disabled: dict[str, str] = {}
 
     def start(self) -> None:
         check_privileges()
@@ -118,14 +120,13 @@ class Agent:
                                       self.config.ring.batch_records, self._opened.pop(name))
                     for name, probe in self.probes.items()
                 }
-                errors = []
+                errors: dict[str, ProbewireError] = {}
                 for name, future in futures.items():
                     try:
                         self.running[name] = future.result()
                     except ProbewireError as exc:
-                        errors.append(exc)
-                if errors:
-                    raise errors[0]
+                        errors[name] = exc
+                self._switch_off(errors)
             for name, probe in self.probes.items():
                 if probe.record_dtype is not None:
                     ring = Ring(self.running[name].obj.maps["events"], probe.record_dtype, name)
@@ -144,6 +145,19 @@ class Agent:
         self.startup_s = time.monotonic() - t0
         log.info("probes attached in %.3f s: %s", self.startup_s,
                  ", ".join(f"{s.probe}:{s.section}" for s in self.status()))
+
+    def _switch_off(self, errors: dict[str, ProbewireError]) -> None:
+        """A family this kernel cannot load or attach (a helper it lacks, a verifier
+        rejection, no usable hook) is switched off, named in `disabled` (status(), doctor,
+        probewire_probe_attached 0) and the others run: an old kernel loses a family, never
+        the agent. A missing privilege, or no family left at all, still fails the start."""
+        for exc in errors.values():
+            if isinstance(exc, PrivilegeError) or len(errors) == len(self.probes):
+                raise exc
+        for name, exc in errors.items():
+            log.warning("probe family %s switched off on this kernel: %s", name, exc)
+            self.disabled[name] = str(exc)
+            del self.probes[name]
 
     def _start_otlp(self) -> None:
         from probewire.export.otlp import OtlpExporter
@@ -216,4 +230,9 @@ class Agent:
                     attached=c.attached, fallback_reason=c.reason,
                     run_time_ns=s.run_time_ns if s else 0, run_cnt=s.run_cnt if s else 0,
                 ))
+        for name, reason in self.disabled.items():
+            out.extend(ProbeStatus(probe=name, hook=h.name, program=None, section="",
+                                   attached=False, fallback_reason=f"family off: {reason}",
+                                   run_time_ns=0, run_cnt=0)
+                       for h in REGISTRY[name].hooks)
         return out

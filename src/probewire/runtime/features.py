@@ -32,6 +32,26 @@ HOOK_TYPES: dict[str, str] = {
 }
 
 
+# Kernel features beyond hook types, each tried for real: a map of the type is created, or a
+# tiny program calling the helper is loaded (libbpf's probes). Name -> (kind, id).
+#   ringbuf       BPF_MAP_TYPE_RINGBUF (5.8): every family's records; the floor of the agent
+#   task_storage  BPF_MAP_TYPE_TASK_STORAGE (5.11)
+#   bpf_loop      helper 181 (5.17): bounded loops verified once, not unrolled
+#   task_pt_regs  helper 175 (5.15): a syscall's saved registers at its exit
+#   current_task_btf  helper 158 (5.11): the current task as a BTF pointer
+#   bpf_rdonly_cast   kfunc (6.2): plain loads of kernel fields (common.h KREAD)
+KERNEL_FEATURES: dict[str, tuple[str, int]] = {
+    "ringbuf": ("map", 27),
+    "task_storage": ("map", 29),
+    "bpf_loop": ("helper", 181),
+    "task_pt_regs": ("helper", 175),
+    "current_task_btf": ("helper", 158),
+    "bpf_rdonly_cast": ("kfunc", 0),
+}
+_BPF_PROG_TYPE_TRACEPOINT = 5
+_BTF_KIND_FUNC = 12
+
+
 @dataclass(frozen=True)
 class HookSupport:
     hook_type: str
@@ -114,3 +134,35 @@ def probe_hook_types(types: Iterable[str] | None = None) -> dict[str, HookSuppor
         return {t: found[t] for t in wanted}
     finally:
         libbpf_log.setLevel(saved)
+
+
+def _kfunc_exists(name: str) -> tuple[bool, str]:
+    """A kfunc is callable when the kernel's BTF declares it: what libbpf resolves a __ksym
+    against at load (a weak one it does not find becomes 0 and its branch dead code)."""
+    from probewire.runtime._libbpf import lib
+
+    btf = lib().btf__load_vmlinux_btf()
+    if not btf:
+        return False, "no kernel BTF"
+    try:
+        found = lib().btf__find_by_name_kind(btf, name.encode(), _BTF_KIND_FUNC) > 0
+    finally:
+        lib().btf__free(btf)
+    return found, "" if found else "not in the kernel's BTF"
+
+
+def probe_kernel_features() -> dict[str, HookSupport]:
+    """Try each of KERNEL_FEATURES on this kernel (needs CAP_BPF for the helper probes)."""
+    from probewire.runtime._libbpf import lib, strerror
+
+    out = {}
+    for name, (kind, ident) in KERNEL_FEATURES.items():
+        if kind == "kfunc":
+            ok, reason = _kfunc_exists(name)
+        else:
+            rc = (lib().libbpf_probe_bpf_map_type(ident, None) if kind == "map" else
+                  lib().libbpf_probe_bpf_helper(_BPF_PROG_TYPE_TRACEPOINT, ident, None))
+            ok = rc == 1
+            reason = "" if ok else ("the kernel refuses it" if rc == 0 else strerror(abs(rc)))
+        out[name] = HookSupport(name, ok, reason)
+    return out
