@@ -263,11 +263,26 @@ static __always_inline int handle_retransmit(const struct sock *sk, const struct
 	return 0;
 }
 
-/* Retransmitted segments (loss, RTO, tail-loss probes). Rare by nature: cheap. */
+/* Retransmitted segments (loss, RTO, tail-loss probes). Rare by nature: cheap.
+ * The tracepoint gained `err` in 6.9 (it fires for failed attempts since): its third argument
+ * is read only where the event has the field, so the verifier of an older kernel, whose
+ * tracepoint has two arguments, never sees the read (it rejects ctx access past the last). */
 SEC("tp_btf/tcp_retransmit_skb")
-int BPF_PROG(tcp_retransmit_btf, const struct sock *sk, const struct sk_buff *skb, int err)
+int tcp_retransmit_btf(__u64 *ctx)
 {
-	return handle_retransmit(sk, skb, err);
+	int err = 0;
+
+	if (bpf_core_field_exists(struct trace_event_raw_tcp_retransmit_skb, err))
+		err = (int)ctx[2];
+	return handle_retransmit((const struct sock *)ctx[0], (const struct sk_buff *)ctx[1], err);
+}
+
+/* Where the BTF tracepoint is refused: the function the tracepoint sits in. Before 6.9 the
+ * tracepoint fired only when the retransmit was sent, which is a return value of 0. */
+SEC("fexit/__tcp_retransmit_skb")
+int BPF_PROG(tcp_retransmit_fexit, struct sock *sk, struct sk_buff *skb, int segs, int ret)
+{
+	return handle_retransmit(sk, skb, ret);
 }
 
 SEC("tp/tcp/tcp_retransmit_skb")
@@ -300,6 +315,13 @@ SEC("tp_btf/tcp_retransmit_synack")
 int BPF_PROG(tcp_retransmit_synack_btf, const struct sock *sk, const struct request_sock *req)
 {
 	return handle_synack_retransmit(sk);
+}
+
+/* tcp_rtx_synack fires the tracepoint exactly when it returns 0 (the SYN-ACK went out). */
+SEC("fexit/tcp_rtx_synack")
+int BPF_PROG(tcp_retransmit_synack_fexit, const struct sock *sk, struct request_sock *req, int ret)
+{
+	return ret ? 0 : handle_synack_retransmit(sk);
 }
 
 SEC("tp/tcp/tcp_retransmit_synack")
@@ -365,6 +387,21 @@ int tcp_send_reset_tp(struct trace_event_raw_tcp_send_reset *ctx)
 
 SEC("tp_btf/tcp_receive_reset")
 int BPF_PROG(tcp_receive_reset_btf, struct sock *sk)
+{
+	return count_reset(sk, 0, false);
+}
+
+/* tcp_reset fires the tracepoint first thing, on every kernel we run (its skb argument,
+ * added in 5.14, is not read). fentry costs what tp_btf costs; a kprobe, the last resort for
+ * kernels without BPF trampolines, costs more (an int3 or ftrace round trip). */
+SEC("fentry/tcp_reset")
+int BPF_PROG(tcp_receive_reset_fentry, struct sock *sk)
+{
+	return count_reset(sk, 0, false);
+}
+
+SEC("kprobe/tcp_reset")
+int BPF_KPROBE(tcp_receive_reset_kprobe, struct sock *sk)
 {
 	return count_reset(sk, 0, false);
 }

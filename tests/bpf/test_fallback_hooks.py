@@ -1,6 +1,8 @@
 """Every probe's fallback hook (tp/ tracepoints, for kernels without tp_btf) works on this kernel
 and gives the same exact counts, with kernel fields read through bpf_rdonly_cast or, as on
-kernels before 6.2, bpf_probe_read_kernel. Needs: tp/ tracepoints (tracefs).
+kernels before 6.2, bpf_probe_read_kernel. Needs: tp/ tracepoints (tracefs). The fentry/fexit
+and kprobe programs count exactly where the kernel has those hook types (`make test-kernels`,
+and the Debian 5.10 guest of `make test`), and switch their family off by name where not.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ import subprocess
 import pytest
 from agentlib import free_port, running_agent, scrape, total, wait_for
 from test_tcp import REPLY, REQUEST_BYTES, _run_connections
+from test_tcp_netns import retransmits_under_loss
 
 from probewire.probes import REGISTRY
 from probewire.probes.base import Probe
+from probewire.runtime.bpf import BpfObject
+from probewire.runtime.features import hook_type_of, probe_hook_types
+from probewire.runtime.objects import object_path
 
 pytestmark = pytest.mark.bpf
 
@@ -53,3 +59,55 @@ def test_forced_tp_fallbacks_attach_and_count_exactly(kfuncs: bool,
         wait_for(lambda: len([e for e in probe.events("exit") if e.ppid == os.getpid()]) >= 2)
         exits = [e for e in probe.events("exit") if e.ppid == os.getpid() and e.comm == "sh"]
         assert [e.exit_code for e in exits] == [0, 5]
+
+
+# --- function hooks: fentry/fexit and kprobe programs that stand in for a BTF tracepoint ------
+
+def _function_hooks(hook_type: str) -> dict[str, str]:
+    """Hooks (of every family) with a program of `hook_type`: hook name -> hook_type."""
+    out = {}
+    for probe in REGISTRY.values():
+        with BpfObject(object_path(probe.object_name)) as obj:
+            for hook in probe.hooks:
+                if any(hook_type_of(obj.programs[p].section) == hook_type for p in hook.programs):
+                    out[hook.name] = hook_type
+    return out
+
+
+@pytest.mark.parametrize("hook_type", ["fentry", "kprobe"])
+def test_forced_function_hooks_count_exactly_or_switch_their_family_off_by_name(
+        hook_type: str) -> None:
+    """Forced onto fentry/fexit or kprobe programs, the tcp family counts resets (and, with
+    fexit, retransmits) exactly where the kernel has the hook type (the matrix's Debian
+    kernels); where it refuses the type (our 6.18: fentry EPERM, no kprobes) the family is
+    switched off, named with the kernel's reason, and the rest of the agent runs."""
+    forced = _function_hooks(hook_type)
+    assert "tcp_receive_reset" in forced
+    support = probe_hook_types([hook_type])[hook_type]
+    # http hooks inet_sock_set_state too, never through these types: keep it out of the way.
+    with running_agent({"probes": {"http": {"enabled": False}}}, forced_hooks=forced) as (
+            agent, listen):
+        status = {(s.probe, s.hook): s for s in agent.status()}
+        if not support.available:
+            assert set(agent.disabled) == {"tcp"}, agent.disabled
+            assert "no usable hook for" in agent.disabled["tcp"]
+            assert support.reason in agent.disabled["tcp"]
+            assert all(not s.attached and s.fallback_reason.startswith("family off: ")
+                       for (probe, _), s in status.items() if probe == "tcp")
+            assert all(s.attached for (probe, _), s in status.items() if probe == "process")
+            return
+        assert not agent.disabled
+        for hook in forced:
+            s = status["tcp", hook]
+            assert s.attached and hook_type_of(s.section) == hook_type, s
+        closed_port = free_port()
+        with pytest.raises(ConnectionRefusedError), socket.socket() as c:
+            c.connect(("127.0.0.1", closed_port))
+        port = str(closed_port)
+        wait_for(lambda: total(scrape(listen), "probewire_tcp_resets_total", server_port=port,
+                               reset="received") >= 1)
+        assert total(scrape(listen), "probewire_tcp_resets_total", server_port=port,
+                     reset="received") == 1
+        if "tcp_retransmit_skb" in forced:
+            ours, kernel = retransmits_under_loss(listen)
+            assert kernel > 0 and ours == kernel

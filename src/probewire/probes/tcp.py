@@ -119,10 +119,16 @@ class TcpProbe(Probe):
     object_name = "tcp"
     hooks = (
         Hook("inet_sock_set_state", ("tcp_state_btf", "tcp_state_tp")),
-        Hook("tcp_retransmit_skb", ("tcp_retransmit_btf", "tcp_retransmit_tp")),
-        Hook("tcp_retransmit_synack", ("tcp_retransmit_synack_btf", "tcp_retransmit_synack_tp")),
+        # Where the tracepoint sits at a function's entry or return, an fentry/fexit program
+        # on that function stands in for tp_btf at the same cost (both are BPF trampolines
+        # or direct calls), ahead of tp/ (the tracefs event's record is built per event).
+        Hook("tcp_retransmit_skb",
+             ("tcp_retransmit_btf", "tcp_retransmit_fexit", "tcp_retransmit_tp")),
+        Hook("tcp_retransmit_synack", ("tcp_retransmit_synack_btf",
+                                       "tcp_retransmit_synack_fexit", "tcp_retransmit_synack_tp")),
         Hook("tcp_send_reset", ("tcp_send_reset_btf", "tcp_send_reset_tp")),
-        Hook("tcp_receive_reset", ("tcp_receive_reset_btf", "tcp_receive_reset_tp")),
+        Hook("tcp_receive_reset", ("tcp_receive_reset_btf", "tcp_receive_reset_fentry",
+                                   "tcp_receive_reset_tp", "tcp_receive_reset_kprobe")),
     )
     structs: ClassVar[dict[str, np.dtype]] = {
         "tcp_flow_key": TCP_FLOW_KEY,
