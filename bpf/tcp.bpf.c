@@ -285,15 +285,29 @@ int BPF_PROG(tcp_retransmit_fexit, struct sock *sk, struct sk_buff *skb, int seg
 	return handle_retransmit(sk, skb, ret);
 }
 
+/* Before 6.9 (tcp_retransmit_skb) and 6.10 (tcp_send_reset) both events were of the
+ * tcp_event_sk_skb class, and their tracefs record is that class's struct (5.10 and 6.1 have no
+ * trace_event_raw_tcp_retransmit_skb). The ___old flavor matches it by CO-RE. */
+struct trace_event_raw_tcp_event_sk_skb___old {
+	const void *skbaddr;
+	const void *skaddr;
+	__u16 sport; /* host order: the event stores ntohs(inet_sport) */
+} __attribute__((preserve_access_index));
+
 SEC("tp/tcp/tcp_retransmit_skb")
-int tcp_retransmit_tp(struct trace_event_raw_tcp_retransmit_skb *ctx)
+int tcp_retransmit_tp(void *ctx)
 {
+	struct trace_event_raw_tcp_retransmit_skb *e = ctx;
+	struct trace_event_raw_tcp_event_sk_skb___old *old = ctx;
 	int err = 0;
 
-	if (bpf_core_field_exists(ctx->err))
-		err = BPF_CORE_READ(ctx, err);
-	return handle_retransmit((const struct sock *)ctx->skaddr,
-				 (const struct sk_buff *)ctx->skbaddr, err);
+	if (!bpf_core_type_exists(struct trace_event_raw_tcp_retransmit_skb))
+		return handle_retransmit((const struct sock *)old->skaddr,
+					 (const struct sk_buff *)old->skbaddr, 0);
+	if (bpf_core_field_exists(e->err))
+		err = BPF_CORE_READ(e, err);
+	return handle_retransmit((const struct sock *)e->skaddr,
+				 (const struct sk_buff *)e->skbaddr, err);
 }
 
 /* SYN-ACK retransmits bypass tcp_retransmit_skb but count in TcpRetransSegs. */
@@ -376,13 +390,18 @@ int BPF_PROG(tcp_send_reset_btf, const struct sock *sk, const struct sk_buff *sk
 }
 
 SEC("tp/tcp/tcp_send_reset")
-int tcp_send_reset_tp(struct trace_event_raw_tcp_send_reset *ctx)
+int tcp_send_reset_tp(void *ctx)
 {
+	struct trace_event_raw_tcp_send_reset *e = ctx;
+	struct trace_event_raw_tcp_event_sk_skb___old *old = ctx;
 	struct sockaddr_in sa = {};
 
+	/* Before 6.10 the event fired only for a reset sent on a socket, and names its port. */
+	if (!bpf_core_type_exists(struct trace_event_raw_tcp_send_reset))
+		return count_reset((const struct sock *)old->skaddr, old->sport, true);
 	/* The tracepoint stores the reply's addresses: saddr is our side. */
-	bpf_probe_read_kernel(&sa, sizeof(sa), ctx->saddr);
-	return count_reset((const struct sock *)ctx->skaddr, bpf_ntohs(sa.sin_port), true);
+	bpf_probe_read_kernel(&sa, sizeof(sa), e->saddr);
+	return count_reset((const struct sock *)e->skaddr, bpf_ntohs(sa.sin_port), true);
 }
 
 SEC("tp_btf/tcp_receive_reset")

@@ -20,7 +20,8 @@ APT_PACKAGES=(
     chromium                                  # e2e web UI tests (driven by Playwright)
     prometheus                                # e2e Prometheus server + promtool (rules checks/tests)
     qemu-system-x86 busybox-static kmod       # the kernel matrix (scripts/kernels): emulated guests,
-                                              # their initramfs (virtme-ng), depmod for Debian kernels
+    squashfs-tools                            # their initramfs (virtme-ng), depmod for Debian
+                                              # kernels, the guest's Python images
 )
 
 SUDO=()
@@ -41,7 +42,7 @@ key=$( { printf '%s\n' "${APT_PACKAGES[@]}" "$PYTHON"; cat pyproject.toml setup.
 tools_present() {
     local t
     for t in clang llc bpftool make ip tc nft nstat ss nginx wrk curl prometheus promtool chromium tmux npm \
-             qemu-system-x86_64 busybox depmod; do
+             qemu-system-x86_64 busybox depmod mksquashfs; do
         command -v "$t" >/dev/null || PATH=$PATH:/usr/sbin:/sbin command -v "$t" >/dev/null || return 1
     done
     [ -r /usr/include/bpf/bpf_helpers.h ]
