@@ -34,6 +34,12 @@ if [ -n "${PW_IMAGES:-}" ]; then
     mount --rbind /run/pw/test-output "$PW_REPO/test-output"
     cd "$PW_REPO"
 fi
+# Tests write test-output/<test>/ (agent logs): each guest gets its own, inside OUT_DIR, so
+# guests booted side by side (matrix.py --jobs) do not share one.
+mkdir -p /run/pw/out "$out/test-output"
+mount --bind "$out" /run/pw/out
+mount --bind "$out/test-output" "$PW_REPO/test-output"
+out=/run/pw/out
 
 uname -r > "$out/uname"
 # bpffs for tests that pin; tracefs, debugfs and cgroup2 are mounted by virtme-ng's init.

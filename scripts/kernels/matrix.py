@@ -213,6 +213,19 @@ def summary(runs: list[SuiteRun]) -> str:
                    else r.report.get("kernel_features", {}).get(feat))
             cells.append("-" if src is None else "yes" if src["available"] else "no")
         lines.append(_row([feat, *cells]))
+    costs = {(hook, t) for r in runs for hook, by_type in r.report.get("hook_costs", {}).items()
+             for t in by_type if t != "error"}
+    if costs:
+        lines += ["", "## ns per program run by hook type (same workload, BPF stats; emulated "
+                  "CPU: compare within a column only)", "",
+                  _row(["hook / type", *head]), _row(["---"] * (len(runs) + 1))]
+        for hook, hook_type in sorted(costs):
+            cells = []
+            for r in runs:
+                c = r.report.get("hook_costs", {}).get(hook, {}).get(hook_type, "-")
+                cells.append("n/a" if c is None else "-" if c == "-" else
+                             f"{c['avg_ns']} ({c['runs']} runs)")
+            lines.append(_row([f"{hook} / {hook_type}", *cells]))
     notes = [(r, tid, msg) for r in runs for tid, msg in sorted(r.messages.items())
              if r.tests.get(tid) in ("failed", "error")]
     off = [(r, name, fam) for r in runs for name, fam in r.report.get("families", {}).items()

@@ -9,6 +9,7 @@ error and the libbpf log of its load (the verifier's word), not mixed with the o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -65,6 +66,49 @@ def _family(name: str) -> dict[str, Any]:
         agent.stop()
 
 
+# The hook whose every program type (tp_btf, fentry, tp, kprobe) counts the same event: a reset
+# received on a socket, which a refused connect to a closed loopback port produces once.
+COST_HOOK = "tcp_receive_reset"
+COST_EVENTS = 300
+
+
+def _hook_costs() -> dict[str, Any]:
+    """ns per program run of COST_HOOK under each hook type the kernel offers, in one run of
+    the same workload (BPF stats on). Under TCG only the ratios mean anything."""
+    import socket
+
+    from probewire.probes.tcp import TcpProbe
+    from probewire.runtime.bpf import BpfObject
+    from probewire.runtime.features import hook_type_of
+    from probewire.runtime.objects import object_path
+
+    with BpfObject(object_path(TcpProbe.object_name)) as obj:
+        hook = next(h for h in TcpProbe.hooks if h.name == COST_HOOK)
+        types = [hook_type_of(obj.programs[p].section) for p in hook.programs]
+    support = probe_hook_types(types)
+    costs: dict[str, Any] = {}
+    for hook_type in types:
+        if not support[hook_type].available:
+            costs[hook_type] = None
+            continue
+        enabled = {name: {"enabled": name == "tcp"} for name in REGISTRY}
+        agent = Agent(config_from_mapping({"probes": enabled, "bpf_stats": "on"}),
+                      {COST_HOOK: hook_type})
+        agent.start()
+        try:
+            for _ in range(COST_EVENTS):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    port = s.getsockname()[1]
+                with socket.socket() as c, contextlib.suppress(ConnectionRefusedError):
+                    c.connect(("127.0.0.1", port))
+            st = next(s for s in agent.status() if s.hook == COST_HOOK)
+            costs[hook_type] = {"avg_ns": round(st.avg_ns), "runs": st.run_cnt}
+        finally:
+            agent.stop()
+    return costs
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -76,6 +120,10 @@ def main() -> None:
         },
         "families": {name: _family(name) for name in REGISTRY},
     }
+    try:
+        report["hook_costs"] = {COST_HOOK: _hook_costs()}
+    except ProbewireError as exc:
+        report["hook_costs"] = {COST_HOOK: {"error": str(exc)}}
     out.write_text(json.dumps(report, indent=1))
 
 
