@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -37,6 +38,8 @@ VENV_BIN = REPO / ".venv" / "bin"
 # and probes as processes and check what the kernel holds (bpftool) after SIGKILL/SIGTERM.
 DEFAULT_TESTS = ["tests/bpf", "tests/e2e/test_cli.py"]
 OUTCOMES = ("passed", "failed", "error", "skipped")
+# pytest -v's progress line: "<file>::<test id> PASSED   [ 12%]" (test ids may hold spaces).
+PROGRESS = re.compile(r"^(?P<id>\S+\.py::.+?) (?P<outcome>PASSED|FAILED|ERROR|SKIPPED)(?:\s|$)")
 
 
 @dataclass
@@ -140,13 +143,10 @@ def _from_log(run: SuiteRun, log: Path) -> None:
     """Outcomes from pytest -v's progress lines: a guest stopped by its timeout writes no
     junit.xml, and the tests it finished still count."""
     for line in log.read_text(errors="replace").splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and "::" in parts[0] and parts[1] in ("PASSED", "FAILED", "ERROR",
-                                                                  "SKIPPED"):
-            path, _, name = parts[0].partition("::")
-            tid = f"{Path(path).stem}::{name}"
-            run.tests[tid] = {"FAILED": "failed", "ERROR": "error", "SKIPPED": "skipped"}.get(
-                parts[1], "passed")
+        m = PROGRESS.match(line)
+        if m:
+            path, _, name = m["id"].partition("::")
+            run.tests[f"{Path(path).stem}::{name}"] = m["outcome"].lower()
 
 
 def collect(run: SuiteRun, out: Path) -> None:
