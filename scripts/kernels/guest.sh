@@ -1,7 +1,7 @@
 #!/bin/bash
 # Runs inside a matrix guest (scripts/kernels/matrix.py boots it with virtme-ng): the host's root,
 # read-only over 9p with tmpfs overlays, so the project's own .venv and built objects are used.
-#   guest.sh OUT_DIR [PYTEST ARGS...]
+#   PW_REPO=<checkout> [PW_IMAGES="/dev/vdX=/path ..."] guest.sh OUT_DIR [PYTEST ARGS...]
 # Writes to OUT_DIR (shared read-write with the host): uname, report.json
 # (scripts/kernels/report.py: features, hook choices, the verifier's word for a family switched
 # off), doctor.txt and probes.txt (unless GUEST_CLI_REPORTS=0), junit.xml and pytest.log, then
@@ -9,7 +9,7 @@
 set -uo pipefail
 out=$1
 shift
-cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+cd "$PW_REPO"
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin COLUMNS=200 \
     PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # The repo is read-only in the guest; hypothesis keeps its example database in the cwd.

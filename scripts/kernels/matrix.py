@@ -106,8 +106,10 @@ def boot(run: SuiteRun, vmlinuz: Path, out: Path, pytest_args: list[str], memory
     # The guest has its own environment: guest.sh's settings are handed over explicitly.
     passed = [f"{k}={os.environ[k]}" for k in ("GUEST_CLI_REPORTS", "GUEST_PYTEST_TIMEOUT_S")
               if k in os.environ]
+    # bash reads a script as it runs it: the guest runs a copy nobody edits meanwhile.
+    shutil.copy(HERE / "guest.sh", out / "guest.sh")
     guest = shlex.join(["env", f"PW_IMAGES={mounts}", f"PW_REPO={REPO}", *passed,
-                        str(HERE / "guest.sh"), str(out), *pytest_args])
+                        str(out / "guest.sh"), str(out), *pytest_args])
     drives = " ".join(f"-drive file={image},if=virtio,format=raw,readonly=on"
                       for image, _ in images)
     cmd = [
