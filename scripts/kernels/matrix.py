@@ -267,8 +267,8 @@ def main() -> int:
         print("test-kernels: qemu-system-x86_64 is missing; run make setup", file=sys.stderr)
         return 2
     t_all = time.monotonic()
-    images = build_images(Path(os.environ.get(
-        "PROBEWIRE_KERNEL_CACHE", Path.home() / ".cache" / "probewire" / "kernels")) / "images")
+    # Per output directory: guests of another run may still read theirs.
+    images = build_images(args.out / ".images")
     runs = [SuiteRun(suite) for suite in args.suites.split(",") if suite]
 
     def one(run: SuiteRun) -> None:
