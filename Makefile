@@ -50,7 +50,7 @@ KERNELS_CI_TESTS := tests/bpf/test_fallback_hooks.py tests/bpf/test_kernel_featu
 	tests/bpf/test_process.py::test_n_execs_give_n_exec_and_exit_events_with_filename_and_codes \
 	tests/bpf/test_tcp.py::test_connect_to_closed_port_counts_reset_and_failure \
 	tests/e2e/test_cli.py::test_doctor_reports_hook_types_this_kernel_offers \
-	tests/e2e/test_cli.py::test_probes_shows_tp_btf_chosen_and_attached_for_every_hook
+	tests/e2e/test_cli.py::test_probes_shows_the_preferred_hook_chosen_and_attached_for_every_hook
 test-kernels-ci: setup
 	$(MAKE) build
 	$(SUDO) env GUEST_CLI_REPORTS=0 $(BIN)/python scripts/kernels/matrix.py --suites bullseye \
