@@ -58,9 +58,11 @@ if [ "${GUEST_CLI_REPORTS:-1}" = 1 ]; then
 fi
 step "pytest $*"
 # The CPU is emulated (~14x slower): a test gets 15 min, not the suite's 5. The repo is
-# read-only here (no cache provider); test-output/ is shared read-write.
+# read-only here (no cache provider); test-output/ is shared read-write. --tb=native: pytest's
+# own traceback formatting parses source with ast, and CPython 3.11 raised "AST constructor
+# recursion depth mismatch" there, an INTERNALERROR that ended a 6.12 run after 44 tests.
 timeout "${GUEST_PYTEST_TIMEOUT_S:-7200}" .venv/bin/pytest -p no:cacheprovider -rA -v \
-    -o timeout=900 --junitxml="$out/junit.xml" "$@" > "$out/pytest.log" 2>&1
+    -o timeout=900 --tb=native --junitxml="$out/junit.xml" "$@" > "$out/pytest.log" 2>&1
 rc=$?
 step "pytest exit $rc: $(tail -n 1 "$out/pytest.log")"
 echo "$rc" > "$out/rc"
