@@ -45,6 +45,9 @@ uname -r > "$out/uname"
 # bpffs for tests that pin; tracefs, debugfs and cgroup2 are mounted by virtme-ng's init.
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 ip link set lo up
+# No udev here: modules that tests open as devices are loaded up front (the delay link of
+# tests/support/netns.py forwards through /dev/net/tun).
+modprobe tun 2>/dev/null
 
 step report
 timeout 1200 .venv/bin/python scripts/kernels/report.py "$out/report.json" > "$out/report.log" 2>&1
