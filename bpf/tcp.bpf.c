@@ -277,6 +277,31 @@ int tcp_retransmit_btf(__u64 *ctx)
 	return handle_retransmit((const struct sock *)ctx[0], (const struct sk_buff *)ctx[1], err);
 }
 
+/* Before 6.9 (tcp_retransmit_skb) and 6.10 (tcp_send_reset) both events were of the
+ * tcp_event_sk_skb class, and their tracefs record is that class's struct (5.10 and 6.1 have no
+ * trace_event_raw_tcp_retransmit_skb). The ___old flavor matches it by CO-RE. */
+struct trace_event_raw_tcp_event_sk_skb___old {
+	const void *skbaddr;
+	const void *skaddr;
+	__u16 sport; /* host order: the event stores ntohs(inet_sport) */
+} __attribute__((preserve_access_index));
+
+SEC("tp/tcp/tcp_retransmit_skb")
+int tcp_retransmit_tp(void *ctx)
+{
+	struct trace_event_raw_tcp_retransmit_skb *e = ctx;
+	struct trace_event_raw_tcp_event_sk_skb___old *old = ctx;
+	int err = 0;
+
+	if (!bpf_core_type_exists(struct trace_event_raw_tcp_retransmit_skb))
+		return handle_retransmit((const struct sock *)old->skaddr,
+					 (const struct sk_buff *)old->skbaddr, 0);
+	if (bpf_core_field_exists(e->err))
+		err = BPF_CORE_READ(e, err);
+	return handle_retransmit((const struct sock *)e->skaddr,
+				 (const struct sk_buff *)e->skbaddr, err);
+}
+
 /* SYN-ACK retransmits bypass tcp_retransmit_skb but count in TcpRetransSegs. */
 static __always_inline int handle_synack_retransmit(const struct sock *listener)
 {
