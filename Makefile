@@ -1,4 +1,4 @@
-# Entry points: make setup | build | run | test | test-kernels | bench | lint | clean
+# Entry points: make setup | build | run | test | test-kernels | bench | lint | constants | clean
 SHELL  := /bin/bash
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -10,7 +10,7 @@ BENCH_ARGS ?=
 # Loading BPF programs needs root; fall back to sudo for a non-root user.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all setup build run test test-kernels test-kernels-ci bench lint clean distclean
+.PHONY: all setup build run test test-kernels test-kernels-ci bench lint clean distclean constants
 
 all: build
 
@@ -59,6 +59,10 @@ test-kernels-ci: setup
 bench: setup
 	$(MAKE) build
 	$(SUDO) $(BIN)/python -m bench $(BENCH_ARGS)
+
+# Kernel/user constants: rewrite src/probewire/l7/constants.py from the l7 object's BTF.
+constants: build
+	$(BIN)/python scripts/gen_constants.py
 
 lint:
 	$(BIN)/ruff check src

@@ -5,8 +5,23 @@ aggregation and with every exchange a record; also agent CPU, RSS under load, ke
 program, user-space records per CPU-second), fidelity, startup (start-up time and idle RSS),
 latency (event → exported), peers (bpftrace; bcc's tcplife/tcpretrans beside probewire's tcp
 family), export_latency (event → OTLP span), series_memory (RSS at 1,000 services x 50 routes),
-userspace (HttpProbe.on_batch per record, in-process), ring_flood (a kernel program floods a
-ring; the real RingReader and on_batch on one core: records per CPU-second, nothing lost).
+userspace (L7Probe.on_batch per record, in-process), ring_flood (a kernel program floods a
+ring; the real RingReader and on_batch on one core: records per CPU-second, nothing lost),
+http2 (HTTP/2 exchanges parsed per agent CPU-second, h2load against nginx over TLS), baseline
+(the HTTP hooks' kernel cost against the build before the L7 capture layer, in turns),
+saturation (the saturation family's kernel ns per run against a trivial counter on each of its
+hooks, and `perf bench sched pipe` throughput with the family on and off),
+security (thousands of /bin/true per second without the agent, with security off, with no
+rules, with the default rules: ns per exec and throughput ratio),
+custom (a custom probe's cost per call next to bpftrace's uprobe count() on the same function;
+start-up with 5 custom probes),
+soak (RSS plateau and slope of the agent under distinct-path churn across 20 services:
+BENCH_SOAK_MINUTES / BENCH_SOAK_CONNECTIONS set its length), faults (the fault matrix:
+each row the losses nobody counted; BENCH_FAULTS=name,... runs some rows),
+fleet (RSS and CPU with 500 containers' cgroups and 5,000 pods replayed through the API),
+realistic (nginx proxying to a gunicorn upstream doing 0.5 ms of CPU work per request, keep-alive
+and new connections: throughput/p99 ratios with default probes and with OTLP traces, spans
+dropped, event → span p99, agent CPU per 1k requests).
 """
 
 from __future__ import annotations
@@ -24,13 +39,22 @@ from pathlib import Path
 from types import FrameType
 
 from bench import (
+    baseline,
+    custom,
     export_latency,
+    faults,
     fidelity,
+    fleet,
+    http2,
     latency,
     overhead,
     peers,
+    realistic,
     ring_flood,
+    saturation,
+    security,
     series_memory,
+    soak,
     startup,
     userspace,
 )
@@ -47,6 +71,15 @@ BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
     "series_memory": series_memory.run,
     "userspace": userspace.run,
     "ring_flood": ring_flood.run,
+    "http2": http2.run,
+    "baseline": baseline.run,
+    "saturation": saturation.run,
+    "security": security.run,
+    "custom": custom.run,
+    "soak": soak.run,
+    "faults": faults.run,
+    "fleet": fleet.run,
+    "realistic": realistic.run,
 }
 RESULTS = REPO_ROOT / "bench" / "results" / "latest.md"
 

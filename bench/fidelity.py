@@ -35,7 +35,7 @@ def run(quick: bool) -> list[Row]:
                 s = agent.scrape()
                 return (total(s, "http_server_request_duration_seconds_count",
                               service_name="nginx"),
-                        total(s, "probewire_events_dropped_total", probe="http"))
+                        total(s, "probewire_events_dropped_total", probe="l7"))
 
             def records() -> tuple[float, float]:
                 """(wrk's exchanges: answered + aborted, of those answered)"""

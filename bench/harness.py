@@ -218,9 +218,9 @@ class AgentProc:
 
 AGENT_CONFIGS = {
     "default": "{}\n",
-    "http_off": "probes: {http: {enabled: false}}\n",
+    "http_off": "probes: {l7: {enabled: false}}\n",
     # Every exchange through the ring to user space, as when OTLP spans are exported.
-    "records": "probes: {http: {kernel_aggregation: false}}\n",
+    "records": "probes: {l7: {kernel_aggregation: false}}\n",
 }
 
 

@@ -80,7 +80,7 @@ def run(quick: bool) -> list[Row]:
     userspace = Row("user space: records per agent CPU-second", "records/s",
                     target="≥ 5,000,000/s", goal=(">=", 5e6),
                     note="Δprobewire_events_total / Δ(utime+stime) of the agent over each wrk "
-                         "run with probes.http.kernel_aggregation off (every exchange a ring "
+                         "run with probes.l7.kernel_aggregation off (every exchange a ring "
                          "record: drain, decode, template, aggregate); a lower bound when the "
                          "agent is not saturated")
     exchanges = Row("user space: exchanges per agent CPU-second (default probes)", "exchanges/s",
@@ -126,9 +126,9 @@ def run(quick: bool) -> list[Row]:
                                       / (c1 - c0))
                     dr0 = by_label(before, "probewire_events_dropped_total", "probe")
                     dr1 = by_label(after, "probewire_events_dropped_total", "probe")
-                    dh = dr1.get("http", 0.0) - dr0.get("http", 0.0)
-                    eh = (by_label(after, "probewire_events_total", "probe").get("http", 0.0)
-                          - by_label(before, "probewire_events_total", "probe").get("http", 0.0))
+                    dh = dr1.get("l7", 0.0) - dr0.get("l7", 0.0)
+                    eh = (by_label(after, "probewire_events_total", "probe").get("l7", 0.0)
+                          - by_label(before, "probewire_events_total", "probe").get("l7", 0.0))
                     drops.add(dh)
                     if dh + eh > 0:
                         drop_share.add(100.0 * dh / (dh + eh))

@@ -18,18 +18,18 @@ from pathlib import Path
 from bench import bcc
 from bench.harness import cpu_seconds, pinned_nginx, rss_mb, run_wrk, spawn, stop_process
 from bench.report import Row
-from probewire.probes.http import HttpProbe
+from probewire.probes.l7 import L7Probe
 
 
 def _tracepoint(hook: str) -> str:
-    """bpftrace's name of the tracepoint behind one of HttpProbe's hooks."""
+    """bpftrace's name of the tracepoint behind one of L7Probe's hooks."""
     category = "syscalls" if hook.startswith("sys_") else "sock"  # inet_sock_set_state
     return f"tracepoint:{category}:{hook}"
 
 
-# Exactly the tracepoints probewire's http family hooks (HttpProbe.hooks).
+# Exactly the tracepoints probewire's l7 family hooks (L7Probe.hooks).
 PROGRAM = (
-    ",".join(_tracepoint(hook.name) for hook in HttpProbe.hooks)
+    ",".join(_tracepoint(hook.name) for hook in L7Probe.hooks)
     + " { @[probe] = count(); }\n"
     + 'BEGIN { printf("attached\\n"); }\n'
 )

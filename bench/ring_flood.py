@@ -3,7 +3,7 @@
 A SEC("syscall") program (bench/ring_flood.bpf.c, built here with the project's headers) writes
 HTTP exchange records into a ring the way probewire's probes do (reserve, fill, submit with
 the same wake-up policy; a full ring drops and counts). The agent's own RingReader drains it
-and hands the batches to the real HttpProbe.on_batch, on CPU 0; the flood runs from another
+and hands the batches to the real L7Probe.on_batch, on CPU 0; the flood runs from another
 thread on CPU 1 through BPF_PROG_TEST_RUN. The figure is records handled per CPU-second of the
 reader thread (its schedstat), so the drain (epoll, ring positions, numpy view of the span),
 decode and aggregation are all in it; BPF load and the flood's own cost are not.
@@ -40,8 +40,9 @@ from bench.harness import REPO_ROOT, compile_bpf
 from bench.report import Row, render
 from bench.userspace import fake_proc, feed, new_probe, nginx_records, synthetic_records
 from probewire.config import config_from_mapping
+from probewire.l7.records import HTTP_EXCHANGE
 from probewire.probes.base import events_dropped
-from probewire.probes.http import HTTP_EXCHANGE, HttpProbe
+from probewire.probes.l7 import L7Probe
 from probewire.runtime.bpf import BpfObject, Program
 from probewire.runtime.ring import Ring, RingReader
 
@@ -173,7 +174,7 @@ def flooder(prog: Program, seconds: float, paced: bool) -> Iterator[Flood]:
             os.waitpid(pid, 0)
 
 
-def flood_once(obj: BpfObject, probe: HttpProbe, seconds: float, paced: bool,
+def flood_once(obj: BpfObject, probe: L7Probe, seconds: float, paced: bool,
                batch_records: int, flush_s: float) -> FloodResult:
     """One feed through a fresh RingReader (on READER_CPU) into `probe`."""
     reader = RingReader(batch_records, flush_s)
@@ -183,7 +184,7 @@ def flood_once(obj: BpfObject, probe: HttpProbe, seconds: float, paced: bool,
         handled[0] += len(batch)
         probe.on_batch(batch)
 
-    ring = Ring(obj.maps["events"], HTTP_EXCHANGE, "http")
+    ring = Ring(obj.maps["events"], HTTP_EXCHANGE, "l7")
     reader.add(ring, on_batch)
     dropped_before = events_dropped(obj)
     try:
@@ -265,7 +266,7 @@ def _rows(obj: BpfObject, proc: Path, records: np.ndarray, mix: str, paced: bool
         sizes.append(r.handled / max(1, r.batches))
         drops.append(r.dropped)
     rate.note = (f"records handled ÷ the reader thread's CPU-seconds (RingReader + "
-                 f"HttpProbe.on_batch, warm); {np.median(sizes):,.0f} records a batch, "
+                 f"L7Probe.on_batch, warm); {np.median(sizes):,.0f} records a batch, "
                  f"{np.median(offered):,.0f} records/s offered, {int(np.median(drops)):,} "
                  f"dropped at a full ring (median); bench/ring_flood.py")
     return [rate, lost]

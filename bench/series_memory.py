@@ -1,6 +1,6 @@
 """Memory of the HTTP series state at 1,000 services x 50 routes (DESIGN.md §5: ≤ 60 MB RSS).
 
-The real aggregation code (HttpProbe.on_batch) is fed synthetic exchange records in a fresh
+The real aggregation code (L7Probe.on_batch) is fed synthetic exchange records in a fresh
 Python process, so the figure is the agent's user space with that many series and nothing else
 loaded by the benchmark. Services come from a resolver that names pid N "svc-N" (the synthetic
 pids are not real processes). Run twice: with the default label budget (series beyond it fold
@@ -32,7 +32,8 @@ CHILD = textwrap.dedent("""
     from probewire.enrich.service import ServiceResolver
     from probewire.export.prometheus import render_text
     from probewire.probes.base import ProbeContext
-    from probewire.probes.http import HTTP_EXCHANGE, HttpProbe
+    from probewire.l7.records import HTTP_EXCHANGE
+    from probewire.probes.l7 import L7Probe
     from probewire.runtime.bpf import limit_heap_retention
     from probewire.serve.history import History
     from probewire.serve.http import gzip_chunks
@@ -58,13 +59,13 @@ CHILD = textwrap.dedent("""
             f.write("5")  # VmHWM := VmRSS
 
     limit_heap_retention()
-    cfg = config_from_mapping({"probes": {"http": {"max_series_per_metric": budget}}})
-    probe = HttpProbe(ProbeContext(cfg, Synthetic(())))
+    cfg = config_from_mapping({"probes": {"l7": {"max_series_per_metric": budget}}})
+    probe = L7Probe(ProbeContext(cfg, Synthetic(())))
     before = rss_mb()
     n = services * routes
     rec = np.zeros(n, HTTP_EXCHANGE)
     idx = np.arange(n)
-    rec["kind"], rec["role"], rec["method"], rec["status"] = 1, 1, 1, 200
+    rec["kind"], rec["role"], rec["method"], rec["status"], rec["proto"] = 1, 1, 1, 200, 1
     rec["tgid"] = 1000 + idx // routes
     rec["family"] = socket.AF_INET
     rec["start_ns"], rec["end_ns"] = 1_000, 2_000_000

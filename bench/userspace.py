@@ -1,4 +1,4 @@
-"""User-space cost of HTTP exchange records: HttpProbe.on_batch alone, µs per record.
+"""User-space cost of HTTP exchange records: L7Probe.on_batch alone, µs per record.
 
 `make bench`'s "records per agent CPU-second" row needs nginx, wrk and the kernel; this one
 feeds the real on_batch synthetic HTTP_EXCHANGE records in-process, so a change to the
@@ -35,17 +35,14 @@ import numpy as np
 from bench.report import Row, render
 from probewire.config import config_from_mapping
 from probewire.enrich.service import ServiceResolver
+from probewire.l7.constants import HTTP_HEAD_LEN as HEAD_LEN
+from probewire.l7.constants import HttpFlag, L7Flag, Proto, RecordKind, Role
+from probewire.l7.exchanges import ExchangeBatch
+from probewire.l7.records import HTTP_EXCHANGE
 from probewire.probes.base import ProbeContext
-from probewire.probes.http import (
-    FLAG_ABORTED,
-    FLAG_TLS,
-    HEAD_LEN,
-    HTTP_EXCHANGE,
-    ROLE_CLIENT,
-    ROLE_SERVER,
-    ExchangeBatch,
-    HttpProbe,
-)
+from probewire.probes.l7 import L7Probe
+
+ROLE_SERVER, ROLE_CLIENT = int(Role.SERVER), int(Role.CLIENT)
 
 SERVERS = (("orders", 8080, False), ("users", 8081, False), ("catalog", 8443, True),
            ("gateway", 9000, False))
@@ -112,7 +109,7 @@ def synthetic_records(n: int, seed: int = 0, ids: int = 500, rare: bool = True,
     """
     rng = np.random.default_rng(seed)
     rec = np.zeros(n, HTTP_EXCHANGE)
-    rec["kind"] = 1
+    rec["kind"], rec["proto"] = RecordKind.HTTP, Proto.HTTP
     rec["family"] = socket.AF_INET
     # Two thirds server side; client rows come from the local clients.
     role = np.where(rng.random(n) < 0.67, ROLE_SERVER, ROLE_CLIENT)
@@ -159,12 +156,11 @@ def synthetic_records(n: int, seed: int = 0, ids: int = 500, rare: bool = True,
                                           rng.integers(1, 40, len(far))], axis=1)
     rec["laddr"][far, :4] = [10, 0, 9, 1]
     rec["conn_id"] = (rec["tgid"].astype(np.uint64) << np.uint64(32)) ^ ephemeral.astype(np.uint64)
-    flags = np.where(tls[server], FLAG_TLS, 0)
+    rec["flags"] = np.where(tls[server], L7Flag.TLS, 0)
     if rare:
         aborted = rng.random(n) < 0.005
-        flags = np.where(aborted, flags | FLAG_ABORTED, flags)
+        rec["hflags"] = np.where(aborted, HttpFlag.ABORTED, 0)
         rec["status"] = np.where(aborted, 0, rec["status"])
-    rec["flags"] = flags
     pipelined = rng.random(n) < 0.002 if rare else np.zeros(n, bool)
     unknown_method = rng.random(n) < 0.002 if rare else np.zeros(n, bool)
     for i in range(n):
@@ -205,7 +201,8 @@ def nginx_records(n: int, seed: int = 0, connections: int = 100) -> np.ndarray:
     static file from nginx, both sides traced (server and client rows alternate)."""
     rng = np.random.default_rng(seed)
     rec = np.zeros(n, HTTP_EXCHANGE)
-    rec["kind"], rec["family"], rec["status"], rec["method"] = 1, socket.AF_INET, 200, 1
+    rec["kind"], rec["proto"] = RecordKind.HTTP, Proto.HTTP
+    rec["family"], rec["status"], rec["method"] = socket.AF_INET, 200, 1
     server = np.arange(n) % 2 == 0
     rec["role"] = np.where(server, ROLE_SERVER, ROLE_CLIENT)
     rec["tgid"] = np.where(server, SERVER_TGID, CLIENT_TGID)
@@ -226,16 +223,16 @@ def nginx_records(n: int, seed: int = 0, connections: int = 100) -> np.ndarray:
     return rec
 
 
-def new_probe(proc: Path, config: dict[str, object] | None = None) -> HttpProbe:
-    cfg = config_from_mapping(config or {"probes": {"http": {"kernel_aggregation": False}}})
-    return HttpProbe(ProbeContext(cfg, ServiceResolver(cfg.services.rules, proc=proc)))
+def new_probe(proc: Path, config: dict[str, object] | None = None) -> L7Probe:
+    cfg = config_from_mapping(config or {"probes": {"l7": {"kernel_aggregation": False}}})
+    return L7Probe(ProbeContext(cfg, ServiceResolver(cfg.services.rules, proc=proc)))
 
 
 def _null_sink(batch: ExchangeBatch) -> None:
     del batch
 
 
-def feed(probe: HttpProbe, records: np.ndarray, batch: int) -> None:
+def feed(probe: L7Probe, records: np.ndarray, batch: int) -> None:
     for start in range(0, len(records), batch):
         probe.on_batch(records[start:start + batch])
 
@@ -269,7 +266,7 @@ def run(quick: bool) -> list[Row]:
                              ("mesh, keep-alive", synthetic_records(n))):
             for batch in (128, 8192):
                 us = measure(records, batch, proc, repeats=2 if quick else 3)
-                row = Row(f"user space: HttpProbe.on_batch, {mix}, {batch} records a batch",
+                row = Row(f"user space: L7Probe.on_batch, {mix}, {batch} records a batch",
                           "records/s", target="≥ 5,000,000/s", goal=(">=", 5e6),
                           note=f"{us:.3f} µs/record; synthetic records in-process "
                                "(bench/userspace.py, warm), best of repeats; on_batch only "

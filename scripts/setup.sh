@@ -13,16 +13,34 @@ APT_PACKAGES=(
     clang llvm libbpf-dev bpftool make        # BPF objects (bpf/Makefile)
     iproute2 nftables procps                  # ip/tc/ss/nstat, loss rules, ps
     nginx-light wrk curl tmux openssl         # e2e servers, load generator, demos, test certs
+    nghttp2-client                            # h2load: HTTP/2 load with many streams a connection
     bpftrace bpfcc-tools                      # the peers `make bench` compares against
+    linux-perf                                # `perf bench sched pipe`: bench/saturation.py
     linux-headers-amd64                       # bcc compiles against headers; our kernel ships
                                               # none, so bench/bcc.py points bcc at these
     python3 python3-venv                      # the venv (Debian's python3 needs python3-venv)
     chromium                                  # e2e web UI tests (driven by Playwright)
     prometheus                                # e2e Prometheus server + promtool (rules checks/tests)
+    # L7 protocol tests (tests/e2e/test_l7_servers.py, tests/support/dbservers.py): real
+    # servers and their stock clients; libpq5 is what pure-Python psycopg loads
+    postgresql postgresql-client libpq5 mariadb-server mariadb-client redis-server redis-tools
+    memcached dnsmasq-base bind9-dnsutils
+    netcat-openbsd gcc                        # security tests: netcat by a service, a C build;
+                                              # bench/security.py's exec loop
+    podman runc                               # real containers: security tests (a package
+                                              # manager in a container), identities (crun
+                                              # refuses hybrid cgroups; tests pass --runtime runc)
+    gcc systemtap-sdt-dev golang-go binutils  # custom probe tests: C with <sys/sdt.h>, Go, strip
     qemu-system-x86 busybox-static kmod       # the kernel matrix (scripts/kernels): emulated guests,
     squashfs-tools                            # their initramfs (virtme-ng), depmod for Debian
                                               # kernels, the guest's Python images
 )
+# `kubectl kustomize` renders deploy/kubernetes in the tests. Debian's kubernetes-client
+# unless a kubectl is installed already (another package owning /usr/bin/kubectl would
+# make the install fail on a file conflict).
+if ! command -v kubectl >/dev/null; then
+    APT_PACKAGES+=(kubernetes-client)
+fi
 
 SUDO=()
 if [ "$(id -u)" != 0 ]; then
@@ -41,7 +59,7 @@ fi
 key=$( { printf '%s\n' "${APT_PACKAGES[@]}" "$PYTHON"; cat pyproject.toml setup.py; } | sha256sum | cut -d' ' -f1)
 tools_present() {
     local t
-    for t in clang llc bpftool make ip tc nft nstat ss nginx wrk curl prometheus promtool chromium tmux npm \
+    for t in clang llc bpftool make ip tc nft nstat ss nginx wrk curl h2load prometheus promtool chromium tmux npm podman runc kubectl psql mariadb redis-cli dig \
              qemu-system-x86_64 busybox depmod mksquashfs; do
         command -v "$t" >/dev/null || PATH=$PATH:/usr/sbin:/sbin command -v "$t" >/dev/null || return 1
     done

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -17,7 +16,7 @@ from probewire.enrich.service import ServiceResolver
 from probewire.errors import PrivilegeError, ProbewireError
 from probewire.probes import REGISTRY
 from probewire.probes.base import SHARED_MAPS, Probe, ProbeContext, RunningProbe, start_probe
-from probewire.probes.http import HttpProbe
+from probewire.reload import LiveFilter, ReloadStatus, restart_needed
 from probewire.runtime.bpf import (
     PRIVILEGE_FIX,
     BpfObject,
@@ -74,7 +73,7 @@ class Agent:
     def __init__(self, config: Config, forced_hooks: dict[str, str] | None = None) -> None:
         self.config = config
         self.forced_hooks = forced_hooks or {}
-        self.services = ServiceResolver(config.services.rules)
+        self.services = ServiceResolver.from_config(config)
         self.ctx = ProbeContext(config=config, services=self.services)
         self.probes: dict[str, Probe] = {
             name: cls(self.ctx)
@@ -93,6 +92,8 @@ class Agent:
         self._opened: dict[str, BpfObject] = {}
         # Families switched off because this kernel refused them: name -> the kernel's reason.
         self.disabled: dict[str, str] = {}
+        self.live_filter: LiveFilter | None = None  # filters + Kubernetes selectors (reload.py)
+        self.reload_status: ReloadStatus | None = None  # set by reload.Reloader
 
     def start(self) -> None:
         check_privileges()
@@ -109,8 +110,9 @@ class Agent:
             # The filter is in place before any program is attached: nothing untraced is
             # ever seen, not even during start-up.
             self.filter = Filter(dict(self._shared))
-            f = self.config.filter
-            self.filter.apply(list(f.pids), list(f.cgroups), list(f.ports))
+            self.services.start()  # Kubernetes watches: selectors and names need pods
+            self.live_filter = LiveFilter(self.filter, self.services)
+            self.live_filter.apply(self.config.filter, self.config.containers)
             # Families load side by side: verification is the slow part of start-up, and
             # ctypes releases the GIL while the kernel verifies.
             with ThreadPoolExecutor(max_workers=len(self.probes) or 1) as pool:
@@ -133,8 +135,9 @@ class Agent:
                     self.reader.add(ring, probe.on_batch)
                 for ring_name, dtype in probe.extra_rings.items():
                     ring = Ring(self.running[name].obj.maps[ring_name], dtype,
-                                f"{name}:{ring_name}")
+                                f"{name}:{ring_name}", ring_name in probe.variable_rings)
                     self.reader.add(ring, functools.partial(probe.on_ring, ring_name))
+            self._subscribe_process_events()
             if self.config.export.otlp.enabled:
                 self._start_otlp()
         except BaseException:
@@ -159,15 +162,42 @@ class Agent:
             self.disabled[name] = str(exc)
             del self.probes[name]
 
+    # --- capabilities: what families offer, discovered rather than tested by class ---------------
+    def exchange_sources(self) -> list[list[Any]]:
+        """The sink lists of every family that hands on exchanges (spans, the events feed)."""
+        found = (getattr(probe, "sinks", None) for probe in self.probes.values())
+        return [sinks for sinks in found if isinstance(sinks, list)]
+
+    def _subscribe_process_events(self) -> None:
+        """Families that follow execs and exits (on_process_events) get the process family's
+        events."""
+        source = getattr(self.probes.get("process"), "subscribers", None)
+        if source is None:
+            return
+        for probe in self.probes.values():
+            handler = getattr(probe, "on_process_events", None)
+            if callable(handler):
+                source.append(handler)
+
+    def coverage(self) -> dict[str, Any]:
+        """Per family that reports it: what it sees and what it loses (e.g. per protocol)."""
+        found = {name: getattr(probe, "coverage", None) for name, probe in self.probes.items()}
+        return {name: dict(report()) for name, report in found.items() if callable(report)}
+
     def _start_otlp(self) -> None:
+        from probewire.collect.families import AgentCollector
         from probewire.export.otlp import OtlpExporter
-        from probewire.export.prometheus import AgentCollector
 
         cfg = self.config.export.otlp
-        self.otlp = OtlpExporter(cfg, AgentCollector(self).collect)
-        http = self.probes.get("http")
-        if cfg.traces and isinstance(http, HttpProbe):
-            http.sinks.append(self.otlp.sink)
+        self.otlp = OtlpExporter(cfg, AgentCollector(self).collect,
+                                 process_attributes=self.services.resource_attributes,
+                                 sampling=self.config.sampling)
+        if cfg.traces:
+            for sinks in self.exchange_sources():
+                sinks.append(self.otlp.sink)
+            # A family whose kernel side keeps 1 trace in N says which records were kept.
+            self.otlp.assembler.kernel_sampling = any(
+                getattr(p, "kernel_sampling", False) for p in self.probes.values())
         self.otlp.start()
 
     def _prepare(self) -> set[str]:
@@ -187,10 +217,13 @@ class Agent:
 
     def stop(self) -> None:
         self.reader.stop()
+        if self.live_filter is not None:
+            self.live_filter.stop()
+        self.services.close()
         if self.otlp is not None:
-            http = self.probes.get("http")
-            if isinstance(http, HttpProbe) and self.otlp.sink in http.sinks:
-                http.sinks.remove(self.otlp.sink)
+            for sinks in self.exchange_sources():
+                if self.otlp.sink in sinks:
+                    sinks.remove(self.otlp.sink)
             self.otlp.stop()
             self.otlp = None
         for running in self.running.values():
@@ -206,18 +239,32 @@ class Agent:
             self._stats.close()
             self._stats = None
 
+    def reconfigure(self, config: Config) -> list[str]:
+        """Apply a new configuration while running (reload.py calls this): filters, service
+        rules, sampling and each family's own settings (an optional `reconfigure(config)` of
+        the family). Returns the changed keys that wait for a restart."""
+        pending = restart_needed(self.config, config)
+        self.config = config
+        self.ctx.config = config
+        logging.getLogger().setLevel(config.log_level.upper())
+        self.services.reconfigure(config)
+        if self.live_filter is not None:
+            self.live_filter.apply(config.filter, config.containers)
+        for probe in self.probes.values():
+            family_reconfigure = getattr(probe, "reconfigure", None)
+            if family_reconfigure is not None:
+                family_reconfigure(config)
+        if self.otlp is not None:
+            self.otlp.reconfigure(config)
+        return pending
+
     def tls_status(self) -> dict[str, Any]:
         """OpenSSL coverage: libraries attached (or why not) and the processes using TLS."""
-        http = self.probes.get("http")
-        tls = http.tls if isinstance(http, HttpProbe) else None
-        if tls is None:
-            return {"libraries": [], "failed": {}, "links": 0, "processes": []}
-        return {
-            "libraries": sorted(tls.attached.values()),
-            "failed": dict(tls.failed),
-            "links": len(tls.links),
-            "processes": [dataclasses.asdict(c) for c in tls.coverage()],
-        }
+        for probe in self.probes.values():
+            status = getattr(probe, "tls_status", None)
+            if callable(status):
+                return dict(status())
+        return {"libraries": [], "failed": {}, "links": 0, "processes": []}
 
     def status(self) -> list[ProbeStatus]:
         out = []

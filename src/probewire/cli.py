@@ -1,5 +1,5 @@
-"""`probewire` command line: run, probes, doctor. Exit codes: 0 ok, 2 usage/config, 3 privilege
-or kernel feature (the message says the fix)."""
+"""`probewire` command line: run, probes, doctor, top, routes. Exit codes: 0 ok, 2 usage/config,
+3 privilege or kernel feature (the message says the fix)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from probewire import __version__
-from probewire.config import Config, load_config, parse_listen
+from probewire.config import Config, parse_listen, resolve_config
 from probewire.errors import EXIT_USAGE, ConfigError, ProbewireError
 
 if TYPE_CHECKING:
@@ -50,12 +50,17 @@ def _fail(exc: ProbewireError) -> typer.Exit:
     return typer.Exit(exc.exit_code)
 
 
+def _flags(listen: str | None) -> dict[str, Any]:
+    """Dotted config keys set on the command line (they win over the environment and file)."""
+    if listen is None:
+        return {}
+    parse_listen(listen)
+    return {"listen": listen}
+
+
 def _config(path: Path | None, listen: str | None) -> Config:
-    config = load_config(path)
-    if listen is not None:
-        parse_listen(listen)
-        config = config.model_copy(update={"listen": listen})
-    return config
+    # flag > environment (PROBEWIRE_*, OTEL_*) > file > defaults
+    return resolve_config(path, flags=_flags(listen))
 
 
 def _parse_forced(values: list[str]) -> dict[str, str]:
@@ -84,6 +89,7 @@ def run(
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from probewire.agent import Agent
     from probewire.export.prometheus import make_registry
+    from probewire.reload import ConfigWatcher, Reloader
     from probewire.serve.http import AgentServer
 
     try:
@@ -95,9 +101,17 @@ def run(
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
+        # Live reconfiguration: SIGHUP, and the file watched (ConfigMap updates included).
+        # Reloads run on the main thread, never inside a signal handler.
+        reload_asked = threading.Event()
+        signal.signal(signal.SIGHUP, lambda *_: reload_asked.set())
+        reloader = Reloader(agent, config, flags=_flags(listen))
+        watcher = ConfigWatcher(config, reload_asked.set) if config is not None else None
         host, port = cfg.listen_address
         try:
-            server = AgentServer(agent, make_registry(agent), host, port)
+            registry = make_registry(agent)
+            registry.register(reloader)
+            server = AgentServer(agent, registry, host, port, serve=cfg.serve)
         except OSError as exc:
             raise ConfigError(
                 f"listen {cfg.listen}: {exc.strerror}; choose another --listen"
@@ -110,9 +124,15 @@ def run(
                 f"{agent.startup_s:.3f} s; metrics at http://{cfg.listen}/metrics",
                 flush=True,
             )
-            while not stop.wait(1.0):
-                pass
+            if watcher is not None:
+                watcher.start()
+            while not stop.is_set():
+                if reload_asked.wait(0.2):
+                    reload_asked.clear()
+                    reloader.reload("file changed or SIGHUP")
         finally:
+            if watcher is not None:
+                watcher.stop()
             server.stop()
             agent.stop()
     except ProbewireError as exc:
@@ -172,6 +192,24 @@ def probes(config: ConfigOpt = None, listen: ListenOpt = None) -> None:
             + " TLS linked statically (Go crypto/tls, BoringSSL in grpcio or Chrome) is not seen.",
             highlight=False, soft_wrap=True,
         )
+    custom = data.get("custom")
+    if custom:
+        _print_custom(console, custom)
+
+
+def _print_custom(console: Console, rows: list[dict[str, Any]]) -> None:
+    """Custom probes per process: attached (to which file, shared by inode or per process),
+    or why not (no such symbol with the nearest names, a stripped binary, ...)."""
+    from rich.table import Table
+
+    table = Table(title="custom probes (probes.custom): per process")
+    for col in ("probe", "symbol / usdt", "pid", "comm", "state", "file", "why not / note"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        state = r["state"] + (" (by inode)" if r["shared"] else "")
+        table.add_row(r["probe"], r["where"], str(r["pid"] or "-"), r["comm"] or "-", state,
+                      r["file"] or "-", r["reason"])
+    console.print(table)
 
 
 def _probe_locally(cfg: Config) -> dict[str, Any]:
@@ -182,8 +220,10 @@ def _probe_locally(cfg: Config) -> dict[str, Any]:
     agent = Agent(cfg)
     agent.start()
     try:
+        from probewire.serve.api import custom_status
+
         return {"probes": [{**dataclasses.asdict(s), "avg_ns": s.avg_ns} for s in agent.status()],
-                "tls": agent.tls_status()}
+                "tls": agent.tls_status(), "custom": custom_status(agent)}
     finally:
         agent.stop()
 
@@ -214,6 +254,51 @@ def top(
         raise _fail(exc) from None
     # Exit 1 when --once finds no agent (a script's "nothing to read", not a usage error).
     raise typer.Exit(0 if run_top(_console(), target, interval, once, limit) else 1)
+
+
+@app.command()
+def routes(
+    listen: ListenOpt = None,
+    service: Annotated[str | None, typer.Option(help="Only this service.")] = None,
+) -> None:
+    """Route templates the running agent learned per service: the path positions that became
+    parameters, how many values they showed, and the values kept literal."""
+    import urllib.error
+    from urllib.parse import quote
+
+    from rich.table import Table
+
+    try:
+        target = listen or "127.0.0.1:9464"
+        parse_listen(target)
+    except ProbewireError as exc:
+        raise _fail(exc) from None
+    path = "/api/routes" + (f"?service={quote(service)}" if service else "")
+    try:
+        data = _fetch(target, path)
+    except (urllib.error.URLError, OSError) as exc:
+        _console(stderr=True).print(f"no agent answering at {target} ({exc}); start one with "
+                                    "`probewire run` or pass --listen", highlight=False)
+        raise typer.Exit(1) from None
+    console = _console()
+    if not data.get("enabled"):
+        console.print("route learning is off (probes.http.route_learning.enabled) or the HTTP "
+                      "family does not offer it")
+        return
+    table = Table(title=f"learned routes (generation {data.get('generation', 0)})")
+    for col in ("service", "template", "values seen", "kept literal", "why", "nodes"):
+        table.add_column(col, overflow="fold")
+    for name, svc in sorted(data.get("services", {}).items()):
+        templates = svc.get("templates", [])
+        if not templates:
+            table.add_row(name, "-", "", "", "", str(svc.get("nodes", 0)))
+        for t in templates:
+            table.add_row(name, t["template"], str(t["distinct_values"]),
+                          ", ".join(t["kept"]), t["reason"], str(svc.get("nodes", 0)))
+    console.print(table)
+    if data.get("untracked"):
+        console.print(f"{data['untracked']} lookups came from services beyond "
+                      "probes.http.route_learning.max_services (not learned)")
 
 
 @app.command()

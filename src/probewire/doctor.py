@@ -41,7 +41,7 @@ def _agent_running(listen: str) -> bool:
 
 
 # Rows that report what this kernel offers: "no" there is information, not a failed check.
-FACTS = ("hook ", "feature ", "family ")
+FACTS = ("hook ", "feature ", "family ", "security kill action")
 
 
 def _kernel_feature_rows() -> list[tuple[str, bool, str]]:
@@ -139,6 +139,9 @@ def run_checks(console: Console, listen: str) -> bool:
                          f"none; {len(loaded)} in use by {in_use}" if loaded else "none"))
         if _agent_running(listen):
             rows.append(("agent", True, f"answering at {listen}"))
+        from probewire.security.enforce import kill_supported
+
+        rows.append(("security kill action", *kill_supported()))
         # After the leftover check: the programs loaded here are freed only after an RCU
         # grace period, and would look like leftovers for a moment.
         rows.extend(_family_rows(listen))
@@ -147,7 +150,8 @@ def run_checks(console: Console, listen: str) -> bool:
     table.add_column("ok")
     table.add_column("detail", overflow="fold")
     # What a kernel lacks (hook types, features, the families they switch off) is a fact,
-    # not a failure; the rest must pass.
+    # not a failure; so is a kernel that cannot enforce kill rules (they still alert). The
+    # rest must pass.
     ok = True
     for name, passed, detail in rows:
         table.add_row(name, "yes" if passed else "no", detail)

@@ -37,7 +37,7 @@ def running_agent(
 ) -> Iterator[tuple[Agent, str]]:
     """A real agent in this process, serving on an ephemeral loopback port."""
     # The tests' clients run in this process, which is the agent: trace its traffic too.
-    base = {"listen": "127.0.0.1:9464", "probes": {"http": {"trace_agent": True}}}
+    base = {"listen": "127.0.0.1:9464", "probes": {"l7": {"trace_agent": True}}}
     config: Config = config_from_mapping(_merge(base, overrides or {}))
     agent = Agent(config, forced_hooks)
     server = AgentServer(agent, make_registry(agent), "127.0.0.1", 0)

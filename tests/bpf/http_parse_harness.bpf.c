@@ -4,7 +4,7 @@
  * parsers on random input. Built by the test (clang), never shipped. */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
-#include "http_parse.h"
+#include "l7/http_parse.h"
 
 char LICENSE[] SEC("license") = "GPL";
 

@@ -23,7 +23,7 @@ from probewire.runtime.objects import object_path
 
 pytestmark = pytest.mark.bpf
 
-# Hooks with a choice (tp_btf preferred, tp fallback); the http syscall hooks are tp/ only.
+# Hooks with a choice (tp_btf preferred, tp fallback); the l7 syscall hooks are tp/ only.
 ALL_TP = {h.name: "tp" for p in REGISTRY.values() for h in p.hooks if len(h.programs) > 1}
 
 
@@ -33,7 +33,7 @@ def test_forced_tp_fallbacks_attach_and_count_exactly(kfuncs: bool,
     # Without kfuncs too: an older kernel has neither tp_btf nor bpf_rdonly_cast.
     monkeypatch.setattr(Probe, "kfuncs", kfuncs)
     with running_agent(forced_hooks=ALL_TP) as (agent, listen):
-        # Families this kernel refuses (http before 5.11: task storage) are off, named, and
+        # Families this kernel refuses (l7 without bpf_loop, before 5.17) are off, named, and
         # tested by their own tests; tcp and process run on every kernel of the matrix.
         assert {"tcp", "process"}.isdisjoint(agent.disabled), agent.disabled
         status = [s for s in agent.status() if s.probe not in agent.disabled]
@@ -59,6 +59,12 @@ def test_forced_tp_fallbacks_attach_and_count_exactly(kfuncs: bool,
         # Received by the client; sent by the kernel for the closed port where it traces that.
         assert total(s, "probewire_tcp_resets_total", server_port=str(closed_port)) == (
             2 if passive_resets_traced() else 1)
+        if "saturation" not in agent.disabled:
+            # The saturation family's tp/ programs keep per-thread state by thread id; its
+            # exact counts under forced tp/ are in test_saturation.py ([tp] cases).
+            assert total(s, "probewire_process_cpu_seconds_total", service_name="pytest") > 0
+            assert total(s, "probewire_sched_runqueue_latency_seconds_count",
+                         service_name="pytest") > 0
         probe = agent.probes["process"]
         wait_for(lambda: len([e for e in probe.events("exit") if e.ppid == os.getpid()]) >= 2)
         exits = [e for e in probe.events("exit") if e.ppid == os.getpid() and e.comm == "sh"]
@@ -88,9 +94,10 @@ def test_forced_function_hooks_count_exactly_or_switch_their_family_off_by_name(
     forced = _function_hooks(hook_type)
     assert "tcp_receive_reset" in forced
     support = probe_hook_types([hook_type])[hook_type]
-    # http hooks inet_sock_set_state too, never through these types: keep it out of the way.
-    with running_agent({"probes": {"http": {"enabled": False}}}, forced_hooks=forced) as (
-            agent, listen):
+    # l7 and saturation hook inet_sock_set_state too, never through these types: keep them
+    # (and custom, which attaches nothing here) out of the way.
+    others_off = {name: {"enabled": False} for name in REGISTRY if name not in ("tcp", "process")}
+    with running_agent({"probes": others_off}, forced_hooks=forced) as (agent, listen):
         status = {(s.probe, s.hook): s for s in agent.status()}
         if not support.available:
             assert set(agent.disabled) == {"tcp"}, agent.disabled

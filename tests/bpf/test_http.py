@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 from agentlib import Samples, scrape, total, wait_for
 
-from probewire.probes.http import HttpProbe
+from probewire.probes.l7 import L7Probe
 from support.servers import nginx, python_upstream
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(180)]
@@ -279,7 +279,7 @@ def test_thousand_requests_on_one_keepalive_connection(agent, stack) -> None:
     d.settle(SERVER, 1000, service_name="nginx")
     assert server(d, "nginx", "GET", "/static/index.html", 200) == 1000
     assert d(CLIENT, service_name="pytest", server_port=str(ng)) == 1000
-    assert d("probewire_events_dropped_total", probe="http") == 0
+    assert d("probewire_events_dropped_total", probe="l7") == 0
 
 
 def test_client_gone_mid_response_and_connection_closed_mid_request(agent, stack) -> None:
@@ -383,7 +383,7 @@ def test_garbage_and_other_protocols_never_become_http(agent, tmp_path) -> None:
         s = scrape(listen)
         assert total(s, SERVER, service_name="echo") == 0
         assert total(s, CLIENT, server_port=str(port)) == 0
-        assert total(s, "probewire_probe_attached", probe="http") == len(HttpProbe.hooks)
+        assert total(s, "probewire_probe_attached", probe="l7") == len(L7Probe.hooks)
     finally:
         proc.kill()
         proc.wait()
@@ -395,7 +395,7 @@ def test_port_rule_names_the_server_and_label_budget_folds_overflow_into_other(s
     ng, _ = stack
     config = {
         "services": {"rules": [{"name": "edge-proxy", "port": ng}]},
-        "probes": {"http": {"max_series_per_metric": 10}},
+        "probes": {"l7": {"max_series_per_metric": 10}},
     }
     with running_agent(config) as (_, listen):
         # 40 distinct routes (letters are never templated) against a budget of 10 series.
@@ -431,7 +431,8 @@ def test_https_through_openssl_uprobes_counted_on_both_sides(agent, tls_stack) -
 
     a, listen = agent
     ng, up = tls_stack
-    http_probe = a.probes["http"]
+    http_probe = a.probes["l7"]
+    assert isinstance(http_probe, L7Probe)
     assert http_probe.tls is not None and http_probe.tls.attached, http_probe.tls
     d = Delta(listen)
     for _ in range(3):

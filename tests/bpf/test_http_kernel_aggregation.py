@@ -1,4 +1,4 @@
-"""In-kernel aggregation of HTTP exchanges (http_aggs) against the ring path it replaces.
+"""In-kernel aggregation of HTTP exchanges (l7_aggs) against the ring path it replaces.
 
 Agents side by side watch the same exchanges: one counting known routes in the kernel, one
 sending every exchange to user space, one on the bpf_probe_read_kernel path that kernels
@@ -23,7 +23,9 @@ import pytest
 from agentlib import Samples, running_agent, scrape, total, wait_for
 
 from probewire.agent import Agent
-from probewire.probes.http import HTTP_AGG, HTTP_AGG_KEY, HttpProbe
+from probewire.l7.records import L7_AGG as HTTP_AGG
+from probewire.l7.records import L7_AGG_KEY as HTTP_AGG_KEY
+from probewire.probes.l7 import L7Probe
 from support.servers import python_upstream
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(180)]
@@ -54,14 +56,14 @@ def upstream() -> Iterator[int]:
 
 @contextlib.contextmanager
 def agent_with(port: int, kfuncs: bool = True, **http: Any) -> Iterator[tuple[Agent, str]]:
-    saved = HttpProbe.kfuncs
-    HttpProbe.kfuncs = kfuncs  # read while the object loads, i.e. inside running_agent
+    saved = L7Probe.kfuncs
+    L7Probe.kfuncs = kfuncs  # read while the object loads, i.e. inside running_agent
     try:
-        with running_agent({"filter": {"ports": [port]}, "probes": {"http": http}}) as pair:
-            HttpProbe.kfuncs = saved
+        with running_agent({"filter": {"ports": [port]}, "probes": {"l7": http}}) as pair:
+            L7Probe.kfuncs = saved
             yield pair
     finally:
-        HttpProbe.kfuncs = saved
+        L7Probe.kfuncs = saved
 
 
 def workload(port: int, rounds: int) -> int:
@@ -101,7 +103,7 @@ def test_kernel_aggregates_equal_ring_records_for_the_same_exchanges(upstream: i
     with agent_with(upstream) as (kernel, kernel_listen), \
             agent_with(upstream, kernel_aggregation=False) as (_, ring_listen), \
             agent_with(upstream, kfuncs=False) as (_, compat_listen):
-        assert kernel.probes["http"].kfuncs is True
+        assert kernel.probes["l7"].kfuncs is True
         n = workload(upstream, rounds=6)
         by_path = {name: settle(listen, n) for name, listen in
                    (("kernel", kernel_listen), ("ring", ring_listen),
@@ -147,13 +149,13 @@ def test_full_kernel_map_sends_exchanges_through_the_ring_and_loses_none(upstrea
         ring = total(s, "probewire_http_exchanges_total", via="ring")
         assert kernel > 0 and ring > 80  # each route's first exchanges, and the overflow
         assert kernel + ring == 240
-        assert total(s, "probewire_map_entries", probe="http", map="http_aggs") <= 16
+        assert total(s, "probewire_map_entries", probe="l7", map="l7_aggs") <= 16
 
 
 def test_keys_of_exited_clients_are_reaped_and_their_counts_kept(upstream: int) -> None:
     with agent_with(upstream) as (agent, listen):
-        http_probe = agent.probes["http"]
-        assert isinstance(http_probe, HttpProbe)
+        http_probe = agent.probes["l7"]
+        assert isinstance(http_probe, L7Probe)
         url = f"http://127.0.0.1:{upstream}/api/items/1"
         pids = []
         for _ in range(6):
@@ -163,14 +165,15 @@ def test_keys_of_exited_clients_are_reaped_and_their_counts_kept(upstream: int) 
         wait_for(lambda: total(scrape(listen), CLIENT, service_name="curl") >= 6)
         before = scrape(listen)
         assert total(before, CLIENT, service_name="curl") == 6
-        keys, _ = http_probe.map("http_aggs").read_all(HTTP_AGG_KEY, HTTP_AGG)
+        keys, _ = http_probe.map("l7_aggs").read_all(HTTP_AGG_KEY, HTTP_AGG)
         assert set(pids) & set(keys["tgid"].tolist())  # all but the first went to the kernel
         # Two reaps in a row find the curls gone: their keys (client side, and the server
         # side's keys naming them as peers) are deleted, every count they held is kept.
-        http_probe.reap_s = 0.0
+        assert http_probe.kernel is not None
+        http_probe.kernel.reap_s = 0.0
         http_probe.sync()
         http_probe.sync()
-        keys, _ = http_probe.map("http_aggs").read_all(HTTP_AGG_KEY, HTTP_AGG)
+        keys, _ = http_probe.map("l7_aggs").read_all(HTTP_AGG_KEY, HTTP_AGG)
         assert not set(pids) & set(keys["tgid"].tolist())
         assert not set(pids) & set(keys["peer_tgid"].tolist())
         after = scrape(listen)

@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from probewire.aggregate.http_heads import content_length, request_paths
-from probewire.probes.http import HEAD_LEN, METHOD_LEN, METHODS, header_lengths
+from probewire.l7.exchanges import METHODS
+from probewire.l7.protocols.http1 import HEAD_LEN, METHOD_LEN, header_lengths
 from probewire.runtime.bpf import BpfObject, Program
 from support.bpf_build import compile_bpf
 

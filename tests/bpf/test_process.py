@@ -23,6 +23,7 @@ from probewire.probes.process import PROCESS_EXEC, PROCESS_EXIT, ProcessProbe
 from probewire.runtime.features import probe_hook_types
 from probewire.runtime.filter import Filter, cgroup2_root
 from probewire.runtime.ring import Ring
+from probewire.security.kernel import PROCESS_FORK
 
 pytestmark = pytest.mark.bpf
 
@@ -118,12 +119,15 @@ def test_tiny_ring_flooded_without_reader_drops_and_counts_every_record() -> Non
             run_in_cgroup(cg, loop(n, "/bin/true;"))
             records = ring.drain()
             dropped = running.dropped()
-        # The shell's own exec and exit are in the cgroup too.
-        produced = 2 * (n + 1)
+        # The shell's own exec and exit are in the cgroup too; each /bin/true is also a fork
+        # record (security is on by default: the process tree). The shell's own fork ran in
+        # the test process, outside the cgroup.
+        produced = 2 * (n + 1) + n
         assert len(records) + dropped == produced
         assert dropped > 0
         assert len(records) > 0
-        assert set(np.unique(records["kind"]).tolist()) <= {PROCESS_EXEC, PROCESS_EXIT}
+        assert set(np.unique(records["kind"]).tolist()) <= {PROCESS_EXEC, PROCESS_EXIT,
+                                                            PROCESS_FORK}
     finally:
         if ring is not None:
             ring.close()
@@ -138,7 +142,7 @@ def test_agent_with_tiny_ring_under_exec_flood_stays_up_and_accounts_for_all() -
         "filter": {"cgroups": [str(cg)]},
     }) as (a, listen):
         run_in_cgroup(cg, loop(n, "/bin/true &") + "; wait")
-        produced = 2 * (n + 1)
+        produced = 2 * (n + 1) + n  # exec and exit of each process, a fork of each true
 
         def accounted() -> float:
             s = scrape(listen)
@@ -149,4 +153,4 @@ def test_agent_with_tiny_ring_under_exec_flood_stays_up_and_accounts_for_all() -
         s = scrape(listen)
         assert accounted() == produced
         assert a.reader.errors == 0
-        assert total(s, "probewire_probe_attached", probe="process") == 2
+        assert total(s, "probewire_probe_attached", probe="process") == len(ProcessProbe.hooks)

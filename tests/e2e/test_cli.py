@@ -47,7 +47,18 @@ HOOKS = (
     ("tcp", "tcp_receive_reset"),
     ("process", "sched_process_exec"),
     ("process", "sched_process_exit"),
-    ("http", "inet_sock_set_state"),
+    ("process", "sched_process_fork"),
+    ("process", "inet_sock_set_state"),
+    ("l7", "inet_sock_set_state"),
+    ("saturation", "sched_switch"),
+    ("saturation", "sched_wakeup"),
+    ("saturation", "sched_wakeup_new"),
+    ("saturation", "block_rq_issue"),
+    ("saturation", "block_rq_complete"),
+    ("saturation", "consume_skb"),
+    ("saturation", "kfree_skb"),
+    ("saturation", "inet_sock_set_state"),
+    ("saturation", "mark_victim"),
 )
 # The kernel keeps the first 15 bytes of a program name (BPF_OBJ_NAME_LEN - 1).
 KERNEL_NAME_LEN = 15
@@ -81,9 +92,10 @@ def _expected_programs(listen: str) -> tuple[Counter[str], Counter[str]]:
     libraries = len(payload["tls"]["libraries"])
     assert payload["tls"]["links"] == libraries * len(TLS_PROBES)
     tls_links = Counter(p[:KERNEL_NAME_LEN] for p, _, _ in TLS_PROBES for _ in range(libraries))
+    running = {s["probe"] for s in status}  # a family with nothing to attach is not loaded
     helpers = Counter(
         name[:KERNEL_NAME_LEN]
-        for probe in REGISTRY.values() if probe.name not in off
+        for family, probe in REGISTRY.items() if family in running
         for name in getattr(probe, "helper_programs", ())
     )
     return attached + helpers, attached + tls_links
@@ -498,6 +510,8 @@ def test_force_hook_tp_is_shown_with_the_forced_reason(test_output_dir: Path) ->
     # The override names a hook, so every family hooking that tracepoint takes it.
     forced = [(p, h) for p, h in HOOKS
               if h == "inet_sock_set_state" and not _family_off(rows, p)]
+    assert forced == [(p, "inet_sock_set_state") for p in ("tcp", "process", "l7", "saturation")
+                      if not _family_off(rows, p)]
     assert ("tcp", "inet_sock_set_state") in forced
     for key in forced:
         _probe, _hook, chosen, attached, _avg, _runs, reason = rows[key]

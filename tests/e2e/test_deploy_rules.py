@@ -138,7 +138,7 @@ def test_dashboards_and_rules_read_only_metrics_the_agent_exports() -> None:
             exported = exported_names(resp.read().decode())
     rules, recorded = rule_exprs()
     exprs = dashboard_exprs() + rules
-    assert len(DASHBOARDS) == 5 and exprs
+    assert len(DASHBOARDS) == 7 and exprs
     missing = {
         (where, name)
         for where, expr in exprs

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bpf"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from agentlib import wait_for
+from agentlib import scrape, total, wait_for
 from uistack import (
     NGINX_ROUTES,
+    SERVER_COUNT,
     UPSTREAM_ROUTES,
     Stack,
     drive,
@@ -177,3 +179,53 @@ def test_agent_page_shows_hooks_and_drops(page: Any, stack: Stack,
     drops = page.locator("[data-testid=probe-drops]").inner_text()
     assert all(name in drops for name in stack.agent.running)
     page.screenshot(path=str(test_output_dir / "agent.png"), full_page=True)
+
+
+def test_security_page_draws_an_alerts_ancestry_and_links_to_its_services_red_page(
+        page: Any, stack: Stack, test_output_dir: Path) -> None:
+    from support.attacks import write_scripts
+
+    scripts = write_scripts(test_output_dir)
+    probe = stack.agent.probes["process"]
+    assert isinstance(probe, ProcessProbe) and probe.security is not None
+    engine = probe.security
+    with tracing_everything(stack):
+        server = subprocess.Popen([sys.executable, str(scripts["vuln_server"])],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout is not None
+            base = f"http://127.0.0.1:{int(server.stdout.readline())}"
+            for path in ("/hello", "/hello", "/run?echo%20injected"):
+                with urllib.request.urlopen(base + path, timeout=20) as resp:
+                    resp.read()
+
+            def alerted() -> bool:
+                return any(a["rule"] == "shell_from_network_server"
+                           and a["ancestry"] and a["ancestry"][0]["pid"] == server.pid
+                           for a in engine.recent())
+
+            assert wait_for(alerted, 30)
+            assert wait_for(lambda: total(scrape(stack.listen), SERVER_COUNT,
+                                          service_name="vuln_server") >= 3, 30)
+        finally:
+            server.terminate()
+            server.wait(10)
+    open_page(page, stack, "security")
+    card = page.locator("[data-testid=alert][data-rule=shell_from_network_server]").filter(
+        has=page.locator(f"[data-testid=ancestor][data-pid='{server.pid}']"))
+    card.first.wait_for()
+    assert card.count() == 1
+    # The lineage is drawn oldest first, the shell that matched last.
+    drawn = [int(p) for p in card.locator("[data-testid=ancestor]").evaluate_all(
+        "els => els.map(e => e.dataset.pid)")]
+    assert drawn[-2:] == [server.pid, int(card.get_attribute("data-pid") or 0)]
+    assert os.getpid() in drawn
+    assert "echo injected" in card.inner_text()
+    page.screenshot(path=str(test_output_dir / "security.png"), full_page=True)
+    link = card.locator("[data-testid=alert-service]")
+    assert link.inner_text() == "vuln_server"
+    link.click()
+    page.wait_for_selector("body[data-loaded='service']")
+    assert page.locator("[data-testid=service-name]").inner_text().startswith("vuln_server")
+    page.wait_for_selector("[data-testid=routes] tbody tr")
+    assert routes_shown(page) == {("GET", "/hello"): 2, ("GET", "/run"): 1}

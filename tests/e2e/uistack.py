@@ -62,7 +62,7 @@ def observed_stack(sample_interval_s: float = 1.0) -> Iterator[Stack]:
     # Only these servers are traced, from the first moment: other nginx or upstream.py processes
     # on the host (other tests, benchmarks) would add their requests to the same service names.
     # Until the servers run, the filter holds this process alone (whose HTTP is not traced).
-    config = config_from_mapping({"probes": {"http": {"trace_agent": False}},
+    config = config_from_mapping({"probes": {"l7": {"trace_agent": False}},
                                   "filter": {"pids": [os.getpid()]}})
     agent = Agent(config)
     server = AgentServer(agent, make_registry(agent), "127.0.0.1", 0,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from concurrent import futures
@@ -21,9 +22,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import grpc
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
@@ -61,6 +64,18 @@ class Receiver:
         default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    log_requests: list[logs_service_pb2.ExportLogsServiceRequest] = field(default_factory=list)
+
+    def logs(self) -> list[tuple[dict[str, Any], LogRecord]]:
+        """(resource attributes, log record) of every log record received."""
+        with self.lock:
+            out = []
+            for req in self.log_requests:
+                for rl in req.resource_logs:
+                    res = attrs(rl.resource.attributes)
+                    for sl in rl.scope_logs:
+                        out.extend((res, r) for r in sl.log_records)
+            return out
 
     def spans(self) -> list[ReceivedSpan]:
         with self.lock:
@@ -91,6 +106,8 @@ class Receiver:
         with self.lock:
             if isinstance(req, trace_service_pb2.ExportTraceServiceRequest):
                 self.trace_requests.append(req)
+            elif isinstance(req, logs_service_pb2.ExportLogsServiceRequest):
+                self.log_requests.append(req)
             else:
                 self.metric_requests.append(req)
             self.headers.append(headers)
@@ -114,7 +131,16 @@ class _Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
         return metrics_service_pb2.ExportMetricsServiceResponse()
 
 
-def _http_handler(rx: Receiver) -> type[BaseHTTPRequestHandler]:
+class _Logs(logs_service_pb2_grpc.LogsServiceServicer):
+    def __init__(self, rx: Receiver) -> None:
+        self.rx = rx
+
+    def Export(self, request: Any, context: Any) -> Any:
+        self.rx._add(request, dict(context.invocation_metadata()))
+        return logs_service_pb2.ExportLogsServiceResponse()
+
+
+def _http_handler(rx: Receiver, delay_s: float = 0.0) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -123,6 +149,8 @@ def _http_handler(rx: Receiver) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            if delay_s:
+                time.sleep(delay_s)  # a slow collector (the fault matrix)
             encoding = self.headers.get("Content-Encoding", "")
             if encoding == "gzip":
                 body = gzip.decompress(body)
@@ -135,6 +163,9 @@ def _http_handler(rx: Receiver) -> type[BaseHTTPRequestHandler]:
             elif self.path == "/v1/metrics":
                 req = metrics_service_pb2.ExportMetricsServiceRequest.FromString(body)
                 resp = metrics_service_pb2.ExportMetricsServiceResponse()
+            elif self.path == "/v1/logs":
+                req = logs_service_pb2.ExportLogsServiceRequest.FromString(body)
+                resp = logs_service_pb2.ExportLogsServiceResponse()
             else:
                 self.send_error(404)
                 return
@@ -150,12 +181,14 @@ def _http_handler(rx: Receiver) -> type[BaseHTTPRequestHandler]:
 
 
 @contextlib.contextmanager
-def otlp_receiver(protocol: str = "grpc") -> Iterator[Receiver]:
+def otlp_receiver(protocol: str = "grpc", delay_s: float = 0.0) -> Iterator[Receiver]:
+    """`delay_s` (http/protobuf only): answer each export that much later, a slow collector."""
     rx = Receiver(protocol)
     if protocol == "grpc":
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Traces(rx), server)
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_Metrics(rx), server)
+        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_Logs(rx), server)
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         rx.endpoint = f"http://127.0.0.1:{port}"
@@ -164,7 +197,7 @@ def otlp_receiver(protocol: str = "grpc") -> Iterator[Receiver]:
         finally:
             server.stop(grace=None)
         return
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _http_handler(rx))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _http_handler(rx, delay_s))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     rx.endpoint = f"http://127.0.0.1:{httpd.server_address[1]}"

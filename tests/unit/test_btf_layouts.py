@@ -37,3 +37,32 @@ def test_every_probe_declares_programs_that_exist_in_its_object() -> None:
         with BpfObject(object_path(probe.object_name)) as obj:
             for hook in probe.hooks:
                 assert set(hook.programs) <= set(obj.programs), hook
+
+
+def test_l7_constants_module_is_what_the_object_btf_says() -> None:
+    """Kernel/user constants have one source, the C enums: the committed module is generated
+    from the object's BTF (scripts/gen_constants.py; `make constants` rewrites it)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "gen_constants.py"
+    spec = importlib.util.spec_from_file_location("gen_constants", script)
+    assert spec is not None and spec.loader is not None
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.TARGET.read_text() == gen.generate(), "run `make constants`: bpf/l7 enums changed"
+
+
+def test_every_header_field_starts_every_l7_record_at_the_same_offset() -> None:
+    """Records share one neutral header: the type tag first, then the protocol."""
+    from probewire.l7.records import HTTP_EXCHANGE, L7_DATA, L7_HEADER
+
+    with BpfObject(object_path("l7")) as obj:
+        header = obj.struct_layout("l7_header")
+        assert [f.name for f in header.fields][:2] == ["kind", "proto"]
+        for record in ("http_exchange", "l7_data"):
+            layout = obj.struct_layout(record)
+            assert layout.fields[: len(header.fields)] == header.fields, record
+    for dtype in (HTTP_EXCHANGE, L7_DATA):
+        assert dtype.names is not None and L7_HEADER.names is not None
+        assert dtype.names[: len(L7_HEADER.names)] == L7_HEADER.names

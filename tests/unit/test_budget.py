@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from probewire.aggregate.budget import LabelBudget
+from probewire.aggregate.budget import LabelBudget, expire_idle
 
 NAMES = ("service", "method", "http_route", "status")
 
@@ -128,3 +129,93 @@ def test_count_overflows_replays_admits_of_folded_label_sets() -> None:
     budget.count_overflows(3)  # as three more admits of ("api", "GET", "/b", "200") would
     assert budget.overflows == 4
     assert budget.active_series == 2
+
+
+# --- per-service shares, release, TTL ----------------------------------------------------------
+
+SERVER = ("service_name", "http_request_method", "http_route", "http_response_status_code")
+
+
+def test_one_services_flood_leaves_another_services_routes_intact() -> None:
+    budget = LabelBudget(100, {"http_route": "other"}, max_series_per_service=20)
+    for i in range(10_000):
+        budget.admit(("noisy", "GET", f"/flood/{i}", "200"), SERVER)
+    quiet = [("quiet", "GET", f"/r{i}", "200") for i in range(20)]
+    assert [budget.admit(labels, SERVER) for labels in quiet] == quiet
+    assert budget.admit(("quiet", "GET", "/r20", "200"), SERVER) == ("quiet", "GET", "other",
+                                                                      "200")
+    assert budget.per_service() == {"noisy": (20, 10_000 - 20), "quiet": (20, 1)}
+
+
+@given(floods=st.lists(st.tuples(st.sampled_from(["a", "b", "c", "d"]),
+                                 st.integers(min_value=0, max_value=500)), max_size=300),
+       share=st.integers(min_value=1, max_value=30))
+def test_no_service_holds_more_than_its_share_and_others_keep_theirs(
+    floods: list[tuple[str, int]], share: int
+) -> None:
+    # Room for the four flooding services' shares and the fresh one's.
+    budget = LabelBudget(5 * share, {"http_route": "other"}, max_series_per_service=share)
+    for service, route in floods:
+        budget.admit((service, "GET", f"/{route}", "200"), SERVER)
+    held = budget.per_service()
+    assert all(n <= share for n, _ in held.values())
+    # Whatever the others did, a fresh service still gets its whole share.
+    fresh = [("fresh", "GET", f"/{i}", "200") for i in range(share)]
+    assert [budget.admit(labels, SERVER) for labels in fresh] == fresh
+
+
+def test_released_label_sets_give_their_room_back_and_move_the_generation() -> None:
+    budget = LabelBudget(2, {"http_route": "other"})
+    budget.admit(("api", "GET", "/a", "200"), SERVER)
+    budget.admit(("api", "GET", "/b", "200"), SERVER)
+    assert budget.admit(("api", "GET", "/c", "200"), SERVER)[2] == "other"
+    generation = budget.generation
+    assert budget.release(("api", "GET", "/a", "200"), SERVER)
+    assert not budget.release(("api", "GET", "/a", "200"), SERVER)
+    assert budget.generation == generation + 1 and budget.released == 1
+    assert budget.admit(("api", "GET", "/c", "200"), SERVER) == ("api", "GET", "/c", "200")
+
+
+def test_expire_idle_drops_label_sets_idle_in_every_series_and_reuses_rows() -> None:
+    from probewire.aggregate.series import CounterSeries, HistogramSeries
+
+    now = [0.0]
+    duration, sizes = HistogramSeries([0.1, 1.0]), CounterSeries()
+    for s in (duration, sizes):
+        s.clock = lambda: now[0]
+    budget = LabelBudget(2, {"http_route": "other"})
+    idle, live, late = (("api", "GET", r, "200") for r in ("/idle", "/live", "/late"))
+    for labels in (idle, live):
+        budget.admit(labels, SERVER)
+    duration.observe(idle, np.array([0.05]))
+    duration.observe(live, np.array([0.05]))
+    now[0] = 10.0
+    sizes.add(live)  # written in one of the two series: live
+    assert budget.admit(late, SERVER)[2] == "other"
+    now[0] = 20.0
+    dropped = expire_idle(budget, SERVER, [duration, sizes], before=5.0)
+    assert dropped == [idle]
+    assert set(duration.counts) == {live} and budget.active_series == 2  # live + the overflow
+    # The room is admitted again and the freed row is reused, starting from zero.
+    assert budget.admit(late, SERVER) == late
+    duration.observe(late, np.array([2.0]))
+    assert duration.counts[late].tolist() == [0, 0, 1]
+    snap = duration.snapshot().counts
+    assert {k: v.tolist() for k, v in snap.items()} == {
+        k: v.tolist() for k, v in duration.counts.items()}
+
+
+def test_a_series_seen_again_after_expiry_restarts_from_zero() -> None:
+    from probewire.aggregate.series import CounterSeries
+
+    now = [0.0]
+    counter = CounterSeries()
+    counter.clock = lambda: now[0]
+    budget = LabelBudget(10, {"http_route": "other"})
+    labels = budget.admit(("api", "GET", "/a", "200"), SERVER)
+    counter.add(labels, 5.0)
+    now[0] = 100.0
+    assert expire_idle(budget, SERVER, [counter], before=50.0) == [labels]
+    assert counter.values == {}
+    counter.add(budget.admit(labels, SERVER))
+    assert counter.values == {labels: 1.0}  # a counter reset, as rate() expects

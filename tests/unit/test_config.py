@@ -101,7 +101,7 @@ def test_config_is_immutable() -> None:
 def test_unknown_key_names_dotted_path_and_known_fields(tmp_path: Path) -> None:
     message = load_error(tmp_path, "probes:\n  tcpp: {enabled: true}\n")
     assert "probes.tcpp" in message
-    assert "remove it; known fields are: tcp, http, process" in message
+    assert "remove it; known fields are: tcp, l7, http, process" in message
 
 
 def test_unknown_key_inside_a_rule_lists_rule_fields(tmp_path: Path) -> None:
@@ -310,3 +310,15 @@ def test_parse_listen_only_ever_raises_config_error(text: str) -> None:
     except ConfigError:
         return
     assert host and 1 <= port <= 65535
+
+
+def test_l7_protocols_must_be_known_ones(tmp_path: Path) -> None:
+    message = load_error(tmp_path, "probes:\n  l7: {protocols: [http, kafka]}\n")
+    assert "probes.l7.protocols" in message
+    assert "unknown protocol(s) 'kafka'" in message and "http2" in message
+
+
+def test_l7_protocols_can_be_narrowed() -> None:
+    config = config_from_mapping({"probes": {"l7": {"protocols": ["http2", "http", "http2"]}}})
+    assert config.probes.l7.protocols == ("http2", "http")
+    assert config_from_mapping({}).probes.l7.protocols is None  # every registered protocol

@@ -1,4 +1,4 @@
-"""Span assembly from decoded HTTP exchanges, and Prometheus → OTLP metric conversion."""
+"""Span assembly from decoded exchanges, and Prometheus → OTLP metric conversion."""
 
 from __future__ import annotations
 
@@ -18,32 +18,46 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from probewire.config import config_from_mapping
 from probewire.export.otlp import OtlpExporter, families_to_otlp
 from probewire.export.spans import SpanAssembler, is_otlp_export, parse_traceparent
-from probewire.probes.http import (
-    FLAG_ABORTED,
-    FLAG_GRPC,
-    FLAG_H2,
-    HTTP_EXCHANGE,
-    ROLE_CLIENT,
-    ROLE_SERVER,
-    ExchangeBatch,
-)
+from probewire.l7.constants import Proto, Role
+from probewire.l7.exchanges import EXCHANGE, ExchangeBatch, ExchangeFlag
+from probewire.l7.records import HTTP_EXCHANGE
+
+ROLE_SERVER, ROLE_CLIENT = int(Role.SERVER), int(Role.CLIENT)
+FLAG_ABORTED, FLAG_H2, FLAG_GRPC = ExchangeFlag.ABORTED, ExchangeFlag.H2, ExchangeFlag.GRPC
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
 
 
 def batch(*rows: dict[str, object]) -> ExchangeBatch:
-    rec = np.zeros(len(rows), dtype=HTTP_EXCHANGE)
-    for i, row in enumerate(rows):
-        head = bytes(row.pop("head", b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n"))  # type: ignore[arg-type]
-        rec[i]["req_head"][: len(head)] = np.frombuffer(head, np.uint8)
-        rec[i]["req_head_len"] = len(head)
-        base = {"tgid": 10, "tid": 10, "status": 200, "lport": 80, "rport": 5000}
-        for key, value in {**base, **row}.items():
-            rec[i][key] = value
+    """Exchange rows as the l7 family makes them: HTTP/1.x rows point at their kernel record
+    (whose head spans read); HTTP/2 rows (FLAG_H2) carry their path as an attribute."""
     n = len(rows)
-    return ExchangeBatch(rec, ["svc"] * n, ["GET"] * n, ["/x"] * n, ["10.0.0.2"] * n,
-                         ["10.0.0.1"] * n)
+    ex = np.zeros(n, dtype=EXCHANGE)
+    http = np.zeros(n, dtype=HTTP_EXCHANGE)
+    index = np.arange(n)
+    attributes: list[dict[str, object]] = [{} for _ in range(n)]
+    operations = ["GET"] * n
+    for i, row in enumerate(rows):
+        row = dict(row)
+        head = bytes(row.pop("head", b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n"))  # type: ignore[arg-type]
+        eflags = int(row.pop("flags", 0))  # type: ignore[call-overload]
+        http[i]["req_head"][: len(head)] = np.frombuffer(head, np.uint8)
+        http[i]["req_head_len"] = len(head)
+        base = {"tgid": 10, "tid": 10, "status": 200, "lport": 80, "rport": 5000,
+                "proto": Proto.HTTP}
+        for key, value in {**base, **row}.items():
+            ex[i][key] = value
+        ex[i]["eflags"] = eflags
+        if eflags & FLAG_H2:
+            method, path = head.split(b" ")[:2]
+            index[i] = -1
+            operations[i] = method.decode()
+            attributes[i] = {"path": path.decode()}
+            ex[i]["proto"] = Proto.HTTP2
+    return ExchangeBatch(ex, ["svc"] * n, operations, ["/x"] * n,
+                         [str(int(s)) for s in ex["status"]], ["10.0.0.2"] * n,
+                         ["10.0.0.1"] * n, http=http, http_index=index, attributes=attributes)
 
 
 def assembler(ratio: float = 1.0, serves: bool = True) -> SpanAssembler:

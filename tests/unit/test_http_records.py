@@ -1,4 +1,5 @@
-"""HttpProbe.on_batch (whole-array, memoised across batches) against a straightforward per-row
+"""L7Probe.on_batch (HTTP/1.x records, decoded and aggregated whole-array, memoised across
+batches by aggregate/pipeline.py) against a straightforward per-row
 reference of the same rules: the same series with the same counts, the same label budget
 answers and overflow counts, the same endpoint tables (in the same order), the same rows for
 sinks; sums agree to float rounding (the reference adds row by row).
@@ -21,28 +22,28 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import probewire.probes.http as http
+import probewire.aggregate.ids as ids
+import probewire.aggregate.memo as memo_module
+import probewire.aggregate.pipeline as pipeline_module
+import probewire.l7.protocols.http1 as http1
 from probewire.aggregate.budget import LabelBudget
+from probewire.aggregate.graph import EDGE_LABELS
 from probewire.aggregate.http_heads import header_length, nth_request, request_paths
-from probewire.aggregate.routes import RouteTemplater
+from probewire.aggregate.memo import ENDPOINTS_MAX
+from probewire.aggregate.red import HTTP_CLIENT, HTTP_CLIENT_LABELS, HTTP_SERVER
+from probewire.aggregate.red import HTTP_SERVER_LABELS as SERVER_LABELS
+from probewire.aggregate.routes import RouteLearner, RouteTemplater
 from probewire.config import config_from_mapping
 from probewire.enrich.net import format_address
 from probewire.enrich.service import ServiceResolver
+from probewire.l7.constants import HttpFlag, L7Flag, Proto
+from probewire.l7.exchanges import METHODS, ExchangeBatch
+from probewire.l7.protocols.http1 import HEAD_LEN, METHOD_LEN
+from probewire.l7.records import DURATION_BUCKETS, HTTP_EXCHANGE, SIZE_BUCKETS
 from probewire.probes.base import ProbeContext
-from probewire.probes.http import (
-    CLIENT_LABELS,
-    DURATION_BUCKETS,
-    EDGE_LABELS,
-    ENDPOINTS_MAX,
-    HEAD_LEN,
-    HTTP_EXCHANGE,
-    METHOD_LEN,
-    METHODS,
-    SERVER_LABELS,
-    SIZE_BUCKETS,
-    ExchangeBatch,
-    HttpProbe,
-)
+from probewire.probes.l7 import L7Probe
+
+CLIENT_LABELS = HTTP_CLIENT_LABELS
 
 ROUTES = ("/users/{id}", "/static/{*path}")
 NAMES = {101: "api", 102: "web", 103: "api", 105: "cron"}  # 103 shares 101's name; 104: none
@@ -88,8 +89,10 @@ PATHS = (
     b"/long/" + b"seg/" * 40,  # past the longer window and request_paths' 128-byte cut
     b"/" + b"%" * 60 + b"?after",  # ends just past the first window
 )
-STATUSES = (0, 200, 201, 304, 404, 500, 503, 999, 65535)
-FLAGS = (0, 1, 2, 4, 5, 64, 68, 128, 129, 132, 196, 255)
+# The kernel reads a status line's three digits: 100..999 (0: aborted).
+STATUSES = (0, 200, 201, 304, 404, 500, 503, 999)
+# Test flags: aborted 1, pipelined 2, TLS 4 (the kernel sets no others on HTTP/1.x records).
+FLAGS = (0, 1, 2, 4, 5, 6, 7, 3)
 PORTS = (80, 8080, 9999, 40000, 40001, 0)
 
 
@@ -131,10 +134,13 @@ def exchange(draw: st.DrawFn) -> dict[str, Any]:
 
 def records(rows: list[dict[str, Any]]) -> np.ndarray:
     rec = np.zeros(len(rows), HTTP_EXCHANGE)
+    rec["proto"] = Proto.HTTP
     for i, row in enumerate(rows):
         for name in HTTP_EXCHANGE.names:
-            if name in row and name not in ("req_head", "resp_head", "laddr", "raddr"):
+            if name in row and name not in ("req_head", "resp_head", "laddr", "raddr", "flags"):
                 rec[name][i] = row[name]
+        rec["hflags"][i] = row["flags"] & (HttpFlag.ABORTED | HttpFlag.PIPELINED)
+        rec["flags"][i] = L7Flag.TLS if row["flags"] & 4 else 0
         for name in ("req_head", "resp_head"):
             raw = (row[name][: row[f"{name}_len"]] + row["stale"] * 64)[:HEAD_LEN]
             rec[name][i, : len(raw)] = np.frombuffer(raw, np.uint8)
@@ -168,13 +174,18 @@ class Histograms:
 class Reference:
     """The rules of on_batch, one row and one group at a time."""
 
-    def __init__(self, budget: int, names: Names) -> None:
+    def __init__(self, budget: int, names: Names, per_service: int = 500,
+                 learner: RouteLearner | None = None) -> None:
         self.names = names
         self.templater = RouteTemplater(ROUTES)
-        self.server_budget = LabelBudget(budget, {"http_route": "other"})
+        self.learner = learner
+        if learner is not None:
+            learner.protected = learner.protected | frozenset(ROUTES)
+        self.server_budget = LabelBudget(budget, {"http_route": "other"}, per_service)
         self.client_budget = LabelBudget(budget, {"http_route": "other",
-                                                  "server_address": "other"})
-        self.edge_budget = LabelBudget(budget, {"client": "other"})
+                                                  "server_address": "other"}, per_service)
+        self.edge_budget = LabelBudget(budget, {"client": "other"}, per_service,
+                                       service_label="server")
         self.hist = {name: Histograms(DURATION_BUCKETS) for name in
                      ("server_duration", "client_duration", "edge_client_seconds",
                       "edge_server_seconds")}
@@ -182,7 +193,7 @@ class Reference:
                       ("server_req_size", "server_resp_size", "client_req_size")}
         self.counters: dict[str, dict[tuple[str, ...], float]] = {
             "aborted": {}, "edge_server_total": {}, "edge_server_failed": {}}
-        self.edge_client_total: dict[tuple[str, tuple[str, int]], list[float]] = {}
+        self.edge_client_total: dict[tuple[str, tuple[str, int], str], list[float]] = {}
         self.server_endpoints: OrderedDict[tuple[str, int], str] = OrderedDict()
         self.client_endpoints: OrderedDict[tuple[str, int], str] = OrderedDict()
         self.local_addresses = {"127.0.0.1", "::1"}
@@ -216,15 +227,16 @@ class Reference:
         req_end = header_length(r["req_head"][: min(head_len, HEAD_LEN)].tobytes())
         resp_end = header_length(r["resp_head"][: int(r["resp_head_len"])].tobytes())
         resp_end = int(r["resp_first_write"]) if resp_end is None else resp_end
-        flags, status = int(r["flags"]), int(r["status"])
+        aborted = bool(int(r["hflags"]) & HttpFlag.ABORTED)
+        tls, status = bool(int(r["flags"]) & L7Flag.TLS), int(r["status"])
         return {
             "role": role, "verb": verb, "route": route, "service": service,
             "service_key": (tgid, port), "status": status,
             "peer": format_address(family, r["raddr"]), "peer_key": (family, bytes(r["raddr"])),
             "local": format_address(family, r["laddr"]), "local_key": (family, bytes(r["laddr"])),
             "lport": lport, "rport": rport, "peer_tgid": int(r["peer_tgid"]),
-            "aborted": bool(flags & 1), "tls": bool(flags & 4), "grpc": bool(flags & 128),
-            "failed": bool(flags & 1) or status >= 500,
+            "aborted": aborted, "tls": tls, "grpc": False,
+            "failed": aborted or status >= 500,
             "duration": max(int(r["end_ns"]) - int(r["start_ns"]), 0) / 1e9,
             "req_size": (int(r["req_bytes"]) - req_end
                          if req_end is not None and pipe_idx == 0 else -1),
@@ -233,6 +245,8 @@ class Reference:
 
     def batch(self, rec: np.ndarray) -> list[dict[str, Any]]:
         rows = [self.row(r) for r in rec]
+        if self.learner is not None:
+            self.learn(rows)
         self.local_addresses.update(x["local"] for x in rows)
         for members in first_appearance([(x["role"], x["local_key"], x["lport"],
                                           x["service_key"]) for x in rows]).values():
@@ -242,6 +256,21 @@ class Reference:
         self.series(rows)
         self.edges(rows)
         return rows
+
+    def learn(self, rows: list[dict[str, Any]]) -> None:
+        """Each row's route as its service learned it by the end of the batch: learn every
+        row's in order, then ask again until no answer can change (no collapse)."""
+        learner = self.learner
+        assert learner is not None
+        for x in rows:
+            learner.learn(x["service"], x["route"])
+        while True:
+            generation = learner.generation
+            answers = [learner.learn(x["service"], x["route"]) for x in rows]
+            if learner.generation == generation:
+                break
+        for x, route in zip(rows, answers, strict=True):
+            x["route"] = route
 
     def series(self, rows: list[dict[str, Any]]) -> None:
         keys = [(x["role"], x["service_key"], x["verb"], x["status"], x["route"],
@@ -277,12 +306,13 @@ class Reference:
         for members in first_appearance([(x["service_key"], x["peer_key"], x["rport"])
                                          for x in client]).values():
             x = client[members[0]]
-            totals = self.edge_client_total.setdefault((x["service"], (x["peer"], x["rport"])),
-                                                       [0.0, 0.0])
+            totals = self.edge_client_total.setdefault(
+                (x["service"], (x["peer"], x["rport"]), ""), [0.0, 0.0])
             totals[0] += len(members)
             totals[1] += sum(client[i]["failed"] for i in members)
-            self.hist["edge_client_seconds"].observe((x["service"], f"{x['peer']}:{x['rport']}"),
-                                                     [client[i]["duration"] for i in members])
+            self.hist["edge_client_seconds"].observe(
+                (x["service"], f"{x['peer']}:{x['rport']}", ""),
+                [client[i]["duration"] for i in members])
         server = [x for x in rows if x["role"] == 1]
         for x in server:
             if x["peer_tgid"]:
@@ -295,7 +325,7 @@ class Reference:
         for members in first_appearance([(x["client"], x["service_key"], x["remote"])
                                          for x in server]).values():
             x = server[members[0]]
-            labels = self.edge_budget.admit((x["client"], x["service"]), EDGE_LABELS)
+            labels = self.edge_budget.admit((x["client"], x["service"], ""), EDGE_LABELS)
             if x["remote"]:
                 self.count("edge_server_total", labels, float(len(members)))
                 bad = sum(server[i]["failed"] for i in members)
@@ -306,33 +336,58 @@ class Reference:
 
 
 # --- comparing -----------------------------------------------------------------------------
-def assert_same(probe: HttpProbe, ref: Reference) -> None:
+def series_of(probe: L7Probe) -> dict[str, Any]:
+    """The probe's series under the reference's names."""
+    red, graph = probe.pipeline.red, probe.pipeline.graph
+    server, client = red.sinks[HTTP_SERVER], red.sinks[HTTP_CLIENT]
+    return {
+        "server_duration": server.duration, "client_duration": client.duration,
+        "server_req_size": server.req, "server_resp_size": server.resp,
+        "client_req_size": client.req, "edge_client_seconds": graph.client_seconds,
+        "edge_server_seconds": graph.server_seconds, "aborted": red.aborted,
+        "edge_server_total": graph.server_total, "edge_server_failed": graph.server_failed,
+        "server_budget": server.budget, "client_budget": client.budget,
+        "edge_budget": graph.budget,
+    }
+
+
+def assert_same(probe: L7Probe, ref: Reference) -> None:
+    got_series = series_of(probe)
     for name, hist in ref.hist.items():
-        series = getattr(probe, name)
+        series = got_series[name]
         counts, sums = series.counts, series.sums
         assert set(counts) == set(hist.series), name
         for labels, (expected, total) in hist.series.items():
             assert counts[labels].tolist() == expected, (name, labels)
             assert math.isclose(sums[labels], total, rel_tol=1e-9, abs_tol=1e-12), (name, labels)
     for name, values in ref.counters.items():
-        assert getattr(probe, name).values == values, name
-    assert probe.edge_client_total == ref.edge_client_total
+        assert got_series[name].values == values, name
+    assert probe.pipeline.graph.client_total == ref.edge_client_total
     for which in ("server_budget", "client_budget", "edge_budget"):
-        got, want = getattr(probe, which), getattr(ref, which)
+        got, want = got_series[which], getattr(ref, which)
         assert (got.overflows, got.active_series) == (want.overflows, want.active_series), which
-    assert list(probe.server_endpoints.items()) == list(ref.server_endpoints.items())
-    assert list(probe.client_endpoints.items()) == list(ref.client_endpoints.items())
-    assert probe.local_addresses == ref.local_addresses
+    endpoints = probe.pipeline.endpoints
+    assert list(endpoints.servers.items()) == list(ref.server_endpoints.items())
+    assert list(endpoints.clients.items()) == list(ref.client_endpoints.items())
+    assert endpoints.local_addresses == ref.local_addresses
 
 
-def run(batches: list[list[dict[str, Any]]], budget: int, renames: list[bool]) -> None:
+# Route learning that collapses early and keeps no literal (which literals are kept depends
+# on how often the learner is asked, which the memo changes on purpose).
+LEARNING = {"max_distinct": 3, "keep_max": 0}
+
+
+def run(batches: list[list[dict[str, Any]]], budget: int, renames: list[bool],
+        per_service: int = 500) -> None:
     names = Names()
-    cfg = config_from_mapping({"probes": {"http": {
-        "kernel_aggregation": False, "max_series_per_metric": budget, "routes": list(ROUTES)}}})
-    probe = HttpProbe(ProbeContext(cfg, names))
+    cfg = config_from_mapping({"probes": {
+        "l7": {"kernel_aggregation": False, "max_series_per_metric": budget,
+               "max_series_per_service": per_service},
+        "http": {"routes": list(ROUTES), "route_learning": LEARNING}}})
+    probe = L7Probe(ProbeContext(cfg, names))
     sunk: list[ExchangeBatch] = []
     probe.sinks.append(sunk.append)
-    ref = Reference(budget, names)
+    ref = Reference(budget, names, per_service, RouteLearner(**LEARNING))
     for rows, rename in zip(batches, renames, strict=True):
         if rename:
             names.rename(102, "web-" + str(names.generation))
@@ -341,8 +396,8 @@ def run(batches: list[list[dict[str, Any]]], budget: int, renames: list[bool]) -
         want = ref.batch(rec)
         got = sunk.pop()
         assert got.service == [x["service"] for x in want]
-        assert got.method == [x["verb"] for x in want]
-        assert got.route == [x["route"] for x in want]
+        assert got.operation == [x["verb"] for x in want]
+        assert got.target == [x["route"] for x in want]
         assert got.peer_address == [x["peer"] for x in want]
         assert got.local_address == [x["local"] for x in want]
         assert_same(probe, ref)
@@ -354,11 +409,12 @@ SETTINGS = settings(max_examples=150, deadline=None,
 
 
 @SETTINGS
-@given(BATCHES, st.sampled_from([10, 100_000]), st.data())
+@given(BATCHES, st.sampled_from([10, 100_000]), st.sampled_from([3, 500]), st.data())
 def test_batches_give_the_series_a_row_by_row_reference_gives(
-        batches: list[list[dict[str, Any]]], budget: int, data: st.DataObject) -> None:
+        batches: list[list[dict[str, Any]]], budget: int, per_service: int,
+        data: st.DataObject) -> None:
     renames = data.draw(st.lists(st.booleans(), min_size=len(batches), max_size=len(batches)))
-    run(batches, budget, renames)
+    run(batches, budget, renames, per_service)
 
 
 @SETTINGS
@@ -387,15 +443,16 @@ def test_a_client_address_that_turns_out_to_be_local_is_named_as_local_from_then
 def tiny_memo(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Caches of one slot (every lookup collides), victims forgotten at once, and memo tables
     that start afresh all the time: the slow paths must give the same answers."""
-    init = http._IdCache.__init__
+    init = ids.IdCache.__init__
 
-    def one_slot(self: http._IdCache, bits: int, **options: Any) -> None:
+    def one_slot(self: ids.IdCache, bits: int, **options: Any) -> None:
         init(self, 1, **options)
 
-    monkeypatch.setattr(http._IdCache, "__init__", one_slot)
-    monkeypatch.setattr(http, "_MEMO_MAX", 6)
-    monkeypatch.setattr(http, "_VICTIMS_MAX", 0)
-    monkeypatch.setattr(http, "_CONNS_MAX", 3)
+    monkeypatch.setattr(ids.IdCache, "__init__", one_slot)
+    monkeypatch.setattr(memo_module, "MEMO_MAX", 6)
+    monkeypatch.setattr(pipeline_module, "MEMO_MAX", 6)
+    monkeypatch.setattr(ids, "VICTIMS_MAX", 0)
+    monkeypatch.setattr(memo_module, "CONNS_MAX", 3)
     yield
 
 
@@ -415,8 +472,8 @@ def test_synthetic_mesh_across_batch_sizes() -> None:
     for pool in (8, 0):
         rec = synthetic_records(1500, seed=pool, pool=pool)
         with fake_proc() as proc:
-            probe = new_probe(proc, {"probes": {"http": {"kernel_aggregation": False,
-                                                          "max_series_per_metric": 300}}})
+            probe = new_probe(proc, {"probes": {"l7": {"kernel_aggregation": False,
+                                                        "max_series_per_metric": 300}}})
             ref = Reference(300, Names())
             ref.names = probe.ctx.services  # type: ignore[assignment]
             ref.templater = RouteTemplater(())
@@ -442,7 +499,7 @@ HEAD_BYTES = st.binary(max_size=HEAD_LEN) | st.lists(
 def test_paths_are_cut_as_request_paths_cuts_them(
         rows: list[tuple[bytes, int, int]], again: int) -> None:
     """Arbitrary head bytes and lengths: each row's route is that of request_paths' path."""
-    probe = HttpProbe(ProbeContext(config_from_mapping({}), Names()))
+    probe = L7Probe(ProbeContext(config_from_mapping({}), Names()))
     rec = np.zeros(len(rows), HTTP_EXCHANGE)
     for i, (head, method, head_len) in enumerate(rows):
         rec["req_head"][i, : len(head)] = np.frombuffer(head, np.uint8)
@@ -450,9 +507,10 @@ def test_paths_are_cut_as_request_paths_cuts_them(
         rec["req_head_len"][i] = head_len
     lens = rec["req_head_len"].astype(np.int64)
     paths = request_paths(rec["req_head"], lens, METHOD_LEN[rec["method"].astype(np.int64)])
-    want = [probe.routes.template(p.tobytes().rstrip(b"\0")) for p in paths]
+    want = [probe.templater.template(p.tobytes().rstrip(b"\0")) for p in paths]
     for _ in range(again + 1):  # again: from the memo
-        routes, _, _, route_idx = probe._routes_and_methods(rec)
+        _, route_idx = probe.http1.routes_and_methods(rec)
+        routes = probe.pipeline.labels.targets
         assert [routes[i] for i in route_idx.tolist()] == want
 
 
@@ -467,24 +525,25 @@ def test_header_ends_read_past_heads_but_not_beyond_their_length(
         rec["resp_head"][i, : len(resp)] = np.frombuffer(resp, np.uint8)
         rec["req_head_len"][i], rec["resp_head_len"][i] = req_len, resp_len
         rec["kind"][i] = 1
-    want = [http.header_lengths(rec[field], rec[f"{field}_len"].astype(np.int64)).tolist()
+    want = [http1.header_lengths(rec[field], rec[f"{field}_len"].astype(np.int64)).tolist()
             for field in ("req_head", "resp_head")]
     # Contiguous records, a single one, and records in a strided view.
     for rows in (slice(None), slice(0, 1), slice(None, None, -1)):
-        got = http._record_header_ends(rec[rows])
+        got = http1._record_header_ends(rec[rows])
         assert [g.tolist() for g in got] == [w[rows] for w in want]
 
 
 def test_the_same_head_under_another_method_is_another_path() -> None:
     """The path starts after the kernel's method (and its space), whatever the head says."""
-    probe = HttpProbe(ProbeContext(config_from_mapping({}), Names()))
+    probe = L7Probe(ProbeContext(config_from_mapping({}), Names()))
     head = b"GET /a/b HTTP/1.1\r\n"
     rec = np.zeros(4, HTTP_EXCHANGE)
     rec["req_head"][:, : len(head)] = np.frombuffer(head, np.uint8)
     rec["req_head_len"] = len(head)
     rec["method"] = [1, 4, 1, 4]  # GET, then DELETE: its path starts 7 bytes in, at "b"
     for _ in range(2):
-        routes, _, _, route_idx = probe._routes_and_methods(rec)
+        _, route_idx = probe.http1.routes_and_methods(rec)
+        routes = probe.pipeline.labels.targets
         assert [routes[i] for i in route_idx.tolist()] == ["/a/b", "/b", "/a/b", "/b"]
 
 
@@ -492,12 +551,12 @@ def test_the_same_head_under_another_method_is_another_path() -> None:
 @given(st.lists(st.lists(st.integers(0, 1 << 62), max_size=700), max_size=12),
        st.lists(st.integers(0, 1 << 62), max_size=50))
 def test_sorted_ids_find_what_was_added(adds: list[list[int]], others: list[int]) -> None:
-    ids, known = http._SortedIds(), {}
+    sorted_ids, known = ids.SortedIds(), {}
     for keys in adds:
         new = [k for k in dict.fromkeys(keys) if k not in known]
         base = len(known)
-        ids.add(np.array(new, dtype=np.int64), np.arange(base, base + len(new)))
+        sorted_ids.add(np.array(new, dtype=np.int64), np.arange(base, base + len(new)))
         known.update((k, base + i) for i, k in enumerate(new))
         probe = np.array([*known, *others], dtype=np.int64)
-        assert ids.find(probe).tolist() == [known.get(k, -1) for k in probe.tolist()]
-    assert len(ids) == len(known)
+        assert sorted_ids.find(probe).tolist() == [known.get(k, -1) for k in probe.tolist()]
+    assert len(sorted_ids) == len(known)

@@ -72,3 +72,36 @@ def test_a_service_that_appears_after_the_window_start_counts_from_zero() -> Non
     assert win.rate(("svc", "b")) == pytest.approx(24 / 65)
     assert win.rate(("svc_err", "c")) == pytest.approx(3 / 65)  # never sampled at all
     assert win.rate(("svc", "nobody")) == 0.0
+
+
+def test_columns_of_keys_that_went_away_are_dropped_at_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import probewire.serve.history as history
+
+    monkeypatch.setattr(history, "MAX_COLUMNS", 40)
+    h = History(interval_s=5.0, started_at=0.0)
+    # Each sample: a service nobody saw before (series churn), and one that stays.
+    for i in range(1, 100):
+        h.add(snap(5.0 * i, {(f"gone{i}", "200"): 1.0, ("stays", "200"): 10.0 * i}))
+        assert h.column_count <= 40
+    assert h.dropped_columns > 0
+    win = h.window(snap(5.0 * 100, {("stays", "200"): 1000.0}))
+    assert win.rate(("svc", "stays")) == pytest.approx(2.0)  # rates of kept keys stay right
+
+
+def test_services_without_points_for_the_whole_history_are_dropped() -> None:
+    h = History(interval_s=5.0, started_at=0.0)
+    h.add(snap(5.0, {("old", "200"): 1.0}))
+    for i in range(2, h.points + 3):
+        h.add(snap(5.0 * i, {("new", "200"): float(i)}))
+    assert h.services() == ["new"] and h.expired_services == 1
+
+
+def test_shrink_keeps_rates_right() -> None:
+    h = History(interval_s=5.0, started_at=0.0)
+    for i in range(1, 20):
+        h.add(snap(5.0 * i, {("a", "200"): 10.0 * i}))
+    before = h.window(snap(100.0, {("a", "200"): 200.0})).rate(("svc", "a"))
+    assert h.shrink() > 0 and h.sample_count == 2
+    assert h.window(snap(100.0, {("a", "200"): 200.0})).rate(("svc", "a")) == before

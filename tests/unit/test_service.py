@@ -294,7 +294,8 @@ def test_container_process_gets_the_same_naming_rules(tmp_path: Path) -> None:
 
 
 def test_cgroup_rule_names_a_container(tmp_path: Path) -> None:
-    fake_process(tmp_path, 13, cgroup=f"/kubepods/pod{POD_UID}/{CID}", exe="/app/bin")
+    fake_process(tmp_path, 13, cgroup=f"/kubepods/pod{POD_UID}/{CID}", exe="/app/bin",
+                 comm="bin", cmdline=("/app/bin",))
     rules = [ServiceRule(name="payments", cgroup=POD_UID, exe="/app/*")]
     assert ServiceResolver(rules, proc=tmp_path).name_for(13) == "payments"
     # All given matchers must match: a wrong exe glob turns the rule off.
@@ -364,7 +365,8 @@ def test_cached_names_are_revalidated_at_most_once_a_period_and_exec_forgets(
 
 def test_cache_is_bounded_and_evicts_least_recently_used(tmp_path: Path) -> None:
     for pid in (31, 32, 33):
-        fake_process(tmp_path, pid, exe=f"/usr/bin/p{pid}")
+        fake_process(tmp_path, pid, exe=f"/usr/bin/p{pid}", comm=f"p{pid}",
+                     cmdline=(f"/usr/bin/p{pid}",))
     resolver = ServiceResolver(proc=tmp_path, max_entries=2)
     assert resolver.names_for([31, 32]) == {31: "p31", 32: "p32"}
     resolver.name_for(31)  # 32 is now the least recently used
@@ -531,3 +533,24 @@ def test_name_until_says_how_long_a_cached_name_stands_and_generation_moves_on_c
     resolver.forget(20)  # nothing to forget: nothing changed
     assert resolver.generation == before + 2
     assert resolver.name_until(999) == ("unknown", 0.0)  # not cached: ask again next time
+
+
+@pytest.mark.parametrize(("comm", "cmdline", "exe", "name"), [
+    # Debian's redis-server is a link to redis-check-rdb; redis rewrites its title
+    ("redis-server", ("redis-server 127.0.0.1:6379",), "/usr/bin/redis-check-rdb",
+     "redis-server"),
+    # a busybox applet
+    ("wget", ("wget", "-q", "x"), "/bin/busybox", "wget"),
+    # comm keeps 15 bytes: the called name comes from the command line
+    ("very-long-tool-", ("/usr/bin/very-long-tool-name", "-x"), "/usr/bin/multicall",
+     "very-long-tool-name"),
+    # a program that renamed its own comm (prctl) keeps its executable's name
+    ("worker-3", ("/usr/sbin/nginx", "-g", "x"), "/usr/sbin/nginx", "nginx"),
+    ("MainThread", ("/usr/bin/app",), "/usr/bin/app", "app"),
+    # python3 -> python3.11: the executable's name starts with comm
+    ("python3", ("python3",), "/usr/bin/python3.11", "python3.11"),
+])
+def test_a_program_called_through_a_link_is_named_as_called(
+        tmp_path: Path, comm: str, cmdline: tuple[str, ...], exe: str, name: str) -> None:
+    fake_process(tmp_path, 20, comm=comm, cmdline=cmdline, exe=exe)
+    assert ServiceResolver(proc=tmp_path).name_for(20) == name

@@ -37,7 +37,7 @@ _METHODS_BYTES = frozenset(m.encode() for m in METHODS)
 _MAX_METHOD_LEN = max(len(m) for m in METHODS)
 _VERSIONS = (b"HTTP/1.0", b"HTTP/1.1")
 # Request lines also come from HTTP/2 streams, which the http probe writes as
-# "METHOD :path HTTP/2" heads (HttpProbe._as_records).
+# "METHOD :path HTTP/2" heads (as spans and tests write them).
 _REQUEST_VERSIONS = (*_VERSIONS, b"HTTP/2")
 _HEADER_END = b"\r\n\r\n"
 # 10**18 bytes is beyond any real body and keeps int() on hostile digit strings cheap.

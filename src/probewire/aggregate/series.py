@@ -8,7 +8,8 @@ once (`slot`) and hands over (series row, value) pairs (`add`), never a Python c
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
@@ -26,10 +27,15 @@ def grown(array: np.ndarray, rows: int) -> np.ndarray:
 
 
 class _Rows:
-    """A dense row per label set, in order of creation, in arrays a subclass grows (`_grow`)
-    and sizes (`_capacity`)."""
+    """A dense row per label set, in arrays a subclass grows (`_grow`), sizes (`_capacity`) and
+    clears (`_clear`, for a row `remove` frees and a later label set reuses).
+
+    Each row remembers when it was last written (`touched`, seconds on `clock`), so label sets
+    idle longer than a TTL can be found (`idle`) and removed; see aggregate.budget.expire_idle.
+    """
 
     _rows: dict[Labels, int]
+    clock: Callable[[], float] = time.monotonic
 
     def _capacity(self) -> int:
         raise NotImplementedError
@@ -37,14 +43,59 @@ class _Rows:
     def _grow(self, size: int) -> None:
         raise NotImplementedError
 
+    def _clear(self, row: int) -> None:
+        raise NotImplementedError
+
+    def _init_rows(self) -> None:
+        self._rows = {}
+        self._used = 0  # rows handed out so far (freed ones included): the arrays' live prefix
+        self._free: list[int] = []
+        self._touched = np.zeros(0, dtype=np.float64)
+
     def slot(self, labels: Labels) -> int:
         """The row of `labels`, made (empty, not yet exported) if it is new."""
         row = self._rows.get(labels)
         if row is None:
-            row = self._rows[labels] = len(self._rows)
-            if row == self._capacity():
-                self._grow(max(16, 2 * row))
+            if self._free:
+                row = self._free.pop()
+            else:
+                row = self._used
+                self._used += 1
+                if row == self._capacity():
+                    self._grow(max(16, 2 * row))
+                    self._touched = grown(self._touched, self._capacity())
+            self._rows[labels] = row
+            self._touched[row] = self.clock()
         return row
+
+    def touch(self, rows: np.ndarray) -> None:
+        """Mark rows written now (add and merge do it; a caller that replays cached rows
+        without adding may too)."""
+        if len(rows):
+            self._touched[rows] = self.clock()
+
+    def touched(self, labels: Labels) -> float | None:
+        """When `labels`' row was last written (None: no such row)."""
+        row = self._rows.get(labels)
+        return None if row is None else float(self._touched[row])
+
+    def idle(self, before: float) -> list[Labels]:
+        """Label sets whose rows were last written before `before`."""
+        touched = self._touched
+        return [labels for labels, row in self._rows.items() if touched[row] < before]
+
+    def remove(self, labels: Labels) -> bool:
+        """Forget a label set: its row is cleared and reused by a later one. A caller that
+        cached the row (e.g. a memo of slot answers) must drop that cache."""
+        row = self._rows.pop(labels, None)
+        if row is None:
+            return False
+        self._clear(row)
+        self._free.append(row)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._rows)
 
 
 class HistogramSeries(_Rows):
@@ -55,7 +106,7 @@ class HistogramSeries(_Rows):
         # Row per label set, in order of creation. A row is exported once something landed in
         # it, as with the dict of series this replaced: an `add` always counts, and `merged`
         # marks rows given counts by `merge` (which may be all zero).
-        self._rows: dict[Labels, int] = {}
+        self._init_rows()
         self._counts = np.zeros((0, self.width), dtype=np.int64)
         self._sums = np.zeros(0, dtype=np.float64)
         self._merged = np.zeros(0, dtype=bool)
@@ -68,6 +119,11 @@ class HistogramSeries(_Rows):
         self._counts = grown(self._counts, size)
         self._sums = grown(self._sums, size)
         self._merged = grown(self._merged, size)
+
+    def _clear(self, row: int) -> None:
+        self._counts[row] = 0
+        self._sums[row] = 0.0
+        self._merged[row] = False
 
     def buckets(self, values: np.ndarray) -> np.ndarray:
         """Bucket of each value: bucket i holds bounds[i-1] < v <= bounds[i] (Prometheus' le)."""
@@ -86,6 +142,7 @@ class HistogramSeries(_Rows):
             buckets = self.buckets(values)
         np.add.at(self._counts.reshape(-1), rows * self.width + buckets, 1)
         np.add.at(self._sums, rows, values)
+        self._touched[rows] = self.clock()
 
     # --- one label set at a time ---------------------------------------------------------------
     def observe(self, labels: Labels, values: np.ndarray) -> None:
@@ -100,6 +157,8 @@ class HistogramSeries(_Rows):
         self._counts[row] += counts
         self._sums[row] += total
         self._merged[row] = True
+        if counts.any():
+            self._touched[row] = self.clock()
 
     # --- reading -------------------------------------------------------------------------------
     def _live_rows(self) -> list[tuple[Labels, int]]:
@@ -136,8 +195,9 @@ class HistogramSeries(_Rows):
         """A copy to render from while the original goes on counting (e.g. outside a lock)."""
         snap = HistogramSeries.__new__(HistogramSeries)
         snap.bounds, snap.le, snap.width = self.bounds, self.le, self.width
-        n = len(self._rows)
-        snap._rows = dict(self._rows)
+        n = self._used
+        snap._rows, snap._used, snap._free = dict(self._rows), n, list(self._free)
+        snap._touched = self._touched[:n].copy()
         snap._counts, snap._sums = self._counts[:n].copy(), self._sums[:n].copy()
         snap._merged = self._merged[:n].copy()
         return snap
@@ -148,7 +208,7 @@ class CounterSeries(_Rows):
     HistogramSeries: `slot` once, then `add_rows` for a whole batch)."""
 
     def __init__(self) -> None:
-        self._rows: dict[Labels, int] = {}
+        self._init_rows()
         self._values = np.zeros(0, dtype=np.float64)
         self._live = np.zeros(0, dtype=bool)
 
@@ -159,16 +219,22 @@ class CounterSeries(_Rows):
         self._values = grown(self._values, size)
         self._live = grown(self._live, size)
 
+    def _clear(self, row: int) -> None:
+        self._values[row] = 0.0
+        self._live[row] = False
+
     def add(self, labels: Labels, amount: float = 1.0) -> None:
         row = self.slot(labels)
         self._values[row] += amount
         self._live[row] = True
+        self._touched[row] = self.clock()
 
     def add_rows(self, rows: np.ndarray) -> None:
         """Count 1 in series row rows[i] for every i (rows from `slot`)."""
         if len(rows):
             np.add.at(self._values, rows, 1.0)
             self._live[rows] = True
+            self._touched[rows] = self.clock()
 
     @property
     def values(self) -> dict[Labels, float]:
@@ -186,8 +252,9 @@ class CounterSeries(_Rows):
     def snapshot(self) -> CounterSeries:
         """A copy to render from while the original goes on counting."""
         snap = CounterSeries.__new__(CounterSeries)
-        n = len(self._rows)
-        snap._rows = dict(self._rows)
+        n = self._used
+        snap._rows, snap._used, snap._free = dict(self._rows), n, list(self._free)
+        snap._touched = self._touched[:n].copy()
         snap._values, snap._live = self._values[:n].copy(), self._live[:n].copy()
         return snap
 

@@ -1,27 +1,101 @@
-"""Kernel/user constants of the L7 capture layer (bpf/l7/l7.h).
+"""Kernel/user constants of the l7 family, generated from the BTF of l7.bpf.o by
+scripts/gen_constants.py: do not edit. Their one source is the C enums in bpf/l7/*.h;
+run `make constants` after changing one (tests/unit/test_btf_layouts.py checks)."""
 
-To be generated from the object's BTF by the build (the lead replaces this hand copy with the
-generator and a drift test); names and values mirror the C enums exactly.
-"""
-
-L7_PROTO_UNKNOWN = 0
-L7_PROTO_HTTP = 1
-L7_PROTO_HTTP2 = 2
-L7_PROTO_POSTGRESQL = 3
-L7_PROTO_MYSQL = 4
-L7_PROTO_REDIS = 5
-L7_PROTO_MEMCACHED = 6
-L7_PROTO_DNS = 7
-L7_PROTO_COUNT = 8
-
-L7_ROLE_UNKNOWN = 0
-L7_ROLE_SERVER = 1
-L7_ROLE_CLIENT = 2
-
-L7_DIR_IN = 1
-L7_DIR_OUT = 2
-
-L7_TCP = 6
-L7_UDP = 17
+import enum
 
 L7_PEEK = 32
+L7_MAX_TRIES = 8
+L7_CHUNK = 8192
+L7_MAX_CHUNKS = 32
+HTTP_HEAD_LEN = 256
+HTTP_PATH_MAX = 128
+
+
+class Proto(enum.IntEnum):
+    """enum l7_proto"""
+
+    UNKNOWN = 0
+    HTTP = 1
+    HTTP2 = 2
+    POSTGRESQL = 3
+    MYSQL = 4
+    REDIS = 5
+    MEMCACHED = 6
+    DNS = 7
+    COUNT = 8
+    NONE = 254
+    FILTERED = 255
+
+
+class Role(enum.IntEnum):
+    """enum l7_role"""
+
+    UNKNOWN = 0
+    SERVER = 1
+    CLIENT = 2
+
+
+class Direction(enum.IntEnum):
+    """enum l7_dir"""
+
+    IN = 1
+    OUT = 2
+
+
+class Transport(enum.IntEnum):
+    """enum l7_transport"""
+
+    TCP = 6
+    UDP = 17
+
+
+class RecordKind(enum.IntEnum):
+    """enum l7_record"""
+
+    HTTP = 1
+    DATA = 2
+    CLOSE = 3
+
+
+class L7Flag(enum.IntFlag):
+    """enum l7_flag"""
+
+    TLS = 1
+    UDP = 2
+    PREEXISTING = 4
+
+
+class Coverage(enum.IntEnum):
+    """enum l7_coverage"""
+
+    CLASSIFIED = 0
+    UNCLASSIFIED_TLS = 1
+    UNCLASSIFIED = 2
+    TRUNCATED = 3
+    COUNT = 4
+
+
+class HttpMethod(enum.IntEnum):
+    """enum http_method"""
+
+    OTHER = 0
+    GET = 1
+    POST = 2
+    PUT = 3
+    DELETE = 4
+    HEAD = 5
+    PATCH = 6
+    OPTIONS = 7
+    CONNECT = 8
+    TRACE = 9
+
+
+class HttpFlag(enum.IntFlag):
+    """enum http_flag"""
+
+    ABORTED = 1
+    PIPELINED = 2
+    SAMPLED = 4
+    H2 = 64
+    GRPC = 128

@@ -17,30 +17,15 @@ Parsers never raise on bad input: garbage, truncation or a protocol violation is
 
 from __future__ import annotations
 
-import enum
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
+from probewire.l7.constants import Direction, Role, Transport
 
-class Direction(enum.IntEnum):
-    """Which way the bytes went, from the point of view of the process that owns the socket."""
-
-    IN = 1  # read by it
-    OUT = 2  # written by it
-
-
-class Role(enum.IntEnum):
-    """What the process that owns the socket is on this connection."""
-
-    UNKNOWN = 0
-    SERVER = 1
-    CLIENT = 2
-
-
-class Transport(enum.IntEnum):
-    TCP = 6
-    UDP = 17
+__all__ = ["ConnInfo", "Direction", "Exchange", "Protocol", "Role", "Segment", "StreamParser",
+           "Transport"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +76,9 @@ class Exchange:
     summary: str = ""  # span-only: a literal-free summary, e.g. "SELECT users"
     peer: tuple[str, int] | None = None  # UDP: the remote end of this exchange
     aborted: bool = False  # the connection ended before the response came
+    # Protocol-specific facts for spans and protocol metrics (never labels by themselves),
+    # e.g. HTTP/2's {"path": ..., "grpc_status": ...}.
+    attributes: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,6 +87,8 @@ class StreamParser(ABC):
 
     conn: ConnInfo
     failures: Counter[str] = field(default_factory=Counter)
+    # Set (to the reason) when the parser gave the connection up for good: it is fed no more.
+    lost: str = ""
 
     @abstractmethod
     def feed(self, segment: Segment) -> list[Exchange]:
@@ -122,12 +112,19 @@ class Protocol(ABC):
     transports: frozenset[Transport] = frozenset({Transport.TCP})
     # What its exchanges feed: "db" (db_client_operation_duration_seconds), "dns", "http".
     kind: str
+    # Parsed by its kernel parser (exchanges arrive as records), not by `parser()`.
+    parsed_in_kernel: bool = False
 
     @abstractmethod
-    def classify(self, peek: bytes, direction: Direction, transport: Transport) -> Role:
+    def classify(self, peek: bytes, direction: Direction, transport: Transport, *,
+                 lport: int = 0, rport: int = 0, call_len: int = 0) -> Role:
         """The Python mirror of the kernel classifier: given the first bytes a call moved on a
         connection not yet classified, the role of the process if they start a message of this
-        protocol, else Role.UNKNOWN. Must agree with the kernel's on every input."""
+        protocol, else Role.UNKNOWN. Must agree with the kernel's on every input.
+
+        ``peek`` is at most L7_PEEK bytes (struct l7_peek's data[:len]); ``lport``/``rport`` are
+        the socket's local and remote ports and ``call_len`` the bytes the whole call moved
+        (0: just ``len(peek)``), as struct l7_peek carries them."""
 
     @abstractmethod
     def parser(self, conn: ConnInfo) -> StreamParser:

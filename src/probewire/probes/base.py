@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from prometheus_client.core import Metric
@@ -63,8 +63,12 @@ class Probe:
     record_dtype: ClassVar[np.dtype | None] = None  # set when the family ships ring records
     # Further ring buffers of the object (map name -> record dtype), drained like "events".
     extra_rings: ClassVar[dict[str, np.dtype]] = {}
-    # Loaded but never attached (e.g. the target of a tail call).
-    helper_programs: ClassVar[tuple[str, ...]] = ()
+    # Those of them whose records vary in length (the dtype is their fixed part; on_ring gets
+    # a runtime.ring.VarBatch).
+    variable_rings: ClassVar[frozenset[str]] = frozenset()
+    # Loaded but never attached (e.g. the target of a tail call); a family may set its own
+    # per instance (what it loads can depend on its config).
+    helper_programs: tuple[str, ...] = ()
     # Kernel fields by plain loads where the kernel has bpf_rdonly_cast (6.2+); off makes the
     # programs take the bpf_probe_read_kernel path older kernels take (tests cover both).
     kfuncs: ClassVar[bool] = True
@@ -83,8 +87,8 @@ class Probe:
     def on_batch(self, records: np.ndarray) -> None:
         """Handle a batch of ring records (called on the reader thread)."""
 
-    def on_ring(self, map_name: str, records: np.ndarray) -> None:
-        """Handle a batch from one of `extra_rings`."""
+    def on_ring(self, map_name: str, records: Any) -> None:
+        """Handle a batch from one of `extra_rings` (a VarBatch for `variable_rings`)."""
 
     def on_stop(self) -> None:
         """Release what after_load took beyond the declared hooks (e.g. uprobe links)."""
@@ -93,7 +97,15 @@ class Probe:
         """Metrics read at scrape time."""
         return ()
 
+    def active_hooks(self) -> tuple[Hook, ...]:
+        """The hooks this instance attaches: all of them unless its config turns some off."""
+        return self.hooks
+
     # --- helpers ----------------------------------------------------------------------------
+    def budget_families(self) -> Iterable[tuple[str, float, int]]:
+        """(metric, overflows, active series) of each label budget the family keeps."""
+        return ()
+
     def map(self, name: str) -> Map:
         assert self.obj is not None, f"probe {self.name} is not loaded"
         return self.obj.maps[name]
@@ -133,7 +145,7 @@ class RunningProbe:
 
 
 def choose_programs(
-    probe: type[Probe], support: dict[str, HookSupport], obj: BpfObject,
+    probe: Probe, support: dict[str, HookSupport], obj: BpfObject,
     forced: dict[str, str] | None = None,
 ) -> list[HookChoice]:
     """Per hook: the first program whose hook type this kernel supports.
@@ -142,7 +154,7 @@ def choose_programs(
     tests can prove each fallback works on a kernel that also has the preferred hook.
     """
     choices = []
-    for hook in probe.hooks:
+    for hook in probe.active_hooks():
         rejected: list[str] = []
         chosen: str | None = None
         for prog_name in hook.programs:
@@ -178,7 +190,7 @@ def start_probe(
     try:
         for struct_name, dtype in probe.structs.items():
             obj.struct_layout(struct_name).check_dtype(dtype)
-        choices = choose_programs(type(probe), support, obj, forced)
+        choices = choose_programs(probe, support, obj, forced)
         chosen = {c.program for c in choices if c.program} | {
             name for name in probe.helper_programs
             if support.get(hook_type_of(obj.programs[name].section),

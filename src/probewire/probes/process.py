@@ -3,6 +3,12 @@
 Exec records name the service while the process is still alive (so short-lived clients
 keep a name after they exit); exit records retire the pid from the service cache after a
 grace period, so connections it closed can still be attributed at the next scrape.
+
+With security on (the default), the family also records forks and connects to watched
+destinations, decides the cheap part of the security rules at exec in the kernel, and hands
+every batch to its security engine (src/probewire/security/): the process tree, the rules,
+the alerts. argv is redacted here, before anything downstream (events API, UI, subscribers,
+alerts) sees it.
 """
 
 from __future__ import annotations
@@ -13,18 +19,22 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from probewire.enrich.service import ProcessInfo
 from probewire.probes.base import Hook, Probe, ProbeContext
+from probewire.runtime.bpf import BpfObject
+from probewire.security import kernel as sec
+from probewire.security.kernel import PROCESS_EXEC, PROCESS_EXIT
+from probewire.security.redact import Redactor
+
+if TYPE_CHECKING:
+    from probewire.security.engine import SecurityEngine
 
 log = logging.getLogger(__name__)
-
-PROCESS_EXEC = 1
-PROCESS_EXIT = 2
 
 PROCESS_EVENT = np.dtype(
     [
@@ -38,10 +48,18 @@ PROCESS_EVENT = np.dtype(
         ("exit_code", np.int32),
         ("exit_signal", np.uint32),
         ("args_len", np.uint32),
-        ("_pad", np.uint32),
+        ("euid", np.uint32),
         ("comm", "S16"),
-        ("filename", "S128"),
-        ("args", "V128"),
+        ("filename", f"S{sec.PROCESS_FILENAME_LEN}"),
+        ("args", f"V{sec.PROCESS_ARGS_LEN}"),
+        ("start_ns", np.uint64),
+        ("clauses", np.uint64),
+        ("sec_flags", np.uint32),
+        ("dport", np.uint16),
+        ("family", np.uint8),
+        ("listener_depth", np.uint8),
+        ("daddr", np.uint8, (16,)),
+        ("exe", f"S{sec.PROCESS_EXE_LEN}"),
     ]
 )
 
@@ -63,10 +81,17 @@ class ProcessEvent:
     comm: str
     service_name: str
     filename: str = ""
-    argv: tuple[str, ...] = ()
+    argv: tuple[str, ...] = ()  # redacted (security.redact)
+    exe: str = ""  # exec, with security on: the image's path as the kernel resolved it
     exit_code: int | None = None
     exit_signal: int | None = None
     lifetime_s: float | None = None
+
+
+def cstr(raw: bytes) -> str:
+    """A C string field: bpf_probe_read_*_str stops at the NUL and leaves whatever the ring
+    slot held before after it, so only the bytes up to the first NUL are the string."""
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
 
 
 def decode_argv(raw: bytes, length: int) -> tuple[str, ...]:
@@ -87,12 +112,23 @@ class ProcessProbe(Probe):
     hooks = (
         Hook("sched_process_exec", ("process_exec_btf", "process_exec_tp")),
         Hook("sched_process_exit", ("process_exit_btf", "process_exit_tp")),
+        # Security only (they return at once when it is off): the tree's forks, and the
+        # listening sockets and watched connects.
+        Hook("sched_process_fork", ("process_fork_btf", "process_fork_tp")),
+        Hook("inet_sock_set_state", ("process_sock_btf", "process_sock_tp")),
     )
-    structs: ClassVar[dict[str, np.dtype]] = {"process_event": PROCESS_EVENT}
+    structs: ClassVar[dict[str, np.dtype]] = {"process_event": PROCESS_EVENT, **sec.STRUCTS}
     record_dtype = PROCESS_EVENT
 
     def __init__(self, ctx: ProbeContext) -> None:
         super().__init__(ctx)
+        redact = ctx.config.security.redact
+        self.redact = Redactor(redact.flags, redact.patterns)
+        self.security: SecurityEngine | None = None
+        if ctx.config.security.enabled:
+            from probewire.security.engine import SecurityEngine
+
+            self.security = SecurityEngine(ctx.config, ctx.services, self.redact)
         self._lock = threading.Lock()
         self._execs: Counter[str] = Counter()
         self._exits: Counter[tuple[str, str]] = Counter()
@@ -104,23 +140,43 @@ class ProcessProbe(Probe):
         # must not block; one that raises is logged and the others still run.
         self.subscribers: list[Callable[[list[ProcessEvent]], None]] = []
 
+    def before_load(self, obj: BpfObject) -> None:
+        obj.set_rodata(security_on=int(self.security is not None))
+
+    def after_load(self, obj: BpfObject) -> None:
+        if self.security is not None:
+            self.security.start(obj)
+
+    def on_stop(self) -> None:
+        if self.security is not None:
+            self.security.stop()
+
     def on_batch(self, records: np.ndarray) -> None:
         # Service names need /proc per pid: resolve each distinct pid once per batch.
         services = self.ctx.services
         # An exec renames its pid at once (the cache would otherwise wait to revalidate).
         for pid in np.unique(records["pid"][records["kind"] == PROCESS_EXEC]).tolist():
             services.forget(pid)
-        pids = np.unique(records["pid"]).tolist()
+        kinds = records["kind"]
+        pids = np.unique(records["pid"][(kinds == PROCESS_EXEC) | (kinds == PROCESS_EXIT)]).tolist()
         names = services.names_for(pids)
         now = time.monotonic()
         events: list[ProcessEvent] = []
-        for rec in records.tolist():
-            (kind, pid, ppid, uid, ts, cgid, lifetime, code, sig, args_len, _, comm, fn, args) = rec
+        # Aligned with records: the event of each exec/exit record (forks and connects are
+        # the security engine's alone).
+        decoded: list[ProcessEvent | None] = [None] * len(records)
+        head = records[["kind", "pid", "ppid", "uid", "timestamp_ns", "cgroup_id", "lifetime_ns",
+                        "exit_code", "exit_signal", "args_len", "comm", "filename", "args", "exe"]]
+        for i, rec in enumerate(head.tolist()):
+            (kind, pid, ppid, uid, ts, cgid, lifetime, code, sig, args_len, comm, fn, args,
+             exe) = rec
+            if kind != PROCESS_EXEC and kind != PROCESS_EXIT:
+                continue
             service = names.get(pid, "unknown")
             comm_s = comm.decode(errors="replace")
             if kind == PROCESS_EXEC:
-                filename = fn.decode(errors="replace")
-                argv = decode_argv(args, args_len)
+                filename = cstr(fn)
+                argv = self.redact(decode_argv(args, args_len))
                 if service == "unknown":
                     # Gone before we could read /proc: name it from what the record holds.
                     service = services.remember(
@@ -128,14 +184,16 @@ class ProcessProbe(Probe):
                     names[pid] = service
                 events.append(ProcessEvent(
                     "exec", pid, ppid, uid, ts, cgid, comm_s, service, filename=filename, argv=argv,
+                    exe=cstr(exe),
                 ))
-            elif kind == PROCESS_EXIT:
+            else:
                 if service == "unknown":
                     service = comm_s or "unknown"
                 events.append(ProcessEvent(
                     "exit", pid, ppid, uid, ts, cgid, comm_s, service,
                     exit_code=code, exit_signal=sig, lifetime_s=lifetime / 1e9,
                 ))
+            decoded[i] = events[-1]
         with self._lock:
             self.records += len(records)
             for ev in events:
@@ -148,6 +206,11 @@ class ProcessProbe(Probe):
             self.recent.extend(events)
             while self._exited and now - self._exited[0][0] > FORGET_AFTER_S:
                 services.forget(self._exited.popleft()[1])
+        if self.security is not None:
+            try:
+                self.security.on_batch(records, decoded)
+            except Exception:
+                log.exception("security engine failed on a batch")
         for subscriber in list(self.subscribers):
             try:
                 subscriber(events)
@@ -175,3 +238,5 @@ class ProcessProbe(Probe):
                 exits.add_metric([service, status], n)
         yield execs
         yield exits
+        if self.security is not None:
+            yield from self.security.collect()

@@ -1,25 +1,28 @@
 """OpenSSL uprobes for the http family: which libssl files exist, attaching once per file.
 
-A uprobe on a library file fires in every process that maps it, so the agent attaches once per
-libssl inode (found in /proc/*/maps and the loader cache) and rescans periodically for
-libraries that new processes (e.g. containers) bring. Processes whose TLS does not go through a
-shared libssl (statically linked OpenSSL, Go's crypto/tls, BoringSSL in Chrome) are reported as
-not covered, with the reason.
+A uprobe on a library file fires in every process that maps it, so TLS capture attaches once
+per libssl inode, through the uprobe layer (runtime/uprobes.py): the loader's libssl at
+start-up, the libssl of every running process, and that of each new process as it execs (the
+process family's events; a rescan every 10 s finds libraries loaded later with dlopen).
+Processes whose TLS does not go through a shared libssl (statically linked OpenSSL, Go's
+crypto/tls, BoringSSL in Chrome) are reported as not covered, with the reason.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import subprocess
-import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from probewire.errors import ProbewireError
-from probewire.runtime.bpf import BpfObject, Link, destroy_links
+from probewire.runtime.bpf import BpfObject, Link
+from probewire.runtime.elf import file_id, read_maps
+from probewire.runtime.uprobes import RESCAN_S, Client, Site, Target, UprobeLayer
+
+__all__ = ["RESCAN_S", "TLS_PROBES", "TLS_PROGRAMS", "Coverage", "TlsAttacher"]
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,6 @@ TLS_PROBES = (
 )
 TLS_PROGRAMS = tuple(sorted({p for p, _, _ in TLS_PROBES}))
 LIBSSL = re.compile(r"/libssl\.so(\.\d+)*$")
-RESCAN_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -51,21 +53,12 @@ class Coverage:
     reason: str
 
 
-def _maps(pid_dir: Path) -> set[str]:
-    try:
-        text = (pid_dir / "maps").read_text()
-    except OSError:
-        return set()
-    # address perms offset dev inode [path]: anonymous mappings have no sixth field.
-    return {parts[5] for line in text.splitlines() if len(parts := line.split(None, 5)) == 6}
-
-
 def libssl_in_maps(proc: Path = Path("/proc")) -> dict[int, str]:
     """pid -> path of the libssl it maps (as the process sees it)."""
     found = {}
     for pid_dir in proc.iterdir():
         if pid_dir.name.isdigit():
-            for path in _maps(pid_dir):
+            for path in read_maps(int(pid_dir.name), proc):
                 if LIBSSL.search(path):
                     found[int(pid_dir.name)] = path.strip()
                     break
@@ -87,87 +80,64 @@ def _host_path(pid: int, path: str) -> str:
     return f"/proc/{pid}/root{path}"
 
 
-def _inode(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
-
-
 class TlsAttacher:
     """Attaches the TLS programs of a loaded http object to every libssl it finds."""
 
     def __init__(self, obj: BpfObject) -> None:
         self.obj = obj
-        self.links: list[Link] = []
-        self.attached: dict[tuple[int, int], str] = {}  # inode -> path attached through
-        self.failed: dict[str, str] = {}  # path -> why
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.layer = UprobeLayer("tls")
+        self.layer.add(Client(
+            "tls", Target(every_process=True),
+            tuple(Site(obj.programs[prog], function=func, returns=ret)
+                  for prog, func, ret in TLS_PROBES),
+            files=LIBSSL, static_paths=system_libssl,
+        ))
+
+    @property
+    def links(self) -> list[Link]:
+        return self.layer.links()
+
+    @property
+    def attached(self) -> dict[tuple[int, int], str]:
+        """inode -> path attached through."""
+        return self.layer.attached_files()
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """path -> why the attach failed."""
+        return self.layer.failed_files()
 
     def scan(self) -> None:
-        candidates = [(0, p) for p in system_libssl()]
-        candidates += [(pid, path) for pid, path in libssl_in_maps().items()]
-        for pid, path in candidates:
-            host = path if pid == 0 else _host_path(pid, path)
-            inode = _inode(host)
-            if inode is None or inode in self.attached or host in self.failed:
-                continue
-            self._attach(inode, host)
-
-    def _attach(self, inode: tuple[int, int], path: str) -> None:
-        links = []
-        try:
-            for prog, func, ret in TLS_PROBES:
-                links.append(self.obj.programs[prog].attach_uprobe(path, func, retprobe=ret))
-        except ProbewireError as exc:
-            for link in links:
-                link.destroy()
-            with self._lock:
-                self.failed[path] = str(exc)
-            log.warning("TLS capture unavailable for %s: %s", path, exc)
-            return
-        with self._lock:
-            self.links.extend(links)
-            self.attached[inode] = path
-        log.info("TLS capture attached to %s", path)
+        self.layer.scan()
 
     def start(self) -> None:
-        self.scan()
-        self._thread = threading.Thread(target=self._run, name="probewire-tls", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(RESCAN_S):
-            try:
-                self.scan()
-            except Exception:  # a vanished /proc entry must not end the rescans
-                log.exception("libssl rescan failed")
+        self.layer.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=5)
-        with self._lock:
-            destroy_links(self.links)
-            self.links.clear()
+        self.layer.stop()
+
+    def on_process_events(self, events: Sequence[Any]) -> None:
+        """Exec/exit events: a new process's libssl is attached as soon as the loader maps it."""
+        self.layer.on_process_events(events)
 
     def coverage(self, pids: Iterable[int] | None = None) -> list[Coverage]:
         """Per process using TLS through a libssl: covered, or why not."""
         out = []
         maps = libssl_in_maps()
+        attached = self.attached
+        failed = self.failed
+        wanted = set(pids) if pids is not None else None
         for pid, path in sorted(maps.items()):
-            if pids is not None and pid not in pids:
+            if wanted is not None and pid not in wanted:
                 continue
             try:
                 comm = Path(f"/proc/{pid}/comm").read_text().strip()
             except OSError:
                 continue
-            inode = _inode(_host_path(pid, path))
-            covered = inode in self.attached
-            reason = "" if covered else self.failed.get(_host_path(pid, path),
-                                                        "not attached yet (next rescan)")
+            host = _host_path(pid, path)
+            inode = file_id(host)
+            covered = inode in attached
+            reason = "" if covered else failed.get(host, failed.get(path, "not attached yet "
+                                                                   "(next rescan)"))
             out.append(Coverage(pid, comm, path, covered, reason))
         return out

@@ -37,6 +37,7 @@ LIBBPF_WARN, LIBBPF_INFO, LIBBPF_DEBUG = 0, 1, 2
 BPF_STATS_RUN_TIME = 0
 # BTF kinds (uapi/linux/btf.h)
 BTF_KIND_INT, BTF_KIND_PTR, BTF_KIND_ARRAY, BTF_KIND_STRUCT, BTF_KIND_UNION = 1, 2, 3, 4, 5
+BTF_KIND_ENUM = 6
 BTF_KIND_TYPEDEF, BTF_KIND_VAR, BTF_KIND_DATASEC = 8, 14, 15
 # map update flags
 BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
@@ -48,6 +49,10 @@ class BtfType(Structure):
 
 class BtfMember(Structure):
     _fields_ = [("name_off", c_uint32), ("type", c_uint32), ("offset", c_uint32)]
+
+
+class BtfEnum(Structure):
+    _fields_ = [("name_off", c_uint32), ("val", ctypes.c_int32)]
 
 
 class BtfArray(Structure):
@@ -71,6 +76,11 @@ class UprobeOpts(Structure):
         ("retprobe", c_bool),
         ("func_name", c_char_p),
     ]
+
+
+class UsdtOpts(Structure):
+    # struct bpf_usdt_opts in libbpf 1.1
+    _fields_ = [("sz", c_size_t), ("usdt_cookie", c_uint64)]
 
 
 class TestRunOpts(Structure):
@@ -125,6 +135,10 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "bpf_program__attach_uprobe_opts": (
         c_void_p,
         [c_void_p, c_int, c_char_p, c_size_t, POINTER(UprobeOpts)],
+    ),
+    "bpf_program__attach_usdt": (
+        c_void_p,
+        [c_void_p, c_int, c_char_p, c_char_p, c_char_p, POINTER(UsdtOpts)],
     ),
     "bpf_link__destroy": (c_int, [c_void_p]),
     "bpf_link__fd": (c_int, [c_void_p]),
@@ -252,16 +266,19 @@ __all__ = [
     "BPF_STATS_RUN_TIME",
     "BTF_KIND_ARRAY",
     "BTF_KIND_DATASEC",
+    "BTF_KIND_ENUM",
     "BTF_KIND_STRUCT",
     "BTF_KIND_TYPEDEF",
     "BTF_KIND_UNION",
     "BTF_KIND_VAR",
     "BtfArray",
+    "BtfEnum",
     "BtfMember",
     "BtfType",
     "BtfVarSecinfo",
     "MapBatchOpts",
     "UprobeOpts",
+    "UsdtOpts",
     "last_errno",
     "lib",
     "strerror",

@@ -187,6 +187,35 @@ class Program:
         _check_ptr(ptr, f"attach {kind} {binary}:{func_name}")
         return Link(ptr, f"{kind}:{binary}:{func_name}")
 
+    def attach_uprobe_at(
+        self, binary: str, offset: int, *, retprobe: bool = False, pid: int = -1,
+        cookie: int = 0, what: str = "",
+    ) -> Link:
+        """A uprobe at a file offset (the uprobe layer resolves symbols itself), carrying
+        `cookie` for bpf_get_attach_cookie; pid -1 is every process mapping the file."""
+        opts = _libbpf.UprobeOpts(sz=ctypes.sizeof(_libbpf.UprobeOpts), retprobe=retprobe,
+                                  bpf_cookie=cookie)
+        ptr = lib().bpf_program__attach_uprobe_opts(
+            self._ptr, pid, binary.encode(), offset, ctypes.byref(opts)
+        )
+        kind = "uretprobe" if retprobe else "uprobe"
+        where = f"{binary}:{what or hex(offset)}" + (f" (pid {pid})" if pid >= 0 else "")
+        _check_ptr(ptr, f"attach {kind} {where}")
+        return Link(ptr, f"{kind}:{where}")
+
+    def attach_usdt(
+        self, binary: str, provider: str, name: str, *, pid: int = -1, cookie: int = 0
+    ) -> Link:
+        """Every site of a USDT probe, through libbpf (which reads the note's operand specs
+        and sets the semaphore's kernel reference count); `cookie` is bpf_usdt_cookie()."""
+        opts = _libbpf.UsdtOpts(sz=ctypes.sizeof(_libbpf.UsdtOpts), usdt_cookie=cookie)
+        ptr = lib().bpf_program__attach_usdt(
+            self._ptr, pid, binary.encode(), provider.encode(), name.encode(), ctypes.byref(opts)
+        )
+        where = f"{binary}:{provider}:{name}" + (f" (pid {pid})" if pid >= 0 else "")
+        _check_ptr(ptr, f"attach usdt {where}")
+        return Link(ptr, f"usdt:{where}")
+
     def test_run(self, ctx: bytes) -> tuple[int, bytes]:
         """BPF_PROG_TEST_RUN of a SEC("syscall") program with `ctx` as its context, which the
         program may write its results into: (return value, context after the run)."""
@@ -472,6 +501,20 @@ class BpfObject:
                 )
             )
         return StructLayout(name=name, size=t.size_or_type, fields=tuple(fields))
+
+    def enum_values(self, name: str) -> dict[str, int]:
+        """The enumerators of C `enum name` as the object's BTF holds them, in order."""
+        btf = self._btf()
+        type_id = lib().btf__find_by_name_kind(btf, name.encode(), _libbpf.BTF_KIND_ENUM)
+        if type_id < 0:
+            raise BpfError(f"enum {name} not found in the BTF of {self.path}")
+        t = lib().btf__type_by_id(btf, type_id).contents
+        vlen = t.info & 0xFFFF
+        members = ctypes.cast(
+            ctypes.addressof(t) + ctypes.sizeof(_libbpf.BtfType),
+            ctypes.POINTER(_libbpf.BtfEnum * vlen),
+        ).contents
+        return {lib().btf__name_by_offset(btf, m.name_off).decode(): int(m.val) for m in members}
 
     def set_rodata(self, **values: int | np.ndarray) -> None:
         """Set `const volatile` globals before load (load-time settings). An array global takes

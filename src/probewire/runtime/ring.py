@@ -14,6 +14,11 @@ offset) followed by the sample, padded to 8 bytes. A family's records all have o
 size, so a drained span is a strided array: one `np.frombuffer` decodes every record in it,
 and one vectorised check finds the first uncommitted (BUSY) record.
 
+Rings of variable-length records (a fixed part, then as many bytes as its `len` says: the l7
+family's connection bytes) are walked record by record instead and handed over as a
+`VarBatch`: the fixed parts as one array, the bytes as a list. Their consumers parse bytes in
+Python anyway, so the walk costs little beside them.
+
 Why once: the kernel maps every page of a ring into the process at mmap time
 (remap_vmalloc_range), so each mapping of the data area counts its full size in the agent's
 RSS. The second copy would double that figure (8 MiB of RSS per default 4 MiB ring) for no
@@ -25,6 +30,7 @@ from __future__ import annotations
 import logging
 import mmap
 import select
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -42,7 +48,24 @@ RINGBUF_DISCARD_BIT = 1 << 30
 RINGBUF_HDR_SZ = 8
 PAGE_SIZE = mmap.PAGESIZE
 
+
+
+@dataclass(frozen=True)
+class VarBatch:
+    """Records of a variable-length ring: their fixed parts, and each one's trailing bytes."""
+
+    records: np.ndarray
+    data: list[bytes]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
 BatchHandler = Callable[[np.ndarray], None]
+# Records of a variable-length ring are counted as if each were this much longer than its
+# fixed part, to decide when a batch is due (the kernel's wake-ups assume the same).
+VAR_RECORD_EXTRA = 64
+_U32 = struct.Struct("<I")
 
 
 def _round8(n: int) -> int:
@@ -52,7 +75,8 @@ def _round8(n: int) -> int:
 class Ring:
     """One mapped ring buffer whose records all have the dtype `record_dtype`."""
 
-    def __init__(self, ring_map: Map, record_dtype: np.dtype, name: str) -> None:
+    def __init__(self, ring_map: Map, record_dtype: np.dtype, name: str,
+                 variable: bool = False) -> None:
         if ring_map.type != BPF_MAP_TYPE_RINGBUF:
             raise BpfError(f"map {ring_map.name} is not a ring buffer")
         self.name = name
@@ -60,7 +84,9 @@ class Ring:
         self.size = ring_map.max_entries
         self.mask = self.size - 1
         self.record_dtype = record_dtype
-        self.stride = _round8(RINGBUF_HDR_SZ + record_dtype.itemsize)
+        self.variable = variable
+        self.stride = _round8(RINGBUF_HDR_SZ + record_dtype.itemsize
+                              + (VAR_RECORD_EXTRA if variable else 0))
         self._slot_dtype = np.dtype(
             {
                 "names": ["len", "pg_off", "rec"],
@@ -100,6 +126,8 @@ class Ring:
         avail = prod - cons
         if avail <= 0:
             return np.empty(0, dtype=self.record_dtype)
+        if self.variable:
+            raise BpfError(f"ring {self.name} holds variable-length records: use drain_variable")
         if avail % self.stride:
             return self._drain_slow(cons, prod)
         n = avail // self.stride
@@ -143,6 +171,37 @@ class Ring:
         self._cons_pos[0] = cons
         self.records_read += len(out)
         return np.frombuffer(b"".join(out), dtype=self.record_dtype).copy()
+
+    def drain_variable(self) -> VarBatch:
+        """Copy out every committed record of a variable-length ring and release the space."""
+        cons = int(self._cons_pos[0])
+        prod = int(self._prod_pos[0])
+        fixed = self.record_dtype.itemsize
+        heads: list[bytes] = []
+        data: list[bytes] = []
+        mm = self._data
+        while cons < prod:
+            off = cons & self.mask
+            header = _U32.unpack_from(mm, PAGE_SIZE + off)[0]
+            if header & RINGBUF_BUSY_BIT:
+                break
+            length = header & ~(RINGBUF_BUSY_BIT | RINGBUF_DISCARD_BIT)
+            if not header & RINGBUF_DISCARD_BIT:
+                start = (off + RINGBUF_HDR_SZ) & self.mask
+                if start + length <= self.size:
+                    raw = mm[PAGE_SIZE + start: PAGE_SIZE + start + length]
+                else:
+                    raw = self._span(start, length).tobytes()
+                if length >= fixed:
+                    heads.append(raw[:fixed])
+                    data.append(raw[fixed:])
+                else:
+                    log.warning("ring %s: skipped a record of %d bytes", self.name, length)
+            cons += _round8(RINGBUF_HDR_SZ + length)
+        self._cons_pos[0] = cons
+        self.records_read += len(heads)
+        records = np.frombuffer(b"".join(heads), dtype=self.record_dtype).copy()
+        return VarBatch(records, data)
 
     def close(self) -> None:
         """Unmap the ring; safe to call again (an agent stopping after a failed start)."""
@@ -233,7 +292,7 @@ class RingReader:
         return max(0.0, (min(deadlines) - now) / 1e9)
 
     def _flush(self, ring: Ring, handler: BatchHandler, state: _RingState, now: int) -> int:
-        batch = ring.drain()
+        batch: np.ndarray | VarBatch = ring.drain_variable() if ring.variable else ring.drain()
         wait = time.monotonic_ns() - (state.first_ns or now)
         state.first_ns = 0
         if not len(batch):
@@ -244,7 +303,7 @@ class RingReader:
         self.stats.last_wait_ns = wait
         self.stats.max_wait_ns = max(self.stats.max_wait_ns, wait)
         try:
-            handler(batch)
+            handler(batch)  # type: ignore[arg-type]
         except Exception:  # a bad batch must not stop the reader
             self.errors += 1
             log.exception("handler failed on a batch of %d records", len(batch))

@@ -32,15 +32,35 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 ERROR = _json(_ref("Error"), "Bad request")
 NOT_FOUND = _json(_ref("Error"), "Not found")
 
+SATURATION_ROW = _obj({
+    "service_name": STR,
+    "cpu_seconds": {**NUM, "description": "CPU seconds since the agent started"},
+    "cpu_cores": {**NUM, "description": "CPU seconds per second over the window"},
+    "runqueue_p99_seconds": {**SECONDS_OR_NULL,
+                             "description": "99th percentile wait for a CPU over the window"},
+    "disk_p99_seconds": {**SECONDS_OR_NULL,
+                         "description": "99th percentile block read/write latency over the window"},
+    "listen_overflows": {**NUM, "description": "Listen-queue overflows since the agent started"},
+    "listen_overflows_window": NUM,
+    "oom_kills": {**NUM, "description": "OOM kills since the agent started"},
+    "oom_kills_window": NUM,
+    "saturated_by": {"type": "array", "items": STR,
+                     "description": "Thresholds crossed over the window; empty: not saturated"},
+})
+
 SCHEMAS: dict[str, Any] = {
     "Error": _obj({"error": STR}),
+    "SaturationRow": SATURATION_ROW,
     "ServiceSummary": _obj({
         "name": STR,
-        "kind": {"type": "string", "enum": ["service", "client", "external"],
+        "kind": {"type": "string", "enum": ["service", "client", "external", "database"],
                  "description": "service: serves HTTP here; client: a local process that only "
-                                "calls; external: a peer address outside this host"},
-        "requests": {**NUM, "description": "HTTP requests served since the agent started"},
-        "errors": {**NUM, "description": "Of those, responses with a 5xx status"},
+                                "calls; external: a peer address outside this host; "
+                                "database: a database or cache (on this host or not)"},
+        "requests": {**NUM, "description": "Requests (HTTP, or database operations) served "
+                                           "since the agent started"},
+        "errors": {**NUM, "description": "Of those, failed ones (5xx status, database "
+                                         "errors)"},
         "error_ratio": NUM,
         "rate": {**NUM, "description": "Requests per second over the rate window"},
         "error_rate": NUM,
@@ -48,6 +68,25 @@ SCHEMAS: dict[str, Any] = {
         "p99_seconds": {**SECONDS_OR_NULL, "description": "99th percentile over the window"},
         "routes": INT,
         "outgoing_requests": {**NUM, "description": "Requests this service made to others"},
+        "db_system": {**STR, "description": "For a database or cache: its system "
+                                            "(postgresql, mysql, redis, memcached); else empty"},
+    }),
+    "DbCall": _obj({
+        "db_system": STR, "server_address": STR, "server_port": STR, "operation": STR,
+        "collection": STR, "namespace": STR, "requests": NUM, "errors": NUM,
+        "error_ratio": NUM, "error_types": {"type": "object", "additionalProperties": NUM},
+        "p50_seconds": SECONDS_OR_NULL, "p99_seconds": SECONDS_OR_NULL,
+    }),
+    "DbOperation": _obj({
+        "db_system": STR, "operation": STR, "collection": STR, "namespace": STR,
+        "requests": NUM, "errors": NUM, "error_ratio": NUM,
+        "error_types": {"type": "object", "additionalProperties": NUM},
+        "p50_seconds": SECONDS_OR_NULL, "p99_seconds": SECONDS_OR_NULL,
+    }),
+    "DnsLookup": _obj({
+        "question_name": STR, "question_type": STR, "requests": NUM, "errors": NUM,
+        "error_ratio": NUM, "error_types": {"type": "object", "additionalProperties": NUM},
+        "p50_seconds": SECONDS_OR_NULL, "p99_seconds": SECONDS_OR_NULL,
     }),
     "Route": _obj({
         "method": STR, "route": STR, "requests": NUM, "errors": NUM, "error_ratio": NUM,
@@ -58,7 +97,9 @@ SCHEMAS: dict[str, Any] = {
         "p99_seconds": {**SECONDS_OR_NULL, "description": "Since the agent started"},
     }),
     "Edge": _obj({
-        "client": STR, "server": STR, "requests": NUM, "failed": NUM, "error_ratio": NUM,
+        "client": STR, "server": STR,
+        "connection_type": {"type": "string", "enum": ["", "database"]},
+        "requests": NUM, "failed": NUM, "error_ratio": NUM,
         "rate": NUM, "p50_seconds": SECONDS_OR_NULL, "p99_seconds": SECONDS_OR_NULL,
     }),
     "ClientCall": _obj({
@@ -78,10 +119,23 @@ SCHEMAS: dict[str, Any] = {
         "pid": INT, "ppid": INT, "uid": INT,
         "timestamp_ns": {**INT, "description": "CLOCK_MONOTONIC nanoseconds"},
         "cgroup_id": INT, "comm": STR, "service_name": STR, "filename": STR,
-        "argv": {"type": "array", "items": STR},
+        "argv": {"type": "array", "items": STR,
+                 "description": "Secrets redacted (security.redact)"},
+        "exe": {**STR, "description": "exec: the image's path as the kernel resolved it "
+                                      "(empty with security off)"},
         "exit_code": {"type": "integer", "nullable": True},
         "exit_signal": {"type": "integer", "nullable": True},
         "lifetime_s": {"type": "number", "nullable": True},
+    }),
+    "LearnedRoute": _obj({
+        "template": {**STR, "description": "The prefix with the learned parameter, e.g. "
+                                           "/users/{param}"},
+        "distinct_values": {**INT, "description": "Distinct values seen there when it "
+                                                  "collapsed"},
+        "kept": {"type": "array", "items": STR,
+                 "description": "Values that stay literal (established before the collapse)"},
+        "reason": {"type": "string", "enum": ["values", "memory"]},
+        "collapsed_at": {**NUM, "description": "Unix time"},
     }),
     "ProbeHook": _obj({
         "probe": STR, "hook": STR, "program": {"type": "string", "nullable": True},
@@ -99,6 +153,86 @@ def _get(summary: str, ok: dict[str, Any], params: list[dict[str, Any]] | None =
     if params:
         op["parameters"] = params
     return {"get": op}
+
+
+# --- security (docs/security.md) -------------------------------------------------------------
+NULL_STR = {"type": "string", "nullable": True}
+_PROCESS_PROPS: dict[str, Any] = {
+    "pid": INT, "exe": {**STR, "description": "The image's path as the kernel resolved it"},
+    "filename": {**STR, "description": "The path given to execve"}, "comm": STR,
+    "argv": {"type": "array", "items": STR, "description": "Secrets redacted"},
+    "uid": INT, "euid": INT, "user": STR, "service_name": STR,
+    "container_id": NULL_STR, "start_ticks": INT,
+    "exited": {**BOOL, "description": "Exited, kept in the tree for its children"},
+}
+SCHEMAS.update({
+    "SecurityProcess": _obj(_PROCESS_PROPS),
+    "SecurityAncestor": {"oneOf": [
+        _ref("SecurityProcess"),
+        _obj({"pid": INT, "evicted": {"type": "boolean", "enum": [True]}}, extra=False),
+    ], "description": "An ancestor; past the tree's cap only its pid is left"},
+    "SecurityAlert": _obj({
+        "id": {**INT, "description": "Increasing; page with since_id"},
+        "time": {**NUM, "description": "Unix seconds"},
+        "timestamp_ns": {**INT, "description": "CLOCK_MONOTONIC nanoseconds of the event"},
+        "rule": STR,
+        "severity": {"type": "string", "enum": ["critical", "high", "medium", "low", "info"]},
+        "description": STR,
+        "action": {"type": "string", "enum": ["alert", "killed"]},
+        "service_name": {**STR, "description": "The nearest network server among the process "
+                                               "and its ancestors, else the process's own"},
+        "process": _ref("SecurityProcess"),
+        "container_id": NULL_STR,
+        "in_container": BOOL,
+        "ancestry": {"type": "array", "items": _ref("SecurityAncestor"),
+                     "description": "The parent first"},
+        "ancestry_truncated": BOOL,
+        "evidence": {"type": "object", "description": "What the kernel found at exec, and the "
+                                                      "connection for connects_to rules"},
+    }),
+    "SecurityRule": _obj({
+        "id": STR, "severity": STR, "description": STR,
+        "action": {"type": "string", "enum": ["alert", "kill"]},
+        "match": {"type": "array", "items": {"type": "object"},
+                  "description": "Alternatives: any one matches; criteria within one all must"},
+        "except": {"type": "array", "items": {"type": "object"}},
+        "kernel_criteria": {"type": "array", "items": STR,
+                            "description": "Criteria the kernel decides at exec"},
+        "alerts": INT, "kills": INT,
+    }),
+})
+
+
+def security_paths() -> dict[str, Any]:
+    return {
+        "/api/security/alerts": _get(
+            "Recent security alerts, oldest first", _json(_obj({
+                "enabled": BOOL,
+                "alerts": {"type": "array", "items": _ref("SecurityAlert")},
+                "total": {**INT, "description": "Alerts since the agent started"},
+                "stats": {"type": "object", "description": "Process tree size and outputs"},
+            }), "Alerts"),
+            [{"name": "since_id", "in": "query", "required": False,
+              "description": "Only alerts with a larger id",
+              "schema": {"type": "integer", "minimum": 0, "maximum": 9223372036854775807}},
+             {"name": "limit", "in": "query", "required": False,
+              "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+             {"name": "rule", "in": "query", "required": False, "schema": STR}],
+            {"400": ERROR},
+        ),
+        "/api/security/rules": _get("The rules in force, with alert and kill counts", _json(_obj({
+            "enabled": BOOL, "rules": {"type": "array", "items": _ref("SecurityRule")},
+        }), "Rules")),
+        "/api/processes/{pid}": _get(
+            "A live process and its ancestry from the process tree",
+            _json(_obj({"process": _ref("SecurityProcess"),
+                        "ancestry": {"type": "array", "items": _ref("SecurityAncestor")}}),
+                  "The process"),
+            [{"name": "pid", "in": "path", "required": True,
+              "schema": {"type": "integer", "minimum": 1, "maximum": 4294967295}}],
+            {"400": ERROR, "404": NOT_FOUND},
+        ),
+    }
 
 
 def openapi_document(version: str) -> dict[str, Any]:
@@ -124,6 +258,12 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "outgoing": {"type": "array", "items": _ref("Edge")},
                     "incoming": {"type": "array", "items": _ref("Edge")},
                     "client_calls": {"type": "array", "items": _ref("ClientCall")},
+                    "db_calls": {"type": "array", "items": _ref("DbCall")},
+                    "db_operations": {"type": "array", "items": _ref("DbOperation")},
+                    "dns_lookups": {"type": "array", "items": _ref("DnsLookup")},
+                    "saturation": {"allOf": [_ref("SaturationRow")], "nullable": True,
+                                   "description": "null without saturation data"},
+                    "learned_routes": {"type": "array", "items": _ref("LearnedRoute")},
                 })]}, "The service"),
                 [{"name": "name", "in": "path", "required": True, "schema": STR}],
                 {"404": NOT_FOUND},
@@ -132,8 +272,10 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "taken_at": NUM, "window_seconds": WINDOW,
                 "nodes": {"type": "array", "items": _obj({
                     "id": STR,
-                    "kind": {"type": "string", "enum": ["service", "client", "external"]},
-                    "requests": NUM, "rate": NUM,
+                    "kind": {"type": "string",
+                             "enum": ["service", "client", "external", "database"]},
+                    "db_system": STR, "requests": NUM, "rate": NUM,
+                    "saturated_by": {"type": "array", "items": STR},
                 })},
                 "edges": {"type": "array", "items": _ref("Edge")},
             }), "Graph")),
@@ -168,6 +310,13 @@ def openapi_document(version: str) -> dict[str, Any]:
                         "pid": INT, "comm": STR, "library": STR, "covered": BOOL,
                         "reason": STR})},
                 }),
+                "coverage": {"type": "object", "description": "Per family that reports it "
+                             "(l7: per protocol, connections classified, exchanges parsed, "
+                             "parse failures and lost connections with reasons)",
+                             "additionalProperties": {"type": "object"}},
+                "custom": {"type": "array", "items": _obj({
+                    "probe": STR, "where": STR, "pid": INT, "comm": STR, "state": STR,
+                    "file": STR, "shared": BOOL, "reason": STR})},
             }), "Probes")),
             "/api/agent": _get("The agent itself: uptime, events and drops per probe", _json(_obj({
                 "version": STR, "pid": INT, "listen": STR, "started_at": NUM,
@@ -181,6 +330,18 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "labels": {"type": "object", "additionalProperties": STR},
                     "value": NUM,
                 })},
+                # Live reconfiguration (null when the agent was not started by `run`) and the
+                # Kubernetes watches (null without API access).
+                "config": {"nullable": True, **_obj({
+                    "source": STR, "reloads": _obj({"success": INT, "failure": INT}),
+                    "last_result": STR, "last_error": STR, "last_reload_at": NUM,
+                    "applied_at": NUM, "restart_needed": {"type": "array", "items": STR}})},
+                "kubernetes": {"nullable": True, **_obj({
+                    "node_pods": INT, "cluster_pods": INT, "services": INT, "api_url": STR,
+                    "node": STR, "watches": {"type": "array", "items": _obj({
+                        "name": STR, "synced": BOOL, "lists": INT, "watches": INT,
+                        "events": INT, "errors": INT, "resource_version": STR,
+                        "last_error": STR})}})},
             }), "Agent")),
             "/api/history": _get(
                 "RED points of one service over the last 15 minutes (without `service`: the "
@@ -196,7 +357,35 @@ def openapi_document(version: str) -> dict[str, Any]:
                 [{"name": "service", "in": "query", "required": False, "schema": STR}],
                 {"404": NOT_FOUND},
             ),
+            "/api/saturation": _get(
+                "Saturation per service (run queue, CPU, disk, listen queues, OOM kills) and "
+                "recent OOM kills",
+                _json(_obj({
+                    "window_seconds": WINDOW,
+                    "services": {"type": "array", "items": _ref("SaturationRow")},
+                    "oom_kills": {"type": "array", "items": _obj({
+                        "timestamp_ns": INT, "pid": INT, "comm": STR, "service_name": STR,
+                        "cgroup": STR, "cgroup_id": INT, "trigger_pid": INT})},
+                }), "Saturation")),
+            "/api/routes": _get(
+                "Route templates each service's traffic taught (positions that became "
+                "parameters)",
+                _json(_obj({
+                    "enabled": BOOL,
+                    "generation": {**INT, "description": "Moves whenever a learned decision "
+                                                         "changes a route"},
+                    "untracked": INT,
+                    "services": {"type": "object", "additionalProperties": _obj({
+                        "nodes": {**INT, "description": "Learned path values held"},
+                        "collapsed": {**INT, "description": "Positions that became "
+                                                            "parameters"},
+                        "templates": {"type": "array", "items": _ref("LearnedRoute")},
+                    })},
+                }, required=["enabled", "generation", "services"]), "Learned routes"),
+                [{"name": "service", "in": "query", "required": False, "schema": STR}],
+            ),
             "/api/openapi.json": _get("This document", _json({"type": "object"}, "OpenAPI")),
+            **security_paths(),
         },
         "components": {"schemas": SCHEMAS},
     }

@@ -18,6 +18,9 @@ Labels = tuple[str, ...]
 
 SERVER = "http_server_request_duration_seconds"
 CLIENT = "http_client_request_duration_seconds"
+DB_CLIENT = "db_client_operation_duration_seconds"
+DB_SERVER = "db_server_operation_duration_seconds"
+DNS = "dns_lookup_duration_seconds"
 EDGE_TOTAL = "traces_service_graph_request_total"
 EDGE_FAILED = "traces_service_graph_request_failed_total"
 EDGE_SERVER_SECONDS = "traces_service_graph_request_server_seconds"
@@ -31,12 +34,17 @@ TCP_COUNTERS = {
     "probewire_tcp_bytes_received_total": "bytes_received",
 }
 # Per-family series the API shows elsewhere; the rest of probewire_* is the agent's own.
-FAMILY_PREFIXES = ("probewire_tcp_", "probewire_process_", "probewire_http_")
+FAMILY_PREFIXES = ("probewire_tcp_", "probewire_process_", "probewire_http_", "probewire_l7_",
+                   "probewire_sched_", "probewire_block_", "probewire_oom_")
 TCP_RESETS = "probewire_tcp_resets_total"
 TCP_RTT = "probewire_tcp_rtt_seconds"
 TCP_LABELS = ("service_name", "direction", "server_address", "server_port")
 SERVER_LABELS = ("service_name", "http_request_method", "http_response_status_code", "http_route")
 CLIENT_LABELS = (*SERVER_LABELS, "server_address", "server_port")
+DB_SERVER_LABELS = ("service_name", "db_system_name", "db_operation_name", "db_collection_name",
+                    "db_namespace", "error_type", "db_response_status_code")
+DB_CLIENT_LABELS = (*DB_SERVER_LABELS, "server_address", "server_port")
+DNS_LABELS = ("service_name", "dns_question_name", "dns_question_type", "error_type")
 
 
 @dataclass
@@ -86,6 +94,7 @@ class EdgeStats:
     requests: float = 0.0
     failed: float = 0.0
     duration: Histogram = field(default_factory=Histogram)
+    connection_type: str = ""  # "database" for calls to databases and caches
 
 
 @dataclass
@@ -102,21 +111,52 @@ class Snapshot:
     edges: dict[tuple[str, str], EdgeStats]
     tcp: dict[Labels, TcpStats]  # TCP_LABELS
     self_samples: list[tuple[str, dict[str, str], float]]
+    db_client: dict[Labels, Histogram] = field(default_factory=dict)  # DB_CLIENT_LABELS
+    db_server: dict[Labels, Histogram] = field(default_factory=dict)  # DB_SERVER_LABELS
+    dns: dict[Labels, Histogram] = field(default_factory=dict)  # DNS_LABELS
 
     # --- derived views ----------------------------------------------------------------------
     def services(self) -> set[str]:
-        names = {k[0] for k in self.server} | {k[0] for k in self.client}
+        names = self.local_services()
         for client, server in self.edges:
             names.update((client, server))
         return names
 
     def local_services(self) -> set[str]:
         """Services seen as a local process (a server or client the probes attributed)."""
-        return {k[0] for k in self.server} | {k[0] for k in self.client}
+        return ({k[0] for k in self.server} | {k[0] for k in self.client}
+                | {k[0] for k in self.db_client} | {k[0] for k in self.db_server}
+                | {k[0] for k in self.dns})
+
+    def databases(self) -> dict[str, str]:
+        """Services that are databases or caches -> their system (postgresql, redis ...): the
+        servers of database edges, and processes serving a database protocol."""
+        systems: dict[str, str] = {k[0]: k[1] for k in self.db_server}
+        by_endpoint = {f"{k[7]}:{k[8]}": k[1] for k in self.db_client}
+        for (_, server), e in self.edges.items():
+            if e.connection_type == "database":
+                systems.setdefault(server, by_endpoint.get(server, "database"))
+        return systems
 
 
 def _labels(sample_labels: dict[str, str], names: Iterable[str]) -> Labels:
     return tuple(sample_labels.get(n, "") for n in names)
+
+
+# A service inside Kubernetes is its name and namespace (enrich/identity.py): "cart (shop)" and
+# "cart (staging)" are two services here too, never one series overwriting the other.
+_NAMESPACED = (("service_name", "k8s_namespace_name"), ("client", "client_k8s_namespace_name"),
+               ("server", "server_k8s_namespace_name"))
+
+
+def _namespaced(sample_labels: dict[str, str]) -> dict[str, str]:
+    if not any(ns in sample_labels for _, ns in _NAMESPACED):
+        return sample_labels
+    out = dict(sample_labels)
+    for name, ns in _NAMESPACED:
+        if name in out and out.get(ns):
+            out[name] = f"{out[name]} ({out[ns]})"
+    return out
 
 
 def _hist_sample(hists: dict[Labels, Histogram], key: Labels, suffix: str, le: str | None,
@@ -138,15 +178,21 @@ def take(registry: CollectorRegistry) -> Snapshot:
     edges: dict[tuple[str, str], EdgeStats] = {}
     tcp: dict[Labels, TcpStats] = {}
     self_samples: list[tuple[str, dict[str, str], float]] = []
+    db_client: dict[Labels, Histogram] = {}
+    db_server: dict[Labels, Histogram] = {}
+    dns: dict[Labels, Histogram] = {}
     hist_families = {
         SERVER: (server, SERVER_LABELS),
         CLIENT: (client, CLIENT_LABELS),
         EDGE_SERVER_SECONDS: (edge_server_s, ("client", "server")),
         EDGE_CLIENT_SECONDS: (edge_client_s, ("client", "server")),
+        DB_CLIENT: (db_client, DB_CLIENT_LABELS),
+        DB_SERVER: (db_server, DB_SERVER_LABELS),
+        DNS: (dns, DNS_LABELS),
     }
     for family in registry.collect():
         for s in family.samples:
-            name, labels, value = s.name, s.labels, float(s.value)
+            name, labels, value = s.name, _namespaced(s.labels), float(s.value)
             if family.name in hist_families:
                 hists, names = hist_families[family.name]
                 suffix = name[len(family.name):]
@@ -158,6 +204,7 @@ def take(registry: CollectorRegistry) -> Snapshot:
                     e.requests += value
                 else:
                     e.failed += value
+                e.connection_type = labels.get("connection_type", "") or e.connection_type
             elif name in TCP_COUNTERS:
                 t = tcp.setdefault(_labels(labels, TCP_LABELS), TcpStats())
                 t.counters[TCP_COUNTERS[name]] = value
@@ -183,7 +230,8 @@ def take(registry: CollectorRegistry) -> Snapshot:
         h = edge_server_s.get(pair) or edge_client_s.get(pair)
         if h is not None:
             e.duration = h
-    return Snapshot(time.time(), server, client, edges, tcp, self_samples)
+    return Snapshot(time.time(), server, client, edges, tcp, self_samples, db_client,
+                    db_server, dns)
 
 
 def is_error_status(status: str) -> bool:

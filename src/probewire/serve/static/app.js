@@ -126,7 +126,7 @@ function layout(nodes, edges) {
 
 function mapSvg(graph) {
   const {nodes, edges} = graph;
-  if (!nodes.length) return `<div class="card empty" data-testid="map-empty">No HTTP traffic seen yet. Calls between processes on this host appear here.</div>`;
+  if (!nodes.length) return `<div class="card empty" data-testid="map-empty">No traffic seen yet. Calls between processes on this host, and to databases and caches, appear here.</div>`;
   const L = layout(nodes, edges);
   const parts = [`<svg class="map" data-testid="service-map" viewBox="0 0 ${Math.max(L.width, 600)} ${L.height + 10}" style="max-height:${L.height + 40}px">`,
     `<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#94a3b8"/></marker></defs>`];
@@ -143,16 +143,20 @@ function mapSvg(graph) {
       d = `M${x1},${y1} C${mx},${y1} ${mx},${y2} ${x2 - 2},${y2}`;
       lx = mx; ly = (y1 + y2) / 2 - 8;
     }
-    const cls = e.error_ratio >= 0.05 ? "edge err" : "edge";
-    parts.push(`<g class="${cls}" data-testid="edge" data-client="${esc(e.client)}" data-server="${esc(e.server)}" data-rate="${e.rate}" data-requests="${e.requests}">
+    const cls = (e.error_ratio >= 0.05 ? "edge err" : "edge") + (e.connection_type ? " " + e.connection_type : "");
+    parts.push(`<g class="${cls}" data-testid="edge" data-client="${esc(e.client)}" data-server="${esc(e.server)}" data-type="${esc(e.connection_type || "")}" data-rate="${e.rate}" data-requests="${e.requests}">
       <title>${esc(e.client)} → ${esc(e.server)}: ${fmtNum(e.requests)} requests, ${fmtNum(e.failed)} failed</title>
       <path d="${d}" marker-end="url(#arrow)"/>
       <text x="${lx}" y="${ly - 16}" text-anchor="middle">${fmtRate(e.rate)} · ${fmtPct(e.error_ratio)} err<tspan x="${lx}" dy="14">p99 ${fmtSec(e.p99_seconds)}</tspan></text></g>`);
   }
   for (const n of nodes) {
     const p = L.pos[n.id];
-    const sub = n.kind === "service" ? `${fmtRate(n.rate)} served` : n.kind;
-    parts.push(`<g class="node ${n.kind}" data-testid="node" data-service="${esc(n.id)}" data-href="${serviceHref(n.id)}" transform="translate(${p.x},${p.y})">
+    const hot = (n.saturated_by || []).length > 0;
+    const sub = hot ? `saturated: ${n.saturated_by.join(", ")}`
+      : n.kind === "database" ? (n.db_system || "database")
+      : n.kind === "service" ? `${fmtRate(n.rate)} served` : n.kind;
+    parts.push(`<g class="node ${n.kind}${hot ? " saturated" : ""}" data-testid="node" data-service="${esc(n.id)}" data-kind="${esc(n.kind)}" data-saturated="${hot}" data-href="${serviceHref(n.id)}" transform="translate(${p.x},${p.y})">
+      ${hot ? `<title>${esc(n.id)} is saturated: ${esc(n.saturated_by.join(", "))}</title>` : ""}
       <rect width="${L.W}" height="${L.H}"/>
       <text class="name" x="12" y="21">${esc(n.id.length > 24 ? n.id.slice(0, 23) + "…" : n.id)}</text>
       <text class="sub" x="12" y="39">${esc(sub)}</text></g>`);
@@ -208,6 +212,28 @@ const EDGE_COLS = (peerKey, label) => [
   {key: "p50_seconds", label: "p50", num: true, fmt: fmtSec},
   {key: "p99_seconds", label: "p99", num: true, fmt: fmtSec},
 ];
+const DB_CALL_COLS = [
+  {key: "db_system", label: "system"},
+  {key: "server_address", label: "address"}, {key: "server_port", label: "port"},
+  {key: "operation", label: "operation"}, {key: "collection", label: "table / collection"},
+  {key: "namespace", label: "database"},
+  {key: "requests", label: "calls", num: true, fmt: fmtNum},
+  {key: "errors", label: "errors", num: true, fmt: fmtNum, cls: r => errClass(r.error_ratio)},
+  {key: "p50_seconds", label: "p50", num: true, fmt: fmtSec},
+  {key: "p99_seconds", label: "p99", num: true, fmt: fmtSec},
+  {key: "error_types", label: "error codes", sortValue: r => Object.keys(r.error_types).join(),
+   fmt: v => Object.entries(v).map(([k, n]) => `<span class="pill">${esc(k)}: ${fmtNum(n)}</span>`).join(" ")},
+];
+const DB_OP_COLS = DB_CALL_COLS.filter(c => !["server_address", "server_port", "error_types"].includes(c.key));
+const DNS_COLS = [
+  {key: "question_name", label: "name"}, {key: "question_type", label: "type"},
+  {key: "requests", label: "lookups", num: true, fmt: fmtNum},
+  {key: "errors", label: "errors", num: true, fmt: fmtNum, cls: r => errClass(r.error_ratio)},
+  {key: "p50_seconds", label: "p50", num: true, fmt: fmtSec},
+  {key: "p99_seconds", label: "p99", num: true, fmt: fmtSec},
+  {key: "error_types", label: "errors by type", sortValue: r => Object.keys(r.error_types).join(),
+   fmt: v => Object.entries(v).map(([k, n]) => `<span class="pill">${esc(k)}: ${fmtNum(n)}</span>`).join(" ")},
+];
 const CALL_COLS = [
   {key: "server_address", label: "address"}, {key: "server_port", label: "port"},
   {key: "method", label: "method"}, {key: "route", label: "route"},
@@ -254,23 +280,27 @@ async function pageService(token, name) {
 
 function renderService(svc, hist) {
   charts.splice(0).forEach(c => c.destroy());
-  main.innerHTML = `<h1 data-testid="service-name">${esc(svc.name)} <span class="muted">${esc(svc.kind)}</span></h1>
+  const isDb = svc.kind === "database";
+  main.innerHTML = `<h1 data-testid="service-name">${esc(svc.name)} <span class="muted">${esc(isDb ? svc.db_system || "database" : svc.kind)}</span></h1>
     <div class="cards">
       ${stat("requests/s (last " + Math.round(svc.window_seconds) + " s)", fmtRate(svc.rate), "stat-rate")}
-      ${stat("error ratio (5xx)", fmtPct(svc.error_ratio), "stat-errors")}
+      ${stat(isDb ? "error ratio" : "error ratio (5xx)", fmtPct(svc.error_ratio), "stat-errors")}
       ${stat("p50", fmtSec(svc.p50_seconds), "stat-p50")}
       ${stat("p99", fmtSec(svc.p99_seconds), "stat-p99")}
       ${stat("requests served", fmtNum(svc.requests), "stat-requests")}
     </div>
+    ${saturationCards(svc.saturation)}
     <div class="charts" data-testid="charts">
       <div class="card chart" id="c-rate"></div><div class="card chart" id="c-err"></div>
       <div class="card chart" id="c-lat"></div>
     </div>
-    <h2>Routes</h2>
-    ${table("routes", ROUTE_COLS, svc.route_list, {sort: {key: "requests", asc: false}, empty: "This service served no HTTP requests.", rowAttrs: r => `data-method="${esc(r.method)}" data-route="${esc(r.route)}"`})}
+    ${isDb || svc.db_operations.length ? "<h2>Operations served</h2>" + table("db-operations", DB_OP_COLS, svc.db_operations, {sort: {key: "requests", asc: false}, empty: "No operations seen yet.", rowAttrs: r => `data-operation="${esc(r.operation)}" data-collection="${esc(r.collection)}"`}) : ""}
+    ${isDb && !svc.route_list.length ? "" : "<h2>Routes</h2>" + table("routes", ROUTE_COLS, svc.route_list, {sort: {key: "requests", asc: false}, empty: "This service served no HTTP requests.", rowAttrs: r => `data-method="${esc(r.method)}" data-route="${esc(r.route)}"`})}
     <h2>Outgoing dependencies</h2>
     ${table("outgoing", EDGE_COLS("server", "calls"), svc.outgoing, {empty: "No calls to other services seen."})}
     ${svc.client_calls.length ? "<h2>Outgoing HTTP calls by address</h2>" + table("client-calls", CALL_COLS, svc.client_calls) : ""}
+    ${svc.db_calls.length ? "<h2>Database and cache calls</h2>" + table("db-calls", DB_CALL_COLS, svc.db_calls, {sort: {key: "requests", asc: false}, rowAttrs: r => `data-operation="${esc(r.operation)}" data-collection="${esc(r.collection)}"`}) : ""}
+    ${svc.dns_lookups.length ? "<h2>DNS lookups</h2>" + table("dns-lookups", DNS_COLS, svc.dns_lookups, {sort: {key: "requests", asc: false}}) : ""}
     <h2>Callers</h2>
     ${table("incoming", EDGE_COLS("client", "caller"), svc.incoming, {empty: "No callers seen."})}`;
   const h = hist && hist.time && hist.time.length ? hist : null;
@@ -283,6 +313,52 @@ function renderService(svc, hist) {
   chart(document.getElementById("c-rate"), "Rate (requests/s), last 15 min", ["rate"], [ts, pick("rate")], v => v == null ? "" : fmtRate(v));
   chart(document.getElementById("c-err"), "Errors (5xx ratio)", ["error ratio"], [ts, pick("error_ratio")], v => v == null ? "" : fmtPct(v));
   chart(document.getElementById("c-lat"), "Duration", ["p50", "p99"], [ts, pick("p50_seconds"), pick("p99_seconds")], v => v == null ? "" : fmtSec(v));
+}
+
+// ---------- saturation -------------------------------------------------------------------
+// The fourth golden signal next to RED: waiting for a CPU, CPU used, disk latency, accept
+// queue overflows (serve/saturation.py, over the last minute).
+function saturationCards(s) {
+  if (!s) return "";
+  const hot = new Set(s.saturated_by);
+  const cls = reason => (hot.has(reason) ? "bad" : "");
+  return `<h2>Saturation <span class="muted">(last ${Math.round(s.window_seconds || 60)} s)</span></h2>
+    <div class="cards" data-testid="saturation">
+      ${stat("run-queue wait p99", `<span class="${cls("cpu run queue")}">${fmtSec(s.runqueue_p99_seconds)}</span>`, "stat-runq-p99")}
+      ${stat("CPU (cores)", s.cpu_cores.toFixed(2), "stat-cpu")}
+      ${stat("disk p99", `<span class="${cls("disk latency")}">${fmtSec(s.disk_p99_seconds)}</span>`, "stat-disk-p99")}
+      ${stat("listen overflows", `<span class="${cls("listen queue overflow")}">${fmtNum(s.listen_overflows_window)}</span>`, "stat-overflows")}
+      ${stat("OOM kills", `<span class="${cls("OOM kill")}">${fmtNum(s.oom_kills_window)}</span>`, "stat-oom")}
+    </div>`;
+}
+
+const SATURATION_COLS = [
+  {key: "service_name", label: "service", fmt: v => `<a href="${serviceHref(v)}">${esc(v)}</a>`},
+  {key: "cpu_cores", label: "CPU (cores)", num: true, fmt: v => v.toFixed(2)},
+  {key: "cpu_seconds", label: "CPU s", num: true, fmt: v => v.toFixed(1)},
+  {key: "runqueue_p99_seconds", label: "run-queue p99", num: true, fmt: fmtSec,
+   cls: r => r.saturated_by.includes("cpu run queue") ? "bad" : ""},
+  {key: "disk_p99_seconds", label: "disk p99", num: true, fmt: fmtSec,
+   cls: r => r.saturated_by.includes("disk latency") ? "bad" : ""},
+  {key: "listen_overflows", label: "listen overflows", num: true, fmt: fmtNum,
+   cls: r => r.listen_overflows_window ? "bad" : ""},
+  {key: "oom_kills", label: "OOM kills", num: true, fmt: fmtNum, cls: r => r.oom_kills_window ? "bad" : ""},
+  {key: "saturated_by", label: "saturated by", sortValue: r => r.saturated_by.join(),
+   fmt: v => v.map(x => `<span class="pill">${esc(x)}</span>`).join(" ")},
+];
+const OOM_COLS = [
+  {key: "pid", label: "pid", num: true}, {key: "comm", label: "comm"},
+  {key: "service_name", label: "service"}, {key: "cgroup", label: "cgroup at its limit"},
+  {key: "trigger_pid", label: "allocating pid", num: true},
+];
+
+async function pageSaturation(token) {
+  const data = await api("/api/saturation");
+  if (token !== pageToken) return;
+  (rerender = () => { main.innerHTML = `<h1>Saturation <span class="muted">(windowed figures: last ${Math.round(data.window_seconds)} s)</span></h1>
+    ${table("saturation", SATURATION_COLS, data.services, {sort: {key: "cpu_cores", asc: false}, empty: "No saturation data yet (probes.saturation)."})}
+    <h2>OOM kills</h2>
+    ${table("oom-kills", OOM_COLS, data.oom_kills.slice().reverse(), {empty: "No process was OOM-killed since the agent started."})}`; })();
 }
 
 // ---------- TCP --------------------------------------------------------------------------
@@ -354,6 +430,89 @@ async function pageEvents(token, first) {
   document.getElementById("ev-count").textContent = `${feed.rows.length} shown, newest first`;
 }
 
+// ---------- security ---------------------------------------------------------------------
+const RULE_COLS = [
+  {key: "id", label: "rule"},
+  {key: "severity", label: "severity", fmt: v => `<span class="pill ${esc(v)}">${esc(v)}</span>`},
+  {key: "action", label: "action", fmt: v => v === "kill" ? `<span class="pill killed">kill</span>` : "alert"},
+  {key: "alerts", label: "alerts", num: true, fmt: fmtNum},
+  {key: "kills", label: "kills", num: true, fmt: fmtNum},
+  {key: "kernel_criteria", label: "decided in the kernel", sortValue: r => r.kernel_criteria.join(),
+   fmt: v => v.map(k => `<span class="pill">${esc(k)}</span>`).join(" ") || "–"},
+  {key: "description", label: "what it catches"},
+];
+
+function procName(p) {
+  const path = p.exe || p.filename || "";
+  return p.comm || path.split("/").pop() || "?";
+}
+
+// The alert's lineage, oldest ancestor on the left and the process that matched on the right.
+function ancestrySvg(alert) {
+  const chain = alert.ancestry.slice().reverse().concat([alert.process]);
+  const W = 150, H = 46, GAP = 26, PAD = 2;
+  const width = PAD * 2 + chain.length * W + (chain.length - 1) * GAP;
+  const parts = [`<svg class="ancestry" data-testid="ancestry" viewBox="0 0 ${width} ${H + PAD * 2}" width="${width}" height="${H + PAD * 2}">`];
+  chain.forEach((p, i) => {
+    const x = PAD + i * (W + GAP);
+    if (i) parts.push(`<path d="M${x - GAP},${PAD + H / 2} L${x - 4},${PAD + H / 2}" marker-end="url(#arrow)"/>`);
+    const subject = i === chain.length - 1;
+    const server = !subject && alert.service_name && p.service_name === alert.service_name;
+    const cls = ["proc", subject ? "subject" : "", server ? "server" : "", p.exited ? "exited" : ""].join(" ");
+    const name = p.evicted ? "…" : procName(p);
+    const title = p.evicted ? `pid ${p.pid} (no longer in the tree)` :
+      `${p.exe || p.filename}\n${(p.argv || []).join(" ")}\nuser ${p.user} · service ${p.service_name}${p.exited ? " · exited" : ""}`;
+    parts.push(`<g class="${cls}" data-testid="ancestor" data-pid="${p.pid}" transform="translate(${x},${PAD})"><title>${esc(title)}</title>
+      <rect width="${W}" height="${H}"/>
+      <text class="name" x="8" y="18">${esc(name.length > 19 ? name.slice(0, 18) + "…" : name)}</text>
+      <text x="8" y="35">pid ${p.pid}${p.service_name && !p.evicted ? " · " + esc(p.service_name.slice(0, 12)) : ""}</text></g>`);
+  });
+  parts.push("</svg>");
+  return parts.join("");
+}
+
+function alertCard(a) {
+  const when = new Date(a.time * 1000).toLocaleTimeString();
+  const conn = a.evidence && a.evidence.connection;
+  const why = [a.evidence.stdin_tcp || a.evidence.stdout_tcp ? "stdio is a TCP socket" : "",
+    a.evidence.exe_memfd ? "memfd image" : a.evidence.exe_deleted ? "deleted image" : "",
+    a.evidence.listener_depth ? `listening ancestor ${a.evidence.listener_depth} up` : "",
+    a.in_container ? `in container ${a.container_id ? a.container_id.slice(0, 12) : ""}` : "",
+    conn ? `connection to ${conn.address}:${conn.port} by pid ${conn.pid}` : ""].filter(Boolean).join(" · ");
+  return `<div class="alert ${esc(a.severity)}" data-testid="alert" data-rule="${esc(a.rule)}" data-pid="${a.process.pid}" data-id="${a.id}">
+    <div class="head"><span class="pill ${esc(a.severity)}">${esc(a.severity)}</span>
+      <span class="rule">${esc(a.rule)}</span>${a.action === "killed" ? `<span class="pill killed">killed</span>` : ""}
+      <span>service <a data-testid="alert-service" href="${serviceHref(a.service_name)}">${esc(a.service_name)}</a></span>
+      <span class="muted">${esc(when)} · pid ${a.process.pid} · user ${esc(a.process.user)}</span></div>
+    <div class="cmd">${esc(a.process.exe || a.process.filename)}  ${esc(a.process.argv.join(" "))}</div>
+    ${why ? `<div class="muted">${esc(why)}</div>` : ""}
+    <div class="card" style="margin:6px 0 0;overflow-x:auto">${ancestrySvg(a)}</div></div>`;
+}
+
+async function pageSecurity(token) {
+  const [data, rules] = await Promise.all([api("/api/security/alerts?limit=200"), api("/api/security/rules")]);
+  if (token !== pageToken) return;
+  (rerender = () => {
+    if (!data.enabled) {
+      main.innerHTML = `<h1>Security</h1><div class="card empty" data-testid="security-off">Security monitoring is off (security.enabled: false).</div>`;
+      return;
+    }
+    const kills = rules.rules.reduce((n, r) => n + r.kills, 0);
+    const alerts = data.alerts.slice().reverse();
+    main.innerHTML = `<h1>Security</h1>
+      <svg width="0" height="0" style="position:absolute"><defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#94a3b8"/></marker></defs></svg>
+      <div class="cards">
+        ${stat("alerts since start", fmtNum(data.total), "security-total")}
+        ${stat("execs killed", fmtNum(kills), "security-kills")}
+        ${stat("rules", fmtNum(rules.rules.length), "security-rules-count")}
+        ${stat("processes in the tree", fmtNum(data.stats.processes + data.stats.exited_kept), "security-processes")}
+      </div>
+      <h2>Alerts <span class="muted">(newest first; each with its ancestry, the matching process on the right)</span></h2>
+      <div data-testid="security-alerts">${alerts.length ? alerts.map(alertCard).join("") : `<div class="card empty" data-testid="security-alerts-empty">No alerts.</div>`}</div>
+      <h2>Rules</h2>${table("security-rules", RULE_COLS, rules.rules)}`;
+  })();
+}
+
 // ---------- agent ------------------------------------------------------------------------
 const HOOK_COLS = [
   {key: "probe", label: "probe"}, {key: "hook", label: "hook"},
@@ -402,8 +561,10 @@ async function refresh(first = false) {
     if (page === "service") await pageService(token, arg);
     else if (page === "services") await pageServices(token);
     else if (page === "tcp") await pageTcp(token);
+    else if (page === "saturation") await pageSaturation(token);
     else if (page === "events") await pageEvents(token, first);
     else if (page === "agent") await pageAgent(token);
+    else if (page === "security") await pageSecurity(token);
     else await pageMap(token);
     if (token === pageToken) { setStatus("updated " + new Date().toLocaleTimeString()); document.body.dataset.loaded = page; }
   } catch (e) {

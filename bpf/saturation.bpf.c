@@ -1,0 +1,769 @@
+// SPDX-License-Identifier: GPL-2.0
+/* saturation family: run-queue latency, CPU time and off-CPU waits (sched), block I/O latency,
+ * TCP listen-queue overflows, OOM kills. Everything but the (rare) OOM kills is counted in
+ * kernel maps keyed by process, device or listener, and read at scrape. */
+#include "common.h"
+#include <bpf/bpf_endian.h>
+#include "saturation.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* Puts the record type in the object's BTF, where user space checks its dtype. */
+struct oom_event *btf_export_oom_event __attribute__((unused));
+
+#define TASK_RUNNING_ 0
+#define TASK_UNINTERRUPTIBLE_ 0x2
+#define TASK_NOLOAD_ 0x400
+#define TASK_FROZEN_ 0x8000
+#define PF_KTHREAD_ 0x00200000
+#define TCP_LISTEN_ 10
+#define MAX_CPUS 1024
+/* Positions in struct linux_mib (an anonymous enum, so not relocatable); unchanged since 2.6. */
+#define LINUX_MIB_LISTENOVERFLOWS_ 23
+#define LINUX_MIB_LISTENDROPS_ 24
+/* PAGE_COUNTER_MAX for 4 KiB pages: a memory cgroup without a limit. */
+#define PAGE_COUNTER_MAX_ (0x7fffffffffffffffUL / 4096)
+/* A cgroup whose usage is this close to its limit (in pages) is the one that ran out: the
+ * failed charge was at most 8 pages (memcg OOM gives up on costlier orders), and frees may
+ * have come in before the victim is marked. */
+#define OOM_SLACK_PAGES 64
+
+/* Load-time settings: which signals run (the config's switches), and how state is kept. */
+const volatile __u8 sched_cpu_on = 1;
+const volatile __u8 sched_runq_on = 1;
+/* Per-thread state in task storage: only when every sched hook is tp_btf (a tp/ program is
+ * told only the pid of the task switched in, so it keys state by thread id in an LRU hash). */
+const volatile __u8 use_task_storage = 1;
+/* Requests keyed by their address when both block hooks are tp_btf, else by start sector. */
+const volatile __u8 block_key_by_rq = 1;
+/* Where tcp_rcv_state_process lies (from /proc/kallsyms: its address, the next symbol's): the
+ * only function that consumes a SYN a listener answered or dropped. */
+const volatile __u64 tcp_rcv_state_process_start = 0;
+const volatile __u64 tcp_rcv_state_process_end = 0;
+const volatile __u32 nr_cpus = 1;
+
+/* --- sched -------------------------------------------------------------------------------- */
+
+/* Backs probewire_process_cpu_seconds_total, probewire_sched_runqueue_latency_seconds and
+ * probewire_sched_wait_seconds_total: bounded by LRU; user space sizes it by CPU count. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct sched_stats);
+} sched_stats SEC(".maps");
+
+/* Per-thread state that dies with the thread. */
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct sched_task);
+} sched_tasks SEC(".maps");
+
+/* The same for tp/ programs, by thread id; LRU so exited threads cannot fill it (user space
+ * shrinks it to one entry when task storage is used). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct sched_task);
+} sched_threads SEC(".maps");
+
+static struct sched_stats zero_sched_stats;
+static struct sched_task zero_task;
+
+static __always_inline struct sched_task *thread_state(struct task_struct *t, __u32 tid,
+							bool create)
+{
+	struct sched_task *ts;
+
+	if (use_task_storage && t)
+		return bpf_task_storage_get(&sched_tasks, t, 0,
+					    create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+	ts = bpf_map_lookup_elem(&sched_threads, &tid);
+	if (ts || !create)
+		return ts;
+	bpf_map_update_elem(&sched_threads, &tid, &zero_task, BPF_NOEXIST);
+	return bpf_map_lookup_elem(&sched_threads, &tid);
+}
+
+static __always_inline struct sched_stats *sched_stats_for(__u32 tgid)
+{
+	struct sched_stats *s = bpf_map_lookup_elem(&sched_stats, &tgid);
+
+	if (s)
+		return s;
+	bpf_map_update_elem(&sched_stats, &tgid, &zero_sched_stats, BPF_NOEXIST);
+	return bpf_map_lookup_elem(&sched_stats, &tgid);
+}
+
+struct task_struct___pre514 {
+	long state;
+} __attribute__((preserve_access_index));
+
+static __always_inline long run_state(struct task_struct *t)
+{
+	/* Renamed to __state in 5.14 (2f064a59a11f). */
+	if (bpf_core_field_exists(t->__state))
+		return t->__state;
+	return ((struct task_struct___pre514 *)t)->state;
+}
+
+/* What the load average counts: uninterruptible, not idle-marked, not frozen. */
+static __always_inline bool uninterruptible(long state)
+{
+	return (state & TASK_UNINTERRUPTIBLE_) && !(state & (TASK_NOLOAD_ | TASK_FROZEN_));
+}
+
+/* prev leaves the CPU: its CPU time and the waits that ended since it last left go to its
+ * process; then it starts waiting for a CPU (still runnable) or for I/O (uninterruptible).
+ * prev is the current task, a BTF pointer for every hook type. */
+static __always_inline void switch_out(struct task_struct *prev, __u32 tid, __u64 now)
+{
+	struct sched_task *ts = thread_state(prev, tid, true);
+	__u64 sum, cpu_ns = 0;
+	struct sched_stats *s;
+	__u32 tgid;
+	long state;
+
+	if (!ts)
+		return;
+	sum = prev->se.sum_exec_runtime;
+	if (sched_cpu_on && ts->has_sum)
+		cpu_ns = sum - ts->last_sum_exec_ns;
+	ts->last_sum_exec_ns = sum;
+	ts->has_sum = 1;
+	if (cpu_ns || ts->pending_runq || ts->pending_io_ns || ts->pending_blocked_ns) {
+		tgid = (prev->flags & PF_KTHREAD_) ? SAT_KERNEL_TGID : prev->tgid;
+		if (tgid == SAT_KERNEL_TGID || is_traced_task(tgid, 0, 0)) {
+			s = sched_stats_for(tgid);
+			if (s) {
+				s->cpu_ns += cpu_ns;
+				if (ts->pending_runq) {
+					s->runq_ns += ts->pending_runq_ns;
+					s->runq_waits += 1;
+					s->runq_us_slots[log2_slot(ts->pending_runq_ns / 1000) &
+							 (LOG2_SLOTS - 1)] += 1;
+				}
+				s->io_ns += ts->pending_io_ns;
+				s->blocked_ns += ts->pending_blocked_ns;
+			}
+		}
+		ts->pending_runq = 0;
+		ts->pending_runq_ns = 0;
+		ts->pending_io_ns = 0;
+		ts->pending_blocked_ns = 0;
+	}
+	if (!sched_runq_on)
+		return;
+	state = run_state(prev);
+	/* As the kernel's sched_info: a preempted task waits from now; a task that goes to sleep
+	 * stops waiting (a wake-up that came while it was still on the CPU is void). */
+	ts->queued_ns = state == TASK_RUNNING_ ? now : 0;
+	if (uninterruptible(state)) {
+		ts->slept_ns = now;
+		ts->slept_io = BPF_CORE_READ_BITFIELD(prev, in_iowait);
+	}
+}
+
+/* next gets the CPU: its run-queue wait ends. `next` is NULL for tp/ programs. */
+static __always_inline void switch_in(struct task_struct *next, __u32 tid, __u64 now)
+{
+	struct sched_task *ts = thread_state(next, tid, false);
+
+	if (!ts || !ts->queued_ns)
+		return;
+	ts->pending_runq_ns = now - ts->queued_ns;
+	ts->pending_runq = 1;
+	ts->queued_ns = 0;
+}
+
+static __always_inline int handle_switch(struct task_struct *prev, struct task_struct *next,
+					 __u32 next_tid)
+{
+	__u64 now = bpf_ktime_get_ns();
+	__u32 prev_tid = prev->pid;
+
+	if (prev_tid) /* 0: the idle task */
+		switch_out(prev, prev_tid, now);
+	if (next_tid && sched_runq_on)
+		switch_in(next, next_tid, now);
+	return 0;
+}
+
+/* Runs on every context switch (hundreds of thousands a second on a busy host): two per-thread
+ * state lookups and one per-process map lookup, nothing else. */
+SEC("tp_btf/sched_switch")
+int BPF_PROG(sched_switch_btf, bool preempt, struct task_struct *prev, struct task_struct *next)
+{
+	return handle_switch(prev, next, next->pid);
+}
+
+SEC("tp/sched/sched_switch")
+int sched_switch_tp(struct trace_event_raw_sched_switch *ctx)
+{
+	/* The switch has not happened yet: the current task is prev. */
+	return handle_switch(bpf_get_current_task_btf(), NULL, ctx->next_pid);
+}
+
+/* A task becomes runnable: it waits for a CPU from now; an uninterruptible sleep ends. */
+static __always_inline int handle_wakeup(struct task_struct *p, __u32 tid, bool new_task)
+{
+	__u64 now = bpf_ktime_get_ns(), slept;
+	struct sched_task *ts = thread_state(p, tid, true);
+
+	if (!ts)
+		return 0;
+	if (new_task) {
+		ts->last_sum_exec_ns = 0; /* a new task has run for 0 ns */
+		ts->has_sum = 1;
+	} else if (p && !ts->has_sum) {
+		ts->last_sum_exec_ns = p->se.sum_exec_runtime;
+		ts->has_sum = 1;
+	}
+	if (!ts->queued_ns)
+		ts->queued_ns = now;
+	if (ts->slept_ns) {
+		slept = now - ts->slept_ns;
+		if (ts->slept_io)
+			ts->pending_io_ns += slept;
+		else
+			ts->pending_blocked_ns += slept;
+		ts->slept_ns = 0;
+	}
+	return 0;
+}
+
+/* Wake-ups: one per-thread state lookup each. */
+SEC("tp_btf/sched_wakeup")
+int BPF_PROG(sched_wakeup_btf, struct task_struct *p)
+{
+	return handle_wakeup(p, p->pid, false);
+}
+
+SEC("tp/sched/sched_wakeup")
+int sched_wakeup_tp(struct trace_event_raw_sched_wakeup_template *ctx)
+{
+	return handle_wakeup(NULL, ctx->pid, false);
+}
+
+SEC("tp_btf/sched_wakeup_new")
+int BPF_PROG(sched_wakeup_new_btf, struct task_struct *p)
+{
+	return handle_wakeup(p, p->pid, true);
+}
+
+SEC("tp/sched/sched_wakeup_new")
+int sched_wakeup_new_tp(struct trace_event_raw_sched_wakeup_template *ctx)
+{
+	return handle_wakeup(NULL, ctx->pid, true);
+}
+
+/* --- block -------------------------------------------------------------------------------- */
+
+/* Requests in flight; LRU so a completion the agent never sees cannot leak an entry. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct block_req_key);
+	__type(value, struct block_req);
+} block_reqs SEC(".maps");
+
+/* Backs probewire_block_io_duration_seconds and probewire_block_io_bytes_total. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+	__uint(max_entries, 2048);
+	__type(key, struct block_key);
+	__type(value, struct block_stats);
+} block_stats SEC(".maps");
+
+static struct block_stats zero_block_stats;
+
+static __always_inline __u8 op_of_req(__u32 cmd_flags)
+{
+	switch (cmd_flags & 0xff) { /* REQ_OP_MASK */
+	case 0: /* REQ_OP_READ */
+		return BLOCK_OP_READ;
+	case 1: /* REQ_OP_WRITE */
+	case 7: /* REQ_OP_ZONE_APPEND */
+		return BLOCK_OP_WRITE;
+	case 2: /* REQ_OP_FLUSH */
+		return BLOCK_OP_FLUSH;
+	case 3: /* REQ_OP_DISCARD */
+	case 5: /* REQ_OP_SECURE_ERASE */
+		return BLOCK_OP_DISCARD;
+	}
+	return BLOCK_OP_OTHER;
+}
+
+/* blk_fill_rwbs: an optional 'F' (pre-flush) before the operation letter; 'F' alone is a
+ * flush. */
+static __always_inline __u8 op_of_rwbs(char c, char next)
+{
+	if (c == 'F' && (next == 'W' || next == 'R' || next == 'D' || next == 'N'))
+		c = next;
+	switch (c) {
+	case 'R':
+		return BLOCK_OP_READ;
+	case 'W':
+		return BLOCK_OP_WRITE;
+	case 'F':
+		return BLOCK_OP_FLUSH;
+	case 'D':
+		return BLOCK_OP_DISCARD;
+	}
+	return BLOCK_OP_OTHER;
+}
+
+static __always_inline __u32 rq_dev(struct request *rq)
+{
+	struct gendisk *disk = rq->q->disk;
+
+	/* The tracepoints' dev: disk_devt(), MKDEV(major, first_minor) in the kernel's layout. */
+	return disk ? ((__u32)disk->major << 20) | (__u32)disk->first_minor : 0;
+}
+
+/* The process that issued the request, or "kernel" (writeback, journal, a driver's worker). */
+static __always_inline __u32 issuer(void)
+{
+	struct task_struct *t = bpf_get_current_task_btf();
+
+	return (t->flags & PF_KTHREAD_) ? SAT_KERNEL_TGID : t->tgid;
+}
+
+static __always_inline int handle_issue(__u64 id, __u32 dev, __u32 bytes, __u8 op)
+{
+	struct block_req_key key = { .id = id, .dev = dev, .op = op };
+	struct block_req req = { .issue_ns = bpf_ktime_get_ns(), .bytes = bytes, .op = op };
+
+	req.tgid = issuer();
+	if (req.tgid != SAT_KERNEL_TGID && !is_traced_task(req.tgid, 0, 0))
+		return 0;
+	bpf_map_update_elem(&block_reqs, &key, &req, BPF_ANY);
+	return 0;
+}
+
+/* `empty`: the request carries no data, so it may have completed without ever being issued:
+ * the flush machinery ends an empty pre-flush write (fsync's) itself once the device's cache
+ * flush is done, and /proc/diskstats still counts it as a write. */
+static __always_inline int handle_complete(__u64 id, __u32 dev, __u8 op, bool empty)
+{
+	struct block_req_key rkey = { .id = id, .dev = dev, .op = op };
+	struct block_req *req = bpf_map_lookup_elem(&block_reqs, &rkey);
+	struct block_key key = { .dev = dev };
+	struct block_stats *s;
+	__u64 ns = 0;
+
+	if (req) {
+		ns = bpf_ktime_get_ns() - req->issue_ns;
+		key.tgid = req->tgid;
+		key.op = req->op;
+	} else if (empty) {
+		key.tgid = issuer();
+		key.op = op;
+	} else {
+		return 0; /* issued before the agent started, or filtered out */
+	}
+	s = bpf_map_lookup_elem(&block_stats, &key);
+	if (!s) {
+		bpf_map_update_elem(&block_stats, &key, &zero_block_stats, BPF_NOEXIST);
+		s = bpf_map_lookup_elem(&block_stats, &key);
+	}
+	if (s) {
+		s->ios += 1;
+		s->bytes += req ? req->bytes : 0;
+		s->ns_sum += ns;
+		s->us_slots[log2_slot(ns / 1000) & (LOG2_SLOTS - 1)] += 1;
+	}
+	if (req)
+		bpf_map_delete_elem(&block_reqs, &rkey);
+	return 0;
+}
+
+/* A request goes to the driver: one map update per request. */
+SEC("tp_btf/block_rq_issue")
+int BPF_PROG(block_rq_issue_btf, struct request *rq)
+{
+	__u64 id = block_key_by_rq ? (__u64)rq : (rq->__sector == (__u64)-1 ? 0 : rq->__sector);
+
+	return handle_issue(id, rq_dev(rq), rq->__data_len, op_of_req(rq->cmd_flags));
+}
+
+SEC("tp/block/block_rq_issue")
+int block_rq_issue_tp(struct trace_event_raw_block_rq *ctx)
+{
+	/* Two loads: the verifier allows no pointer arithmetic on the context. */
+	char c0 = ctx->rwbs[0], c1 = ctx->rwbs[1];
+
+	return handle_issue(ctx->sector, ctx->dev, ctx->bytes, op_of_rwbs(c0, c1));
+}
+
+/* A request (or part of it) completes: one lookup, one update, one delete per request. */
+SEC("tp_btf/block_rq_complete")
+int BPF_PROG(block_rq_complete_btf, struct request *rq, blk_status_t error, unsigned int nr_bytes)
+{
+	__u64 id = block_key_by_rq ? (__u64)rq : (rq->__sector == (__u64)-1 ? 0 : rq->__sector);
+
+	/* blk_update_request runs once per partial completion; the request is done with the last
+	 * one, when what completes is all that was left. */
+	if (nr_bytes < rq->__data_len)
+		return 0;
+	return handle_complete(id, rq_dev(rq), op_of_req(rq->cmd_flags), !rq->__data_len);
+}
+
+SEC("tp/block/block_rq_complete")
+int block_rq_complete_tp(struct trace_event_raw_block_rq_completion *ctx)
+{
+	/* Partial completions cannot be told apart here: the first one ends the request. */
+	char c0 = ctx->rwbs[0], c1 = ctx->rwbs[1];
+
+	return handle_complete(ctx->sector, ctx->dev, op_of_rwbs(c0, c1), !ctx->nr_sector);
+}
+
+/* --- TCP listen queues -------------------------------------------------------------------- */
+
+/* A per-CPU allocation's copy for CPU i lives at its base address plus CPU i's per-CPU offset.
+ * The offsets are not exported to BPF where the kernel's kallsyms hold no data symbols (as
+ * here); this one-slot per-CPU array gives them: its base is in the map's struct bpf_array,
+ * and a lookup returns a CPU's copy. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} cpu_anchor SEC(".maps");
+
+/* CPU `cpu`'s per-CPU offset (this CPU's when this_cpu). */
+static __always_inline bool cpu_offset(__u32 cpu, bool this_cpu, __u64 *off)
+{
+	__u32 zero = 0;
+	void *copy = this_cpu ? bpf_map_lookup_elem(&cpu_anchor, &zero)
+			      : bpf_map_lookup_percpu_elem(&cpu_anchor, &zero, cpu);
+	void *map = &cpu_anchor;
+	__u64 copy_addr, map_addr, base;
+
+	if (!copy)
+		return false;
+	/* Pointers to integers: the verifier allows no arithmetic on a map or its values. */
+	if (bpf_probe_read_kernel(&copy_addr, 8, &copy) ||
+	    bpf_probe_read_kernel(&map_addr, 8, &map) ||
+	    bpf_probe_read_kernel(&base, 8,
+				  (void *)(map_addr + bpf_core_field_offset(struct bpf_array, pptrs))))
+		return false;
+	*off = copy_addr - base;
+	return true;
+}
+
+/* Listening port -> the process that called listen(). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct listen_key);
+	__type(value, struct listen_owner);
+} listen_owners SEC(".maps");
+
+/* Backs probewire_tcp_listen_overflows_total and probewire_tcp_listen_drops_total. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct listen_key);
+	__type(value, struct listen_stats);
+} listen_stats SEC(".maps");
+
+/* Per network namespace (its cookie), per CPU: the namespace's counters on that CPU as last
+ * attributed. The kernel bumps ListenOverflows/ListenDrops on the CPU that handles the packet
+ * and, with bottom halves off, frees or consumes that packet before the CPU can handle another
+ * one; so the growth of this CPU's counters seen at that free belongs to that listener. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u64);
+	__type(value, struct listen_mib);
+} listen_base SEC(".maps");
+
+struct baseline_ctx {
+	struct linux_mib *mib;
+	__u64 netns;
+};
+
+static __always_inline void read_mib(struct linux_mib *mib, __u64 cpu_off,
+				     struct listen_mib *out)
+{
+	const void *mine = (const void *)mib + cpu_off;
+
+	bpf_probe_read_kernel(&out->overflows, 8, mine + LINUX_MIB_LISTENOVERFLOWS_ * 8);
+	bpf_probe_read_kernel(&out->drops, 8, mine + LINUX_MIB_LISTENDROPS_ * 8);
+}
+
+static long baseline_cpu(__u32 cpu, struct baseline_ctx *c)
+{
+	struct listen_mib *b;
+	__u64 off;
+
+	if (!cpu_offset(cpu, false, &off))
+		return 1; /* past the last possible CPU */
+	b = bpf_map_lookup_percpu_elem(&listen_base, &c->netns, cpu);
+	if (!b)
+		return 1;
+	read_mib(c->mib, off, b);
+	return 0;
+}
+
+/* The first time a namespace is seen (a listen() there, or a listener's first drop): read its
+ * counters on every CPU; growth from then on is attributed. */
+static __always_inline void take_baseline(struct linux_mib *mib, __u64 netns)
+{
+	struct listen_mib zero = {};
+	struct baseline_ctx c = { .mib = mib, .netns = netns };
+
+	if (bpf_map_update_elem(&listen_base, &netns, &zero, BPF_NOEXIST))
+		return;
+	bpf_loop(nr_cpus < MAX_CPUS ? nr_cpus : MAX_CPUS, baseline_cpu, &c, 0);
+}
+
+static __always_inline void attribute_listen(const struct net *net, __u16 port)
+{
+	struct linux_mib *mib = BPF_CORE_READ(net, mib.net_statistics);
+	__u64 netns = BPF_CORE_READ(net, net_cookie);
+	struct listen_key key = { .netns = netns, .port = port };
+	struct listen_mib *base, now;
+	struct listen_stats *s;
+	struct listen_owner *owner;
+	__u64 overflows, drops, off;
+
+	if (!mib)
+		return;
+	base = bpf_map_lookup_elem(&listen_base, &netns);
+	if (!base) {
+		take_baseline(mib, netns);
+		return;
+	}
+	if (!cpu_offset(0, true, &off))
+		return;
+	read_mib(mib, off, &now);
+	overflows = now.overflows - base->overflows;
+	drops = now.drops - base->drops;
+	if (!overflows && !drops)
+		return;
+	*base = now;
+	s = bpf_map_lookup_elem(&listen_stats, &key);
+	if (!s) {
+		struct listen_stats fresh = {};
+
+		owner = bpf_map_lookup_elem(&listen_owners, &key);
+		fresh.tgid = owner ? owner->tgid : 0;
+		bpf_map_update_elem(&listen_stats, &key, &fresh, BPF_NOEXIST);
+		s = bpf_map_lookup_elem(&listen_stats, &key);
+		if (!s)
+			return;
+	}
+	__sync_fetch_and_add(&s->overflows, overflows);
+	__sync_fetch_and_add(&s->drops, drops);
+}
+
+/* A SYN a listener handled, whether it queued it or dropped it (the drop is not a kfree_skb:
+ * tcp_rcv_state_process consumes every SYN). One compare for every other consumed skb. */
+static __always_inline int handle_consume(const struct sk_buff *skb, __u64 location)
+{
+	struct dst_entry *dst;
+	struct net_device *dev;
+	struct tcphdr th;
+	unsigned char *head;
+
+	/* The tracepoint's location is the return address of the consume_skb() call. */
+	if (location < tcp_rcv_state_process_start || location >= tcp_rcv_state_process_end)
+		return 0;
+	/* The socket is not on the skb; its namespace is the input route's device's. */
+	dst = (struct dst_entry *)(BPF_CORE_READ(skb, _skb_refdst) & ~1UL);
+	dev = BPF_CORE_READ(dst, dev);
+	head = BPF_CORE_READ(skb, head);
+	if (!dev || bpf_probe_read_kernel(&th, sizeof(th),
+					  head + BPF_CORE_READ(skb, transport_header)))
+		return 0;
+	attribute_listen(BPF_CORE_READ(dev, nd_net.net), bpf_ntohs(th.dest));
+	return 0;
+}
+
+SEC("tp_btf/consume_skb")
+int BPF_PROG(consume_skb_btf, struct sk_buff *skb, void *location)
+{
+	return handle_consume(skb, (__u64)location);
+}
+
+SEC("tp/skb/consume_skb")
+int consume_skb_tp(struct trace_event_raw_consume_skb *ctx)
+{
+	return handle_consume((const struct sk_buff *)ctx->skbaddr, (__u64)ctx->location);
+}
+
+/* A packet a listener dropped (the handshake's last ACK when the accept queue is full, and
+ * ListenDrops' other causes). */
+static __always_inline int handle_drop(const struct sock *sk)
+{
+	if (!sk || BPF_CORE_READ(sk, __sk_common.skc_state) != TCP_LISTEN_ ||
+	    BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+		return 0;
+	attribute_listen(BPF_CORE_READ(sk, __sk_common.skc_net.net),
+			 BPF_CORE_READ(sk, __sk_common.skc_num));
+	return 0;
+}
+
+/* Every dropped packet passes here: two loads for a packet no listener dropped. */
+SEC("tp_btf/kfree_skb")
+int BPF_PROG(kfree_skb_btf, struct sk_buff *skb, void *location, enum skb_drop_reason reason,
+	     struct sock *rx_sk)
+{
+	return handle_drop(rx_sk);
+}
+
+SEC("tp/skb/kfree_skb")
+int kfree_skb_tp(struct trace_event_raw_kfree_skb *ctx)
+{
+	/* rx_sk came in 6.12; before it a listener's drop is attributed at its next SYN. */
+	if (!bpf_core_field_exists(ctx->rx_sk))
+		return 0;
+	return handle_drop((const struct sock *)BPF_CORE_READ(ctx, rx_sk));
+}
+
+/* listen(): remember the owner, and read the namespace's counters if they are new to us. */
+static __always_inline int handle_state(const struct sock *sk, int newstate)
+{
+	const struct net *net;
+	struct listen_key key = {};
+	struct listen_owner owner;
+
+	if (newstate != TCP_LISTEN_ || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+		return 0;
+	net = BPF_CORE_READ(sk, __sk_common.skc_net.net);
+	key.netns = BPF_CORE_READ(net, net_cookie);
+	key.port = BPF_CORE_READ(sk, __sk_common.skc_num);
+	owner.tgid = bpf_get_current_pid_tgid() >> 32;
+	bpf_map_update_elem(&listen_owners, &key, &owner, BPF_ANY);
+	if (!bpf_map_lookup_elem(&listen_base, &key.netns))
+		take_baseline(BPF_CORE_READ(net, mib.net_statistics), key.netns);
+	return 0;
+}
+
+/* Every TCP state change; work only for a change to LISTEN. */
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(listen_state_btf, const struct sock *sk, const int oldstate, const int newstate)
+{
+	return handle_state(sk, newstate);
+}
+
+SEC("tp/sock/inet_sock_set_state")
+int listen_state_tp(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	return handle_state((const struct sock *)ctx->skaddr, ctx->newstate);
+}
+
+/* --- OOM kills ---------------------------------------------------------------------------- */
+
+/* OOM kills are rare: a record each, in a small ring of their own. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 16);
+} oom_events SEC(".maps");
+
+struct kernfs_node___pre615 {
+	struct kernfs_node *parent;
+} __attribute__((preserve_access_index));
+
+static __always_inline struct kernfs_node *kn_parent(struct kernfs_node *kn)
+{
+	/* Renamed to __parent in 6.15 (633488947ef6) when it became RCU-protected. */
+	if (bpf_core_field_exists(kn->__parent))
+		return BPF_CORE_READ(kn, __parent);
+	return BPF_CORE_READ((struct kernfs_node___pre615 *)kn, parent);
+}
+
+static __always_inline bool at_limit(struct page_counter *pc)
+{
+	__u64 usage = BPF_CORE_READ(pc, usage.counter);
+	__u64 max = BPF_CORE_READ(pc, max);
+
+	return max < PAGE_COUNTER_MAX_ && usage + OOM_SLACK_PAGES >= max;
+}
+
+/* The memory cgroup that ran out: the OOM killer runs in the allocating task, so it is the
+ * nearest cgroup at its limit from that task's up. NULL for a machine-wide OOM. */
+static __always_inline struct mem_cgroup *oom_memcg(void)
+{
+	struct task_struct *cur = bpf_get_current_task_btf();
+	int id = bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id);
+	struct cgroup_subsys_state *css;
+	struct mem_cgroup *memcg;
+	int i;
+
+	if (id < 0 || id >= CGROUP_SUBSYS_COUNT)
+		return NULL;
+	css = BPF_CORE_READ(cur, cgroups, subsys[id]);
+	for (i = 0; i < OOM_PATH_DEPTH; i++) {
+		if (!css)
+			return NULL;
+		memcg = (struct mem_cgroup *)css; /* css is its first member */
+		if (at_limit(&memcg->memory))
+			return memcg;
+		if (bpf_core_field_exists(memcg->memsw) && at_limit(&memcg->memsw))
+			return memcg;
+		css = BPF_CORE_READ(css, parent);
+	}
+	return NULL;
+}
+
+static __always_inline int handle_oom(__u32 victim_pid, __u32 victim_tgid, const char *comm,
+				      bool comm_is_user)
+{
+	struct oom_event *e = bpf_ringbuf_reserve(&oom_events, sizeof(*e), 0);
+	struct mem_cgroup *memcg;
+	struct kernfs_node *kn;
+	int i;
+
+	if (!e) {
+		count_drop();
+		return 0;
+	}
+	e->kind = OOM_EVENT;
+	e->victim_pid = victim_pid;
+	e->victim_tgid = victim_tgid;
+	e->trigger_tgid = bpf_get_current_pid_tgid() >> 32;
+	e->timestamp_ns = bpf_ktime_get_ns();
+	e->cgroup_id = 0;
+	e->depth = 0;
+	e->_pad = 0;
+	bpf_probe_read_kernel_str(e->comm, sizeof(e->comm), comm);
+	__builtin_memset(e->path, 0, sizeof(e->path));
+	memcg = oom_memcg();
+	if (memcg) {
+		kn = BPF_CORE_READ(memcg, css.cgroup, kn);
+		e->cgroup_id = BPF_CORE_READ(kn, id);
+		for (i = 0; i < OOM_PATH_DEPTH; i++) {
+			struct kernfs_node *parent = kn ? kn_parent(kn) : NULL;
+
+			if (!parent) /* the hierarchy's root has no name of its own */
+				break;
+			bpf_probe_read_kernel_str(e->path[i], OOM_NAME_LEN, BPF_CORE_READ(kn, name));
+			e->depth = i + 1;
+			kn = parent;
+		}
+	}
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+/* The OOM killer marks its victim (a whole process is killed; this is its chosen thread). */
+SEC("tp_btf/mark_victim")
+int BPF_PROG(mark_victim_btf, struct task_struct *tsk)
+{
+	return handle_oom(tsk->pid, tsk->tgid, tsk->comm, false);
+}
+
+SEC("tp/oom/mark_victim")
+int mark_victim_tp(struct trace_event_raw_mark_victim *ctx)
+{
+	/* Only the thread id here; a victim is normally its process's leader. */
+	__u32 loc = ctx->__data_loc_comm;
+
+	return handle_oom(ctx->pid, ctx->pid, (const char *)ctx + (loc & 0xffff), false);
+}
