@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes.util
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +39,7 @@ HOOK_TYPES: dict[str, str] = {
 #   bpf_loop      helper 181 (5.17): bounded loops verified once, not unrolled
 #   task_pt_regs  helper 175 (5.15): a syscall's saved registers at its exit
 #   current_task_btf  helper 158 (5.11): the current task as a BTF pointer
+#   attach_cookie helper 174 (5.15): the value an attachment carries (custom probes' index)
 #   bpf_rdonly_cast   kfunc (6.2): plain loads of kernel fields (common.h KREAD)
 KERNEL_FEATURES: dict[str, tuple[str, int]] = {
     "ringbuf": ("map", 27),
@@ -46,7 +47,27 @@ KERNEL_FEATURES: dict[str, tuple[str, int]] = {
     "bpf_loop": ("helper", 181),
     "task_pt_regs": ("helper", 175),
     "current_task_btf": ("helper", 158),
+    "attach_cookie": ("helper", 174),
     "bpf_rdonly_cast": ("kfunc", 0),
+}
+# The first kernel with each feature, for the reason a family is switched off.
+FEATURE_SINCE = {"ringbuf": "5.8", "task_storage": "5.11", "bpf_loop": "5.17",
+                 "task_pt_regs": "5.15", "current_task_btf": "5.11", "attach_cookie": "5.15",
+                 "bpf_rdonly_cast": "6.2"}
+
+# Features a family's object calls on every path it can take, so a kernel without one cannot
+# load it (the verifier refuses an unknown helper, a map of an unknown type fails creation).
+# Optional ones (bpf_rdonly_cast: probe reads instead; saturation's task storage: a hash by
+# thread id) are not listed. tests/unit/test_kernel_matrix.py checks this against the
+# helpers each object's code calls.
+#   l7          bpf_loop walks iovecs and HTTP heads; task storage holds an SSL call's
+#               arguments; task_pt_regs reads a syscall's arguments at its exit
+#   saturation  bpf_loop reads the per-CPU listen counters; current_task_btf in its tp/ path
+#   custom      each uprobe finds its spec by its attach cookie
+FAMILY_NEEDS: dict[str, tuple[str, ...]] = {
+    "l7": ("bpf_loop", "task_storage", "task_pt_regs", "current_task_btf"),
+    "saturation": ("bpf_loop", "current_task_btf"),
+    "custom": ("attach_cookie",),
 }
 _BPF_PROG_TYPE_TRACEPOINT = 5
 _BTF_KIND_FUNC = 12
@@ -151,12 +172,24 @@ def _kfunc_exists(name: str) -> tuple[bool, str]:
     return found, "" if found else "not in the kernel's BTF"
 
 
-def probe_kernel_features() -> dict[str, HookSupport]:
-    """Try each of KERNEL_FEATURES on this kernel (needs CAP_BPF for the helper probes)."""
+def missing_features(family: str, features: Mapping[str, HookSupport]) -> str:
+    """Why this kernel cannot run `family` (the features it lacks and the kernel that brought
+    each), or "" when it can."""
+    lacking = [f"{name} ({FEATURE_SINCE[name]}+): {features[name].reason}"
+               for name in FAMILY_NEEDS.get(family, ()) if not features[name].available]
+    return "this kernel lacks " + "; ".join(lacking) if lacking else ""
+
+
+def probe_kernel_features(names: Iterable[str] | None = None) -> dict[str, HookSupport]:
+    """Try each of KERNEL_FEATURES (all, or just `names`) on this kernel (needs CAP_BPF for the
+    helper probes)."""
     from probewire.runtime._libbpf import lib, strerror
 
+    wanted = KERNEL_FEATURES if names is None else set(names)
     out = {}
     for name, (kind, ident) in KERNEL_FEATURES.items():
+        if name not in wanted:
+            continue
         if kind == "kfunc":
             ok, reason = _kfunc_exists(name)
         else:
