@@ -57,6 +57,8 @@ def _family_rows(listen: str) -> list[tuple[str, bool, str]]:
     import json
 
     from probewire.config import config_from_mapping
+    from probewire.probes import REGISTRY
+    from probewire.runtime.features import FAMILY_NEEDS, missing_features, probe_kernel_features
 
     try:
         with urllib.request.urlopen(f"http://{listen}/api/probes", timeout=2) as resp:
@@ -86,6 +88,15 @@ def _family_rows(listen: str) -> list[tuple[str, bool, str]]:
             reasons = dict.fromkeys(s["fallback_reason"] for s in hooks if not s["attached"])
             rows.append((f"family {family}", False,
                          f"off on this kernel ({source}): {'; '.join(reasons)}"))
+    # Families the configuration leaves off (custom without probes.custom): whether this
+    # kernel could run them, from the features their objects need.
+    idle = [name for name in REGISTRY if name not in {s["probe"] for s in status}]
+    features = probe_kernel_features({f for n in idle for f in FAMILY_NEEDS.get(n, ())})
+    for family in idle:
+        lacking = missing_features(family, features)
+        rows.append((f"family {family}", not lacking,
+                     f"off on this kernel: {lacking}" if lacking else
+                     "not enabled in the configuration; this kernel can run it"))
     return rows
 
 

@@ -94,9 +94,9 @@ def test_forced_function_hooks_count_exactly_or_switch_their_family_off_by_name(
     forced = _function_hooks(hook_type)
     assert "tcp_receive_reset" in forced
     support = probe_hook_types([hook_type])[hook_type]
-    # l7 and saturation hook inet_sock_set_state too, never through these types: keep them
-    # (and custom, which attaches nothing here) out of the way.
-    others_off = {name: {"enabled": False} for name in REGISTRY if name not in ("tcp", "process")}
+    # l7 and saturation hook inet_sock_set_state too, never through these types: keep them out
+    # of the way (custom is off unless probes.custom lists probes).
+    others_off = {name: {"enabled": False} for name in ("l7", "saturation")}
     with running_agent({"probes": others_off}, forced_hooks=forced) as (agent, listen):
         status = {(s.probe, s.hook): s for s in agent.status()}
         if not support.available:
