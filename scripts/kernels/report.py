@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -38,9 +39,19 @@ class _Capture(logging.Handler):
         self.lines.extend(record.getMessage().rstrip("\n").splitlines())
 
 
+def _probes_config(name: str) -> dict[str, Any]:
+    """`probes` with only family `name` on. custom is a list of probes, on when it has one:
+    here a uprobe on libc's getppid in this process (real, so the object loads)."""
+    probes: dict[str, Any] = {other: {"enabled": other == name}
+                              for other in REGISTRY if other != "custom"}
+    if name == "custom":
+        probes["custom"] = [{"name": "matrix_getppid", "target": {"pids": [os.getpid()]},
+                             "symbol": "getppid"}]
+    return probes
+
+
 def _family(name: str) -> dict[str, Any]:
-    enabled = {other: {"enabled": other == name} for other in REGISTRY}
-    agent = Agent(config_from_mapping({"probes": enabled, "bpf_stats": "off"}))
+    agent = Agent(config_from_mapping({"probes": _probes_config(name), "bpf_stats": "off"}))
     capture = _Capture()
     libbpf = logging.getLogger("probewire.libbpf")
     libbpf.addHandler(capture)
@@ -91,8 +102,7 @@ def _hook_costs() -> dict[str, Any]:
         if not support[hook_type].available:
             costs[hook_type] = None
             continue
-        enabled = {name: {"enabled": name == "tcp"} for name in REGISTRY}
-        agent = Agent(config_from_mapping({"probes": enabled, "bpf_stats": "on"}),
+        agent = Agent(config_from_mapping({"probes": _probes_config("tcp"), "bpf_stats": "on"}),
                       {COST_HOOK: hook_type})
         agent.start()
         try:
