@@ -60,7 +60,10 @@ def _family(name: str) -> dict[str, Any]:
     try:
         agent.start()
     except ProbewireError as exc:
-        return {"loaded": False, "error": str(exc), "log": capture.lines[-LOG_TAIL_LINES:]}
+        # Alone, a family switched off for a missing feature leaves none to run: its own
+        # reason says more than the agent's.
+        reason = getattr(agent, "disabled", {}).get(name) or str(exc)
+        return {"loaded": False, "error": reason, "log": capture.lines[-LOG_TAIL_LINES:]}
     finally:
         libbpf.removeHandler(capture)
     try:

@@ -39,7 +39,11 @@ def test_forced_tp_fallbacks_attach_and_count_exactly(kfuncs: bool,
         status = [s for s in agent.status() if s.probe not in agent.disabled]
         assert all(s.attached and s.section.startswith("tp/") for s in status)
         forced = [s for s in status if s.hook in ALL_TP]
-        assert {s.hook for s in forced} == set(ALL_TP)
+        # Every hook with a choice of the families that run here (all on 6.18; on Debian 5.10
+        # and 6.1 l7 and saturation are off).
+        assert {s.hook for s in forced} == {
+            h.name for name in agent.running for h in agent.probes[name].active_hooks()
+            if len(h.programs) > 1}
         assert all("not the forced hook type tp" in s.fallback_reason for s in forced)
 
         port, closed_port = free_port(), free_port()
