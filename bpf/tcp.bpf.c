@@ -263,22 +263,43 @@ static __always_inline int handle_retransmit(const struct sock *sk, const struct
 	return 0;
 }
 
-/* Retransmitted segments (loss, RTO, tail-loss probes). Rare by nature: cheap. */
+/* Retransmitted segments (loss, RTO, tail-loss probes). Rare by nature: cheap.
+ * The tracepoint gained `err` in 6.9 (it fires for failed attempts since): its third argument
+ * is read only where the event has the field, so the verifier of an older kernel, whose
+ * tracepoint has two arguments, never sees the read (it rejects ctx access past the last). */
 SEC("tp_btf/tcp_retransmit_skb")
-int BPF_PROG(tcp_retransmit_btf, const struct sock *sk, const struct sk_buff *skb, int err)
-{
-	return handle_retransmit(sk, skb, err);
-}
-
-SEC("tp/tcp/tcp_retransmit_skb")
-int tcp_retransmit_tp(struct trace_event_raw_tcp_retransmit_skb *ctx)
+int tcp_retransmit_btf(__u64 *ctx)
 {
 	int err = 0;
 
-	if (bpf_core_field_exists(ctx->err))
-		err = BPF_CORE_READ(ctx, err);
-	return handle_retransmit((const struct sock *)ctx->skaddr,
-				 (const struct sk_buff *)ctx->skbaddr, err);
+	if (bpf_core_field_exists(struct trace_event_raw_tcp_retransmit_skb, err))
+		err = (int)ctx[2];
+	return handle_retransmit((const struct sock *)ctx[0], (const struct sk_buff *)ctx[1], err);
+}
+
+/* Before 6.9 (tcp_retransmit_skb) and 6.10 (tcp_send_reset) both events were of the
+ * tcp_event_sk_skb class, and their tracefs record is that class's struct (5.10 and 6.1 have no
+ * trace_event_raw_tcp_retransmit_skb). The ___old flavor matches it by CO-RE. */
+struct trace_event_raw_tcp_event_sk_skb___old {
+	const void *skbaddr;
+	const void *skaddr;
+	__u16 sport; /* host order: the event stores ntohs(inet_sport) */
+} __attribute__((preserve_access_index));
+
+SEC("tp/tcp/tcp_retransmit_skb")
+int tcp_retransmit_tp(void *ctx)
+{
+	struct trace_event_raw_tcp_retransmit_skb *e = ctx;
+	struct trace_event_raw_tcp_event_sk_skb___old *old = ctx;
+	int err = 0;
+
+	if (!bpf_core_type_exists(struct trace_event_raw_tcp_retransmit_skb))
+		return handle_retransmit((const struct sock *)old->skaddr,
+					 (const struct sk_buff *)old->skbaddr, 0);
+	if (bpf_core_field_exists(e->err))
+		err = BPF_CORE_READ(e, err);
+	return handle_retransmit((const struct sock *)e->skaddr,
+				 (const struct sk_buff *)e->skbaddr, err);
 }
 
 /* SYN-ACK retransmits bypass tcp_retransmit_skb but count in TcpRetransSegs. */
@@ -300,6 +321,13 @@ SEC("tp_btf/tcp_retransmit_synack")
 int BPF_PROG(tcp_retransmit_synack_btf, const struct sock *sk, const struct request_sock *req)
 {
 	return handle_synack_retransmit(sk);
+}
+
+/* tcp_rtx_synack fires the tracepoint exactly when it returns 0 (the SYN-ACK went out). */
+SEC("fexit/tcp_rtx_synack")
+int BPF_PROG(tcp_retransmit_synack_fexit, const struct sock *sk, struct request_sock *req, int ret)
+{
+	return ret ? 0 : handle_synack_retransmit(sk);
 }
 
 SEC("tp/tcp/tcp_retransmit_synack")
@@ -354,17 +382,37 @@ int BPF_PROG(tcp_send_reset_btf, const struct sock *sk, const struct sk_buff *sk
 }
 
 SEC("tp/tcp/tcp_send_reset")
-int tcp_send_reset_tp(struct trace_event_raw_tcp_send_reset *ctx)
+int tcp_send_reset_tp(void *ctx)
 {
+	struct trace_event_raw_tcp_send_reset *e = ctx;
+	struct trace_event_raw_tcp_event_sk_skb___old *old = ctx;
 	struct sockaddr_in sa = {};
 
+	/* Before 6.10 the event fired only for a reset sent on a socket, and names its port. */
+	if (!bpf_core_type_exists(struct trace_event_raw_tcp_send_reset))
+		return count_reset((const struct sock *)old->skaddr, old->sport, true);
 	/* The tracepoint stores the reply's addresses: saddr is our side. */
-	bpf_probe_read_kernel(&sa, sizeof(sa), ctx->saddr);
-	return count_reset((const struct sock *)ctx->skaddr, bpf_ntohs(sa.sin_port), true);
+	bpf_probe_read_kernel(&sa, sizeof(sa), e->saddr);
+	return count_reset((const struct sock *)e->skaddr, bpf_ntohs(sa.sin_port), true);
 }
 
 SEC("tp_btf/tcp_receive_reset")
 int BPF_PROG(tcp_receive_reset_btf, struct sock *sk)
+{
+	return count_reset(sk, 0, false);
+}
+
+/* tcp_reset fires the tracepoint first thing, on every kernel we run (its skb argument,
+ * added in 5.14, is not read). fentry costs what tp_btf costs; a kprobe, the last resort for
+ * kernels without BPF trampolines, costs more (an int3 or ftrace round trip). */
+SEC("fentry/tcp_reset")
+int BPF_PROG(tcp_receive_reset_fentry, struct sock *sk)
+{
+	return count_reset(sk, 0, false);
+}
+
+SEC("kprobe/tcp_reset")
+int BPF_KPROBE(tcp_receive_reset_kprobe, struct sock *sk)
 {
 	return count_reset(sk, 0, false);
 }

@@ -31,6 +31,9 @@ APT_PACKAGES=(
                                               # manager in a container), identities (crun
                                               # refuses hybrid cgroups; tests pass --runtime runc)
     gcc systemtap-sdt-dev golang-go binutils  # custom probe tests: C with <sys/sdt.h>, Go, strip
+    qemu-system-x86 busybox-static kmod       # the kernel matrix (scripts/kernels): emulated guests,
+    squashfs-tools                            # their initramfs (virtme-ng), depmod for Debian
+                                              # kernels, the guest's Python images
 )
 # `kubectl kustomize` renders deploy/kubernetes in the tests. Debian's kubernetes-client
 # unless a kubectl is installed already (another package owning /usr/bin/kubectl would
@@ -56,7 +59,8 @@ fi
 key=$( { printf '%s\n' "${APT_PACKAGES[@]}" "$PYTHON"; cat pyproject.toml setup.py; } | sha256sum | cut -d' ' -f1)
 tools_present() {
     local t
-    for t in clang llc bpftool make ip tc nft nstat ss nginx wrk curl h2load prometheus promtool chromium tmux npm podman runc kubectl psql mariadb redis-cli dig; do
+    for t in clang llc bpftool make ip tc nft nstat ss nginx wrk curl h2load prometheus promtool chromium tmux npm podman runc kubectl psql mariadb redis-cli dig \
+             qemu-system-x86_64 busybox depmod mksquashfs; do
         command -v "$t" >/dev/null || PATH=$PATH:/usr/sbin:/sbin command -v "$t" >/dev/null || return 1
     done
     [ -r /usr/include/bpf/bpf_helpers.h ]

@@ -194,5 +194,10 @@ static __always_inline __u32 log2_slot(__u64 v)
 	if (!v)
 		return 0;
 	slot = (hi ? log2_u32(hi) + 32 : log2_u32((__u32)v)) + 1;
-	return slot < LOG2_SLOTS ? slot : LOG2_SLOTS - 1;
+	slot = slot < LOG2_SLOTS ? slot : LOG2_SLOTS - 1;
+	/* The clamp above compiles to a compare on a copy of the register; verifiers before 5.13
+	 * or so do not carry that bound back ("unbounded memory access" on 5.10). A mask the
+	 * compiler cannot drop bounds the register that indexes the slots. */
+	barrier_var(slot);
+	return slot & (LOG2_SLOTS - 1);
 }

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from probewire.config import Config
 from probewire.enrich.service import ServiceResolver
-from probewire.errors import PrivilegeError, ProbewireError
+from probewire.errors import KernelFeatureError, PrivilegeError, ProbewireError
 from probewire.probes import REGISTRY
 from probewire.probes.base import SHARED_MAPS, Probe, ProbeContext, RunningProbe, start_probe
 from probewire.reload import LiveFilter, ReloadStatus, restart_needed
@@ -26,7 +26,14 @@ from probewire.runtime.bpf import (
     enable_stats,
     limit_heap_retention,
 )
-from probewire.runtime.features import HookSupport, hook_type_of, probe_hook_types
+from probewire.runtime.features import (
+    FAMILY_NEEDS,
+    HookSupport,
+    hook_type_of,
+    missing_features,
+    probe_hook_types,
+    probe_kernel_features,
+)
 from probewire.runtime.filter import Filter
 from probewire.runtime.objects import object_path
 from probewire.runtime.ring import Ring, RingReader
@@ -90,6 +97,8 @@ class Agent:
         self.startup_s = 0.0
         self._shared: dict[str, StandaloneMap] = {}
         self._opened: dict[str, BpfObject] = {}
+        # Families switched off because this kernel refused them: name -> the kernel's reason.
+        self.disabled: dict[str, str] = {}
         self.live_filter: LiveFilter | None = None  # filters + Kubernetes selectors (reload.py)
         self.reload_status: ReloadStatus | None = None  # set by reload.Reloader
 
@@ -104,6 +113,7 @@ class Agent:
             self._stats = StatsSampler()
             self._stats.start()
         try:
+            self._switch_off_unsupported()
             self.support = probe_hook_types(self._prepare())
             # The filter is in place before any program is attached: nothing untraced is
             # ever seen, not even during start-up.
@@ -121,14 +131,13 @@ class Agent:
                                       self.config.ring.data_size_bytes)
                     for name, probe in self.probes.items()
                 }
-                errors = []
+                errors: dict[str, ProbewireError] = {}
                 for name, future in futures.items():
                     try:
                         self.running[name] = future.result()
                     except ProbewireError as exc:
-                        errors.append(exc)
-                if errors:
-                    raise errors[0]
+                        errors[name] = exc
+                self._switch_off(errors)
             for name, probe in self.probes.items():
                 if probe.record_dtype is not None:
                     ring = Ring(self.running[name].obj.maps["events"], probe.record_dtype, name)
@@ -148,6 +157,42 @@ class Agent:
         self.startup_s = time.monotonic() - t0
         log.info("probes attached in %.3f s: %s", self.startup_s,
                  ", ".join(f"{s.probe}:{s.section}" for s in self.status()))
+
+    def _switch_off_unsupported(self) -> None:
+        """Families whose object needs a feature this kernel lacks (l7 and saturation need
+        bpf_loop, 5.17) are switched off before loading, named with what is missing: the
+        verifier's refusal would say less, and cost a load. Ring buffers are the floor."""
+        needed = {f for name in self.probes for f in FAMILY_NEEDS.get(name, ())}
+        features = probe_kernel_features(needed | {"ringbuf"})
+        if not features["ringbuf"].available:
+            raise KernelFeatureError(
+                "this kernel has no BPF ring buffers (Linux 5.8+), which every probe family "
+                f"writes its records to ({features['ringbuf'].reason}); fix: run on Linux 5.8 "
+                "or later")
+        for name in list(self.probes):
+            reason = missing_features(name, features)
+            if reason:
+                log.warning("probe family %s switched off on this kernel: %s", name, reason)
+                self.disabled[name] = reason
+                del self.probes[name]
+        if not self.probes and self.disabled:
+            raise KernelFeatureError(
+                "no enabled probe family can run on this kernel: " + "; ".join(
+                    f"{name}: {reason}" for name, reason in self.disabled.items())
+                + "; fix: enable tcp or process, or run on a newer kernel")
+
+    def _switch_off(self, errors: dict[str, ProbewireError]) -> None:
+        """A family this kernel cannot load or attach (a helper it lacks, a verifier
+        rejection, no usable hook) is switched off, named in `disabled` (status(), doctor,
+        probewire_probe_attached 0) and the others run: an old kernel loses a family, never
+        the agent. A missing privilege, or no family left at all, still fails the start."""
+        for exc in errors.values():
+            if isinstance(exc, PrivilegeError) or len(errors) == len(self.probes):
+                raise exc
+        for name, exc in errors.items():
+            log.warning("probe family %s switched off on this kernel: %s", name, exc)
+            self.disabled[name] = str(exc)
+            del self.probes[name]
 
     # --- capabilities: what families offer, discovered rather than tested by class ---------------
     def exchange_sources(self) -> list[list[Any]]:
@@ -264,4 +309,9 @@ class Agent:
                     attached=c.attached, fallback_reason=c.reason,
                     run_time_ns=s.run_time_ns if s else 0, run_cnt=s.run_cnt if s else 0,
                 ))
+        for name, reason in self.disabled.items():
+            out.extend(ProbeStatus(probe=name, hook=h.name, program=None, section="",
+                                   attached=False, fallback_reason=f"family off: {reason}",
+                                   run_time_ns=0, run_cnt=0)
+                       for h in REGISTRY[name].hooks)
         return out

@@ -40,6 +40,66 @@ def _agent_running(listen: str) -> bool:
         return False
 
 
+# Rows that report what this kernel offers: "no" there is information, not a failed check.
+FACTS = ("hook ", "feature ", "family ", "security kill action")
+
+
+def _kernel_feature_rows() -> list[tuple[str, bool, str]]:
+    from probewire.runtime.features import probe_kernel_features
+
+    return [(f"feature {name}", s.available, "works" if s.available else s.reason)
+            for name, s in probe_kernel_features().items()]
+
+
+def _family_rows(listen: str) -> list[tuple[str, bool, str]]:
+    """Each probe family: loaded and attached on this kernel, or switched off and why. From
+    the agent at `listen` when one answers, else by starting the probes once here."""
+    import json
+
+    from probewire.config import config_from_mapping
+    from probewire.probes import REGISTRY
+    from probewire.runtime.features import FAMILY_NEEDS, missing_features, probe_kernel_features
+
+    try:
+        with urllib.request.urlopen(f"http://{listen}/api/probes", timeout=2) as resp:
+            status = json.load(resp)["probes"]
+        source = "running agent"
+    except (OSError, ValueError, KeyError):
+        from probewire.agent import Agent
+
+        agent = Agent(config_from_mapping({"bpf_stats": "off"}))
+        try:
+            agent.start()
+        except ProbewireError as exc:
+            return [("families", False, f"the agent does not start: {exc}")]
+        try:
+            status = [{"probe": s.probe, "section": s.section, "attached": s.attached,
+                       "fallback_reason": s.fallback_reason} for s in agent.status()]
+        finally:
+            agent.stop()
+        source = "loaded just now"
+    rows = []
+    for family in dict.fromkeys(s["probe"] for s in status):
+        hooks = [s for s in status if s["probe"] == family]
+        if all(s["attached"] for s in hooks):
+            kinds = sorted({s["section"].split("/", 1)[0] for s in hooks})
+            rows.append((f"family {family}", True, f"on ({source}): {', '.join(kinds)}"))
+        else:
+            reasons = dict.fromkeys(s["fallback_reason"] for s in hooks if not s["attached"])
+            rows.append((f"family {family}", False,
+                         f"off on this kernel ({source}): {'; '.join(reasons)}"))
+    # Families the configuration leaves off (custom without probes.custom): whether this
+    # kernel could run them, from the features their objects need.
+    idle = [name for name in REGISTRY if name not in {s["probe"] for s in status}]
+    features = probe_kernel_features({f for n in idle for f in FAMILY_NEEDS.get(n, ())})
+    for family in idle:
+        lacking = missing_features(family, features)
+        rows.append((f"family {family}", not lacking,
+                     f"off on this kernel: {lacking}" if lacking else
+                     "not enabled in the configuration; this kernel can run it"))
+    return rows
+
+
 def run_checks(console: Console, listen: str) -> bool:
     rows: list[tuple[str, bool, str]] = []
     caps = _effective_caps()
@@ -72,6 +132,7 @@ def run_checks(console: Console, listen: str) -> bool:
         for hook_type, support in probe_hook_types().items():
             rows.append((f"hook {hook_type}", support.available,
                          "works" if support.available else support.reason))
+        rows.extend(_kernel_feature_rows())
         # Ours and loaded is fine while a live process holds it (it goes when that process
         # does); held by no process means pinned or otherwise orphaned: a real leftover.
         loaded = inventory.ours()
@@ -92,16 +153,20 @@ def run_checks(console: Console, listen: str) -> bool:
         from probewire.security.enforce import kill_supported
 
         rows.append(("security kill action", *kill_supported()))
+        # After the leftover check: the programs loaded here are freed only after an RCU
+        # grace period, and would look like leftovers for a moment.
+        rows.extend(_family_rows(listen))
     table = Table(title="probewire doctor")
     table.add_column("check")
     table.add_column("ok")
     table.add_column("detail", overflow="fold")
-    # Hook types a kernel lacks are facts, not failures (so is a kernel that cannot enforce
-    # kill rules: they still alert); the rest must pass.
+    # What a kernel lacks (hook types, features, the families they switch off) is a fact,
+    # not a failure; so is a kernel that cannot enforce kill rules (they still alert). The
+    # rest must pass.
     ok = True
     for name, passed, detail in rows:
         table.add_row(name, "yes" if passed else "no", detail)
-        if not passed and not name.startswith("hook ") and name != "security kill action":
+        if not passed and not name.startswith(FACTS):
             ok = False
     console.print(table)
     return ok

@@ -50,7 +50,9 @@ DELAY_SERVER_IP = "198.18.1.2"
 DELAY_IFNAME = "dly0"
 _LOSS_TABLE = "pw_loss"
 _SNMP_FILES = ("/proc/net/snmp", "/proc/net/netstat")
-_CMD_TIMEOUT_S = 10.0
+# A safety net against hangs: in the emulated guests of the kernel matrix (~14x slower, nft
+# loading its modules on first use) ip/nft calls take several seconds.
+_CMD_TIMEOUT_S = 60.0
 
 
 def _sh(argv: Sequence[str], *, check: bool = True, input: str | None = None) -> str:

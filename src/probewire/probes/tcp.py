@@ -119,10 +119,22 @@ class TcpProbe(Probe):
     object_name = "tcp"
     hooks = (
         Hook("inet_sock_set_state", ("tcp_state_btf", "tcp_state_tp")),
+        # Where the tracepoint sits at a function's entry or return, an fentry/fexit program
+        # on that function sees the same events: the fallback where BTF tracepoints are
+        # refused, ahead of tp/ (the tracefs record is built per event) and of a kprobe (an
+        # int3 or ftrace round trip). Not first: the matrix measured ns per run of
+        # tcp_receive_reset under each type (scripts/kernels/report.py), and in emulated
+        # guests on a busy machine the order changed from run to run (5.10: fentry 9.5 us <
+        # tp_btf 11.2 once, tp_btf 28.0 > fentry 20.4 > tp 12.2 the next); it needs a quiet
+        # bare-metal run before fentry goes first.
+        # No fexit/__tcp_retransmit_skb: on Debian 6.1 it counted 0 of 237 retransmits (the
+        # compiler folds the function into its callers there), on 5.10 all of them.
         Hook("tcp_retransmit_skb", ("tcp_retransmit_btf", "tcp_retransmit_tp")),
-        Hook("tcp_retransmit_synack", ("tcp_retransmit_synack_btf", "tcp_retransmit_synack_tp")),
+        Hook("tcp_retransmit_synack", ("tcp_retransmit_synack_btf",
+                                       "tcp_retransmit_synack_fexit", "tcp_retransmit_synack_tp")),
         Hook("tcp_send_reset", ("tcp_send_reset_btf", "tcp_send_reset_tp")),
-        Hook("tcp_receive_reset", ("tcp_receive_reset_btf", "tcp_receive_reset_tp")),
+        Hook("tcp_receive_reset", ("tcp_receive_reset_btf", "tcp_receive_reset_fentry",
+                                   "tcp_receive_reset_tp", "tcp_receive_reset_kprobe")),
     )
     structs: ClassVar[dict[str, np.dtype]] = {
         "tcp_flow_key": TCP_FLOW_KEY,

@@ -112,6 +112,11 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "libbpf_minor_version": (c_uint32, []),
     "libbpf_strerror": (c_int, [c_int, c_char_p, c_size_t]),
     "libbpf_probe_bpf_prog_type": (c_int, [c_int, c_void_p]),
+    # Kernel features tried by loading a tiny program or creating a map (runtime/features.py).
+    "libbpf_probe_bpf_map_type": (c_int, [c_int, c_void_p]),
+    "libbpf_probe_bpf_helper": (c_int, [c_int, c_int, c_void_p]),
+    "btf__load_vmlinux_btf": (c_void_p, []),
+    "btf__free": (None, [c_void_p]),
     "bpf_object__open_file": (c_void_p, [c_char_p, c_void_p]),
     "bpf_object__load": (c_int, [c_void_p]),
     "bpf_object__close": (None, [c_void_p]),

@@ -31,6 +31,10 @@ BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
 BPF_MAP_TYPE_RINGBUF = 27
 _PERCPU_TYPES = {BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH}
 
+# The kernel's internal "not supported" (include/linux/errno.h), which leaks to user space:
+# 5.10 answers a batch lookup on a per-CPU array with it (no batch ops for that map type yet).
+ENOTSUPP = 524
+
 PRIVILEGE_FIX = "run as root or grant CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE"
 
 
@@ -352,7 +356,7 @@ class Map:
                 ctypes.byref(opts),
             )
             err = abs(rc) if rc else 0
-            if err in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP) and first:
+            if err in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, ENOTSUPP) and first:
                 return self._read_by_iteration(key_dtype, value_dtype)
             if count.value:
                 key_parts.append(keys[: count.value])

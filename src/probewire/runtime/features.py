@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes.util
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,47 @@ HOOK_TYPES: dict[str, str] = {
     "fentry": "feature_fentry",
     "uprobe": "feature_uprobe",
 }
+
+
+# Kernel features beyond hook types, each tried for real: a map of the type is created, or a
+# tiny program calling the helper is loaded (libbpf's probes). Name -> (kind, id).
+#   ringbuf       BPF_MAP_TYPE_RINGBUF (5.8): every family's records; the floor of the agent
+#   task_storage  BPF_MAP_TYPE_TASK_STORAGE (5.11)
+#   bpf_loop      helper 181 (5.17): bounded loops verified once, not unrolled
+#   task_pt_regs  helper 175 (5.15): a syscall's saved registers at its exit
+#   current_task_btf  helper 158 (5.11): the current task as a BTF pointer
+#   attach_cookie helper 174 (5.15): the value an attachment carries (custom probes' index)
+#   bpf_rdonly_cast   kfunc (6.2): plain loads of kernel fields (common.h KREAD)
+KERNEL_FEATURES: dict[str, tuple[str, int]] = {
+    "ringbuf": ("map", 27),
+    "task_storage": ("map", 29),
+    "bpf_loop": ("helper", 181),
+    "task_pt_regs": ("helper", 175),
+    "current_task_btf": ("helper", 158),
+    "attach_cookie": ("helper", 174),
+    "bpf_rdonly_cast": ("kfunc", 0),
+}
+# The first kernel with each feature, for the reason a family is switched off.
+FEATURE_SINCE = {"ringbuf": "5.8", "task_storage": "5.11", "bpf_loop": "5.17",
+                 "task_pt_regs": "5.15", "current_task_btf": "5.11", "attach_cookie": "5.15",
+                 "bpf_rdonly_cast": "6.2"}
+
+# Features a family's object calls on every path it can take, so a kernel without one cannot
+# load it (the verifier refuses an unknown helper, a map of an unknown type fails creation).
+# Optional ones (bpf_rdonly_cast: probe reads instead; saturation's task storage: a hash by
+# thread id) are not listed. tests/unit/test_kernel_matrix.py checks this against the
+# helpers each object's code calls.
+#   l7          bpf_loop walks iovecs and HTTP heads; task storage holds an SSL call's
+#               arguments; task_pt_regs reads a syscall's arguments at its exit
+#   saturation  bpf_loop reads the per-CPU listen counters; current_task_btf in its tp/ path
+#   custom      each uprobe finds its spec by its attach cookie
+FAMILY_NEEDS: dict[str, tuple[str, ...]] = {
+    "l7": ("bpf_loop", "task_storage", "task_pt_regs", "current_task_btf"),
+    "saturation": ("bpf_loop", "current_task_btf"),
+    "custom": ("attach_cookie",),
+}
+_BPF_PROG_TYPE_TRACEPOINT = 5
+_BTF_KIND_FUNC = 12
 
 
 @dataclass(frozen=True)
@@ -114,3 +155,47 @@ def probe_hook_types(types: Iterable[str] | None = None) -> dict[str, HookSuppor
         return {t: found[t] for t in wanted}
     finally:
         libbpf_log.setLevel(saved)
+
+
+def _kfunc_exists(name: str) -> tuple[bool, str]:
+    """A kfunc is callable when the kernel's BTF declares it: what libbpf resolves a __ksym
+    against at load (a weak one it does not find becomes 0 and its branch dead code)."""
+    from probewire.runtime._libbpf import lib
+
+    btf = lib().btf__load_vmlinux_btf()
+    if not btf:
+        return False, "no kernel BTF"
+    try:
+        found = lib().btf__find_by_name_kind(btf, name.encode(), _BTF_KIND_FUNC) > 0
+    finally:
+        lib().btf__free(btf)
+    return found, "" if found else "not in the kernel's BTF"
+
+
+def missing_features(family: str, features: Mapping[str, HookSupport]) -> str:
+    """Why this kernel cannot run `family` (the features it lacks and the kernel that brought
+    each), or "" when it can."""
+    lacking = [f"{name} ({FEATURE_SINCE[name]}+): {features[name].reason}"
+               for name in FAMILY_NEEDS.get(family, ()) if not features[name].available]
+    return "this kernel lacks " + "; ".join(lacking) if lacking else ""
+
+
+def probe_kernel_features(names: Iterable[str] | None = None) -> dict[str, HookSupport]:
+    """Try each of KERNEL_FEATURES (all, or just `names`) on this kernel (needs CAP_BPF for the
+    helper probes)."""
+    from probewire.runtime._libbpf import lib, strerror
+
+    wanted = KERNEL_FEATURES if names is None else set(names)
+    out = {}
+    for name, (kind, ident) in KERNEL_FEATURES.items():
+        if name not in wanted:
+            continue
+        if kind == "kfunc":
+            ok, reason = _kfunc_exists(name)
+        else:
+            rc = (lib().libbpf_probe_bpf_map_type(ident, None) if kind == "map" else
+                  lib().libbpf_probe_bpf_helper(_BPF_PROG_TYPE_TRACEPOINT, ident, None))
+            ok = rc == 1
+            reason = "" if ok else ("the kernel refuses it" if rc == 0 else strerror(abs(rc)))
+        out[name] = HookSupport(name, ok, reason)
+    return out

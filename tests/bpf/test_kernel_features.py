@@ -1,0 +1,109 @@
+"""The feature probe (runtime/features.py) agrees with bpftool's own probe of the running kernel,
+on this host and on every kernel of the matrix (scripts/kernels): the agent's choices rest on it.
+
+Needs: root, bpftool (scripts/setup.sh installs it).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterable
+
+import pytest
+
+from probewire.runtime.features import KERNEL_FEATURES, probe_kernel_features
+
+pytestmark = pytest.mark.bpf
+
+# bpftool's names for what KERNEL_FEATURES tries (helpers as offered to tracepoint programs).
+BPFTOOL_MAPS = {"ringbuf": "have_ringbuf_map_type", "task_storage": "have_task_storage_map_type"}
+BPFTOOL_HELPERS = {"bpf_loop": "bpf_loop", "task_pt_regs": "bpf_task_pt_regs",
+                   "current_task_btf": "bpf_get_current_task_btf",
+                   "attach_cookie": "bpf_get_attach_cookie"}
+
+
+def test_kernel_features_match_bpftool_feature_probe_and_kernel_btf() -> None:
+    probe = json.loads(subprocess.run(
+        ["bpftool", "-j", "feature", "probe", "kernel"], capture_output=True, text=True,
+        check=True, timeout=900).stdout)
+    ours = probe_kernel_features()
+    assert set(ours) == set(KERNEL_FEATURES)
+    assert set(BPFTOOL_MAPS) | set(BPFTOOL_HELPERS) | {"bpf_rdonly_cast"} == set(ours)
+    for name, key in BPFTOOL_MAPS.items():
+        assert ours[name].available == probe["map_types"][key], (name, ours[name])
+    helpers = set(probe["helpers"]["tracepoint_available_helpers"])
+    for name, helper in BPFTOOL_HELPERS.items():
+        assert ours[name].available == (helper in helpers), (name, ours[name])
+    btf = subprocess.run(["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    assert ours["bpf_rdonly_cast"].available == ("FUNC 'bpf_rdonly_cast'" in btf)
+    for name, s in ours.items():
+        assert s.available == (s.reason == ""), (name, s)
+
+
+def test_families_this_kernel_cannot_run_are_switched_off_by_name_and_the_rest_count(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel without bpf_loop (before 5.17; Debian 5.10 in the matrix) loses the families
+    whose objects call it (l7, saturation), named with what is missing, before anything is
+    loaded; tcp and process run and count. On this kernel the probe's answer for bpf_loop is
+    replaced; the matrix's 5.10 guest takes the same path for real."""
+    import socket
+
+    from agentlib import free_port, running_agent, scrape, total, wait_for
+
+    from probewire import agent as agent_module
+    from probewire.runtime.features import FAMILY_NEEDS, HookSupport
+
+    def without_bpf_loop(names: Iterable[str] | None = None) -> dict[str, HookSupport]:
+        found = probe_kernel_features(names)
+        if "bpf_loop" in found:
+            found["bpf_loop"] = HookSupport("bpf_loop", False, "the kernel refuses it")
+        return found
+
+    monkeypatch.setattr(agent_module, "probe_kernel_features", without_bpf_loop)
+    with running_agent() as (agent, listen):
+        # custom is off by default (no probes.custom); the others are on.
+        off = {name for name, needs in FAMILY_NEEDS.items() if "bpf_loop" in needs}
+        assert set(agent.disabled) == off == {"l7", "saturation"}, agent.disabled
+        for name in ("l7", "saturation"):
+            assert agent.disabled[name].startswith("this kernel lacks bpf_loop (5.17+): "
+                                                   "the kernel refuses it"), agent.disabled
+            assert name not in agent.running
+        status = agent.status()
+        assert {s.probe for s in status} >= {"tcp", "process", "l7", "saturation"}
+        for s in status:
+            if s.probe in agent.disabled:
+                assert (s.attached, s.program) == (False, None), s
+                assert s.fallback_reason == f"family off: {agent.disabled[s.probe]}", s
+            else:
+                assert s.attached, s
+        port = free_port()
+        with pytest.raises(ConnectionRefusedError), socket.socket() as c:
+            c.connect(("127.0.0.1", port))
+        wait_for(lambda: total(scrape(listen), "probewire_tcp_resets_total",
+                               server_port=str(port), reset="received") >= 1)
+        samples = scrape(listen)
+        assert total(samples, "probewire_tcp_resets_total", server_port=str(port),
+                     reset="received") == 1
+        hooks = {h.name for h in agent_module.REGISTRY["l7"].hooks}
+        assert total(samples, "probewire_probe_attached", probe="l7") == 0
+        assert sum(1 for s in status if s.probe == "l7") == len(hooks)
+
+
+def test_this_kernel_switches_off_exactly_the_families_whose_features_it_lacks() -> None:
+    """The real path, on whichever kernel runs this (all on on 6.18; l7, saturation and
+    custom's needs unmet on the matrix's 5.10)."""
+    from agentlib import running_agent
+
+    from probewire.runtime.features import FAMILY_NEEDS, missing_features
+
+    features = probe_kernel_features()
+    with running_agent() as (agent, _listen):
+        enabled = set(agent.running) | set(agent.disabled)
+        expected = {name for name in enabled if name in FAMILY_NEEDS
+                    and missing_features(name, features)}
+        assert {n for n, r in agent.disabled.items() if r.startswith("this kernel lacks")} == (
+            expected), agent.disabled
+        for name in expected:
+            assert agent.disabled[name] == missing_features(name, features)

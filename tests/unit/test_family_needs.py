@@ -1,0 +1,57 @@
+"""runtime/features.py's FAMILY_NEEDS names exactly the version-bound helpers each family's
+object calls: a helper added to a family's C without an entry there would fail that family's
+load on an old kernel with the verifier's message instead of being switched off by name."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from elftools.elf.constants import SH_FLAGS
+from elftools.elf.elffile import ELFFile
+
+from probewire.probes import REGISTRY
+from probewire.runtime.features import FAMILY_NEEDS, KERNEL_FEATURES
+from probewire.runtime.objects import object_path
+
+# Helper ids (enum bpf_func_id) of the features that newer kernels brought. Task storage is
+# found by its helpers: a map of the type is only used through them.
+FEATURE_HELPERS = {
+    "task_storage": {156, 157},  # bpf_task_storage_get/_delete (5.11)
+    "current_task_btf": {158},
+    "attach_cookie": {174},
+    "task_pt_regs": {175},
+    "bpf_loop": {181},
+}
+# Used on some paths only, with a fallback on kernels without it.
+OPTIONAL = {"saturation": {"task_storage"}}
+BPF_CALL = 0x85  # BPF_JMP | BPF_CALL; src_reg 0 is a helper, 1 a BPF subprogram, 2 a kfunc
+
+
+def helpers_called(path: str) -> set[int]:
+    """Every helper id a call instruction of the object names, in any code section (programs
+    and the subprograms in .text, e.g. bpf_loop callbacks)."""
+    found = set()
+    with open(path, "rb") as f:
+        for section in ELFFile(f).iter_sections():
+            if not section["sh_flags"] & SH_FLAGS.SHF_EXECINSTR:
+                continue
+            code = section.data()
+            for off in range(0, len(code) - 7, 8):
+                op, regs, _off, imm = struct.unpack_from("<BBhi", code, off)
+                if op == BPF_CALL and regs >> 4 == 0:
+                    found.add(imm)
+    return found
+
+
+def test_feature_helpers_cover_the_version_bound_features() -> None:
+    assert set(FEATURE_HELPERS) <= set(KERNEL_FEATURES)
+    for needs in FAMILY_NEEDS.values():
+        assert set(needs) <= set(FEATURE_HELPERS), needs
+
+
+@pytest.mark.parametrize("family", sorted(REGISTRY))
+def test_family_needs_match_the_helpers_its_object_calls(family: str) -> None:
+    called = helpers_called(str(object_path(REGISTRY[family].object_name)))
+    used = {name for name, ids in FEATURE_HELPERS.items() if ids & called}
+    assert used - OPTIONAL.get(family, set()) == set(FAMILY_NEEDS.get(family, ())), used
