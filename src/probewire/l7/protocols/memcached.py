@@ -79,9 +79,9 @@ class MemcachedParser(DuplexParser):
             ts, tid = src.start_ts, src.start_tid
             words = line.split()
             size = len(line) + 2
-            if not words:
-                continue
-            name = words[0].lower()
+            # Names are case-sensitive ("GET" is answered ERROR, and its data block, if it
+            # seemed to announce one, is a line of its own); an empty line is answered ERROR.
+            name = words[0] if words else b""
             block = _block_len(name, words)
             if block is not None:
                 yield from src.body(block + 2, 0)
@@ -180,9 +180,14 @@ def _commands_chain(d: bytes, skipped: int) -> bool | None:
                 else word in COMMANDS
             return more if word and known and n - pos < MAX_LINE else False
         words = d[pos:end].split()
-        if pos == 0 and (not words or words[0] not in COMMANDS):
+        if pos == 0 and (not words or words[0] not in COMMANDS
+                         or not d.startswith(words[0]) or b"\n" in d[:end]):
+            # A client writes a command name first, and a line ends only at its CRLF
+            # (split() would find a name after the LF that ends an older line).
             return False  # after a known command, any line is one (unknown ones: ERROR)
         pos = end + 2
+        if not words:
+            continue  # an empty line (answered ERROR)
         block = _block_len(words[0], words)
         if block is not None:
             pos += block + 2

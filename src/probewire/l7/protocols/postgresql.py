@@ -85,6 +85,8 @@ class _Step(Request):
 class _Sync(Request):
     """Completed by ReadyForQuery."""
 
+    query: bool = False  # ends a simple Query (whose text may hold more statements than found)
+
 
 @dataclass(slots=True)
 class _OneByte(Request):
@@ -219,7 +221,7 @@ class PostgresParser(DuplexParser):
             sql = _cstr(body).decode("utf-8", "replace")
             for st in statements(sql, "postgresql", cut) or (Statement(""),):
                 self._exec(st)
-            self.push_pending(_Sync(ts, tid))
+            self.push_pending(_Sync(ts, tid, query=True))
             self._reset_if_deallocate(sql)
         elif kind == ord("P"):
             name, rest = _cstr_split(body)
@@ -307,6 +309,11 @@ class PostgresParser(DuplexParser):
                 self.failures["result_unmatched"] += 1
         elif kind == ord("E"):
             item = self._next_result(step_ok=True)
+            if item is None and not self.cycle_error and self.pending \
+                    and isinstance(self.pending[0], _Sync) and self.pending[0].query:
+                # a statement the text cut short by a hole hid: it failed (never the login's)
+                sync = self.pending[0]
+                item = _Stmt(sync.start_ns, sync.tid, 0, None)
             if item is not None:
                 self._result(item, kind, body, ts)
             self.cycle_error = True
@@ -450,10 +457,19 @@ def _frontend_chain(data: bytes, skipped: int) -> bool | None:
         if kind not in FRONTEND or not 4 <= length < MAX_MESSAGE:
             return False
         end = pos + 1 + length
-        if kind == ord("Q") and end <= len(data) and data[end - 1] != 0:
+        # a Query's text is one C string: a NUL inside it is no Query
+        if kind == ord("Q") and (data.find(b"\0", pos + 5, min(end - 1, n)) >= 0
+                                 or (end <= n and data[end - 1] != 0)):
             return False
-        if kind in b"SH" and length != 4:
+        if kind in b"SHX" and length != 4:
             return False
+        if kind == ord("Q") and end > n and not skipped:
+            # A Query that goes on in the next call (a long text a client flushes in parts)
+            # proves itself by its text beginning as SQL does, not by a header alone.
+            if pos + 5 >= n:
+                return None
+            if not _sql_start(data[pos + 5]):
+                return False
         pos, last = end, kind
     return False
 

@@ -132,6 +132,7 @@ class RedisParser(DuplexParser):
                     raise Lost("bad_request")
                 size = len(line) + 2
                 args: list[bytes] = []
+                unreadable = False
                 for i in range(n):
                     head = yield from src.line(32)
                     length = _int(head[1:])
@@ -139,11 +140,18 @@ class RedisParser(DuplexParser):
                         raise Lost("bad_request")
                     data, cut = yield from src.body(length + 2, KEEP_ARG if i < 3 else 0)
                     if i < 3:
-                        # a name cut by a hole is no name (its first letters could be one)
-                        args.append(b"" if cut and (i == 0 or len(data) < length) else
-                                    data[:length])
+                        # A value cut by a hole before its kept bytes is none (the first
+                        # letters of a name could be another's); a hole over its CRLF only
+                        # leaves it whole.
+                        whole = not cut or len(data) >= min(length, KEEP_ARG)
+                        args.append(data[:length] if whole else b"")
+                        unreadable |= i == 0 and not whole
                     size += len(head) + 4 + length
                 if n > 0:
+                    if unreadable:
+                        if self.in_multi:  # EXEC or DISCARD, perhaps: the transaction is lost
+                            raise Lost("request_unreadable")
+                        self.failures["command_unreadable"] += 1
                     self._command(args, n, ts, tid, size)
             else:
                 line = yield from src.line(MAX_LINE)
