@@ -16,8 +16,12 @@ rules, with the default rules: ns per exec and throughput ratio),
 custom (a custom probe's cost per call next to bpftrace's uprobe count() on the same function;
 start-up with 5 custom probes),
 soak (RSS plateau and slope of the agent under distinct-path churn across 20 services:
-PROBEWIRE_SOAK_MINUTES / PROBEWIRE_SOAK_CONNECTIONS set its length), faults (the fault matrix:
-each row the losses nobody counted; PROBEWIRE_FAULTS=name,... runs some rows).
+BENCH_SOAK_MINUTES / BENCH_SOAK_CONNECTIONS set its length), faults (the fault matrix:
+each row the losses nobody counted; BENCH_FAULTS=name,... runs some rows),
+fleet (RSS and CPU with 500 containers' cgroups and 5,000 pods replayed through the API),
+realistic (nginx proxying to a gunicorn upstream doing 0.5 ms of CPU work per request, keep-alive
+and new connections: throughput/p99 ratios with default probes and with OTLP traces, spans
+dropped, event → span p99, agent CPU per 1k requests).
 """
 
 from __future__ import annotations
@@ -40,10 +44,12 @@ from bench import (
     export_latency,
     faults,
     fidelity,
+    fleet,
     http2,
     latency,
     overhead,
     peers,
+    realistic,
     ring_flood,
     saturation,
     security,
@@ -72,6 +78,8 @@ BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
     "custom": custom.run,
     "soak": soak.run,
     "faults": faults.run,
+    "fleet": fleet.run,
+    "realistic": realistic.run,
 }
 RESULTS = REPO_ROOT / "bench" / "results" / "latest.md"
 

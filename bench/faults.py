@@ -87,7 +87,7 @@ def _span_results(agent: AgentProc) -> dict[str, float]:
 
 
 def _http_records(agent: AgentProc) -> float:
-    return total(agent.scrape(), "probewire_events_total", probe="http")
+    return total(agent.scrape(), "probewire_events_total", probe="l7")
 
 
 def _otlp(name: str, endpoint: str, requests: int, services: int = 2) -> Outcome:
@@ -412,7 +412,7 @@ def scenario(name: str, small: bool = True) -> Outcome:
 
 
 def run(quick: bool) -> list[Row]:
-    only = [n for n in os.environ.get("PROBEWIRE_FAULTS", "").split(",") if n]
+    only = [n for n in os.environ.get("BENCH_FAULTS", "").split(",") if n]
     rows = []
     for name, fn in SCENARIOS.items():
         if only and name not in only:

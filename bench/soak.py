@@ -10,7 +10,7 @@ plateau is the highest sample of the second half, the slope a least-squares fit 
 counts are checked too: every answered request is recorded or counted as dropped.
 
 Length: `python -m bench --only soak` runs 30 min with 1 M connections; `--quick` 20 s with 10 k;
-`PROBEWIRE_SOAK_MINUTES=5 PROBEWIRE_SOAK_CONNECTIONS=200000 python -m bench --only soak`
+`BENCH_SOAK_MINUTES=5 BENCH_SOAK_CONNECTIONS=200000 python -m bench --only soak`
 any other length (RSS sampled every minute from 10 minutes on, else every tenth of the soak).
 """
 
@@ -93,7 +93,7 @@ def soak(minutes: float, connections: int) -> list[Row]:
 
 
 def run(quick: bool) -> list[Row]:
-    minutes = float(os.environ.get("PROBEWIRE_SOAK_MINUTES", 1 / 3 if quick else 30))
-    connections = int(os.environ.get("PROBEWIRE_SOAK_CONNECTIONS",
+    minutes = float(os.environ.get("BENCH_SOAK_MINUTES", 1 / 3 if quick else 30))
+    connections = int(os.environ.get("BENCH_SOAK_CONNECTIONS",
                                      10_000 if quick else 1_000_000))
     return soak(minutes, connections)

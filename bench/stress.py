@@ -222,7 +222,7 @@ def counts(agent: AgentProc, services: int) -> Counts:
     s = agent.scrape()
     recorded = sum(total(s, "http_server_request_duration_seconds_count",
                          service_name=service_name(i)) for i in range(services))
-    return Counts(recorded, total(s, "probewire_events_dropped_total", probe="http"),
+    return Counts(recorded, total(s, "probewire_events_dropped_total", probe="l7"),
                   total(s, "probewire_ring_handler_errors_total"),
                   total(s, "probewire_http_exchanges_total"))
 

@@ -27,10 +27,17 @@ APT_PACKAGES=(
     memcached dnsmasq-base bind9-dnsutils
     netcat-openbsd gcc                        # security tests: netcat by a service, a C build;
                                               # bench/security.py's exec loop
-    podman runc                               # security tests: a package manager in a real
-                                              # container (DESIGN §3's podman recipe)
+    podman runc                               # real containers: security tests (a package
+                                              # manager in a container), identities (crun
+                                              # refuses hybrid cgroups; tests pass --runtime runc)
     gcc systemtap-sdt-dev golang-go binutils  # custom probe tests: C with <sys/sdt.h>, Go, strip
 )
+# `kubectl kustomize` renders deploy/kubernetes in the tests. Debian's kubernetes-client
+# unless a kubectl is installed already (another package owning /usr/bin/kubectl would
+# make the install fail on a file conflict).
+if ! command -v kubectl >/dev/null; then
+    APT_PACKAGES+=(kubernetes-client)
+fi
 
 SUDO=()
 if [ "$(id -u)" != 0 ]; then
@@ -49,7 +56,7 @@ fi
 key=$( { printf '%s\n' "${APT_PACKAGES[@]}" "$PYTHON"; cat pyproject.toml setup.py; } | sha256sum | cut -d' ' -f1)
 tools_present() {
     local t
-    for t in clang llc bpftool make ip tc nft nstat ss nginx wrk curl h2load prometheus promtool chromium tmux npm; do
+    for t in clang llc bpftool make ip tc nft nstat ss nginx wrk curl h2load prometheus promtool chromium tmux npm podman runc kubectl psql mariadb redis-cli dig; do
         command -v "$t" >/dev/null || PATH=$PATH:/usr/sbin:/sbin command -v "$t" >/dev/null || return 1
     done
     [ -r /usr/include/bpf/bpf_helpers.h ]

@@ -31,6 +31,7 @@ enum http_method {
 enum http_flag {
 	HTTP_FLAG_ABORTED = 1, /* connection closed before the response started */
 	HTTP_FLAG_PIPELINED = 2, /* not the first request of its read: user space parses the head */
+	HTTP_FLAG_SAMPLED = 4, /* spans on: the kernel kept this exchange's trace (1 in N) */
 	/* Set by user space only, on rows it makes from HTTP/2 streams. */
 	HTTP_FLAG_H2 = 64,
 	HTTP_FLAG_GRPC = 128,

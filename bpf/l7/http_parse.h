@@ -302,6 +302,90 @@ static __always_inline int header_end(const __u8 *head, __u32 len)
 	return sc.end;
 }
 
+/* W3C trace context: the sampled bit of a request's "traceparent" header, or -1 without one.
+ * The value is version "00", trace id, parent id and flags, dash-separated (55 characters);
+ * the sampled bit is the low bit of the flags' second hex digit. The header must lie within
+ * the head's first HTTP_HEAD_LEN - TP_SPAN bytes (what user space sees of a head too). */
+#define TP_VALUE 55
+#define TP_SPAN (12 + 1 + TP_VALUE) /* name, one optional blank, value */
+
+static __always_inline int traceparent_at(const __u8 *head, __u32 ls, __u32 len)
+{
+	__u64 w0, w1;
+	__u32 v;
+	__u8 c;
+
+	barrier_var(ls);
+	if (ls > HTTP_HEAD_LEN - TP_SPAN || ls + 12 + TP_VALUE > len)
+		return -1;
+	w0 = *(const __u64 *)(head + ls);
+	w1 = *(const __u64 *)(head + ls + 4);
+	if ((w0 | 0x2020202020202020ULL) != LE8('t', 'r', 'a', 'c', 'e', 'p', 'a', 'r') ||
+	    (w1 | 0x0020202020202020ULL) != LE8('e', 'p', 'a', 'r', 'e', 'n', 't', ':'))
+		return -1;
+	v = ls + 12;
+	if (head[v] == ' ' || head[v] == '\t') {
+		v += 1;
+		if (v + TP_VALUE > len)
+			return -1;
+	}
+	barrier_var(v);
+	if (v > HTTP_HEAD_LEN - TP_VALUE)
+		return -1;
+	if (head[v + 2] != '-' || head[v + 35] != '-' || head[v + 52] != '-')
+		return -1;
+	c = head[v + 54];
+	if (c >= '0' && c <= '9')
+		return (c - '0') & 1;
+	c |= 0x20;
+	if (c >= 'a' && c <= 'f')
+		return (c - 'a' + 10) & 1;
+	return -1;
+}
+
+struct tp_scan {
+	const __u8 *head;
+	__u32 len;
+	int sampled; /* -1: no traceparent (yet) */
+};
+
+/* Eight bytes a call: a line starts after each LF among them. */
+static long tp_scan_word(__u32 i, struct tp_scan *sc)
+{
+	__u32 k = (i & (HTTP_HEAD_LEN / 8 - 1)) * 8, len = sc->len;
+	const __u8 *head = sc->head;
+	__u64 lf;
+	int r;
+
+	if (i >= HTTP_HEAD_LEN / 8 || k >= len)
+		return 1;
+	lf = BYTES_EQ(*(const __u64 *)(head + k), 0x0a0a0a0a0a0a0a0aULL);
+	if (len - k < 8)
+		lf &= (1ULL << ((len - k) * 8)) - 1;
+	if (!lf)
+		return 0;
+#pragma unroll
+	for (__u32 j = 0; j < 8; j++) {
+		if (!((lf >> (8 * j + 7)) & 1))
+			continue;
+		r = traceparent_at(head, k + j + 1, len);
+		if (r >= 0) {
+			sc->sampled = r;
+			return 1;
+		}
+	}
+	return 0;
+}
+
+static __always_inline int traceparent_sampled(const __u8 *head, __u32 len)
+{
+	struct tp_scan sc = { .head = head, .len = len < HTTP_HEAD_LEN ? len : HTTP_HEAD_LEN,
+			      .sampled = -1 };
+
+	bpf_loop(HTTP_HEAD_LEN / 8, tp_scan_word, &sc, 0);
+	return sc.sampled;
+}
+
 /* One character of a Content-Length value: optional blanks, 1 to 18 digits, then CR (or
  * blanks before it). Run by bpf_loop over the map scratch (sc->value, sc->digits; -1 digits:
  * not a length), so the verifier checks one character, not 32 of them. */

@@ -101,14 +101,74 @@ __noinline int http_aggregate(struct http_exchange *ex)
 	return l7_agg_add(key, duration, req_body, resp_body);
 }
 
-/* An exchange is over: count it in the kernel if its route is known, else ship it. Global
- * (verified once): it is reached from many places of the state machine. */
+/* Span sampling (sampling.one_in while spans are exported): each trace is kept or not here,
+ * so the records of traces not kept are counted in kernel maps like those of known routes and
+ * never cross to user space. A request's traceparent decides its own trace (l7_sampling's
+ * honor); else a server request draws at its start (bpf_get_prandom_u32() < its bound, out of
+ * 2^32) and its thread remembers the draw, so the client calls it makes while it is served
+ * follow it; a client call outside a server's draws its own. The kept ones carry
+ * HTTP_FLAG_SAMPLED; a record of a trace not kept still ships while its route is unknown
+ * (user space learns the route from it, and makes no span). */
+const volatile __u8 sample_spans = 0;
+
+/* The draw's bound and whether traceparents decide: set (and reloaded) by user space. */
+struct l7_sampling {
+	__u64 bound; /* keep when bpf_get_prandom_u32() < bound (2^32: all) */
+	__u8 honor; /* a request's traceparent decides its trace */
+	__u8 _pad[7];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct l7_sampling);
+} l7_sampling SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32); /* thread */
+	__type(value, __u8); /* its current server request's trace is kept */
+} trace_kept SEC(".maps");
+
+__noinline int http_sample(struct http_exchange *ex)
+{
+	struct l7_sampling *cfg;
+	int parent = -1;
+	__u32 tid, zero = 0;
+	__u8 keep, *known;
+
+	cfg = bpf_map_lookup_elem(&l7_sampling, &zero);
+	if (!ex || !cfg)
+		return 0;
+	tid = ex->tid;
+	if (cfg->honor)
+		parent = traceparent_sampled(ex->req_head, ex->req_head_len);
+	if (parent >= 0)
+		keep = parent;
+	else if (ex->role == L7_ROLE_CLIENT && (known = bpf_map_lookup_elem(&trace_kept, &tid)))
+		keep = *known;
+	else
+		keep = (__u64)bpf_get_prandom_u32() < cfg->bound;
+	if (ex->role == L7_ROLE_SERVER)
+		bpf_map_update_elem(&trace_kept, &tid, &keep, BPF_ANY);
+	if (keep)
+		ex->hflags |= HTTP_FLAG_SAMPLED;
+	return keep;
+}
+
+/* An exchange is over: count it in the kernel if its route is known (and, with spans, its
+ * trace not kept), else ship it. Global (verified once): it is reached from many places of
+ * the state machine. */
 __noinline int http_complete(struct http_state *st)
 {
 	if (!st)
 		return 0;
 	find_peer((struct l7_header *)&st->ex);
-	if (aggregate && http_aggregate(&st->ex))
+	if (sample_spans && st->ex.role == L7_ROLE_CLIENT)
+		http_sample(&st->ex);
+	if (aggregate && !(st->ex.hflags & HTTP_FLAG_SAMPLED) && http_aggregate(&st->ex))
 		return 0;
 	if (bpf_ringbuf_output(&events, &st->ex, sizeof(st->ex),
 			       wakeup_flags(&events, sizeof(st->ex), false)))
@@ -366,6 +426,8 @@ static __always_inline int http_parse(void *ctx, struct l7_event *ev)
 				new_exchange(st, method, ev->exit_ns, n + p, tgid);
 				start_message(st, st->ex.req_head, &st->ex.req_head_len, buf,
 					      first_len);
+				if (sample_spans)
+					http_sample(&st->ex);
 			} else {
 				st->ex.req_bytes += n;
 				head_append(st->ex.req_head, &st->ex.req_head_len, buf, first_len);

@@ -16,6 +16,7 @@ from probewire.enrich.service import ServiceResolver
 from probewire.errors import PrivilegeError, ProbewireError
 from probewire.probes import REGISTRY
 from probewire.probes.base import SHARED_MAPS, Probe, ProbeContext, RunningProbe, start_probe
+from probewire.reload import LiveFilter, ReloadStatus, restart_needed
 from probewire.runtime.bpf import (
     PRIVILEGE_FIX,
     BpfObject,
@@ -72,7 +73,7 @@ class Agent:
     def __init__(self, config: Config, forced_hooks: dict[str, str] | None = None) -> None:
         self.config = config
         self.forced_hooks = forced_hooks or {}
-        self.services = ServiceResolver(config.services.rules)
+        self.services = ServiceResolver.from_config(config)
         self.ctx = ProbeContext(config=config, services=self.services)
         self.probes: dict[str, Probe] = {
             name: cls(self.ctx)
@@ -89,6 +90,8 @@ class Agent:
         self.startup_s = 0.0
         self._shared: dict[str, StandaloneMap] = {}
         self._opened: dict[str, BpfObject] = {}
+        self.live_filter: LiveFilter | None = None  # filters + Kubernetes selectors (reload.py)
+        self.reload_status: ReloadStatus | None = None  # set by reload.Reloader
 
     def start(self) -> None:
         check_privileges()
@@ -105,8 +108,9 @@ class Agent:
             # The filter is in place before any program is attached: nothing untraced is
             # ever seen, not even during start-up.
             self.filter = Filter(dict(self._shared))
-            f = self.config.filter
-            self.filter.apply(list(f.pids), list(f.cgroups), list(f.ports))
+            self.services.start()  # Kubernetes watches: selectors and names need pods
+            self.live_filter = LiveFilter(self.filter, self.services)
+            self.live_filter.apply(self.config.filter, self.config.containers)
             # Families load side by side: verification is the slow part of start-up, and
             # ctypes releases the GIL while the kernel verifies.
             with ThreadPoolExecutor(max_workers=len(self.probes) or 1) as pool:
@@ -171,10 +175,15 @@ class Agent:
         from probewire.export.otlp import OtlpExporter
 
         cfg = self.config.export.otlp
-        self.otlp = OtlpExporter(cfg, AgentCollector(self).collect)
+        self.otlp = OtlpExporter(cfg, AgentCollector(self).collect,
+                                 process_attributes=self.services.resource_attributes,
+                                 sampling=self.config.sampling)
         if cfg.traces:
             for sinks in self.exchange_sources():
                 sinks.append(self.otlp.sink)
+            # A family whose kernel side keeps 1 trace in N says which records were kept.
+            self.otlp.assembler.kernel_sampling = any(
+                getattr(p, "kernel_sampling", False) for p in self.probes.values())
         self.otlp.start()
 
     def _prepare(self) -> set[str]:
@@ -194,6 +203,9 @@ class Agent:
 
     def stop(self) -> None:
         self.reader.stop()
+        if self.live_filter is not None:
+            self.live_filter.stop()
+        self.services.close()
         if self.otlp is not None:
             for sinks in self.exchange_sources():
                 if self.otlp.sink in sinks:
@@ -212,6 +224,25 @@ class Agent:
         if self._stats:
             self._stats.close()
             self._stats = None
+
+    def reconfigure(self, config: Config) -> list[str]:
+        """Apply a new configuration while running (reload.py calls this): filters, service
+        rules, sampling and each family's own settings (an optional `reconfigure(config)` of
+        the family). Returns the changed keys that wait for a restart."""
+        pending = restart_needed(self.config, config)
+        self.config = config
+        self.ctx.config = config
+        logging.getLogger().setLevel(config.log_level.upper())
+        self.services.reconfigure(config)
+        if self.live_filter is not None:
+            self.live_filter.apply(config.filter, config.containers)
+        for probe in self.probes.values():
+            family_reconfigure = getattr(probe, "reconfigure", None)
+            if family_reconfigure is not None:
+                family_reconfigure(config)
+        if self.otlp is not None:
+            self.otlp.reconfigure(config)
+        return pending
 
     def tls_status(self) -> dict[str, Any]:
         """OpenSSL coverage: libraries attached (or why not) and the processes using TLS."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from probewire import __version__
-from probewire.config import Config, load_config, parse_listen
+from probewire.config import Config, parse_listen, resolve_config
 from probewire.errors import EXIT_USAGE, ConfigError, ProbewireError
 
 if TYPE_CHECKING:
@@ -50,12 +50,17 @@ def _fail(exc: ProbewireError) -> typer.Exit:
     return typer.Exit(exc.exit_code)
 
 
+def _flags(listen: str | None) -> dict[str, Any]:
+    """Dotted config keys set on the command line (they win over the environment and file)."""
+    if listen is None:
+        return {}
+    parse_listen(listen)
+    return {"listen": listen}
+
+
 def _config(path: Path | None, listen: str | None) -> Config:
-    config = load_config(path)
-    if listen is not None:
-        parse_listen(listen)
-        config = config.model_copy(update={"listen": listen})
-    return config
+    # flag > environment (PROBEWIRE_*, OTEL_*) > file > defaults
+    return resolve_config(path, flags=_flags(listen))
 
 
 def _parse_forced(values: list[str]) -> dict[str, str]:
@@ -84,6 +89,7 @@ def run(
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from probewire.agent import Agent
     from probewire.export.prometheus import make_registry
+    from probewire.reload import ConfigWatcher, Reloader
     from probewire.serve.http import AgentServer
 
     try:
@@ -95,9 +101,17 @@ def run(
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
+        # Live reconfiguration: SIGHUP, and the file watched (ConfigMap updates included).
+        # Reloads run on the main thread, never inside a signal handler.
+        reload_asked = threading.Event()
+        signal.signal(signal.SIGHUP, lambda *_: reload_asked.set())
+        reloader = Reloader(agent, config, flags=_flags(listen))
+        watcher = ConfigWatcher(config, reload_asked.set) if config is not None else None
         host, port = cfg.listen_address
         try:
-            server = AgentServer(agent, make_registry(agent), host, port)
+            registry = make_registry(agent)
+            registry.register(reloader)
+            server = AgentServer(agent, registry, host, port, serve=cfg.serve)
         except OSError as exc:
             raise ConfigError(
                 f"listen {cfg.listen}: {exc.strerror}; choose another --listen"
@@ -110,9 +124,15 @@ def run(
                 f"{agent.startup_s:.3f} s; metrics at http://{cfg.listen}/metrics",
                 flush=True,
             )
-            while not stop.wait(1.0):
-                pass
+            if watcher is not None:
+                watcher.start()
+            while not stop.is_set():
+                if reload_asked.wait(0.2):
+                    reload_asked.clear()
+                    reloader.reload("file changed or SIGHUP")
         finally:
+            if watcher is not None:
+                watcher.stop()
             server.stop()
             agent.stop()
     except ProbewireError as exc:

@@ -33,11 +33,13 @@ from probewire.errors import ConfigError
 
 __all__ = [
     "Config",
+    "ContainersConfig",
     "CustomProbeConfig",
     "CustomProbes",
     "ExportConfig",
     "FilterConfig",
     "HttpConfig",
+    "KubernetesConfig",
     "L7Config",
     "MemoryConfig",
     "OtlpConfig",
@@ -45,15 +47,18 @@ __all__ = [
     "ProbesConfig",
     "RingConfig",
     "RouteLearningConfig",
+    "SamplingConfig",
     "SaturationConfig",
     "SecurityConfig",
     "SecurityMatch",
     "SecurityRule",
+    "ServeConfig",
     "ServiceRule",
     "ServicesConfig",
     "config_from_mapping",
     "load_config",
     "parse_listen",
+    "read_config_file",
 ]
 
 DEFAULT_LISTEN = "127.0.0.1:9464"
@@ -685,6 +690,25 @@ class FilterConfig(_Model):
         ),
     )
     ports: tuple[_Port, ...] = Field(default=(), description=f"a list of TCP ports 1..{MAX_PORT}")
+    # --- Kubernetes selectors (enrich/workload.py turns them into container cgroups) ---
+    k8s_namespaces: tuple[str, ...] = Field(
+        default=(), description="a list of Kubernetes namespaces (fnmatch globs), e.g. shop"
+    )
+    k8s_workloads: tuple[str, ...] = Field(
+        default=(),
+        description="a list of workloads as name or kind/name (fnmatch globs), e.g. "
+        "deployment/cart",
+    )
+    k8s_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="a mapping of pod labels that must all match, e.g. app.kubernetes.io/name: "
+        "cart",
+    )
+
+    @property
+    def kubernetes(self) -> bool:
+        """Whether any Kubernetes selector is set (then only matching containers are traced)."""
+        return bool(self.k8s_namespaces or self.k8s_workloads or self.k8s_labels)
 
 
 def _valid_regex(pattern: str) -> str:
@@ -726,6 +750,8 @@ class ServiceRule(_Model):
     def _name_not_blank(cls, name: str) -> str:
         if not name.strip():
             raise ValueError("the service name is empty; give the rule a name such as payments")
+        if any(ord(c) < 32 for c in name):
+            raise ValueError(f"{name!r} contains a control character; use printable text")
         return name.strip()
 
     @field_validator("comm")
@@ -816,6 +842,27 @@ class OtlpConfig(_Model):
     resource_attributes: dict[str, str] = Field(
         default_factory=dict,
         description="a mapping of extra resource attributes, e.g. deployment.environment: prod",
+    )
+    # --- per-signal settings (OTEL_EXPORTER_OTLP_TRACES_*/_METRICS_*), used as given ---
+    traces_endpoint: str | None = Field(
+        default=None, description="the full URL for spans, e.g. http://collector:4318/v1/traces "
+        "(nothing is appended); default: endpoint"
+    )
+    metrics_endpoint: str | None = Field(
+        default=None, description="the full URL for metrics, e.g. http://collector:4318/v1/metrics "
+        "(nothing is appended); default: endpoint"
+    )
+    traces_protocol: Literal["grpc", "http/protobuf"] | None = Field(
+        default=None, description="grpc or http/protobuf for spans; default: protocol"
+    )
+    metrics_protocol: Literal["grpc", "http/protobuf"] | None = Field(
+        default=None, description="grpc or http/protobuf for metrics; default: protocol"
+    )
+    traces_headers: dict[str, str] | None = Field(
+        default=None, description="request headers for spans instead of headers"
+    )
+    metrics_headers: dict[str, str] | None = Field(
+        default=None, description="request headers for metrics instead of headers"
     )
 
     @model_validator(mode="after")
@@ -1135,6 +1182,141 @@ class SecurityConfig(_Model):
             if self.default_rules and r["id"] not in mine and r["id"] not in self.disabled_rules
         ) if self.enabled else ()
         return builtin + (self.rules if self.enabled else ())
+class ContainersConfig(_Model):
+    """Where container runtimes keep each container's metadata on the host."""
+
+    state_paths: dict[Literal["containerd", "crio", "docker", "podman"], tuple[str, ...]] = Field(
+        default_factory=lambda: _default_state_paths(),
+        description="per runtime (containerd, crio, docker, podman), a list of paths of a "
+        "container's OCI config.json (docker: config.v2.json) with {id} for the container id "
+        "and * for one path component",
+    )
+    scan_interval_s: float = Field(
+        default=2.0, gt=0, allow_inf_nan=False,
+        description="seconds between scans of the cgroup tree for new containers, while "
+        "filter.k8s_* selectors need them, a number > 0",
+    )
+
+    @field_validator("state_paths")
+    @classmethod
+    def _has_id(cls, paths: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        for runtime, patterns in paths.items():
+            for pattern in patterns:
+                if "{id}" not in pattern or not pattern.startswith("/"):
+                    raise ValueError(
+                        f"{runtime}: {pattern!r} must be an absolute path containing {{id}}, "
+                        "e.g. /run/containerd/io.containerd.runtime.v2.task/*/{id}/config.json"
+                    )
+        return paths
+
+
+def _default_state_paths() -> dict[Literal["containerd", "crio", "docker", "podman"],
+                                   tuple[str, ...]]:
+    from probewire.enrich.container import DEFAULT_STATE_PATHS
+
+    return {k: tuple(v) for k, v in DEFAULT_STATE_PATHS.items()}  # type: ignore[misc]
+
+
+class KubernetesConfig(_Model):
+    """Kubernetes identity: from container annotations always; from the API server when
+    reachable."""
+
+    api: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="auto (use the API server when running in a pod), on (fail without it), "
+        "or off (container annotations and the pod-name heuristic only)",
+    )
+    api_url: str | None = Field(
+        default=None,
+        description="the API server URL, e.g. https://10.96.0.1:443; default: "
+        "KUBERNETES_SERVICE_HOST/PORT",
+    )
+    token_file: str = Field(
+        default="/var/run/secrets/kubernetes.io/serviceaccount/token",
+        description="bearer token file (the pod's service account token)",
+    )
+    ca_file: str = Field(
+        default="/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
+        description="PEM CA bundle that signed the API server's certificate",
+    )
+    node_name: str | None = Field(
+        default=None, description="this node's name; default: $NODE_NAME, else the host name"
+    )
+    cluster_peers: bool = Field(
+        default=True,
+        description="also watch every pod's and Service's address in the cluster, to name "
+        "service-graph peers on other nodes (memory grows with the cluster)",
+    )
+    pod_label: bool = Field(
+        default=False,
+        description="add k8s_pod_name to metrics (it churns with every rollout; spans and "
+        "OTLP resources always carry the pod)",
+    )
+    startup_wait_s: float = Field(
+        default=5.0, ge=0, allow_inf_nan=False,
+        description="how long start-up waits for the first pod list, seconds >= 0",
+    )
+
+    @field_validator("api", mode="before")
+    @classmethod
+    def _api_yaml_bool(cls, value: Any) -> Any:
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
+class SamplingConfig(_Model):
+    """Span and ring-record sampling (1-in-N); counters and histograms stay exact."""
+
+    one_in: int = Field(
+        default=1, ge=1, le=1 << 24, strict=True,
+        description="keep 1 trace (and its ring records) in N, an integer >= 1 (1: all)",
+    )
+    honor_traceparent: bool = Field(
+        default=True,
+        description="an incoming W3C traceparent's sampled flag decides for its trace",
+    )
+
+    @property
+    def probability(self) -> float:
+        return 1.0 / self.one_in
+
+
+class TlsServeConfig(_Model):
+    """TLS for the agent's endpoint (as Prometheus exporters' web config)."""
+
+    cert_file: str = Field(description="PEM server certificate (chain)")
+    key_file: str = Field(description="PEM private key of cert_file")
+    client_ca_file: str | None = Field(
+        default=None, description="PEM CA bundle; when set, clients must present a "
+        "certificate it signed (mutual TLS)"
+    )
+
+
+class BasicAuthConfig(_Model):
+    username: str = Field(description="the user name scrapers send")
+    password_file: str = Field(description="a file holding the password (e.g. a mounted Secret)")
+
+
+class ServeApisConfig(_Model):
+    """Parts of the JSON API that can be switched off (they show process details)."""
+
+    events: bool = Field(default=True, description="serve /api/events (exec/exit feed)")
+    security: bool = Field(default=True, description="serve /api/security*")
+
+
+class ServeConfig(_Model):
+    """How /metrics, /api and the UI are served beyond loopback."""
+
+    tls: TlsServeConfig | None = Field(default=None, description="TLS settings; off when unset")
+    basic_auth: BasicAuthConfig | None = Field(
+        default=None, description="require HTTP basic auth (except /healthz)"
+    )
+    bearer_token_file: str | None = Field(
+        default=None,
+        description="require 'Authorization: Bearer <token>' with the token in this file "
+        "(except /healthz)",
+    )
+    apis: ServeApisConfig = Field(default_factory=lambda: ServeApisConfig(),
+                                  description="API parts to serve")
 
 
 class Config(_Model):
@@ -1164,6 +1346,19 @@ class Config(_Model):
     )
     memory: MemoryConfig = Field(
         default_factory=lambda: MemoryConfig(), description="the memory guard"
+    )
+    # --- fleet: containers, Kubernetes, sampling, serving (issue 17) ---
+    containers: ContainersConfig = Field(
+        default_factory=lambda: ContainersConfig(), description="container runtime state"
+    )
+    kubernetes: KubernetesConfig = Field(
+        default_factory=lambda: KubernetesConfig(), description="Kubernetes identity"
+    )
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(), description="span sampling"
+    )
+    serve: ServeConfig = Field(
+        default_factory=lambda: ServeConfig(), description="TLS, auth and API switches"
     )
 
     @field_validator("listen")
@@ -1284,6 +1479,14 @@ def load_config(path: Path | None) -> Config:
     """Read and validate a YAML config file; ``None`` gives the defaults."""
     if path is None:
         return Config()
+    data = read_config_file(path)
+    if not data:  # an empty file or only comments: all defaults
+        return Config()
+    return config_from_mapping(data, source=str(path))
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The YAML mapping of a config file, unvalidated ({} for an empty file)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -1314,8 +1517,8 @@ def load_config(path: Path | None) -> Config:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
 
-    if data is None:  # an empty file or only comments: all defaults
-        return Config()
+    if data is None:
+        return {}
     if not isinstance(data, dict):
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         line = node.start_mark.line + 1 if node is not None else 1
@@ -1323,4 +1526,268 @@ def load_config(path: Path | None) -> Config:
             f"{path}:{line}: the top level must be a mapping of settings such as "
             f"'listen: {DEFAULT_LISTEN}', not a {type(data).__name__}"
         )
-    return config_from_mapping(data, source=str(path))
+    return data
+
+
+# --- the environment: PROBEWIRE_* and OpenTelemetry's OTEL_* (issue 17) -----------------------
+#
+# Precedence, highest first: command-line flags > environment > config file > defaults.
+# PROBEWIRE_<PATH> sets any key, the path's dots written as "_" and upper-cased
+# (PROBEWIRE_PROBES_L7_MAX_SERIES_PER_METRIC=500); the value is YAML, so lists and mappings
+# work (PROBEWIRE_FILTER_PORTS='[80, 443]'). OTEL_* variables follow the OpenTelemetry SDK
+# environment specification; a set OTLP endpoint turns OTLP export on.
+
+# PROBEWIRE_* variables that are not configuration (setup.py reads this one at build time).
+NON_CONFIG_ENV = frozenset({"PROBEWIRE_SKIP_BPF_BUILD"})
+# What Kubernetes injects for a Service named "probewire" in the pod's namespace (service
+# links): PROBEWIRE_SERVICE_HOST, PROBEWIRE_PORT_9464_TCP_ADDR, ... never configuration.
+_SERVICE_LINK_ENV = re.compile(
+    r"^PROBEWIRE_(?:SERVICE_(?:HOST|PORT(?:_\w+)?)|PORT(?:_\d+_(?:TCP|UDP|SCTP)(?:_\w+)?)?)$")
+ENV_PREFIX = "PROBEWIRE_"
+OTLP_GRPC_PORT = 4317
+
+
+def _env_path(model: type[BaseModel], rest: str) -> list[str] | None:
+    """The field path an upper-cased, "_"-joined name spells in `model` (longest field name
+    first, so MAX_SERIES_PER_METRIC is one field, not four), or None."""
+    for name in sorted(model.model_fields, key=len, reverse=True):
+        upper = name.upper()
+        if rest == upper:
+            return [name]
+        if rest.startswith(upper + "_"):
+            annotation = model.model_fields[name].annotation
+            for candidate in (annotation, *typing.get_args(annotation)):
+                if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                    tail = _env_path(candidate, rest[len(upper) + 1:])
+                    if tail is not None:
+                        return [name, *tail]
+    return None
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[path[-1]] = value
+
+
+def _get_path(data: Mapping[str, Any], path: list[str]) -> Any:
+    node: Any = data
+    for part in path:
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _parse_kv_list(text: str, var: str) -> dict[str, str]:
+    """OTEL's ``key1=value1,key2=value2`` with percent-encoded values (W3C Baggage format)."""
+    from urllib.parse import unquote
+
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{var}: {item.strip()!r} is not key=value; write e.g. "
+                              "api-key=secret,tenant=a")
+        out[unquote(key.strip())] = unquote(value.strip())
+    return out
+
+
+def probewire_env(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(overrides as a nested mapping, dotted path -> variable) from PROBEWIRE_* variables."""
+    data: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX) or var in NON_CONFIG_ENV \
+                or _SERVICE_LINK_ENV.match(var):
+            continue
+        path = _env_path(Config, var[len(ENV_PREFIX):])
+        if path is None:
+            sections = ", ".join(f"{ENV_PREFIX}{n.upper()}" for n in Config.model_fields)
+            raise ConfigError(
+                f"{var}: names no configuration key; unset it, or spell a key's dotted path "
+                f"with _ (e.g. PROBEWIRE_FILTER_PORTS); keys start with one of: {sections}")
+        try:
+            value = yaml.safe_load(env[var]) if env[var].strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{var}: not a YAML value ({exc}); quote strings, write lists "
+                              "as [1, 2]") from None
+        _set_path(data, path, value)
+        origins[".".join(path)] = var
+    return data, origins
+
+
+_SAMPLERS = {
+    # OTEL_TRACES_SAMPLER -> (honour the parent's sampled flag, default ratio)
+    "always_on": (False, 1.0),
+    "always_off": (False, 0.0),
+    "traceidratio": (False, None),
+    "parentbased_always_on": (True, 1.0),
+    "parentbased_always_off": (True, 0.0),
+    "parentbased_traceidratio": (True, None),
+}
+
+
+def _truthy(value: str) -> bool:
+    return value.strip().lower() == "true"
+
+
+def otel_env(env: Mapping[str, str], file_data: Mapping[str, Any],
+             ) -> tuple[dict[str, Any], dict[str, str]]:
+    """(overrides, dotted path -> variable) from the OpenTelemetry SDK variables."""
+    data: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    base = ["export", "otlp"]
+
+    def put(field: str, value: Any, var: str) -> None:
+        _set_path(data, [*base, field], value)
+        origins[".".join([*base, field])] = var
+
+    def get(var: str) -> str | None:
+        value = env.get(var)
+        return value if value is not None and value.strip() != "" else None
+
+    endpoint_vars = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                     "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+    simple = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "endpoint",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "traces_endpoint",
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "metrics_endpoint",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "protocol",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "traces_protocol",
+        "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "metrics_protocol",
+        "OTEL_EXPORTER_OTLP_CERTIFICATE": "certificate_file",
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": "client_certificate_file",
+        "OTEL_EXPORTER_OTLP_CLIENT_KEY": "client_key_file",
+    }
+    for var, field in simple.items():
+        value = get(var)
+        if value is not None:
+            put(field, value.strip(), var)
+    for var, field in (("OTEL_EXPORTER_OTLP_HEADERS", "headers"),
+                       ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "traces_headers"),
+                       ("OTEL_EXPORTER_OTLP_METRICS_HEADERS", "metrics_headers")):
+        value = get(var)
+        if value is not None:
+            put(field, _parse_kv_list(value, var), var)
+    if (value := get("OTEL_EXPORTER_OTLP_INSECURE")) is not None:
+        put("insecure", _truthy(value), "OTEL_EXPORTER_OTLP_INSECURE")
+    if (value := get("OTEL_EXPORTER_OTLP_TIMEOUT")) is not None:
+        try:
+            put("timeout_s", float(value) / 1000.0, "OTEL_EXPORTER_OTLP_TIMEOUT")
+        except ValueError:
+            raise ConfigError(f"OTEL_EXPORTER_OTLP_TIMEOUT: {value!r} is not a number of "
+                              "milliseconds, e.g. 10000") from None
+    if (value := get("OTEL_METRIC_EXPORT_INTERVAL")) is not None:
+        try:
+            put("interval_s", float(value) / 1000.0, "OTEL_METRIC_EXPORT_INTERVAL")
+        except ValueError:
+            raise ConfigError(f"OTEL_METRIC_EXPORT_INTERVAL: {value!r} is not a number of "
+                              "milliseconds, e.g. 60000") from None
+    if (value := get("OTEL_RESOURCE_ATTRIBUTES")) is not None:
+        attrs = dict(_get_path(file_data, [*base, "resource_attributes"]) or {})
+        attrs.update(_parse_kv_list(value, "OTEL_RESOURCE_ATTRIBUTES"))
+        put("resource_attributes", attrs, "OTEL_RESOURCE_ATTRIBUTES")
+    if (value := get("OTEL_SERVICE_NAME")) is not None:
+        # Names the agent's own resource; the services it observes keep their names.
+        attrs = dict(_get_path(data, [*base, "resource_attributes"])
+                     or _get_path(file_data, [*base, "resource_attributes"]) or {})
+        attrs["service.name"] = value.strip()
+        put("resource_attributes", attrs, "OTEL_SERVICE_NAME")
+    for var, field in (("OTEL_TRACES_EXPORTER", "traces"), ("OTEL_METRICS_EXPORTER", "metrics")):
+        value = get(var)
+        if value is None:
+            continue
+        choice = value.strip().lower()
+        if choice not in ("otlp", "none"):
+            raise ConfigError(f"{var}: {value!r} is not supported; use otlp or none")
+        put(field, choice == "otlp", var)
+
+    sampler = get("OTEL_TRACES_SAMPLER")
+    if sampler is not None:
+        choice = sampler.strip().lower()
+        if choice not in _SAMPLERS:
+            raise ConfigError(f"OTEL_TRACES_SAMPLER: {sampler!r} is not supported; use one of "
+                              f"{', '.join(_SAMPLERS)}")
+        honor, ratio = _SAMPLERS[choice]
+        if ratio is None:
+            arg = get("OTEL_TRACES_SAMPLER_ARG")
+            try:
+                ratio = float(arg) if arg is not None else 1.0
+            except ValueError:
+                raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG: {arg!r} is not a ratio 0.0..1.0, "
+                                  "e.g. 0.1") from None
+        put("sampling_ratio", ratio, "OTEL_TRACES_SAMPLER_ARG"
+            if get("OTEL_TRACES_SAMPLER_ARG") is not None else "OTEL_TRACES_SAMPLER")
+        _set_path(data, ["sampling", "honor_traceparent"], honor)
+        origins["sampling.honor_traceparent"] = "OTEL_TRACES_SAMPLER"
+
+    if any(get(var) is not None for var in endpoint_vars):
+        put("enabled", True, next(v for v in endpoint_vars if get(v) is not None))
+        # The spec's default protocol is http/protobuf; an endpoint on 4317 (OTLP/gRPC's port)
+        # is taken as gRPC, as Beyla does, rather than failing against a gRPC collector.
+        if _get_path(data, [*base, "protocol"]) is None \
+                and _get_path(file_data, [*base, "protocol"]) is None:
+            url = (get("OTEL_EXPORTER_OTLP_ENDPOINT") or get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                   or get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or "")
+            from urllib.parse import urlsplit
+
+            try:
+                port = urlsplit(url.strip()).port
+            except ValueError:
+                port = None
+            put("protocol", "grpc" if port == OTLP_GRPC_PORT else "http/protobuf",
+                "OTEL_EXPORTER_OTLP_ENDPOINT")
+    if (value := get("OTEL_SDK_DISABLED")) is not None and _truthy(value):
+        put("enabled", False, "OTEL_SDK_DISABLED")
+    return data, origins
+
+
+def _deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_config(path: Path | None, env: Mapping[str, str] | None = None,
+                   flags: Mapping[str, Any] | None = None) -> Config:
+    """The effective configuration: flags > environment > file > defaults.
+
+    `flags` holds dotted paths set on the command line (e.g. {"listen": "0.0.0.0:9464"}). An
+    invalid value names its key and where it came from (the file, or the variable that set it).
+    """
+    import os
+
+    env = os.environ if env is None else env
+    file_data = read_config_file(path) if path is not None else {}
+    otel, otel_origins = otel_env(env, file_data)
+    ours, our_origins = probewire_env(env)
+    data = _deep_merge(_deep_merge(file_data, otel), ours)
+    origins = {**otel_origins, **our_origins}
+    for dotted, value in (flags or {}).items():
+        _set_path(data, dotted.split("."), value)
+        origins[dotted] = f"--{dotted.replace('_', '-')}"
+    source = str(path) if path is not None else "<defaults>"
+    try:
+        return config_from_mapping(data, source=source)
+    except ConfigError as exc:
+        if not origins:
+            raise
+        lines = []
+        for line in str(exc).splitlines():
+            dotted = line.strip().split(":", 1)[0]
+            origin = next((var for p, var in origins.items()
+                           if dotted == p or dotted.startswith(p + ".")), None)
+            lines.append(f"{line} (set by {origin})" if origin and line.startswith("  ")
+                         else line)
+        raise ConfigError("\n".join(lines)) from None

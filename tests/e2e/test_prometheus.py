@@ -116,7 +116,8 @@ def test_prometheus_scrapes_the_agent_and_promql_counts_the_requests(
                             'server="upstream"})')
         assert edge is not None and edge >= N
         groups = api(prom, "rules")["groups"]
-        assert {g["name"] for g in groups} == {"probewire.red", "probewire.tcp",
-                                               "probewire.alerts"}
+        assert {g["name"] for g in groups} == {
+            "probewire.red", "probewire.tcp", "probewire.alerts", "probewire.saturation",
+            "probewire.saturation.alerts", "probewire.security"}
         assert all(r["health"] != "err" for g in groups for r in g["rules"])
         assert scalar(prom, 'probewire_probe_attached == 0') is None

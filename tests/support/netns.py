@@ -314,7 +314,8 @@ def remove_stale_namespaces(prefix: str = "pw") -> list[str]:
     removed = []
     for line in _sh(["ip", "netns", "list"], check=False).splitlines():
         name = line.split()[0] if line.split() else ""
-        m = re.fullmatch(re.escape(prefix) + r"-(\d+)-[0-9a-f]+-[cs]", name)
+        # -c/-s: two_hosts(); -n<i>: the multi-node test's hub and nodes.
+        m = re.fullmatch(re.escape(prefix) + r"-(\d+)-[0-9a-f]+-(?:[cs]|n\d)", name)
         if m and not os.path.exists(f"/proc/{m.group(1)}"):
             _delete_ns(name)
             removed.append(name)

@@ -68,6 +68,14 @@ class LabelBudget:
     def max_series(self) -> int:
         return self._max_series
 
+    def resize(self, max_series: int) -> None:
+        """A new limit (a reloaded config). Series already handed out stay; a larger limit
+        admits new label sets again, a smaller one admits none until the count is below it."""
+        if max_series < 1:
+            raise ValueError(f"max_series must be >= 1, got {max_series}")
+        with self._lock:
+            self._max_series = max_series
+
     @property
     def max_series_per_service(self) -> int | None:
         return self._per_service

@@ -292,6 +292,11 @@ class RouteTemplater:
         self.evictions = 0
 
     @property
+    def patterns(self) -> tuple[str, ...]:
+        """The route patterns, normalised, in order of preference."""
+        return tuple(p.route for p in self._patterns)
+
+    @property
     def cached_paths(self) -> int:
         with self._lock:
             return len(self._cache)

@@ -34,7 +34,8 @@ class AgentCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         for name, running in list(self.agent.running.items()):
             try:
-                yield from running.probe.collect()
+                # Service keys -> service_name + k8s_* labels (enrich/identity.py).
+                yield from self.agent.services.expand(running.probe.collect())
             except Exception:  # one broken family must not empty the whole scrape
                 log.exception("collecting probe %s failed", name)
         if self.agent.otlp is not None:

@@ -13,11 +13,16 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from probewire.config import ServiceRule
+from prometheus_client.core import Metric
+
+from probewire.config import Config, ServiceRule
+from probewire.enrich.identity import LabelExpander, resource_attributes, service_key
+from probewire.enrich.kubernetes import PodIdentity
+from probewire.enrich.workload import Workload, WorkloadResolver
 
 __all__ = [
     "UNKNOWN_SERVICE",
@@ -25,6 +30,7 @@ __all__ = [
     "ServiceResolver",
     "container_id_from_cgroup",
     "interpreter_target",
+    "kubernetes_service_name",
     "pod_uid_from_cgroup",
     "read_process",
     "service_name",
@@ -430,10 +436,15 @@ def _program_name(info: ProcessInfo) -> str:
     return comm if len(comm) < _COMM_LEN else called
 
 
-def _name(info: ProcessInfo, rules: Sequence[_CompiledRule]) -> str:
+def _rule_name(info: ProcessInfo, rules: Sequence[_CompiledRule]) -> str | None:
     for rule in rules:
         if rule.matches(info):
             return rule.name
+    return None
+
+
+def _process_name(info: ProcessInfo) -> str:
+    """Today's rules: systemd unit, interpreter script, exe, comm, ``unknown``."""
     candidates = (
         info.systemd_unit.removesuffix(".service") if info.systemd_unit else None,
         interpreter_target(info.cmdline, info.exe),
@@ -442,6 +453,38 @@ def _name(info: ProcessInfo, rules: Sequence[_CompiledRule]) -> str:
     )
     # A blank name (exe "/", a comm of spaces) would make an empty label; fall through instead.
     return next((name for name in candidates if name and name.strip()), UNKNOWN_SERVICE)
+
+
+def _name(info: ProcessInfo, rules: Sequence[_CompiledRule]) -> str:
+    return _rule_name(info, rules) or _process_name(info)
+
+
+def kubernetes_service_name(pod: PodIdentity | None, container_name: str = "") -> str | None:
+    """The default name of a container's service: the pod's ``app.kubernetes.io/name`` label,
+    else its workload, else the container name; None when there is none of them."""
+    if pod is not None:
+        label = pod.labels.get("app.kubernetes.io/name")
+        if label:
+            return label
+        if pod.workload_name:
+            return pod.workload_name
+        if pod.container:
+            return pod.container
+    return container_name or None
+
+
+def _key(info: ProcessInfo, rules: Sequence[_CompiledRule], workload: Workload | None,
+         pod_label: bool) -> str:
+    """The service key of a process (enrich/identity.py): config rules, then the Kubernetes
+    or container name, then today's rules; with the pod's namespace and workload."""
+    pod = workload.pod if workload is not None else None
+    name = (_rule_name(info, rules)
+            or (kubernetes_service_name(pod, workload.container.name) if workload else None)
+            or _process_name(info))
+    if pod is None:
+        return name
+    return service_key(name, pod.namespace, pod.workload_kind, pod.workload_name,
+                       pod.pod if pod_label else "")
 
 
 def service_name(info: ProcessInfo, rules: Sequence[ServiceRule] = ()) -> str:
@@ -477,10 +520,18 @@ class ServiceResolver:
         proc: Path = Path("/proc"),
         max_entries: int = 65536,
         revalidate_s: float = REVALIDATE_S,
+        workloads: WorkloadResolver | None = None,
+        pod_label: bool = False,
     ) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         self._rules = tuple(_CompiledRule.of(rule) for rule in rules)
+        self.workloads = workloads
+        self.pod_label = pod_label
+        self._rules_changed = False
+        if workloads is not None:
+            workloads.listeners.append(self.refresh)
+        self.expander = LabelExpander(self.peer_key)
         self._proc = proc
         self._max_entries = max_entries
         self._revalidate_s = revalidate_s
@@ -523,7 +574,7 @@ class ServiceResolver:
         info = read_process(pid, self._proc)
         if info is None:
             return None
-        entry = _Entry(info=info, name=_name(info, self._rules), checked_at=time.monotonic())
+        entry = _Entry(info=info, name=self._key(info), checked_at=time.monotonic())
         with self._lock:
             self._cache[pid] = entry
             self._cache.move_to_end(pid)
@@ -544,7 +595,7 @@ class ServiceResolver:
 
     def remember(self, info: ProcessInfo) -> str:
         """Name a process from what an event carried, for one already gone from /proc."""
-        entry = _Entry(info=info, name=_name(info, self._rules))
+        entry = _Entry(info=info, name=self._key(info))
         with self._lock:
             self._cache[info.pid] = entry
             self._cache.move_to_end(info.pid)
@@ -567,7 +618,13 @@ class ServiceResolver:
                 (rule.exe, rule.comm, rule.cmdline, rule.cgroup) == (None,) * 4
                 or (info is not None and rule.matches(info, port))
             ):
-                return rule.name
+                if info is None:
+                    return rule.name
+                workload = self._workload(info)
+                pod = workload.pod if workload is not None else None
+                return rule.name if pod is None else service_key(
+                    rule.name, pod.namespace, pod.workload_kind, pod.workload_name,
+                    pod.pod if self.pod_label else "")
         return self.name_for(pid)
 
     def name_until(self, pid: int, port: int = 0) -> tuple[str, float]:
@@ -586,3 +643,103 @@ class ServiceResolver:
     def names_for(self, pids: Iterable[int]) -> dict[int, str]:
         """Service names for many pids (each looked up once)."""
         return {pid: self.name_for(pid) for pid in dict.fromkeys(pids)}
+
+    # --- containers and Kubernetes (issue 17) ------------------------------------------------
+    @classmethod
+    def from_config(cls, config: Config) -> ServiceResolver:
+        """The agent's resolver: rules, and container/Kubernetes identity as configured."""
+        workloads = WorkloadResolver(config.containers, config.kubernetes)
+        return cls(config.services.rules, workloads=workloads,
+                   pod_label=config.kubernetes.pod_label)
+
+    def _workload(self, info: ProcessInfo) -> Workload | None:
+        if self.workloads is None or not info.cgroup:
+            return None
+        return self.workloads.for_cgroup(info.cgroup)
+
+    def _key(self, info: ProcessInfo) -> str:
+        return _key(info, self._rules, self._workload(info), self.pod_label)
+
+    def start(self) -> None:
+        """Start the Kubernetes watches (if configured); names learnt later rename processes."""
+        if self.workloads is not None:
+            self.workloads.start()
+
+    def close(self) -> None:
+        if self.workloads is not None:
+            self.workloads.stop()
+
+    def reconfigure(self, config: Config) -> None:
+        """New rules and naming settings: every cached process is named again."""
+        self._rules = tuple(_CompiledRule.of(rule) for rule in config.services.rules)
+        self.pod_label = config.kubernetes.pod_label
+        if self.workloads is not None:
+            self.workloads.reconfigure(config.containers)
+        self._rules_changed = True
+        try:
+            self.refresh()
+        finally:
+            self._rules_changed = False
+
+    def refresh(self) -> None:
+        """Name every cached process again (pods changed, rules changed); families that keep
+        names see :attr:`generation` move when any name changed."""
+        with self._lock:
+            entries = list(self._cache.values())
+        changed = False
+        for entry in entries:
+            if entry.info.container_id is None and not self._rules_changed:
+                continue
+            key = self._key(entry.info)
+            if key != entry.name:
+                entry.name = key
+                changed = True
+        if changed:
+            with self._lock:
+                self._generation += 1
+
+    def workload_of(self, pid: int) -> Workload | None:
+        info = self.info_for(pid)
+        return self._workload(info) if info is not None else None
+
+    def resource_attributes(self, pid: int, key: str) -> dict[str, str]:
+        """OTLP resource attributes of a span's process: its service key's, plus the pod,
+        container and (from the API) pod uid."""
+        attrs = resource_attributes(key)
+        workload = self.workload_of(pid)
+        if workload is not None:
+            if workload.container.name:
+                attrs["container.name"] = workload.container.name
+            attrs["container.id"] = workload.container.id
+            if workload.container.runtime:
+                attrs["container.runtime"] = workload.container.runtime
+            pod = workload.pod
+            if pod is not None:
+                attrs["k8s.pod.name"] = pod.pod
+                if pod.uid:
+                    attrs["k8s.pod.uid"] = pod.uid
+                if pod.container:
+                    attrs["k8s.container.name"] = pod.container
+                if self.workloads is not None and self.workloads.kube is not None:
+                    attrs["k8s.node.name"] = self.workloads.kube.node_name
+        return attrs
+
+    def peer_key(self, ip: str) -> str | None:
+        """The service key of the pod or Service at a peer address, when known."""
+        if self.workloads is None:
+            return None
+        meta = self.workloads.pod_by_ip(ip)
+        if meta is not None:
+            pod = meta.identity()
+            name = kubernetes_service_name(pod) or meta.name
+            return service_key(name, pod.namespace, pod.workload_kind, pod.workload_name,
+                               pod.pod if self.pod_label else "")
+        svc = self.workloads.service_by_ip(ip)
+        if svc is not None:
+            namespace, name = svc
+            return service_key(name, namespace)
+        return None
+
+    def expand(self, families: Iterable[Metric]) -> Iterator[Metric]:
+        """Families with service keys expanded into labels (export/prometheus.py calls this)."""
+        return self.expander.families(families)

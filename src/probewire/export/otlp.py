@@ -28,7 +28,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -52,7 +52,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from probewire import __version__
-from probewire.config import OtlpConfig
+from probewire.config import Config, OtlpConfig, SamplingConfig
 from probewire.errors import ConfigError
 from probewire.export.spans import SCOPE, SpanAssembler
 from probewire.l7.exchanges import ExchangeBatch
@@ -136,6 +136,11 @@ def agent_resource(extra: dict[str, str]) -> Resource:
         "process.runtime.name": sys.implementation.name,
         "process.runtime.version": ".".join(map(str, sys.version_info[:3])),
     }
+    # Inside Kubernetes (the DaemonSet passes these through the downward API).
+    for var, key in (("NODE_NAME", "k8s.node.name"), ("POD_NAME", "k8s.pod.name"),
+                     ("POD_NAMESPACE", "k8s.namespace.name")):
+        if os.environ.get(var):
+            attrs[key] = os.environ[var]
     attrs.update(extra)
     return Resource.create(attrs)
 
@@ -150,57 +155,88 @@ def _read(path: str | None, field: str) -> bytes | None:
         raise ConfigError(f"export.otlp.{field}: cannot read {path}: {exc.strerror}") from None
 
 
+def _grpc_channel(cfg: OtlpConfig, endpoint: str) -> dict[str, Any]:
+    import grpc  # type: ignore[import-untyped]
+
+    insecure = cfg.insecure and not endpoint.startswith("https://")
+    credentials = None
+    if not insecure:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(cfg.certificate_file, "certificate_file"),
+            private_key=_read(cfg.client_key_file, "client_key_file"),
+            certificate_chain=_read(cfg.client_certificate_file, "client_certificate_file"),
+        )
+    return dict(endpoint=endpoint, insecure=insecure, credentials=credentials)
+
+
+def signal_endpoint(cfg: OtlpConfig, signal: str) -> tuple[str, str]:
+    """(protocol, URL) of one signal ("traces" or "metrics") as the OpenTelemetry spec has it:
+    a per-signal endpoint is used as given; the generic one gets /v1/<signal> appended for
+    http/protobuf; gRPC takes host:port as given."""
+    protocol = getattr(cfg, f"{signal}_protocol") or cfg.protocol
+    own = getattr(cfg, f"{signal}_endpoint")
+    if own:
+        return protocol, own
+    if protocol == "grpc":
+        return protocol, cfg.endpoint or "http://localhost:4317"
+    return protocol, f"{(cfg.endpoint or 'http://localhost:4318').rstrip('/')}/v1/{signal}"
+
+
 def make_exporters(cfg: OtlpConfig) -> tuple[MetricExporter, SpanExporter]:
-    """The SDK's OTLP exporters for the configured protocol, endpoint, headers and TLS."""
+    """The SDK's OTLP exporters for each signal's protocol, endpoint, headers and TLS."""
     timeout = cfg.timeout_s
-    headers = dict(cfg.headers)
-    if cfg.protocol == "grpc":
-        import grpc  # type: ignore[import-untyped]
+    tls: dict[str, Any] = dict(certificate_file=cfg.certificate_file,
+                               client_certificate_file=cfg.client_certificate_file,
+                               client_key_file=cfg.client_key_file)
+    protocol, url = signal_endpoint(cfg, "metrics")
+    headers = dict(cfg.metrics_headers if cfg.metrics_headers is not None else cfg.headers)
+    metrics: MetricExporter
+    if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
             OTLPMetricExporter as GrpcMetrics,
         )
+
+        metrics = GrpcMetrics(**_grpc_channel(cfg, url), headers=headers, timeout=timeout)
+    else:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+            OTLPMetricExporter as HttpMetrics,
+        )
+
+        metrics = HttpMetrics(endpoint=url, headers=headers, timeout=timeout, **tls)
+    protocol, url = signal_endpoint(cfg, "traces")
+    headers = dict(cfg.traces_headers if cfg.traces_headers is not None else cfg.headers)
+    spans: SpanExporter
+    if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
             OTLPSpanExporter as GrpcSpans,
         )
 
-        endpoint = cfg.endpoint or "http://localhost:4317"
-        insecure = cfg.insecure and not endpoint.startswith("https://")
-        credentials = None
-        if not insecure:
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read(cfg.certificate_file, "certificate_file"),
-                private_key=_read(cfg.client_key_file, "client_key_file"),
-                certificate_chain=_read(cfg.client_certificate_file, "client_certificate_file"),
-            )
-        common: dict[str, Any] = dict(endpoint=endpoint, insecure=insecure,
-                                      credentials=credentials, headers=headers, timeout=timeout)
-        return GrpcMetrics(**common), GrpcSpans(**common)
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-        OTLPMetricExporter as HttpMetrics,
-    )
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-        OTLPSpanExporter as HttpSpans,
-    )
+        spans = GrpcSpans(**_grpc_channel(cfg, url), headers=headers, timeout=timeout)
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HttpSpans,
+        )
 
-    base = (cfg.endpoint or "http://localhost:4318").rstrip("/")
-    tls: dict[str, Any] = dict(certificate_file=cfg.certificate_file,
-                               client_certificate_file=cfg.client_certificate_file,
-                               client_key_file=cfg.client_key_file)
-    return (HttpMetrics(endpoint=f"{base}/v1/metrics", headers=headers, timeout=timeout, **tls),
-            HttpSpans(endpoint=f"{base}/v1/traces", headers=headers, timeout=timeout, **tls))
+        spans = HttpSpans(endpoint=url, headers=headers, timeout=timeout, **tls)
+    return metrics, spans
 
 
 class OtlpExporter:
     """Owns the OTLP metric loop and the span pipeline; start() and stop() from the agent."""
 
     def __init__(self, cfg: OtlpConfig, families: Callable[[], Iterable[Metric]],
-                 exporters: tuple[MetricExporter, SpanExporter] | None = None) -> None:
+                 exporters: tuple[MetricExporter, SpanExporter] | None = None,
+                 process_attributes: Callable[[int, str], Mapping[str, str]] | None = None,
+                 sampling: SamplingConfig | None = None) -> None:
         self.cfg = cfg
         self.families = families
         self.metric_exporter, self.span_exporter = exporters or make_exporters(cfg)
         self.resource = agent_resource(cfg.resource_attributes)
-        self.assembler = SpanAssembler(cfg.sampling_ratio, int(cfg.link_wait_ms * 1e6),
-                                       cfg.resource_attributes)
+        sampling = sampling or SamplingConfig()
+        self.assembler = SpanAssembler(
+            cfg.sampling_ratio * sampling.probability, int(cfg.link_wait_ms * 1e6),
+            cfg.resource_attributes, process_attributes=process_attributes,
+            honor_traceparent=sampling.honor_traceparent)
         # Bounded by exchanges (cfg.max_queue_spans), not batches: a batch holds 1 to
         # thousands of them, and what the bound is for is how long the newest one waits.
         self._queue: queue.Queue[ExchangeBatch] = queue.Queue()
@@ -242,6 +278,14 @@ class OtlpExporter:
             self.export_metrics()
         self.metric_exporter.shutdown()
         self.span_exporter.shutdown()
+
+    def reconfigure(self, config: Config) -> None:
+        """Sampling and link wait from a reloaded config (endpoints need a restart). The span
+        thread reads these once per exchange, so a plain assignment is enough."""
+        cfg, sampling = config.export.otlp, config.sampling
+        self.assembler.set_sampling(cfg.sampling_ratio * sampling.probability,
+                                    sampling.honor_traceparent)
+        self.assembler.link_wait_ns = int(cfg.link_wait_ms * 1e6)
 
     # --- spans -------------------------------------------------------------------------------
     def sink(self, batch: ExchangeBatch) -> None:

@@ -21,27 +21,31 @@ Nothing here does I/O except reading /proc once per new process to learn whether
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 from probewire import __version__
 from probewire.aggregate.http_heads import nth_request, parse_request_line
-from probewire.l7.constants import Role
+from probewire.enrich.identity import resource_attributes as key_attributes
+from probewire.l7.constants import HttpFlag, Role
 from probewire.l7.exchanges import NUMERIC_STATUSES, ExchangeBatch, ExchangeFlag, split_db_target
 from probewire.l7.registry import protocol_by_id
 
-__all__ = ["SpanAssembler", "Traceparent", "parse_traceparent", "wall_clock_offset_ns"]
+__all__ = ["SpanAssembler", "Traceparent", "parse_traceparent", "sampling_threshold",
+           "wall_clock_offset_ns"]
 
 SCOPE = InstrumentationScope("probewire", __version__)
 _TRACEPARENT = re.compile(
@@ -65,6 +69,38 @@ def wall_clock_offset_ns() -> int:
             best = (b - a, wall - (a + b) // 2)
     assert best is not None
     return best[1]
+
+
+# OpenTelemetry's consistent probability sampling (trace state "ot" vendor key, "th" field):
+# the trace id's rightmost 56 bits are the randomness R, a span is kept when R >= T, and T, the
+# rejection threshold, is written in the span's tracestate as up to 14 hex digits without
+# trailing zeros, so a collector can extrapolate counts (adjusted count 1/p).
+RANDOMNESS_BITS = 56
+_MAX_T = 1 << RANDOMNESS_BITS
+_OT_TH = re.compile(r"(?:^|;)th:([0-9a-f]{1,14})(?:;|$)")
+
+
+def sampling_threshold(probability: float) -> int:
+    """T for a sampling probability p in (0, 1]: round((1 - p) * 2^56), in exact arithmetic
+    (1-in-N as the fraction 1/N: a float 0.1 times 2^56 is off in its last digits)."""
+    exact = Fraction(probability).limit_denominator(1 << 24)
+    return min(_MAX_T - 1, max(0, round((1 - exact) * _MAX_T)))
+
+
+def threshold_text(threshold: int) -> str:
+    return f"{threshold:014x}".rstrip("0") or "0"
+
+
+def _ot_threshold(tracestate: bytes | None) -> str | None:
+    """The th value of an incoming tracestate's ot entry, if any."""
+    if not tracestate:
+        return None
+    for member in tracestate.decode("latin-1").split(","):
+        key, _, value = member.strip().partition("=")
+        if key == "ot":
+            m = _OT_TH.search(value)
+            return m.group(1) if m else None
+    return None
 
 
 @dataclass(frozen=True)
@@ -166,6 +202,8 @@ class _Exchange:
     parent_remote: bool = False
     sampled: bool = True
     propagated: Traceparent | None = None
+    threshold: str | None = None  # the "th" of the sampling decision, when known
+    kernel_kept: bool | None = None  # the kernel's sampling decision (HTTP/1.x records)
 
 
 def _listening_tgids_probe(tgid: int) -> bool:
@@ -205,8 +243,12 @@ class SpanAssembler:
         link_wait_ns: int = 2_000_000_000,
         resource_attributes: Mapping[str, str] | None = None,
         rng: random.Random | None = None,
+        process_attributes: Callable[[int, str], Mapping[str, str]] | None = None,
+        honor_traceparent: bool = True,
     ) -> None:
-        self.sampling_bound = int(sampling_ratio * (1 << 64))
+        self.set_sampling(sampling_ratio, honor_traceparent)
+        # (tgid, service key) -> resource attributes of the process (pod, container, ...).
+        self.process_attributes = process_attributes
         self.link_wait_ns = link_wait_ns
         self.resource_attributes = dict(resource_attributes or {})
         self.host_name = socket.gethostname()
@@ -219,6 +261,40 @@ class SpanAssembler:
         self.unsampled = 0
         self.linked = 0
         self.export_calls = 0  # OTLP export exchanges, never made spans (is_otlp_export)
+
+    # Set when the kernel decides which traces to keep (probes/l7.py sample_spans): HTTP/1.x
+    # records then say so (HttpFlag.SAMPLED) and new trace ids are drawn to agree with it.
+    kernel_sampling = False
+
+    def set_sampling(self, probability: float, honor_traceparent: bool = True) -> None:
+        """Keep new traces with this probability (consistently with the trace id, as
+        OpenTelemetry's probability sampling does); an incoming sampled flag decides for its
+        own trace when `honor_traceparent`."""
+        self.probability = probability
+        self.honor_traceparent = honor_traceparent
+        self.threshold = sampling_threshold(probability) if probability > 0 else _MAX_T
+        self.threshold_text = threshold_text(self.threshold) if 0 < probability < 1 else None
+
+    def _decide(self, ex: _Exchange) -> None:
+        if ex.kernel_kept is not None:
+            # The kernel drew (with the same probability); a new trace id agrees with it.
+            ex.sampled = ex.kernel_kept
+        else:
+            ex.sampled = (ex.trace_id & (_MAX_T - 1)) >= self.threshold and self.probability > 0
+        ex.threshold = self.threshold_text
+
+    def _new_trace_id(self, ex: _Exchange) -> int:
+        """A random trace id; when the kernel decided, one whose randomness (its low 56 bits)
+        is on the side of the threshold the decision says, as a collector will read it."""
+        trace_id = self._new_id(128)
+        if ex.kernel_kept is None:
+            return trace_id
+        low, span = (self.threshold, _MAX_T - self.threshold) if ex.kernel_kept \
+            else (0, self.threshold)
+        if span <= 0:
+            return trace_id
+        randomness = low + self._rng.randrange(span)
+        return (trace_id & ~(_MAX_T - 1)) | randomness or 1
 
     # --- public ------------------------------------------------------------------------------
     def add(self, batch: ExchangeBatch, now_ns: int | None = None) -> list[ReadableSpan]:
@@ -265,10 +341,13 @@ class SpanAssembler:
             eflags = int(r["eflags"])
             status = int(r["status"])
             head = _Head()
+            kernel_kept = None
             if protocol.kind == "http":
                 at = int(index[i]) if index is not None else -1
                 if http is not None and at >= 0:
                     h = http[at]
+                    if self.kernel_sampling:
+                        kernel_kept = bool(int(h["hflags"]) & HttpFlag.SAMPLED)
                     head = _parse_head(bytes(h["req_head"][: int(h["req_head_len"])]),
                                        int(h["pipe_idx"]))
                 else:
@@ -288,6 +367,7 @@ class SpanAssembler:
                 local=batch.local_address[i], local_port=int(r["lport"]),
                 arrived_ns=now_ns, status_text=batch.status[i],
                 attributes=dict(batch.attributes[i]) if batch.attributes else {},
+                kernel_kept=kernel_kept,
             )
 
     def _new_id(self, bits: int) -> int:
@@ -301,10 +381,14 @@ class SpanAssembler:
         parent = parse_traceparent(header) if header else None
         if parent is not None:
             ex.trace_id, ex.parent_id, ex.parent_remote = parent.trace_id, parent.span_id, True
-            ex.sampled = parent.sampled
+            if self.honor_traceparent:
+                ex.sampled = parent.sampled
+                ex.threshold = _ot_threshold(ex.head.headers.get(b"tracestate"))
+            else:
+                self._decide(ex)
         else:
-            ex.trace_id = self._new_id(128)
-            ex.sampled = (ex.trace_id & ((1 << 64) - 1)) < self.sampling_bound
+            ex.trace_id = self._new_trace_id(ex)
+            self._decide(ex)
 
     def _client_ids(self, ex: _Exchange) -> None:
         header = ex.head.headers.get(b"traceparent")
@@ -313,7 +397,11 @@ class SpanAssembler:
     def _finish_root_client(self, ex: _Exchange) -> None:
         if ex.propagated is not None:
             ex.trace_id, ex.span_id = ex.propagated.trace_id, ex.propagated.span_id
-            ex.sampled = ex.propagated.sampled
+            if self.honor_traceparent:
+                ex.sampled = ex.propagated.sampled
+                ex.threshold = _ot_threshold(ex.head.headers.get(b"tracestate"))
+            else:
+                self._decide(ex)
         else:
             self._start_trace(ex, None)
 
@@ -335,6 +423,7 @@ class SpanAssembler:
                     child.trace_id, child.span_id = server.trace_id, self._new_id(64)
                     child.parent_id = server.span_id
                 child.sampled = server.sampled
+                child.threshold = server.threshold
                 self.linked += 1
                 done.append(child)
             else:
@@ -387,7 +476,16 @@ class SpanAssembler:
                     str(attrs["process.executable.path"]))
             except OSError:
                 pass
-            attrs.update(self.resource_attributes)
+            # The key's own attributes (service.name, k8s.namespace.name, workload), then
+            # the process's (pod, container), then the configured ones (except service.name,
+            # which names the agent itself, not the services it observes).
+            attrs.update(key_attributes(service))
+            if self.process_attributes is not None:
+                # A vanished process: its key still names it.
+                with contextlib.suppress(Exception):
+                    attrs.update(self.process_attributes(tgid, service))
+            attrs.update({k: v for k, v in self.resource_attributes.items()
+                          if k != "service.name"})
             res = Resource.create(attrs)
             self._resources[(service, tgid)] = res
         return res
@@ -443,7 +541,9 @@ class SpanAssembler:
         if failed:
             attrs["error.type"] = "aborted" if ex.aborted else str(ex.status)
         status = Status(StatusCode.ERROR) if failed else Status(StatusCode.UNSET)
-        ctx = SpanContext(ex.trace_id, ex.span_id, is_remote=False, trace_flags=_SAMPLED)
+        state = TraceState([("ot", f"th:{ex.threshold}")]) if ex.threshold else None
+        ctx = SpanContext(ex.trace_id, ex.span_id, is_remote=False, trace_flags=_SAMPLED,
+                          trace_state=state)
         parent = (SpanContext(ex.trace_id, ex.parent_id, is_remote=ex.parent_remote,
                               trace_flags=_SAMPLED) if ex.parent_id else None)
         return ReadableSpan(

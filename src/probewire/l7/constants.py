@@ -96,5 +96,6 @@ class HttpFlag(enum.IntFlag):
 
     ABORTED = 1
     PIPELINED = 2
+    SAMPLED = 4
     H2 = 64
     GRPC = 128

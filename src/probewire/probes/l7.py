@@ -25,6 +25,7 @@ from probewire.aggregate.bounds import Bounds, register_templater
 from probewire.aggregate.memo import MEMO_MAX
 from probewire.aggregate.pipeline import ExchangePipeline, ExchangeSink, RpcCall
 from probewire.aggregate.routes import RouteLearner, RouteTemplater
+from probewire.config import Config
 from probewire.l7.constants import Coverage, Proto
 from probewire.l7.exchanges import ExchangeFlag, LabelTables, rows_from_exchanges
 from probewire.l7.kernel_agg import KernelAggregates, KernelOps
@@ -90,7 +91,12 @@ class L7Probe(Probe):
                                   if not p.parsed_in_kernel})
         self.tls: TlsAttacher | None = None
         otlp = ctx.config.export.otlp
-        self.aggregate = cfg.kernel_aggregation and not (otlp.enabled and otlp.traces)
+        self.aggregate = cfg.kernel_aggregation
+        # With spans exported, the kernel keeps 1 trace in N (sampling.one_in, times the OTLP
+        # sampling_ratio) and counts the rest in its maps: None when no spans are made.
+        self.span_probability: float | None = (
+            otlp.sampling_ratio * ctx.config.sampling.probability
+            if otlp.enabled and otlp.traces else None)
         self.ops = KernelOps()
         self.kernel: KernelAggregates | None = None
         self.records = 0  # ring records handled (both rings)
@@ -158,6 +164,7 @@ class L7Probe(Probe):
         obj.set_rodata(
             enabled_protocols=sum(1 << i for i in self.protocols),
             aggregate=int(self.aggregate),
+            sample_spans=int(self.span_probability is not None),
             duration_bounds_ns=np.array([round(b * 1e9) for b in DURATION_BUCKETS], np.uint64),
             size_bounds=np.array(SIZE_BUCKETS, np.uint64),
         )
@@ -170,11 +177,56 @@ class L7Probe(Probe):
                 if prog.fd >= 0:
                     obj.maps[f"l7_parsers_{kind}"].update(
                         int(p.proto_id).to_bytes(4, "little"), prog.fd.to_bytes(4, "little"))
+        self._set_sampling(self.ctx.config)
         self.kernel = KernelAggregates(obj.maps["l7_aggs"], self.ops, self.pipeline,
                                        self.ctx.services)
         if self.ctx.config.probes.l7.tls and obj.programs["tls_exit"].fd >= 0:
             self.tls = TlsAttacher(obj)
             self.tls.start()
+
+    @property
+    def kernel_sampling(self) -> bool:
+        """The kernel decides which traces' records cross (spans exported): records say
+        which were kept (HttpFlag.SAMPLED)."""
+        return self.span_probability is not None
+
+    def _set_sampling(self, config: Config) -> None:
+        """The kernel's draw (l7_sampling): the probability of keeping a new trace, out of
+        2^32, and whether a request's traceparent decides."""
+        if self.obj is None or self.span_probability is None:
+            return
+        self.span_probability = (config.export.otlp.sampling_ratio
+                                 * config.sampling.probability)
+        bound = round(self.span_probability * (1 << 32))
+        value = bound.to_bytes(8, "little") + bytes([int(config.sampling.honor_traceparent)]) \
+            + bytes(7)
+        self.map("l7_sampling").update(bytes(4), value)
+
+    def reconfigure(self, config: Config) -> None:
+        """Routes, budgets and TLS capture from a reloaded config (Agent.reconfigure). New
+        route patterns apply to the next exchange on any path (the kernel forgets the paths it
+        counts by route, the memo starts afresh); series already made stay as they are."""
+        http, cfg = config.probes.http, config.probes.l7
+        if tuple(RouteTemplater(http.routes).patterns) != self.templater.patterns:
+            self.templater = RouteTemplater(http.routes, learner=self.templater.learner)
+            self.http1.templater = self.templater
+            self.pipeline.shrink()
+            if self.obj is not None:
+                ops = self.map("l7_ops")
+                for key in list(ops.keys()):
+                    ops.delete(key)
+        if cfg.max_series_per_metric != self.pipeline.red.sinks[0].budget.max_series:
+            for _, budget in self.pipeline.budgets():
+                budget.resize(cfg.max_series_per_metric)
+            self.pipeline.shrink()  # (answers memoised under the old limit go)
+        self._set_sampling(config)
+        if self.obj is not None:
+            if cfg.tls and self.tls is None and self.obj.programs["tls_exit"].fd >= 0:
+                self.tls = TlsAttacher(self.obj)
+                self.tls.start()
+            elif not cfg.tls and self.tls is not None:
+                self.tls.stop()  # detaches every libssl uprobe
+                self.tls = None
 
     def on_stop(self) -> None:
         if self.tls is not None:

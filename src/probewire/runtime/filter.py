@@ -54,28 +54,49 @@ class Filter:
     def __init__(self, maps: Mapping[str, Map]) -> None:
         self._maps = maps
 
-    def _replace(self, name: str, keys: list[bytes]) -> None:
+    def _add(self, name: str, keys: list[bytes]) -> None:
+        m = self._maps[name]
+        for key in keys:
+            m.update(key, b"\x01")
+
+    def _remove_others(self, name: str, keys: list[bytes]) -> None:
         m = self._maps[name]
         wanted = set(keys)
         for key in list(m.keys()):
             if key not in wanted:
                 m.delete(key)
-        for key in keys:
-            m.update(key, b"\x01")
 
     def apply(
         self,
         pids: Sequence[int] = (),
         cgroups: Sequence[str | int] = (),
         ports: Sequence[int] = (),
+        container_cgroups: Sequence[int] | None = None,
     ) -> None:
-        """Set the filter; empty lists trace everything. Sets members before the mode."""
-        self._replace("filter_pids", [np.uint32(p).tobytes() for p in pids])
-        self._replace("filter_cgroups", [np.uint64(cgroup_id(c)).tobytes() for c in cgroups])
-        self._replace("filter_ports", [np.uint16(p).tobytes() for p in ports])
+        """Set the filter; empty lists trace everything. Sets members before the mode.
+
+        `container_cgroups`: cgroup ids of the containers Kubernetes selectors matched (None
+        when no selector is set). A list, even an empty one, turns the cgroup filter on: no
+        matching container means nothing is traced, not everything. Maps are rewritten in
+        place (entries added and removed), so a running program never sees an empty set.
+        """
+        ids = [cgroup_id(c) for c in cgroups]
+        if container_cgroups is not None:
+            ids.extend(container_cgroups)
+        members = {
+            "filter_pids": [np.uint32(p).tobytes() for p in pids],
+            "filter_cgroups": [np.uint64(i).tobytes() for i in dict.fromkeys(ids)],
+            "filter_ports": [np.uint16(p).tobytes() for p in ports],
+        }
+        # New members first, the mode next, old members last: while the agent rewrites a live
+        # filter, programs see the old or the new set or their union, never an empty set.
+        for name, keys in members.items():
+            self._add(name, keys)
         flags = (
             (FILTER_PIDS if pids else 0)
-            | (FILTER_CGROUPS if cgroups else 0)
+            | (FILTER_CGROUPS if cgroups or container_cgroups is not None else 0)
             | (FILTER_PORTS if ports else 0)
         )
         self._maps["filter_config"].update(np.uint32(0).tobytes(), np.uint32(flags).tobytes())
+        for name, keys in members.items():
+            self._remove_others(name, keys)

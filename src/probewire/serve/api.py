@@ -18,6 +18,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from probewire import __version__
 from probewire.agent import Agent
+from probewire.enrich.identity import display_name
 from probewire.probes.custom import CustomProbe
 from probewire.probes.process import RECENT_EVENTS, ProcessProbe
 from probewire.probes.saturation import SaturationProbe
@@ -326,7 +327,9 @@ class Api:
         if not isinstance(probe, ProcessProbe):
             return {"events": []}
         events = [e for e in probe.events(kind) if e.timestamp_ns > since][-limit:]
-        return {"events": [dataclasses.asdict(e) for e in events]}
+        # A Kubernetes service key reads "cart (shop)" (enrich/identity.py).
+        return {"events": [{**dataclasses.asdict(e), "service_name": display_name(e.service_name)}
+                           for e in events]}
 
     def probes(self, query: Query) -> dict[str, Any]:
         return {
@@ -366,6 +369,10 @@ class Api:
             "probes": list(per_probe.values()),
             "self_metrics": [{"name": n, "labels": lbl, "value": v}
                              for n, lbl, v in snap.self_samples],
+            # Live reconfiguration and Kubernetes (issue 17).
+            "config": (self.agent.reload_status.as_dict()
+                       if self.agent.reload_status is not None else None),
+            "kubernetes": self._kubernetes(),
         }
 
     # --- saturation ------------------------------------------------------------------------
@@ -400,6 +407,11 @@ class Api:
             learned = {**learned, "services": {
                 k: v for k, v in learned.get("services", {}).items() if k == service}}
         return learned
+    def _kubernetes(self) -> dict[str, Any] | None:
+        workloads = self.agent.services.workloads
+        if workloads is None or workloads.kube is None:
+            return None
+        return workloads.kube.status()
 
     def history_of(self, query: Query) -> dict[str, Any]:
         service = query.get("service", [None])[-1]

@@ -330,6 +330,18 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "labels": {"type": "object", "additionalProperties": STR},
                     "value": NUM,
                 })},
+                # Live reconfiguration (null when the agent was not started by `run`) and the
+                # Kubernetes watches (null without API access).
+                "config": {"nullable": True, **_obj({
+                    "source": STR, "reloads": _obj({"success": INT, "failure": INT}),
+                    "last_result": STR, "last_error": STR, "last_reload_at": NUM,
+                    "applied_at": NUM, "restart_needed": {"type": "array", "items": STR}})},
+                "kubernetes": {"nullable": True, **_obj({
+                    "node_pods": INT, "cluster_pods": INT, "services": INT, "api_url": STR,
+                    "node": STR, "watches": {"type": "array", "items": _obj({
+                        "name": STR, "synced": BOOL, "lists": INT, "watches": INT,
+                        "events": INT, "errors": INT, "resource_version": STR,
+                        "last_error": STR})}})},
             }), "Agent")),
             "/api/history": _get(
                 "RED points of one service over the last 15 minutes (without `service`: the "

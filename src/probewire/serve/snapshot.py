@@ -143,6 +143,22 @@ def _labels(sample_labels: dict[str, str], names: Iterable[str]) -> Labels:
     return tuple(sample_labels.get(n, "") for n in names)
 
 
+# A service inside Kubernetes is its name and namespace (enrich/identity.py): "cart (shop)" and
+# "cart (staging)" are two services here too, never one series overwriting the other.
+_NAMESPACED = (("service_name", "k8s_namespace_name"), ("client", "client_k8s_namespace_name"),
+               ("server", "server_k8s_namespace_name"))
+
+
+def _namespaced(sample_labels: dict[str, str]) -> dict[str, str]:
+    if not any(ns in sample_labels for _, ns in _NAMESPACED):
+        return sample_labels
+    out = dict(sample_labels)
+    for name, ns in _NAMESPACED:
+        if name in out and out.get(ns):
+            out[name] = f"{out[name]} ({out[ns]})"
+    return out
+
+
 def _hist_sample(hists: dict[Labels, Histogram], key: Labels, suffix: str, le: str | None,
                  value: float) -> None:
     h = hists.setdefault(key, Histogram())
@@ -176,7 +192,7 @@ def take(registry: CollectorRegistry) -> Snapshot:
     }
     for family in registry.collect():
         for s in family.samples:
-            name, labels, value = s.name, s.labels, float(s.value)
+            name, labels, value = s.name, _namespaced(s.labels), float(s.value)
             if family.name in hist_families:
                 hists, names = hist_families[family.name]
                 suffix = name[len(family.name):]
