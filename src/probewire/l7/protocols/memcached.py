@@ -66,7 +66,7 @@ def _count(b: bytes) -> int | None:
 class MemcachedParser(DuplexParser):
     # -- sync ------------------------------------------------------------------------------------
     def request_proven(self, seg: Segment) -> bool | None:
-        return _commands_chain(seg.data, seg.skipped)
+        return _commands_chain(seg.data, seg.skipped, self.max_buffer)
 
     def response_plausible(self, seg: Segment) -> bool | None:
         d = seg.data
@@ -162,8 +162,15 @@ def _block_len(name: bytes, words: list[bytes]) -> int | None:
     return None
 
 
-def _commands_chain(d: bytes, skipped: int) -> bool | None:
-    """d is whole commands (data blocks included); None: so far the beginning of one."""
+def _commands_chain(d: bytes, skipped: int, held_max: int) -> bool | None:
+    """d is whole commands (data blocks included; the last may go on only into the hole);
+    None: so far the beginning of one.
+
+    A data block that goes on in the next call (a client writing a long one in parts) is
+    proven only when the bytes that complete it come: a line that happens to lie in the
+    tail of an older block would otherwise swallow up to the length it claims. Only a block
+    too long to be held unsynced (held_max bytes) is taken on its command line, as the
+    first call of a long one is."""
     pos, n = 0, len(d)
     if not n:
         return False
@@ -191,8 +198,8 @@ def _commands_chain(d: bytes, skipped: int) -> bool | None:
         block = _block_len(words[0], words)
         if block is not None:
             pos += block + 2
-            if pos > n:  # the data block goes on past these bytes: the line proved it
-                return True
+            if pos > n:  # the data block goes on past these bytes
+                return True if skipped or pos > held_max else None
             if d[pos - 2: pos] != b"\r\n":
                 return False
     return False

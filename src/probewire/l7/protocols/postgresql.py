@@ -122,7 +122,7 @@ class PostgresParser(DuplexParser):
             if proven:
                 self.startup_next = True
             return proven
-        return _frontend_chain(data, seg.skipped)
+        return _frontend_chain(data, seg.skipped, self.max_buffer)
 
     def response_plausible(self, seg: Segment) -> bool | None:
         d = seg.data
@@ -441,16 +441,24 @@ def _startup_packet(data: bytes) -> bool | None:
     return code != PROTOCOL_3 or data[-1] == 0
 
 
-def _frontend_chain(data: bytes, skipped: int) -> bool | None:
+def _frontend_chain(data: bytes, skipped: int, held_max: int) -> bool | None:
     """data is whole frontend messages, the last one ending a burst (it may run into the
-    hole that follows data); None: so far a valid beginning of such messages."""
+    hole that follows data); None: so far a valid beginning of such messages.
+
+    A message that goes on in the next call (a client flushing a long one in parts) is
+    proven only when the bytes that complete it come: a header that happens to lie in the
+    tail of an older message would otherwise swallow up to the length it claims. Only a
+    Query too long to be held unsynced (held_max bytes) is taken on its header and the
+    start of its text, as the first call of a long one is."""
     pos, last = 0, -1
     n = len(data)
     for _ in range(4096):
         if pos == n:
             return last in BURST_END
         if pos > n:  # the last message goes on past these bytes
-            return last in BURST_END if skipped or last == ord("Q") else None
+            if skipped:
+                return last in BURST_END
+            return True if last == ord("Q") and pos > held_max else None
         if pos + 5 > n:
             return None if data[pos] in FRONTEND and not skipped else False
         kind, length = data[pos], be32(data, pos + 1)
@@ -464,8 +472,7 @@ def _frontend_chain(data: bytes, skipped: int) -> bool | None:
         if kind in b"SHX" and length != 4:
             return False
         if kind == ord("Q") and end > n and not skipped:
-            # A Query that goes on in the next call (a long text a client flushes in parts)
-            # proves itself by its text beginning as SQL does, not by a header alone.
+            # a Query that goes on in the next call begins its text as SQL does
             if pos + 5 >= n:
                 return None
             if not _sql_start(data[pos + 5]):
