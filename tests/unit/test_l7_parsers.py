@@ -176,6 +176,22 @@ def test_garbage_never_raises(proto: Protocol, chunks: list[tuple[bool, bytes, i
             assert isinstance(parser.close(10**12), list)
 
 
+def claims_a_long_statement(name: str, junk: bytes) -> bool:
+    """junk is the head of a statement longer than a parser holds unsynced (a Query, a
+    COM_QUERY or COM_STMT_PREPARE of more than 64 KiB whose text begins as SQL does). That
+    is exactly how the first call of a long statement looks, and a parser must take it on
+    its head (it cannot hold the rest to prove it), so no parser can tell it from garbage."""
+    held_max = 65536  # DuplexParser.max_buffer
+    if len(junk) < 6 or not postgresql._sql_start(junk[5]):
+        return False
+    if name == "postgresql":
+        return junk[0] == ord("Q") and int.from_bytes(junk[1:5], "big") + 1 > held_max
+    if name == "mysql":
+        return junk[3] == 0 and junk[4] in (mysql.COM_QUERY, mysql.COM_STMT_PREPARE) \
+            and int.from_bytes(junk[:3], "little") + 4 > held_max
+    return False
+
+
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
 def test_garbage_before_the_first_message_is_skipped_exactly(name: str) -> None:
     """A connection picked up mid-stream: bytes before a provable message start are skipped
@@ -188,6 +204,7 @@ def test_garbage_before_the_first_message_is_skipped_exactly(name: str) -> None:
     def check(rounds: list[w.Round], rnd: random.Random, junk: bytes) -> None:
         # not itself the beginning of a message ("mn\r\n" is a memcached command)
         assume(b"\n" not in junk and junk[:1] != b"\0")
+        assume(not claims_a_long_statement(name, junk))
         first = [True]
 
         def split(data: bytes) -> list[tuple[bytes, int]]:

@@ -303,7 +303,15 @@ class DuplexParser(StreamParser):
             held.clear()  # bytes missing between: the held ones cannot be continued
         held.append(seg)
         try:
-            verdict = self._verdict(is_req, held)
+            if len(held) > 1 and self._proves_itself(is_req, seg):
+                # The bytes held so far only may begin a message; this call's bytes start
+                # one for sure, so the held ones are taken for the tail of an older message
+                # (a continuation that happens to parse is the likelier coincidence).
+                self.failures["unsynced_segment"] += len(held) - 1
+                del held[:-1]
+                verdict: bool | None = True
+            else:
+                verdict = self._verdict(is_req, held)
             while verdict is False and len(held) > 1:  # perhaps a message starts later
                 self.failures["unsynced_segment"] += 1
                 held.pop(0)
@@ -335,6 +343,13 @@ class DuplexParser(StreamParser):
         held.clear()
         self._start(side)
         return out
+
+    def _proves_itself(self, is_req: bool, seg: Segment) -> bool:
+        """seg alone provably starts a message (what the alternation of requests and
+        responses makes plausible is no proof)."""
+        if is_req:
+            return self.request_proven(seg) is True
+        return self.response_proven(seg) is True
 
     def _verdict(self, is_req: bool, held: list[Segment]) -> bool | None:
         first = held[0]

@@ -66,7 +66,7 @@ def _count(b: bytes) -> int | None:
 class MemcachedParser(DuplexParser):
     # -- sync ------------------------------------------------------------------------------------
     def request_proven(self, seg: Segment) -> bool | None:
-        return _commands_chain(seg.data, seg.skipped)
+        return _commands_chain(seg.data, seg.skipped, self.max_buffer)
 
     def response_plausible(self, seg: Segment) -> bool | None:
         d = seg.data
@@ -79,9 +79,9 @@ class MemcachedParser(DuplexParser):
             ts, tid = src.start_ts, src.start_tid
             words = line.split()
             size = len(line) + 2
-            if not words:
-                continue
-            name = words[0].lower()
+            # Names are case-sensitive ("GET" is answered ERROR, and its data block, if it
+            # seemed to announce one, is a line of its own); an empty line is answered ERROR.
+            name = words[0] if words else b""
             block = _block_len(name, words)
             if block is not None:
                 yield from src.body(block + 2, 0)
@@ -162,8 +162,15 @@ def _block_len(name: bytes, words: list[bytes]) -> int | None:
     return None
 
 
-def _commands_chain(d: bytes, skipped: int) -> bool | None:
-    """d is whole commands (data blocks included); None: so far the beginning of one."""
+def _commands_chain(d: bytes, skipped: int, held_max: int) -> bool | None:
+    """d is whole commands (data blocks included; the last may go on only into the hole);
+    None: so far the beginning of one.
+
+    A data block that goes on in the next call (a client writing a long one in parts) is
+    proven only when the bytes that complete it come: a line that happens to lie in the
+    tail of an older block would otherwise swallow up to the length it claims. Only a block
+    too long to be held unsynced (held_max bytes) is taken on its command line, as the
+    first call of a long one is."""
     pos, n = 0, len(d)
     if not n:
         return False
@@ -180,14 +187,19 @@ def _commands_chain(d: bytes, skipped: int) -> bool | None:
                 else word in COMMANDS
             return more if word and known and n - pos < MAX_LINE else False
         words = d[pos:end].split()
-        if pos == 0 and (not words or words[0] not in COMMANDS):
+        if pos == 0 and (not words or words[0] not in COMMANDS
+                         or not d.startswith(words[0]) or b"\n" in d[:end]):
+            # A client writes a command name first, and a line ends only at its CRLF
+            # (split() would find a name after the LF that ends an older line).
             return False  # after a known command, any line is one (unknown ones: ERROR)
         pos = end + 2
+        if not words:
+            continue  # an empty line (answered ERROR)
         block = _block_len(words[0], words)
         if block is not None:
             pos += block + 2
-            if pos > n:  # the data block goes on past these bytes: the line proved it
-                return True
+            if pos > n:  # the data block goes on past these bytes
+                return True if skipped or pos > held_max else None
             if d[pos - 2: pos] != b"\r\n":
                 return False
     return False

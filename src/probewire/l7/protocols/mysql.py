@@ -75,6 +75,7 @@ class _Command(Request):
     statements: list[Statement] = field(default_factory=list)
     sql_use: str = ""  # the database of a USE statement
     db: str = ""  # COM_INIT_DB's
+    db_cut: bool = False  # the database it switches to was not all captured
     cut: bool = False  # its text was cut short: results past its statements are unknown ones
 
 
@@ -101,13 +102,22 @@ class MySQLParser(DuplexParser):
     handshake_parsed: bool = False
 
     # -- sync ------------------------------------------------------------------------------------
+    def on_lost(self, is_req: bool) -> None:
+        # the response in progress, if any, is not followed any more: the next one read
+        # starts afresh (at sequence id 1)
+        self.state = _FIRST
+        self.in_response = self.any_seq = self.eof_allowed = False
+        self.defs_left = []
+        self.trailing_eof_seq = -1
+        self.resp_bytes = 0
+
     def request_proven(self, seg: Segment) -> bool | None:
         d = seg.data
         if self.pending and isinstance(self.pending[0], _Handshake):
             if len(d) < 4 or (le_int(d, 0, 3) + 4 > len(d) and not seg.skipped):
                 return None if d[3:4] in (b"", b"\1") else False
             return len(d) >= 36 and le_int(d, 0, 3) + 4 == len(d) and d[3] == 1
-        return _command_chain(d, seg.skipped)
+        return _command_chain(d, seg.skipped, self.max_buffer)
 
     def response_proven(self, seg: Segment) -> bool | None:
         d = seg.data
@@ -136,7 +146,8 @@ class MySQLParser(DuplexParser):
             seq, payload, truncated, ts, tid, size = yield from self._packet(src, KEEP_SQL)
             if self.pending and isinstance(self.pending[-1], _Handshake) and seq != 0:
                 if not self.handshake_parsed:
-                    self.handshake_parsed = self._handshake_response(payload)
+                    self.handshake_parsed = self._handshake_response(payload, size - 4,
+                                                                     truncated)
                 continue
             if seq == 0 and not payload and truncated:
                 # the command byte itself was not captured: what the response answers is
@@ -162,12 +173,15 @@ class MySQLParser(DuplexParser):
             size += length + 4
         return seq, payload, truncated, ts, tid, size
 
-    def _handshake_response(self, p: bytes) -> bool:
-        """The database of a HandshakeResponse41; False for an SSLRequest."""
+    def _handshake_response(self, p: bytes, length: int, truncated: bool) -> bool:
+        """The database of a HandshakeResponse41 (p: its kept payload of `length` bytes);
+        False for an SSLRequest."""
         if len(p) < 32:
+            if truncated:
+                self._namespace_unreadable()
             return True
         caps = le_int(p, 0, 4)
-        if len(p) == 32 and caps & CLIENT_SSL:
+        if length == 32 and caps & CLIENT_SSL:
             return False  # SSLRequest: the full response follows through TLS
         pos = 32
         end = p.find(b"\0", pos)  # user name
@@ -184,12 +198,21 @@ class MySQLParser(DuplexParser):
         else:
             end = p.find(b"\0", pos)
             pos = end + 1 if end >= 0 else len(p)
-        if caps & CLIENT_CONNECT_WITH_DB and pos < len(p):
-            end = p.find(b"\0", pos)
-            db = p[pos: end if end >= 0 else len(p)]
-            if db:
-                self.namespace = db.decode("utf-8", "replace")[:64]
+        if caps & CLIENT_CONNECT_WITH_DB:
+            end = p.find(b"\0", pos) if pos < len(p) else -1
+            if end < 0 and truncated:
+                self._namespace_unreadable()  # the hole took the name, or its end
+            elif pos < len(p):
+                db = p[pos: end if end >= 0 else len(p)]
+                if db:
+                    self.namespace = db.decode("utf-8", "replace")[:64]
         return True
+
+    def _namespace_unreadable(self) -> None:
+        """The database switched to was not captured whole: a prefix of its name would be
+        another name, so the namespace is unknown from here on."""
+        self.namespace = ""
+        self.failures["namespace_unreadable"] += 1
 
     def _command(self, p: bytes, truncated: bool, ts: int, tid: int, size: int) -> None:
         cmd = p[0]
@@ -209,13 +232,17 @@ class MySQLParser(DuplexParser):
             item.cut = cut
             use = _USE.match(sql) if cmd == COM_QUERY else None
             item.sql_use = use.group(1) if use else ""
-        elif cmd == COM_STMT_EXECUTE and len(p) >= 5:
-            stmt = self.prepared.get(le_int(p, 1, 4))
+            item.db_cut = bool(use) and truncated
+        elif cmd == COM_STMT_EXECUTE:
+            # its statement id not captured whole, or not prepared where this parser saw it
+            stmt = self.prepared.get(le_int(p, 1, 4)) if len(p) >= 5 else None
             if stmt is None:
-                self.failures["statement_unknown"] += 1
+                self.failures["statement_unknown" if len(p) >= 5 or not truncated
+                              else "statement_unreadable"] += 1
             item.statements = [stmt or Statement("")]
         elif cmd == COM_INIT_DB:
             item.db = p[1:65].decode("utf-8", "replace")
+            item.db_cut = truncated
         elif cmd == COM_CHANGE_USER:
             self.handshake_parsed = True  # its packet is no HandshakeResponse41
             self.push_pending(_Handshake(ts, tid))
@@ -227,17 +254,16 @@ class MySQLParser(DuplexParser):
         while True:
             seq, p, truncated, _, _, size = yield from self._packet(src, 1024)
             self.resp_bytes += size
-            if not p:
-                if truncated and self.pending:
-                    # a packet whose first byte was not captured: OK, error, EOF or row?
-                    raise Lost("response_unreadable")
+            if not p and not truncated:
                 continue
-            if seq == self.trailing_eof_seq and len(p) == 5 and p[0] == 0xFE:
+            if seq == self.trailing_eof_seq and size == 9 and p[:1] == b"\xfe":
                 self.trailing_eof_seq = -1
                 continue
             self.trailing_eof_seq = -1
             head = self.pending[0] if self.pending else None
             if isinstance(head, _Handshake):
+                if not p:
+                    raise Lost("response_unreadable")  # the end of the login, or more of it?
                 if p[0] in (0x00, 0xFF) and seq != 0:
                     self.pending.popleft()
                     self.state = _FIRST
@@ -265,11 +291,24 @@ class MySQLParser(DuplexParser):
             self._response(head, p, size, src.ts)
 
     def _response(self, cmd: _Command, p: bytes, size: int, ts: int) -> None:
+        # p is the kept payload (a hole may have cut it short); the packet's shape is told by
+        # its length on the wire
+        length = size - 4
+        if not p:
+            # Its first byte was not captured: a column or parameter definition is one all
+            # the same (never 5 bytes long, as an EOF is); anything else could be a row, OK,
+            # EOF or error.
+            if self.state == _COLUMNS or (self.state == _PREPARE_DEFS and length != 5):
+                p = b"\0"
+            else:
+                raise Lost("response_unreadable")
         first = p[0]
         if self.state == _FIRST:
             if first == 0xFF:
-                self._done(cmd, ts, error=_error_code(p))
-            elif cmd.command == COM_STMT_PREPARE and first == 0x00 and len(p) >= 12:
+                self._done(cmd, ts, error=self._error_code(p))
+            elif cmd.command == COM_STMT_PREPARE and first == 0x00 and length >= 12:
+                if len(p) < 12:  # how many definitions follow was not captured
+                    raise Lost("response_unreadable")
                 self.prepare_id = le_int(p, 1, 4)
                 self.defs_left = [n for n in (le_int(p, 7, 2), le_int(p, 5, 2)) if n]
                 self._prepared(cmd)
@@ -277,15 +316,17 @@ class MySQLParser(DuplexParser):
                     self.state = _PREPARE_DEFS
                 else:
                     self._done(cmd, ts, emit=False)
-            elif first == 0x00 or (first == 0xFE and len(p) < 9):
-                self._result_end(cmd, ts, _ok_status(p))
+            elif first == 0x00 or (first == 0xFE and length < 9):
+                self._result_end(cmd, ts, self._ok_status(cmd, p, length))
             elif first == 0xFB:
                 self.any_seq = True  # LOCAL INFILE: the client sends the file, then OK/ERR
             elif cmd.command in (COM_QUERY, COM_STMT_EXECUTE, COM_STMT_FETCH, COM_FIELD_LIST):
                 if cmd.command in (COM_STMT_FETCH, COM_FIELD_LIST):
                     self.state = _ROWS
                 else:
-                    n, _ = _lenenc(p, 0)
+                    n, end = _lenenc(p, 0)
+                    if end > len(p):
+                        raise Lost("response_unreadable")  # the column count was not captured
                     self.columns_left = n
                     self.state = _COLUMNS if n else _ROWS
             else:
@@ -296,15 +337,16 @@ class MySQLParser(DuplexParser):
                 self.state = _AFTER_COLUMNS
         elif self.state == _AFTER_COLUMNS:
             self.state = _ROWS
-            if first == 0xFE and len(p) == 5:
-                if le_int(p, 3, 2) & SERVER_STATUS_CURSOR_EXISTS:
+            if first == 0xFE and length == 5:
+                status = le_int(p, 3, 2) if len(p) == 5 else self._status_unreadable(0)
+                if status & SERVER_STATUS_CURSOR_EXISTS:
                     self._result_end(cmd, ts, 0)
                 return
-            self._rows(cmd, p, ts)
+            self._rows(cmd, p, length, ts)
         elif self.state == _ROWS:
-            self._rows(cmd, p, ts)
+            self._rows(cmd, p, length, ts)
         elif self.state == _PREPARE_DEFS:
-            if self.eof_allowed and first == 0xFE and len(p) == 5:
+            if self.eof_allowed and first == 0xFE and length == 5:
                 self.eof_allowed = False
                 return
             self.eof_allowed = False
@@ -316,11 +358,35 @@ class MySQLParser(DuplexParser):
                     self.trailing_eof_seq = (self.last_seq + 1) & 0xFF
                     self._done(cmd, ts, emit=False)
 
-    def _rows(self, cmd: _Command, p: bytes, ts: int) -> None:
+    def _rows(self, cmd: _Command, p: bytes, length: int, ts: int) -> None:
         if p[0] == 0xFF:
-            self._done(cmd, ts, error=_error_code(p))
-        elif p[0] == 0xFE and len(p) < MAX_PACKET:
-            self._result_end(cmd, ts, _ok_status(p))
+            self._done(cmd, ts, error=self._error_code(p))
+        elif p[0] == 0xFE and length < MAX_PACKET:
+            self._result_end(cmd, ts, self._ok_status(cmd, p, length))
+
+    def _ok_status(self, cmd: _Command, p: bytes, length: int) -> int:
+        """Status flags of an OK or EOF packet; where a hole took them, whether more results
+        follow is guessed from the statements the command's text holds (and counted)."""
+        if p[0] == 0xFE and length == 5:
+            if len(p) == 5:
+                return le_int(p, 3, 2)
+        else:
+            _, pos = _lenenc(p, 1)
+            _, pos = _lenenc(p, pos)
+            if pos + 2 <= len(p):
+                return le_int(p, pos, 2)
+        more = len(cmd.statements) > 1 or cmd.cut
+        return self._status_unreadable(SERVER_MORE_RESULTS_EXISTS if more else 0)
+
+    def _status_unreadable(self, guess: int) -> int:
+        self.failures["status_unreadable"] += 1
+        return guess
+
+    def _error_code(self, p: bytes) -> str:
+        if len(p) >= 3:
+            return str(le_int(p, 1, 2))
+        self.failures["status_unreadable"] += 1
+        return "ERROR"
 
     def _prepared(self, cmd: _Command) -> None:
         if len(self.prepared) >= MAX_STATEMENTS:
@@ -344,7 +410,9 @@ class MySQLParser(DuplexParser):
         self.state = _FIRST
         self.in_response = False
         if not error:
-            if cmd.command == COM_INIT_DB and cmd.db:
+            if cmd.db_cut and (cmd.command == COM_INIT_DB or len(cmd.statements) == 1):
+                self._namespace_unreadable()
+            elif cmd.command == COM_INIT_DB and cmd.db:
                 self.namespace = cmd.db
             elif cmd.sql_use and len(cmd.statements) == 1:
                 self.namespace = cmd.sql_use
@@ -389,32 +457,25 @@ def _lenenc(p: bytes, pos: int) -> tuple[int, int]:
     return le_int(p, pos + 1, width), pos + 1 + width
 
 
-def _ok_status(p: bytes) -> int:
-    """Status flags of an OK or EOF packet."""
-    if p[0] == 0xFE and len(p) == 5:
-        return le_int(p, 3, 2)
-    _, pos = _lenenc(p, 1)
-    _, pos = _lenenc(p, pos)
-    return le_int(p, pos, 2) if pos + 2 <= len(p) else 0
-
-
-def _error_code(p: bytes) -> str:
-    return str(le_int(p, 1, 2)) if len(p) >= 3 else "ERROR"
-
-
 def _greeting(d: bytes) -> bool:
     """Handshake v10: seq 0, protocol 10, a version string starting with a digit."""
     return (len(d) >= 7 and d[3] == 0 and d[4] == 0x0A and 0x31 <= d[5] <= 0x39
             and (d[6] == 0x2E or 0x30 <= d[6] <= 0x39) and 40 <= le_int(d, 0, 3) <= 1024)
 
 
-def _command_chain(d: bytes, skipped: int) -> bool | None:
+def _command_chain(d: bytes, skipped: int, held_max: int) -> bool | None:
     """d is whole command packets (sequence id 0), the last may run into the hole; None: so
-    far the beginning of one."""
-    pos = 0
+    far the beginning of one.
+
+    A packet that goes on in the next call (a client writing a long one in parts) is proven
+    only when the bytes that complete it come: a header that happens to lie in the tail of
+    an older message would otherwise swallow up to the length it claims. Only a statement
+    too long to be held unsynced (held_max bytes) is taken on its header and the start of
+    its text, as the first call of a long one is."""
+    pos, sql = 0, False
     for _ in range(64):
-        if pos > len(d):  # the packet goes on past these bytes: its header proved it
-            return True
+        if pos > len(d):  # the packet goes on past these bytes
+            return True if sql and pos > held_max else None
         if pos == len(d):
             return None if not skipped else False
         if pos + 5 > len(d):
@@ -422,6 +483,8 @@ def _command_chain(d: bytes, skipped: int) -> bool | None:
         length, seq = le_int(d, pos, 3), d[pos + 3]
         if seq != 0 or length == 0 or d[pos + 4] not in COMMANDS:
             return False
+        sql = d[pos + 4] in (COM_QUERY, COM_STMT_PREPARE) and pos + 5 < len(d) \
+            and _sql_start(d[pos + 5])
         pos += 4 + length
         if pos == len(d) or (skipped and pos > len(d)):
             return True

@@ -85,6 +85,8 @@ class _Step(Request):
 class _Sync(Request):
     """Completed by ReadyForQuery."""
 
+    query: bool = False  # ends a simple Query (whose text may hold more statements than found)
+
 
 @dataclass(slots=True)
 class _OneByte(Request):
@@ -120,7 +122,7 @@ class PostgresParser(DuplexParser):
             if proven:
                 self.startup_next = True
             return proven
-        return _frontend_chain(data, seg.skipped)
+        return _frontend_chain(data, seg.skipped, self.max_buffer)
 
     def response_plausible(self, seg: Segment) -> bool | None:
         d = seg.data
@@ -219,7 +221,7 @@ class PostgresParser(DuplexParser):
             sql = _cstr(body).decode("utf-8", "replace")
             for st in statements(sql, "postgresql", cut) or (Statement(""),):
                 self._exec(st)
-            self.push_pending(_Sync(ts, tid))
+            self.push_pending(_Sync(ts, tid, query=True))
             self._reset_if_deallocate(sql)
         elif kind == ord("P"):
             name, rest = _cstr_split(body)
@@ -307,6 +309,11 @@ class PostgresParser(DuplexParser):
                 self.failures["result_unmatched"] += 1
         elif kind == ord("E"):
             item = self._next_result(step_ok=True)
+            if item is None and not self.cycle_error and self.pending \
+                    and isinstance(self.pending[0], _Sync) and self.pending[0].query:
+                # a statement the text cut short by a hole hid: it failed (never the login's)
+                sync = self.pending[0]
+                item = _Stmt(sync.start_ns, sync.tid, 0, None)
             if item is not None:
                 self._result(item, kind, body, ts)
             self.cycle_error = True
@@ -434,26 +441,42 @@ def _startup_packet(data: bytes) -> bool | None:
     return code != PROTOCOL_3 or data[-1] == 0
 
 
-def _frontend_chain(data: bytes, skipped: int) -> bool | None:
+def _frontend_chain(data: bytes, skipped: int, held_max: int) -> bool | None:
     """data is whole frontend messages, the last one ending a burst (it may run into the
-    hole that follows data); None: so far a valid beginning of such messages."""
+    hole that follows data); None: so far a valid beginning of such messages.
+
+    A message that goes on in the next call (a client flushing a long one in parts) is
+    proven only when the bytes that complete it come: a header that happens to lie in the
+    tail of an older message would otherwise swallow up to the length it claims. Only a
+    Query too long to be held unsynced (held_max bytes) is taken on its header and the
+    start of its text, as the first call of a long one is."""
     pos, last = 0, -1
     n = len(data)
     for _ in range(4096):
         if pos == n:
             return last in BURST_END
         if pos > n:  # the last message goes on past these bytes
-            return last in BURST_END if skipped or last == ord("Q") else None
+            if skipped:
+                return last in BURST_END
+            return True if last == ord("Q") and pos > held_max else None
         if pos + 5 > n:
             return None if data[pos] in FRONTEND and not skipped else False
         kind, length = data[pos], be32(data, pos + 1)
         if kind not in FRONTEND or not 4 <= length < MAX_MESSAGE:
             return False
         end = pos + 1 + length
-        if kind == ord("Q") and end <= len(data) and data[end - 1] != 0:
+        # a Query's text is one C string: a NUL inside it is no Query
+        if kind == ord("Q") and (data.find(b"\0", pos + 5, min(end - 1, n)) >= 0
+                                 or (end <= n and data[end - 1] != 0)):
             return False
-        if kind in b"SH" and length != 4:
+        if kind in b"SHX" and length != 4:
             return False
+        if kind == ord("Q") and end > n and not skipped:
+            # a Query that goes on in the next call begins its text as SQL does
+            if pos + 5 >= n:
+                return None
+            if not _sql_start(data[pos + 5]):
+                return False
         pos, last = end, kind
     return False
 

@@ -111,11 +111,15 @@ class RedisParser(DuplexParser):
     def on_lost(self, is_req: bool) -> None:
         if is_req:  # the EXEC or DISCARD may be among the lost bytes
             self.in_multi = self.skip_next = False
+        # Queued commands whose EXEC may be among the lost replies: a later EXEC's array
+        # would be paired with them (its last elements are those queued after the loss).
+        if self.tx:
+            self.failures["request_lost"] += len(self.tx)
             self.tx = []
     def request_proven(self, seg: Segment) -> bool | None:
         if self.monitor:
             return False
-        return _commands_chain(seg.data, seg.skipped)
+        return _commands_chain(seg.data, seg.skipped, self.max_buffer)
 
     def response_plausible(self, seg: Segment) -> bool | None:
         return not self.monitor and bool(seg.data) and seg.data[0] in REPLY_TYPES
@@ -132,6 +136,7 @@ class RedisParser(DuplexParser):
                     raise Lost("bad_request")
                 size = len(line) + 2
                 args: list[bytes] = []
+                unreadable = False
                 for i in range(n):
                     head = yield from src.line(32)
                     length = _int(head[1:])
@@ -139,11 +144,18 @@ class RedisParser(DuplexParser):
                         raise Lost("bad_request")
                     data, cut = yield from src.body(length + 2, KEEP_ARG if i < 3 else 0)
                     if i < 3:
-                        # a name cut by a hole is no name (its first letters could be one)
-                        args.append(b"" if cut and (i == 0 or len(data) < length) else
-                                    data[:length])
+                        # A value cut by a hole before its kept bytes is none (the first
+                        # letters of a name could be another's); a hole over its CRLF only
+                        # leaves it whole.
+                        whole = not cut or len(data) >= min(length, KEEP_ARG)
+                        args.append(data[:length] if whole else b"")
+                        unreadable |= i == 0 and not whole
                     size += len(head) + 4 + length
                 if n > 0:
+                    if unreadable:
+                        if self.in_multi:  # EXEC or DISCARD, perhaps: the transaction is lost
+                            raise Lost("request_unreadable")
+                        self.failures["command_unreadable"] += 1
                     self._command(args, n, ts, tid, size)
             else:
                 line = yield from src.line(MAX_LINE)
@@ -290,7 +302,8 @@ class RedisParser(DuplexParser):
                 for q in held:
                     self._emit(q, ts, reply.error)
             elif not reply.null:
-                errors = reply.element_errors
+                # commands queued before a loss are not held: theirs are the first elements
+                errors = reply.element_errors[-len(held):] if held else []
                 for i, q in enumerate(held):
                     self._emit(q, ts, errors[i] if i < len(errors) else "")
         elif cmd.name == "DISCARD":
@@ -320,9 +333,15 @@ def _partial_int(b: bytes) -> bool:
     return digits.isdigit() or not b
 
 
-def _commands_chain(d: bytes, skipped: int) -> bool | None:
-    """d is whole commands (RESP arrays of bulk strings); the last value may go on past d.
-    None: so far the beginning of one."""
+def _commands_chain(d: bytes, skipped: int, held_max: int) -> bool | None:
+    """d is whole commands (RESP arrays of bulk strings); the last value may go on past d
+    only into the hole. None: so far the beginning of one.
+
+    A command that goes on in the next call (a client writing a long one in parts) is
+    proven only when the bytes that complete it come: heads that happen to lie in the tail
+    of an older value would otherwise swallow up to the length they claim. Only a command
+    too long to be held unsynced (held_max bytes) is taken on its heads, as the first call
+    of a long one is."""
     pos, n = 0, len(d)
     if not n:
         return False
@@ -349,8 +368,8 @@ def _commands_chain(d: bytes, skipped: int) -> bool | None:
                 if length is None or not 0 <= length <= MAX_BULK:
                     return False
                 pos = end + 2 + length + 2
-                if pos > n:  # the value goes on past these bytes: its head proved it
-                    return True
+                if pos > n:  # the value goes on past these bytes
+                    return True if skipped or pos > held_max else None
                 if d[pos - 2: pos] != b"\r\n":
                     return False
         elif pos == 0:
