@@ -562,30 +562,12 @@ static __always_inline void attribute_listen(const struct net *net, __u16 port)
 	__sync_fetch_and_add(&s->drops, drops);
 }
 
-/* How many return addresses of the kernel stack are searched for tcp_rcv_state_process when
- * the tracepoint has no location (below 6.3): the tracing glue's frames, consume_skb's, then
- * its caller's. */
-#define SYN_STACK_FRAMES 8
-
-/* Was consume_skb() called from tcp_rcv_state_process? Kernels before 6.3 give the tracepoint
- * no location, so the caller's return address is looked up on the stack. */
-static __always_inline bool consumed_by_syn_path(void *ctx)
-{
-	__u64 ips[SYN_STACK_FRAMES];
-	long n = bpf_get_stack(ctx, ips, sizeof(ips), 0);
-
-	for (int i = 0; i < SYN_STACK_FRAMES; i++)
-		if (i * 8 < n && ips[i] >= tcp_rcv_state_process_start &&
-		    ips[i] < tcp_rcv_state_process_end)
-			return true;
-	return false;
-}
-
 /* A SYN a listener handled, whether it queued it or dropped it (the drop is not a kfree_skb:
  * tcp_rcv_state_process consumes every SYN). One compare for every other consumed skb.
- * `located`: `location` is the tracepoint's; else `ctx` is searched for the caller, only for a
- * SYN without ACK (what a listener consumes), so other skbs cost no stack walk. */
-static __always_inline int handle_consume(void *ctx, const struct sk_buff *skb, __u64 location,
+ * `located`: `location` is the tracepoint's. Without it (before 6.3) the skb tells: a received
+ * (skb_iif set: not a transmitted SYN's clone) SYN without ACK is consumed only there; a SYN
+ * that reaches another socket state is dropped (kfree_skb), not consumed. */
+static __always_inline int handle_consume(const struct sk_buff *skb, __u64 location,
 					  bool located)
 {
 	struct dst_entry *dst;
@@ -606,7 +588,7 @@ static __always_inline int handle_consume(void *ctx, const struct sk_buff *skb, 
 	if (!dev || bpf_probe_read_kernel(&th, sizeof(th),
 					  head + BPF_CORE_READ(skb, transport_header)))
 		return 0;
-	if (!located && (!th.syn || th.ack || !consumed_by_syn_path(ctx)))
+	if (!located && (!th.syn || th.ack || !BPF_CORE_READ(skb, skb_iif)))
 		return 0;
 	attribute_listen(BPF_CORE_READ(dev, nd_net.net), bpf_ntohs(th.dest));
 	return 0;
@@ -621,8 +603,8 @@ int consume_skb_btf(__u64 *ctx)
 	const struct sk_buff *skb = (const struct sk_buff *)ctx[0];
 
 	if (bpf_core_field_exists(((struct trace_event_raw_consume_skb *)0)->location))
-		return handle_consume(ctx, skb, ctx[1], true);
-	return handle_consume(ctx, skb, 0, false);
+		return handle_consume(skb, ctx[1], true);
+	return handle_consume(skb, 0, false);
 }
 
 SEC("tp/skb/consume_skb")
@@ -631,8 +613,8 @@ int consume_skb_tp(struct trace_event_raw_consume_skb *ctx)
 	const struct sk_buff *skb = (const struct sk_buff *)ctx->skbaddr;
 
 	if (bpf_core_field_exists(ctx->location))
-		return handle_consume(ctx, skb, (__u64)ctx->location, true);
-	return handle_consume(ctx, skb, 0, false);
+		return handle_consume(skb, (__u64)ctx->location, true);
+	return handle_consume(skb, 0, false);
 }
 
 /* A packet a listener dropped (the handshake's last ACK when the accept queue is full, and
