@@ -563,16 +563,23 @@ static __always_inline void attribute_listen(const struct net *net, __u16 port)
 }
 
 /* A SYN a listener handled, whether it queued it or dropped it (the drop is not a kfree_skb:
- * tcp_rcv_state_process consumes every SYN). One compare for every other consumed skb. */
-static __always_inline int handle_consume(const struct sk_buff *skb, __u64 location)
+ * tcp_rcv_state_process consumes every SYN). One compare for every other consumed skb.
+ * `located`: `location` is the tracepoint's. Without it (before 6.3) the skb tells: a received
+ * (skb_iif set: not a transmitted SYN's clone) SYN without ACK is consumed only there; a SYN
+ * that reaches another socket state is dropped (kfree_skb), not consumed. */
+static __always_inline int handle_consume(const struct sk_buff *skb, __u64 location,
+					  bool located)
 {
 	struct dst_entry *dst;
 	struct net_device *dev;
 	struct tcphdr th;
 	unsigned char *head;
 
+	if (!tcp_rcv_state_process_end)
+		return 0; /* not in kallsyms: drops are attributed at the next handshake ACK */
 	/* The tracepoint's location is the return address of the consume_skb() call. */
-	if (location < tcp_rcv_state_process_start || location >= tcp_rcv_state_process_end)
+	if (located &&
+	    (location < tcp_rcv_state_process_start || location >= tcp_rcv_state_process_end))
 		return 0;
 	/* The socket is not on the skb; its namespace is the input route's device's. */
 	dst = (struct dst_entry *)(BPF_CORE_READ(skb, _skb_refdst) & ~1UL);
@@ -581,20 +588,33 @@ static __always_inline int handle_consume(const struct sk_buff *skb, __u64 locat
 	if (!dev || bpf_probe_read_kernel(&th, sizeof(th),
 					  head + BPF_CORE_READ(skb, transport_header)))
 		return 0;
+	if (!located && (!th.syn || th.ack || !BPF_CORE_READ(skb, skb_iif)))
+		return 0;
 	attribute_listen(BPF_CORE_READ(dev, nd_net.net), bpf_ntohs(th.dest));
 	return 0;
 }
 
+/* consume_skb's location argument came in 6.3. The verifier refuses a read past a tracepoint's
+ * arguments, so older kernels must not read it: the relocated constant makes that path dead,
+ * and the verifier does not check dead paths. */
 SEC("tp_btf/consume_skb")
-int BPF_PROG(consume_skb_btf, struct sk_buff *skb, void *location)
+int consume_skb_btf(__u64 *ctx)
 {
-	return handle_consume(skb, (__u64)location);
+	const struct sk_buff *skb = (const struct sk_buff *)ctx[0];
+
+	if (bpf_core_field_exists(((struct trace_event_raw_consume_skb *)0)->location))
+		return handle_consume(skb, ctx[1], true);
+	return handle_consume(skb, 0, false);
 }
 
 SEC("tp/skb/consume_skb")
 int consume_skb_tp(struct trace_event_raw_consume_skb *ctx)
 {
-	return handle_consume((const struct sk_buff *)ctx->skbaddr, (__u64)ctx->location);
+	const struct sk_buff *skb = (const struct sk_buff *)ctx->skbaddr;
+
+	if (bpf_core_field_exists(ctx->location))
+		return handle_consume(skb, (__u64)ctx->location, true);
+	return handle_consume(skb, 0, false);
 }
 
 /* A packet a listener dropped (the handshake's last ACK when the accept queue is full, and
@@ -610,11 +630,14 @@ static __always_inline int handle_drop(const struct sock *sk)
 }
 
 /* Every dropped packet passes here: two loads for a packet no listener dropped. */
+/* rx_sk came in 6.12: before it the tracepoint has three arguments and the fourth is not read
+ * (as at consume_skb_btf); a listener's drop is then attributed at its next SYN. */
 SEC("tp_btf/kfree_skb")
-int BPF_PROG(kfree_skb_btf, struct sk_buff *skb, void *location, enum skb_drop_reason reason,
-	     struct sock *rx_sk)
+int kfree_skb_btf(__u64 *ctx)
 {
-	return handle_drop(rx_sk);
+	if (!bpf_core_field_exists(((struct trace_event_raw_kfree_skb *)0)->rx_sk))
+		return 0;
+	return handle_drop((const struct sock *)ctx[3]);
 }
 
 SEC("tp/skb/kfree_skb")

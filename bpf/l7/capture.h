@@ -372,8 +372,8 @@ static __always_inline struct l7_agg_key *l7_agg_key_for(const struct l7_header 
 /* Count one exchange under `key`. req_body < 0: the request's size is not known; resp_body <
  * 0: no response size is counted (client side). Returns false when the map is full (the
  * caller ships the exchange instead). */
-static __always_inline bool l7_agg_add(const struct l7_agg_key *key, __u64 duration,
-				       __s64 req_body, __s64 resp_body)
+static __noinline bool l7_agg_add(const struct l7_agg_key *key, __u64 duration,
+				   __s64 req_body, __s64 resp_body)
 {
 	struct l7_agg *agg = bpf_map_lookup_elem(&l7_aggs, key);
 
