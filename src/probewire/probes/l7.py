@@ -268,6 +268,14 @@ class L7Probe(Probe):
     def on_ring(self, map_name: str, batch: VarBatch) -> None:
         """Connection bytes for the protocols parsed here."""
         self.records += len(batch)
+        # Name the process behind each new connection now, while it runs: a forked worker
+        # (a PostgreSQL backend, a pre-fork server's child) makes no exec event, and by the
+        # time its exchanges end (often at the close) it may have exited, leaving /proc
+        # nothing to read. A name read once is kept for a pid that exits.
+        first = batch.records["seq"] == 1
+        if first.any():
+            for tgid in np.unique(batch.records["tgid"][first]).tolist():
+                self.ctx.services.name_for(tgid)
         self._rows_of(self.demux.feed(batch))
         self._expire(force=False)
 
