@@ -603,6 +603,20 @@ static long ship_message(__u32 i, void *unused)
 	return 0;
 }
 
+/* A walk over the call's bytes from its first segment (l7_ship_data, the HTTP/2 frame walk). */
+static __always_inline void l7_walk_start(struct l7_walk *w, const struct l7_event *ev)
+{
+	w->buf = ev->buf;
+	w->len = ev->first_len;
+	w->off = 0;
+	w->remaining = ev->total;
+	w->seg = 0;
+	w->iovs = ev->iovs;
+	w->niov = ev->niov;
+	w->fill = 0;
+	w->records = 0;
+}
+
 /* Bytes of one call a walk may take in pieces (iovecs, or parts of them at record ends). */
 #define L7_MAX_PIECES 256
 
@@ -629,15 +643,7 @@ static __always_inline int l7_ship_data(void *ctx, struct l7_event *ev)
 		w->seq += 1;
 		emit(&ev->h, ev, L7_RECORD_DATA, 0, 0, ev->total, w->seq);
 	} else {
-		w->buf = ev->buf;
-		w->len = ev->first_len;
-		w->off = 0;
-		w->remaining = ev->total;
-		w->seg = 0;
-		w->iovs = ev->iovs;
-		w->niov = ev->niov;
-		w->fill = 0;
-		w->records = 0;
+		l7_walk_start(w, ev);
 		if (ev->transport == L7_UDP) /* a datagram: its first segment is all there is */
 			w->remaining = w->len < ev->total ? w->len : ev->total;
 		bpf_loop(L7_MAX_PIECES, ship_piece, NULL, 0);

@@ -187,15 +187,7 @@ static __always_inline int http2_parse(void *ctx, struct l7_event *ev)
 	if (!ev->buf) { /* sendfile: bytes the walk cannot see */
 		f->lost = 1;
 	} else {
-		w->buf = ev->buf;
-		w->len = ev->first_len;
-		w->off = 0;
-		w->remaining = ev->total;
-		w->seg = 0;
-		w->iovs = ev->iovs;
-		w->niov = ev->niov;
-		w->fill = 0;
-		w->records = 0;
+		l7_walk_start(w, ev);
 		bpf_loop(H2_MAX_PIECES, h2_piece, NULL, 0);
 		if (w->remaining)
 			f->lost = 1; /* out of pieces or iovecs: the frames are lost from here */
