@@ -8,9 +8,7 @@ from __future__ import annotations
 import socket
 import ssl
 import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import h2.config
@@ -19,7 +17,7 @@ import pytest
 from agentlib import running_agent, scrape, total, wait_for
 from test_http import CLIENT, SERVER, Delta
 
-from support.servers import free_port, nginx, python_upstream, wait_port
+from support.servers import nginx, python_script_server, python_upstream
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(180)]
 
@@ -49,17 +47,9 @@ server.wait_for_termination()
 
 
 @pytest.fixture(scope="module")
-def grpc_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    script = Path(tmp_path_factory.mktemp("grpc")) / "echo_server.py"
-    script.write_text(GRPC_SERVER)
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(script), str(port)])
-    try:
-        wait_port(port)
-        yield port
-    finally:
-        proc.kill()
-        proc.wait()
+def grpc_server() -> Iterator[int]:
+    with python_script_server("echo_server", GRPC_SERVER) as server:
+        yield server.port
 
 
 @pytest.fixture(scope="module")

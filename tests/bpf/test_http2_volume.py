@@ -22,7 +22,7 @@ from agentlib import running_agent, scrape, total, wait_for
 from test_http import SERVER
 from test_http2 import h2_nginx  # noqa: F401  (fixture)
 
-from support.servers import free_port, wait_port
+from support.servers import python_script_server
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(300)]
 
@@ -124,17 +124,9 @@ GRPC_CODES = {"OK": "0", "CANCELLED": "1", "UNKNOWN": "2", "INVALID_ARGUMENT": "
 
 
 @pytest.fixture(scope="module")
-def volume_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    script = Path(tmp_path_factory.mktemp("grpc")) / "volume_server.py"
-    script.write_text(VOLUME_SERVER)
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(script), str(port)])
-    try:
-        wait_port(port)
-        yield port
-    finally:
-        proc.kill()
-        proc.wait()
+def volume_server() -> Iterator[int]:
+    with python_script_server("volume_server", VOLUME_SERVER) as server:
+        yield server.port
 
 
 def rpc_counts(listen: str, family: str, service: str) -> Counter[tuple[str, str]]:

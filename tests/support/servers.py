@@ -147,18 +147,25 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def python_upstream(port: int | None = None) -> Iterator[Server]:
+def python_script_server(name: str, source: str, port: int | None = None) -> Iterator[Server]:
+    """`source` run as the script `<name>.py` with the port as its argument, once it listens.
+    A `-m`-less script is named by its file: the service is `name`."""
     port = port or free_port()
-    # `-m`-less script from a file named upstream.py: the service is named "upstream".
-    with tempfile.TemporaryDirectory(prefix="pw-upstream-") as tmp:
-        script = Path(tmp) / "upstream.py"
-        script.write_text(UPSTREAM)
+    with tempfile.TemporaryDirectory(prefix=f"pw-{name}-") as tmp:
+        script = Path(tmp) / f"{name}.py"
+        script.write_text(source)
         proc = subprocess.Popen([sys.executable, str(script), str(port)])
         try:
             wait_port(port)
             yield Server(port, proc)
         finally:
             _stop(proc)
+
+
+@contextlib.contextmanager
+def python_upstream(port: int | None = None) -> Iterator[Server]:
+    with python_script_server("upstream", UPSTREAM, port) as server:
+        yield server
 
 
 def self_signed_cert(directory: Path) -> tuple[Path, Path]:
