@@ -228,3 +228,35 @@ def test_python_constants_match_the_enums_in_the_objects_btf() -> None:
     with BpfObject(object_path("process")) as obj:
         check_enums(obj)
         assert {name: obj.enum_values(name) for name in ENUMS} == ENUMS
+
+
+def test_an_exit_is_visible_only_after_its_batch_was_judged(tmp_path: Path) -> None:
+    """The family publishes a batch's events after the rules judged it: whoever sees a server's
+    exit (the security tests wait for it) also sees the alerts of its subtree, even when the
+    child's exec and the server's exit arrive in one batch."""
+    from probewire.probes.base import ProbeContext
+    from probewire.probes.process import ProcessProbe
+
+    feed = Feed(tmp_path)
+    probe = ProcessProbe(ProbeContext(config_from_mapping({}), feed.engine.services))
+    probe.security = feed.engine
+    tool = feed.mask("network_tool_by_service")
+    seen_at_alert: list[bool] = []
+    feed.engine.on_alert.append(
+        lambda alert: seen_at_alert.append(any(e.pid == 20 for e in probe.events("exit"))))
+    captured: list[tuple[np.ndarray, list[ProcessEvent | None]]] = []
+    judge = feed.engine.on_batch
+    feed.engine.on_batch = lambda recs, dec: captured.append((recs, list(dec)))  # type: ignore
+    feed.batch(exec_(20, 1, "/usr/bin/python3", 0, argv=["python3", "server.py"]),
+               fork(21, 20),
+               exec_(21, 20, "/usr/bin/nc.openbsd", tool, comm="nc", listener_depth=1,
+                     argv=["nc", "-z", "127.0.0.1", "80"]),
+               {"kind": PROCESS_EXIT, "pid": 21, "ppid": 20},
+               {"kind": PROCESS_EXIT, "pid": 20, "ppid": 1})
+    feed.engine.on_batch = judge  # type: ignore[method-assign]
+    (records, _), = captured
+    probe.on_batch(records)
+    assert [(a["rule"], a["process"]["pid"]) for a in feed.engine.recent()] == [
+        ("network_tool_by_service", 21)]
+    assert seen_at_alert == [False]
+    assert any(e.pid == 20 for e in probe.events("exit"))

@@ -194,6 +194,13 @@ class ProcessProbe(Probe):
                     exit_code=code, exit_signal=sig, lifetime_s=lifetime / 1e9,
                 ))
             decoded[i] = events[-1]
+        # The rules judge the batch before its events are visible: whoever sees a process's
+        # exit in events() can rely on every record of its subtree having been judged.
+        if self.security is not None:
+            try:
+                self.security.on_batch(records, decoded)
+            except Exception:
+                log.exception("security engine failed on a batch")
         with self._lock:
             self.records += len(records)
             for ev in events:
@@ -206,11 +213,6 @@ class ProcessProbe(Probe):
             self.recent.extend(events)
             while self._exited and now - self._exited[0][0] > FORGET_AFTER_S:
                 services.forget(self._exited.popleft()[1])
-        if self.security is not None:
-            try:
-                self.security.on_batch(records, decoded)
-            except Exception:
-                log.exception("security engine failed on a batch")
         for subscriber in list(self.subscribers):
             try:
                 subscriber(events)
