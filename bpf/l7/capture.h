@@ -429,6 +429,7 @@ struct l7_walk {
 	__u32 records; /* records shipped for this call */
 	__u32 seq;
 	__u32 _pad;
+	__u64 skip; /* bytes passed over uncopied before the call's tail (see L7_TAIL) */
 };
 
 struct {
@@ -519,11 +520,17 @@ static __always_inline void emit(const struct l7_header *h, const struct l7_even
 	emit_built(h, ev, kind, src ? sz : 0, skipped, seq);
 }
 
+/* A call too long to ship whole (L7_MAX_CHUNKS records) still ships its last bytes: protocols
+ * end a message there after a counted body (memcached's "END\r\n" after a value), and a parser
+ * that stepped over the body needs them to complete the exchange. */
+#define L7_TAIL 512
+
 /* One piece of a stream call a callback: the bytes of the current iovec that fit in the
  * record being built. A record is shipped when full or when the call's bytes end; iovecs are
  * gathered into records (gRPC writes a frame in many small slices). Past L7_MAX_CHUNKS records
- * nothing more is copied: the last record says how many bytes were left (`skipped`), so a
- * parser inside a message of known length steps over them. */
+ * the middle of the call is passed over: the last full record says how many bytes follow it
+ * uncopied (`skipped`, so a parser inside a message of known length steps over them), and one
+ * more record carries the call's last L7_TAIL bytes. */
 static long ship_piece(__u32 i, void *unused)
 {
 	__u32 zero = 0;
@@ -548,6 +555,14 @@ static long ship_piece(__u32 i, void *unused)
 		w->off = 0;
 		return 0;
 	}
+	if (w->skip) {
+		take = w->len - w->off;
+		if (take > w->skip)
+			take = w->skip;
+		w->off += take;
+		w->skip -= take;
+		return 0;
+	}
 	fill = w->fill & (L7_CHUNK - 1);
 	take = w->len - w->off;
 	if (take > w->remaining)
@@ -566,12 +581,13 @@ static long ship_piece(__u32 i, void *unused)
 		return 0;
 	w->records += 1;
 	w->seq += 1; /* counted even when dropped: the gap shows the loss */
-	if (w->records >= L7_MAX_CHUNKS && w->remaining) {
-		emit_built(&ev->h, ev, L7_RECORD_DATA, w->fill, w->remaining, w->seq);
+	if (w->records >= L7_MAX_CHUNKS && w->remaining > L7_TAIL) {
+		emit_built(&ev->h, ev, L7_RECORD_DATA, w->fill, w->remaining - L7_TAIL, w->seq);
 		coverage_add(ev->h.proto, L7_COV_TRUNCATED);
 		w->fill = 0;
-		w->remaining = 0;
-		return 1;
+		w->skip = w->remaining - L7_TAIL;
+		w->remaining = L7_TAIL;
+		return 0;
 	}
 	emit_built(&ev->h, ev, L7_RECORD_DATA, w->fill, 0, w->seq);
 	w->fill = 0;
@@ -615,6 +631,7 @@ static __always_inline void l7_walk_start(struct l7_walk *w, const struct l7_eve
 	w->niov = ev->niov;
 	w->fill = 0;
 	w->records = 0;
+	w->skip = 0;
 }
 
 /* Bytes of one call a walk may take in pieces (iovecs, or parts of them at record ends). */
@@ -649,7 +666,8 @@ static __always_inline int l7_ship_data(void *ctx, struct l7_event *ev)
 		bpf_loop(L7_MAX_PIECES, ship_piece, NULL, 0);
 		if (w->fill || w->remaining) { /* out of pieces (more iovecs than the walk takes) */
 			w->seq += 1;
-			emit_built(&ev->h, ev, L7_RECORD_DATA, w->fill, w->remaining, w->seq);
+			emit_built(&ev->h, ev, L7_RECORD_DATA, w->fill, w->skip + w->remaining,
+				   w->seq);
 			if (w->remaining)
 				coverage_add(ev->h.proto, L7_COV_TRUNCATED);
 		}
