@@ -158,6 +158,24 @@ class Source:
             yield
         return bytes(kept), truncated
 
+    def past_hole(self, terminator: bytes, limit: int) -> Pull:
+        """A hole cut a message where the reader needed to see (a header line inside a reply):
+        pass over it and what follows up to the end of the first call that ends with
+        `terminator`. For protocols whose replies end so: of a call too long to ship whole the
+        kernel still ships the last bytes (L7_TAIL in bpf/l7/capture.h). Lost when `limit`
+        bytes go by without one."""
+        passed = 0
+        while True:
+            passed += len(self.buf) - self.pos + self.hole
+            self.pos = len(self.buf)
+            self.hole = 0
+            if passed > limit:
+                raise Lost("hole_unresolved")
+            yield
+            if not self.hole and self.buf.endswith(terminator) and len(self.buf) > self.pos:
+                self.pos = len(self.buf)
+                return
+
     def at_hole(self) -> bool:
         """All captured bytes consumed and a hole follows (the reader is at a boundary it
         cannot see past)."""

@@ -10,8 +10,10 @@ is answered by the first reply that cannot be its own (of its hidden kind, anoth
 ``O`` token, or the MN of a later ``mn``), and ends then with its hidden answer.
 
 Replies: VALUE lines with their data blocks up to END, VA with its block, STAT lines up to END,
-and one-line answers. ERROR, CLIENT_ERROR and SERVER_ERROR are errors (status and error_type
-the keyword); NOT_FOUND, NOT_STORED, EXISTS and misses are not.
+and one-line answers. A multi-key reply whose middle the kernel skipped (a call over 256 KiB:
+further VALUE lines are in the hole) ends at the END its call's last shipped bytes carry.
+ERROR, CLIENT_ERROR and SERVER_ERROR are errors (status and error_type the keyword);
+NOT_FOUND, NOT_STORED, EXISTS and misses are not.
 
 Sync: requests are proven by a segment of whole commands of the protocol (data blocks
 included); replies are in sync from the first reply segment after a command sent after
@@ -103,8 +105,17 @@ class MemcachedParser(DuplexParser):
 
     # -- replies ---------------------------------------------------------------------------------
     def response_reader(self, src: Source) -> Reader:
+        values = False  # inside a retrieval reply, after a whole VALUE block
         while True:
-            line = yield from src.line(MAX_LINE)
+            try:
+                line = yield from src.line(MAX_LINE)
+            except Lost as lost:
+                # A multi-key reply longer than the kernel ships whole lost its middle, VALUE
+                # lines included; the call's last bytes still come, and end with its END.
+                if not values or lost.reason != "hole_at_boundary":
+                    raise
+                yield from src.past_hole(b"END\r\n", MAX_BLOCK)
+                line = b"END"
             words = line.split()
             word = words[0] if words else b""
             if word == b"VALUE" or word == b"VA":
@@ -114,9 +125,11 @@ class MemcachedParser(DuplexParser):
                     raise Lost("bad_reply")
                 yield from src.body(size + 2, 0)
                 if word == b"VALUE":
+                    values = True
                     continue
             elif word in (b"STAT", b"ITEM"):
                 continue
+            values = False
             self._answer(word, words, src.ts)
 
     def _answer(self, word: bytes, words: list[bytes], ts: int) -> None:
