@@ -18,9 +18,6 @@ struct oom_event *btf_export_oom_event __attribute__((unused));
 #define PF_KTHREAD_ 0x00200000
 #define TCP_LISTEN_ 10
 #define MAX_CPUS 1024
-/* Positions in struct linux_mib (an anonymous enum, so not relocatable); unchanged since 2.6. */
-#define LINUX_MIB_LISTENOVERFLOWS_ 23
-#define LINUX_MIB_LISTENDROPS_ 24
 /* PAGE_COUNTER_MAX for 4 KiB pages: a memory cgroup without a limit. */
 #define PAGE_COUNTER_MAX_ (0x7fffffffffffffffUL / 4096)
 /* A cgroup whose usage is this close to its limit (in pages) is the one that ran out: the
@@ -487,13 +484,19 @@ struct baseline_ctx {
 	__u64 netns;
 };
 
+/* Positions of ListenOverflows and ListenDrops in struct linux_mib. Its enum is anonymous, so
+ * CO-RE cannot relocate them, and they moved (19 and 20 on 6.1, 23 and 24 on 6.18): user space
+ * sets them from the running kernel's BTF. */
+const volatile __u32 mib_listen_overflows = 0;
+const volatile __u32 mib_listen_drops = 0;
+
 static __always_inline void read_mib(struct linux_mib *mib, __u64 cpu_off,
 				     struct listen_mib *out)
 {
 	const void *mine = (const void *)mib + cpu_off;
 
-	bpf_probe_read_kernel(&out->overflows, 8, mine + LINUX_MIB_LISTENOVERFLOWS_ * 8);
-	bpf_probe_read_kernel(&out->drops, 8, mine + LINUX_MIB_LISTENDROPS_ * 8);
+	bpf_probe_read_kernel(&out->overflows, 8, mine + (__u64)mib_listen_overflows * 8);
+	bpf_probe_read_kernel(&out->drops, 8, mine + (__u64)mib_listen_drops * 8);
 }
 
 static long baseline_cpu(__u32 cpu, struct baseline_ctx *c)

@@ -7,12 +7,17 @@ Needs: root, bpftool (scripts/setup.sh installs it).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections.abc import Iterable
 
 import pytest
 
-from probewire.runtime.features import KERNEL_FEATURES, probe_kernel_features
+from probewire.runtime.features import (
+    KERNEL_FEATURES,
+    kernel_enumerators,
+    probe_kernel_features,
+)
 
 pytestmark = pytest.mark.bpf
 
@@ -107,3 +112,16 @@ def test_this_kernel_switches_off_exactly_the_families_whose_features_it_lacks()
             expected), agent.disabled
         for name in expected:
             assert agent.disabled[name] == missing_features(name, features)
+
+
+def test_kernel_enumerators_match_bpftool_dump_of_the_kernel_btf() -> None:
+    """What the saturation family reads struct linux_mib by: the counters' positions moved
+    between kernels (19 and 20 on 6.1, 23 and 24 on 6.18) and their enum is anonymous."""
+    names = ["LINUX_MIB_LISTENOVERFLOWS", "LINUX_MIB_LISTENDROPS", "LINUX_MIB_SYNCOOKIESSENT",
+             "BPF_MAP_TYPE_RINGBUF", "PROBEWIRE_NO_SUCH_ENUMERATOR"]
+    dump = subprocess.run(["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux"],
+                          capture_output=True, text=True, check=True, timeout=300).stdout
+    want = {m[1]: int(m[2]) for m in re.finditer(r"'(\w+)' val=(-?\d+)", dump)
+            if m[1] in names}
+    assert set(want) == set(names) - {"PROBEWIRE_NO_SUCH_ENUMERATOR"}
+    assert kernel_enumerators(names) == want

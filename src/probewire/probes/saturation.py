@@ -27,7 +27,7 @@ from probewire.config import SaturationConfig
 from probewire.probes.base import Hook, Probe, ProbeContext
 from probewire.probes.tcp import listening_sockets
 from probewire.runtime.bpf import BpfObject, possible_cpus
-from probewire.runtime.features import hook_type_of
+from probewire.runtime.features import hook_type_of, kernel_enumerators
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +225,10 @@ class SaturationTotals:
     oom: dict[tuple[str, str], int]
 
 
+# The listen signal's counters in struct linux_mib, found by name (see read_mib).
+LISTEN_MIB_FIELDS = ("LINUX_MIB_LISTENOVERFLOWS", "LINUX_MIB_LISTENDROPS")
+
+
 class SaturationProbe(Probe):
     name = "saturation"
     object_name = "saturation"
@@ -284,7 +288,14 @@ class SaturationProbe(Probe):
         if self.settings.listen and not syn_code[0]:
             log.warning("tcp_rcv_state_process not in /proc/kallsyms: listen overflows of SYNs "
                         "are attributed at the listener's next dropped handshake ACK")
+        # Index 0 (LINUX_MIB_NUM) is never counted: without the kernel's word, nothing is.
+        mib = kernel_enumerators(LISTEN_MIB_FIELDS) if self.settings.listen else {}
+        if self.settings.listen and len(mib) < len(LISTEN_MIB_FIELDS):
+            log.warning("%s not in the kernel's BTF: listen queue overflows and drops are not "
+                        "counted", " and ".join(sorted(set(LISTEN_MIB_FIELDS) - set(mib))))
         obj.set_rodata(
+            mib_listen_overflows=mib.get("LINUX_MIB_LISTENOVERFLOWS", 0),
+            mib_listen_drops=mib.get("LINUX_MIB_LISTENDROPS", 0),
             sched_cpu_on=int(self.settings.cpu),
             sched_runq_on=int(self.settings.runqueue),
             use_task_storage=int(task_storage),

@@ -116,6 +116,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "libbpf_probe_bpf_map_type": (c_int, [c_int, c_void_p]),
     "libbpf_probe_bpf_helper": (c_int, [c_int, c_int, c_void_p]),
     "btf__load_vmlinux_btf": (c_void_p, []),
+    "btf__type_cnt": (c_uint32, [c_void_p]),
     "btf__free": (None, [c_void_p]),
     "bpf_object__open_file": (c_void_p, [c_char_p, c_void_p]),
     "bpf_object__load": (c_int, [c_void_p]),
