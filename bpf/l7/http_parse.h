@@ -167,7 +167,6 @@ static __always_inline __u32 numeric_len(const struct path_input *in, __u32 pos)
 	__u64 w, term, ok, want;
 	__u32 off, k;
 
-#pragma unroll
 	for (__u32 i = 0; i < NUMERIC_MAX / 8; i++) {
 		off = pos + 8 * i;
 		if (off >= in->end) /* (from the 2nd word on: the digits ran to the path's end) */
@@ -260,17 +259,18 @@ static __noinline __u64 path_hash(const __u8 *head, __u32 head_len, __u32 method
 				  __u32 numeric)
 {
 	__u32 zero = 0, start, end;
-	struct path_scan *ps = bpf_map_lookup_elem(&path_scratch, &zero);
+	struct path_scan *ps;
 	struct path_input in;
 	__u64 h, m = method & 0xff; /* one 64-bit register, checked and used */
 
+	in.head = head; /* (set before the lookup: nothing to keep across it) */
+	in.numeric = numeric;
+	ps = bpf_map_lookup_elem(&path_scratch, &zero);
 	if (!ps || m > HTTP_TRACE)
 		return 0;
 	start = method_len[m] + 1;
 	end = head_len < start + HTTP_PATH_MAX ? head_len : start + HTTP_PATH_MAX;
-	in.head = head;
 	in.end = end < HTTP_HEAD_LEN ? end : HTTP_HEAD_LEN;
-	in.numeric = numeric;
 	ps->h = 0x9e3779b97f4a7c15ULL;
 	ps->len = 0;
 	ps->pos = start;
