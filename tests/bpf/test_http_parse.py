@@ -5,7 +5,9 @@ bytes of the path it hashes (the key user space maps to a route), and recognises
 status lines. Counted in the kernel, an exchange never reaches user space, so the two sides must
 agree byte for byte: a SEC("syscall") harness (http_parse_harness.bpf.c) runs the very C code
 through BPF_PROG_TEST_RUN, and hypothesis feeds it heads, including stale bytes past a head's
-length (the kernel reuses its buffers).
+length (the kernel reuses its buffers). With numeric segments templated (path_hash's
+`numeric`), paths that differ only in their numbers must hash the same, and then the route
+templater must give them one route.
 
 Needs: BPF_PROG_TYPE_SYSCALL with BPF_PROG_TEST_RUN and bpf_loop (Linux 5.17+), clang.
 """
