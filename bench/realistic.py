@@ -322,6 +322,12 @@ class Rows:
                 "cpu1k_otlp": Row(f"{p} (OTLP traces): agent CPU per 1k requests", "ms CPU",
                                   note="until the span counters settle, with the /metrics "
                                        "scrapes (every 0.5 s) that wait for it"),
+                "ring_per_req": Row(f"{p} (default probes): exchanges sent to user space "
+                                    "per request", "exchanges",
+                                    note='Δprobewire_http_exchanges_total{via="ring"} / '
+                                         "requests: the rest are counted in kernel maps (a "
+                                         "route's first exchanges cross; an id in a path "
+                                         "makes no new route)"),
                 "cpu_share": Row(f"{p} (default probes): agent CPU / service CPU", "%",
                                  note="Δagent CPU / Δ(nginx + gunicorn CPU) over the run: "
                                       "the field's \"< 2% CPU\" figure (the probes' kernel "
@@ -412,6 +418,10 @@ def _record(rows: Rows, shape: str, results: dict[tuple[str, str], Measured]) ->
         if errors:
             out[f"tput_{mode}"].note = f"wrk: {errors}"
     d = results[("default", shape)]
+    if d.before is not None and d.after is not None and d.wrk.requests:
+        out["ring_per_req"].add((total(d.after, "probewire_http_exchanges_total", via="ring")
+                                 - total(d.before, "probewire_http_exchanges_total", via="ring"))
+                                / d.wrk.requests)
     if d.service_cpu_s > 0:
         out["cpu_share"].add(100.0 * d.agent_cpu_s / d.service_cpu_s)
     o = results[("otlp", shape)]

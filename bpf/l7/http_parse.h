@@ -80,14 +80,16 @@ static const __u8 method_len[HTTP_TRACE + 1] = { 0, 3, 4, 3, 6, 4, 5, 7, 7, 5 };
 
 struct path_scan {
 	__u64 h;
-	__u32 len;
-	__u32 _pad;
+	__u32 len; /* bytes mixed in, a numeric segment counting as one */
+	__u32 pos; /* the next byte of the head to read */
+	__u8 seg_start; /* pos starts a segment: the path's start, or just after a '/' */
+	__u8 _pad[7];
 };
 
-struct path_input {
+struct path_input { /* on the stack: 16 bytes, as before numeric (old kernels' frames) */
 	const __u8 *head;
-	__u32 start;
 	__u32 end;
+	__u32 numeric; /* hash each numeric segment as one marker (path_hash's doc) */
 };
 
 /* The hash's running state, in map memory for the reason given at header_scratch. */
@@ -107,67 +109,174 @@ static __always_inline __u64 mix64(__u64 h)
 	return h ^ (h >> 31);
 }
 
-/* Eight bytes of the path a call: the word is cut at the first space, CR, LF or '?' (or the
- * path's end) and mixed in. */
-static long path_word(__u32 i, struct path_input *in)
-{
-	__u32 zero = 0, off = in->start + (i & 15) * 8, avail;
-	struct path_scan *ps = bpf_map_lookup_elem(&path_scratch, &zero);
-	__u64 w, stop;
+#define HIGH_BITS 0x8080808080808080ULL
+/* What a numeric segment is mixed in as: '?' ends a path, so no bytes of one equal it. */
+#define NUMERIC_MARK 0x3f3f3f3f3f3f3f3fULL
+/* Longest numeric segment taken for one (a 64-bit id has at most 20 digits); a longer one is
+ * hashed as it is, which only splits its route over more hashes. */
+#define NUMERIC_MAX 24
 
-	if (!ps || i >= HTTP_PATH_MAX / 8 || off >= in->end || off > HTTP_HEAD_LEN - 8)
-		return 1;
-	barrier_var(off); /* the load must use the checked register */
-	w = *(const __u64 *)(in->head + (off & (HTTP_HEAD_LEN - 1)));
-	stop = BYTES_EQ(w, 0x2020202020202020ULL) | BYTES_EQ(w, 0x0d0d0d0d0d0d0d0dULL) |
-	       BYTES_EQ(w, 0x0a0a0a0a0a0a0a0aULL) | BYTES_EQ(w, 0x3f3f3f3f3f3f3f3fULL);
-	avail = in->end - off;
+/* 0x80 in each byte of w that is an ASCII digit (exact per byte, as BYTES_EQ). */
+static __always_inline __u64 digit_bytes(__u64 w)
+{
+	__u64 t = w ^ 0x3030303030303030ULL;
+
+	return ~(((t & 0x7f7f7f7f7f7f7f7fULL) + 0x7676767676767676ULL) | t) & HIGH_BITS;
+}
+
+/* 0x80 in each byte where the path stops: space, CR, LF, '?', and byte `avail` (its end). */
+static __always_inline __u64 path_stops(__u64 w, __u32 avail)
+{
+	__u64 stop = BYTES_EQ(w, 0x2020202020202020ULL) | BYTES_EQ(w, 0x0d0d0d0d0d0d0d0dULL) |
+		     BYTES_EQ(w, 0x0a0a0a0a0a0a0a0aULL) | BYTES_EQ(w, 0x3f3f3f3f3f3f3f3fULL);
+
 	if (avail < 8)
 		stop |= 0x80ULL << (8 * avail);
-	if (stop) {
-		__u64 low = stop & -stop;
-		__u32 j = 0;
+	return stop;
+}
 
-		if (!(low & 0xffffffffULL)) {
-			j += 4;
-			low >>= 32;
+/* The index of the lowest byte flagged in m (m != 0). */
+static __always_inline __u32 first_byte(__u64 m)
+{
+	__u64 low = m & -m;
+	__u32 j = 0;
+
+	if (!(low & 0xffffffffULL)) {
+		j += 4;
+		low >>= 32;
+	}
+	if (!(low & 0xffff)) {
+		j += 2;
+		low >>= 16;
+	}
+	if (!(low & 0xff))
+		j += 1;
+	return j;
+}
+
+static __always_inline __u64 load_path_word(const struct path_input *in, __u32 off)
+{
+	barrier_var(off); /* the load must use the checked register */
+	return *(const __u64 *)(in->head + (off & (HTTP_HEAD_LEN - 1)));
+}
+
+/* The length of the segment at `pos` when it is a number (-?[0-9]+, user space's {id}) that
+ * ends at a '/' or where the path stops, within NUMERIC_MAX bytes; else 0. */
+static __always_inline __u32 numeric_len(const struct path_input *in, __u32 pos)
+{
+	__u64 w, term, ok, want;
+	__u32 off, k;
+
+	for (__u32 i = 0; i < NUMERIC_MAX / 8; i++) {
+		off = pos + 8 * i;
+		if (off >= in->end) /* (from the 2nd word on: the digits ran to the path's end) */
+			return 8 * i;
+		if (off > HTTP_HEAD_LEN - 8)
+			return 0;
+		w = load_path_word(in, off);
+		term = path_stops(w, in->end - off) | BYTES_EQ(w, 0x2f2f2f2f2f2f2f2fULL);
+		ok = digit_bytes(w);
+		if (i == 0)
+			ok |= BYTES_EQ(w, 0x2d2d2d2d2d2d2d2dULL) & 0x80; /* a leading '-' */
+		if (term) {
+			k = first_byte(term);
+			want = k ? HIGH_BITS >> (64 - 8 * k) : 0;
+			if ((ok & want) != want)
+				return 0;
+			k += 8 * i;
+			/* "" and "-" are no numbers */
+			if (k == 0 || (k == 1 && (w & 0xff) == '-'))
+				return 0;
+			return k;
 		}
-		if (!(low & 0xffff)) {
-			j += 2;
-			low >>= 16;
+		if (ok != HIGH_BITS)
+			return 0;
+	}
+	return 0;
+}
+
+/* One step of the hash: a numeric segment (as NUMERIC_MARK), or up to eight bytes of the path
+ * mixed in as one word: cut where the path stops (then the hash is done), and, with numeric
+ * segments templated, just after a '/' that a digit or '-' follows (a slash in a word's last
+ * byte cuts too: the byte after it is not in the word). */
+static long path_word(__u32 i, struct path_input *in)
+{
+	__u32 zero = 0, pos, avail, j;
+	struct path_scan *ps = bpf_map_lookup_elem(&path_scratch, &zero);
+	__u64 w, stop, cut = 0, first;
+
+	if (!ps || i > HTTP_PATH_MAX + 1)
+		return 1;
+	pos = ps->pos;
+	if (ps->seg_start && in->numeric) {
+		ps->seg_start = 0;
+		j = numeric_len(in, pos);
+		if (j) {
+			ps->h = mix64(ps->h ^ NUMERIC_MARK);
+			ps->len += 1;
+			ps->pos = pos + j;
+			return 0;
 		}
-		if (!(low & 0xff))
-			j += 1;
-		w = j ? w & (~0ULL >> (64 - 8 * j)) : 0;
+	}
+	if (pos >= in->end || pos > HTTP_HEAD_LEN - 8)
+		return 1;
+	w = load_path_word(in, pos);
+	avail = in->end - pos;
+	stop = path_stops(w, avail);
+	if (in->numeric)
+		cut = BYTES_EQ(w, 0x2f2f2f2f2f2f2f2fULL) &
+		      (((digit_bytes(w) | BYTES_EQ(w, 0x2d2d2d2d2d2d2d2dULL)) >> 8) |
+		       0x8000000000000000ULL);
+	if (!(stop | cut)) {
 		ps->h = mix64(ps->h ^ w);
+		ps->len += 8;
+		ps->pos = pos + 8;
+		return 0;
+	}
+	first = (stop | cut) & -(stop | cut);
+	j = first_byte(first);
+	if (first & stop) {
+		ps->h = mix64(ps->h ^ (j ? w & (~0ULL >> (64 - 8 * j)) : 0));
 		ps->len += j;
 		return 1;
 	}
-	ps->h = mix64(ps->h ^ w);
-	ps->len += 8;
+	j += 1; /* the word up to and including the '/' */
+	ps->h = mix64(ps->h ^ (j < 8 ? w & (~0ULL >> (64 - 8 * j)) : w));
+	ps->len += j;
+	ps->pos = pos + j;
+	ps->seg_start = 1;
 	return 0;
 }
 
 /* A 64-bit hash of the path: from after "METHOD " to the first space, CR, LF or '?' (the
- * bytes user space's request_paths() cuts out), at most HTTP_PATH_MAX of them, eight bytes a
- * step (bpf_loop: the verifier checks one word, not a byte loop of 128). 0 means "no path". */
-static __noinline __u64 path_hash(const __u8 *head, __u32 head_len, __u32 method)
+ * bytes user space's request_paths() cuts out), at most HTTP_PATH_MAX of them, mostly eight
+ * bytes a step (bpf_loop: the verifier checks one step, not a byte loop of 128). 0 means "no
+ * path". With `numeric`, each segment that is a number (user space's RouteTemplater makes it
+ * {id}, whatever its digits) is mixed in as one marker, so /users/7 and /users/1234 hash the
+ * same and user space names their route once; the caller sets it only when no configured
+ * route pattern has a numeric literal segment (that would tell such paths apart). */
+static __noinline __u64 path_hash(const __u8 *head, __u32 head_len, __u32 method,
+				  __u32 numeric)
 {
 	__u32 zero = 0, start, end;
-	struct path_scan *ps = bpf_map_lookup_elem(&path_scratch, &zero);
+	struct path_scan *ps;
 	struct path_input in;
 	__u64 h, m = method & 0xff; /* one 64-bit register, checked and used */
 
+	in.head = head; /* (set before the lookup: nothing to keep across it) */
+	in.numeric = numeric;
+	ps = bpf_map_lookup_elem(&path_scratch, &zero);
 	if (!ps || m > HTTP_TRACE)
 		return 0;
 	start = method_len[m] + 1;
 	end = head_len < start + HTTP_PATH_MAX ? head_len : start + HTTP_PATH_MAX;
-	in.head = head;
-	in.start = start;
 	in.end = end < HTTP_HEAD_LEN ? end : HTTP_HEAD_LEN;
 	ps->h = 0x9e3779b97f4a7c15ULL;
 	ps->len = 0;
-	bpf_loop(HTTP_PATH_MAX / 8, path_word, &in, 0);
+	ps->pos = start;
+	ps->seg_start = 1;
+	/* each step moves on by a byte at least: a path of HTTP_PATH_MAX bytes ends within */
+	bpf_loop(HTTP_PATH_MAX + 2, path_word, &in, 0);
 	h = mix64(ps->h ^ ps->len);
 	return h ? h : 1;
 }

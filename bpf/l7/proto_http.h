@@ -65,10 +65,20 @@ static __always_inline void head_append(__u8 *head, __u16 *len, const void *buf,
 	*len = off + sz;
 }
 
+/* 1: path_hash takes numeric path segments for one (user space's {id}); set by user space
+ * (L7Probe) unless a configured route pattern has a numeric literal segment. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} l7_path_ids SEC(".maps");
+
 /* A global function: the verifier checks it once, not once per completion site (its loops
  * would otherwise be walked for each of them). Returns 1 when the exchange was counted. */
 __noinline int http_aggregate(struct http_exchange *ex)
 {
+	__u32 zero = 0, *numeric;
 	struct l7_agg_key *key;
 	__u32 *op;
 	__u64 duration;
@@ -77,7 +87,9 @@ __noinline int http_aggregate(struct http_exchange *ex)
 
 	if (!ex || !ex->method || ex->pipe_idx)
 		return 0; /* user space reads the head */
-	ex->path_hash = path_hash(ex->req_head, ex->req_head_len, ex->method);
+	numeric = bpf_map_lookup_elem(&l7_path_ids, &zero);
+	ex->path_hash = path_hash(ex->req_head, ex->req_head_len, ex->method,
+				  numeric ? *numeric : 0);
 	op = l7_op(L7_PROTO_HTTP, ex->path_hash);
 	if (!op)
 		return 0; /* a new path: its record teaches user space the route */

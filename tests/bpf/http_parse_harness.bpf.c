@@ -14,7 +14,7 @@ struct parse_io {
 	__u32 method_in; /* method code path_hash is given */
 	__u16 status_in; /* response_bounds: the response's status */
 	__u16 head_request; /* response_bounds: the request was a HEAD */
-	__u32 _pad_in;
+	__u32 numeric; /* path_hash: numeric segments as one */
 	/* results */
 	__s32 header_end;
 	__u32 method;
@@ -45,7 +45,7 @@ int parse(struct parse_io *ctx)
 	ctx->header_end = header_end(io->head, io->len);
 	ctx->method = method_of(io->head);
 	ctx->status = status_of(io->head);
-	ctx->path_hash = path_hash(io->head, io->len, ctx->method_in);
+	ctx->path_hash = path_hash(io->head, io->len, ctx->method_in, ctx->numeric);
 	ctx->resp_header_end = response_bounds(io->head, io->len, ctx->status_in,
 					       ctx->head_request, &io->resp_end_at);
 	ctx->resp_end_at = io->resp_end_at;

@@ -25,6 +25,7 @@ from agentlib import Samples, running_agent, scrape, total, wait_for
 from probewire.agent import Agent
 from probewire.l7.records import L7_AGG as HTTP_AGG
 from probewire.l7.records import L7_AGG_KEY as HTTP_AGG_KEY
+from probewire.l7.records import L7_OP_KEY
 from probewire.probes.l7 import L7Probe
 from support.servers import python_upstream
 
@@ -180,3 +181,48 @@ def test_keys_of_exited_clients_are_reaped_and_their_counts_kept(upstream: int) 
         for name in (CLIENT, SERVER, "probewire_http_exchanges_total"):
             assert total(after, name) == total(before, name), name
         assert np.all(keys["tgid"] != 0)
+
+
+def _route_hashes(probe: L7Probe, route: str) -> int:
+    """l7_ops entries naming `route`: the path hashes user space registered for it."""
+    keys, values = probe.map("l7_ops").read_all(L7_OP_KEY, np.dtype(np.uint32))
+    oid = probe.ops.ids.get(route)
+    return 0 if oid is None else int(np.count_nonzero(values.reshape(len(keys)) == oid))
+
+
+@pytest.mark.parametrize("patterns", [(), ("/api/items/0",)])
+def test_ids_in_paths_share_one_kernel_hash_and_are_counted_exactly(
+        upstream: int, patterns: tuple[str, ...]) -> None:
+    """A number in a path is the route's {id}: the kernel hashes the segment as one, so user
+    space names the route from its first exchanges and the kernel counts all the others. A
+    configured pattern with a number in it (/api/items/0) turns that off (the digits decide
+    the route then): each path is named apart, and the counts are as exact."""
+    ids = range(-3, 37)
+    overrides = {"filter": {"ports": [upstream]}, "probes": {"http": {"routes": list(patterns)}}}
+    with running_agent(overrides) as (agent, listen):
+        probe = agent.probes["l7"]
+        assert isinstance(probe, L7Probe)
+        assert probe.templater.numbers_are_ids is not patterns
+        conn = http.client.HTTPConnection("127.0.0.1", upstream, timeout=30)
+        for i in ids:
+            conn.request("GET", f"/api/items/{i}?q={i}")
+            conn.getresponse().read()
+        conn.close()
+        s = settle(listen, len(ids))
+        named = 1 if patterns else 0
+        for name, service in ((SERVER, "upstream"), (CLIENT, "pytest")):
+            assert total(s, name, service_name=service, http_route="/api/items/{id}") \
+                == len(ids) - named
+            assert total(s, name, service_name=service, http_route="/api/items/0") == named
+        ring = total(s, "probewire_http_exchanges_total", via="ring")
+        kernel = total(s, "probewire_http_exchanges_total", via="kernel")
+        assert ring + kernel == 2 * len(ids)
+        if patterns:
+            # Every path is new to the kernel: each crosses (one side at least: the other may
+            # end after user space named it) and is named apart.
+            assert ring >= len(ids) and _route_hashes(probe, "/api/items/{id}") == len(ids) - 1
+        else:
+            # One hash for all the ids, whatever their digits and signs; the kernel counts
+            # every exchange after the route was named (the first ones cross while it is).
+            assert _route_hashes(probe, "/api/items/{id}") == 1
+            assert kernel >= 2 * len(ids) - 10

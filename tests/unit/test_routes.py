@@ -230,3 +230,35 @@ def test_routes_with_patterns_are_idempotent(target: str | bytes) -> None:
 def test_str_and_utf8_bytes_give_the_same_route(text: str) -> None:
     templater = RouteTemplater()
     assert templater.template(text) == templater.template(text.encode("utf-8", "surrogatepass"))
+
+
+# The kernel hashes a segment that is a number (-?[0-9]+) as one marker while
+# numbers_are_ids (bpf/l7/http_parse.h path_hash): exact only if the digits never matter.
+_NUMBER_SEGMENT = re.compile(rb"-?[0-9]+")
+
+
+@given(raw=raw_st, numbers=st.lists(st.integers(-10**20, 10**20), min_size=1, max_size=20),
+       patterns=st.sampled_from([(), ("/users/{id}", "/a/{x}/b", "/files/{*rest}"),
+                                 ("/v1/{*rest}",)]))
+def test_number_segments_never_change_the_route_while_numbers_are_ids(
+        raw: bytes, numbers: list[int], patterns: tuple[str, ...]) -> None:
+    templater = RouteTemplater(patterns, cache_size=0)
+    assert templater.numbers_are_ids
+    parts = raw.split(b"/")
+    swapped = b"/".join(str(numbers[i % len(numbers)]).encode()
+                        if _NUMBER_SEGMENT.fullmatch(p) else p for i, p in enumerate(parts))
+    assert templater.template(swapped) == templater.template(raw)
+
+
+@pytest.mark.parametrize(("patterns", "expected"), [
+    ((), True), (("/users/{id}", "/v2/items"), True), (("/api/v1/x", "/a/-x"), True),
+    (("/api/2/users",), False), (("/a/{x}/-1",), False), (("/files/0/{*rest}",), False),
+])
+def test_numbers_are_ids_unless_a_pattern_names_a_number(patterns: tuple[str, ...],
+                                                         expected: bool) -> None:
+    templater = RouteTemplater(patterns)
+    assert templater.numbers_are_ids is expected
+    if not expected:  # the digits decide: /api/2/users is the pattern, /api/3/users is not
+        assert templater.template("/api/2/users") != templater.template("/api/3/users") \
+            or templater.template("/a/1/-1") != templater.template("/a/1/-2") \
+            or templater.template("/files/0/x") != templater.template("/files/1/x")

@@ -43,6 +43,10 @@ from probewire.enrich.service import ServiceResolver
 from probewire.l7.constants import Proto, Role
 from probewire.l7.exchanges import NUMERIC_STATUSES, ExchangeBatch, ExchangeFlag, LabelTables
 
+# As plain ints: numpy probes an enum member for array protocols (~1 µs a use, per batch).
+_SERVER, _HTTP, _HTTP2 = int(Role.SERVER), int(Proto.HTTP), int(Proto.HTTP2)
+_FAILED_FLAGS = int(ExchangeFlag.ABORTED | ExchangeFlag.ERROR)
+
 ExchangeSink = Callable[[ExchangeBatch], None]
 
 
@@ -146,9 +150,9 @@ class ExchangePipeline:
         duration_bucket = self.red.sinks[0].duration.buckets(duration_s)
         eflags = rows["eflags"]
         status = rows["status"]
-        failed = (((eflags & (ExchangeFlag.ABORTED | ExchangeFlag.ERROR)) != 0)
+        failed = (((eflags & _FAILED_FLAGS) != 0)
                   | ((status >= 500) & (status < NUMERIC_STATUSES)))
-        is_server = rows["role"] == Role.SERVER
+        is_server = rows["role"] == _SERVER
         local = at[:, LOCAL]
         with self.lock:
             if self._names_stale:
@@ -193,7 +197,7 @@ class ExchangePipeline:
         """
         learner = self.learner
         assert learner is not None
-        http = np.flatnonzero((rows["proto"] == Proto.HTTP) | (rows["proto"] == Proto.HTTP2))
+        http = np.flatnonzero((rows["proto"] == _HTTP) | (rows["proto"] == _HTTP2))
         if not len(http):
             return
         as_of = (id(memo), memo.names_epoch, self.labels.generation, learner.generation)

@@ -297,6 +297,15 @@ class RouteTemplater:
         return tuple(p.route for p in self._patterns)
 
     @property
+    def numbers_are_ids(self) -> bool:
+        """Every segment that is a number (-?[0-9]+) templates to ``{id}`` whatever its
+        digits: no configured pattern has one as a literal segment. The kernel then hashes
+        such segments as one (bpf/l7/http_parse.h path_hash), so a route of ids is named
+        once, not once per id."""
+        return not any(f is not None and _DIGITS_RE.fullmatch(f)
+                       for p in self._patterns for f in p.fixed)
+
+    @property
     def cached_paths(self) -> int:
         with self._lock:
             return len(self._cache)

@@ -178,6 +178,7 @@ class L7Probe(Probe):
                     obj.maps[f"l7_parsers_{kind}"].update(
                         int(p.proto_id).to_bytes(4, "little"), prog.fd.to_bytes(4, "little"))
         self._set_sampling(self.ctx.config)
+        self._set_path_ids()
         self.kernel = KernelAggregates(obj.maps["l7_aggs"], self.ops, self.pipeline,
                                        self.ctx.services)
         if self.ctx.config.probes.l7.tls and obj.programs["tls_exit"].fd >= 0:
@@ -202,6 +203,13 @@ class L7Probe(Probe):
             + bytes(7)
         self.map("l7_sampling").update(bytes(4), value)
 
+    def _set_path_ids(self) -> None:
+        """Whether the kernel hashes numeric path segments as one (l7_path_ids): only while
+        every number templates to {id} (no route pattern names one)."""
+        if self.obj is not None:
+            self.map("l7_path_ids").update(
+                bytes(4), int(self.templater.numbers_are_ids).to_bytes(4, "little"))
+
     def reconfigure(self, config: Config) -> None:
         """Routes, budgets and TLS capture from a reloaded config (Agent.reconfigure). New
         route patterns apply to the next exchange on any path (the kernel forgets the paths it
@@ -212,6 +220,7 @@ class L7Probe(Probe):
             self.http1.templater = self.templater
             self.pipeline.shrink()
             if self.obj is not None:
+                self._set_path_ids()
                 ops = self.map("l7_ops")
                 for key in list(ops.keys()):
                     ops.delete(key)

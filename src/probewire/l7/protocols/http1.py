@@ -33,6 +33,9 @@ from probewire.l7.records import HEADER_SIZE, HTTP_EXCHANGE
 HEAD_LEN = HTTP_HEAD_LEN
 METHOD_LEN = np.array([0] + [len(m) for m in METHODS[1:]], dtype=np.int64)
 UNKNOWN_ROUTE = "unknown"
+# Flags as plain ints: numpy probes an enum member for array protocols (~1 µs a use, per batch).
+_H_ABORTED, _H_PIPELINED = int(HttpFlag.ABORTED), int(HttpFlag.PIPELINED)
+_E_ABORTED, _E_PIPELINED = int(ExchangeFlag.ABORTED), int(ExchangeFlag.PIPELINED)
 
 def header_lengths(heads: np.ndarray, head_lens: np.ndarray) -> np.ndarray:
     """Bytes up to and including the first CRLFCRLF of each head, or -1 if not in the head."""
@@ -257,8 +260,8 @@ class Http1Decoder:
                                     rec["req_bytes"].astype(np.int64) - req_hdr, -1)
         rows["resp_body"] = rec["resp_bytes"].astype(np.int64) - resp_hdr
         hflags = rec["hflags"].astype(np.uint32)
-        rows["eflags"] = (np.where(hflags & HttpFlag.ABORTED, ExchangeFlag.ABORTED, 0)
-                          | np.where(hflags & HttpFlag.PIPELINED, ExchangeFlag.PIPELINED, 0))
+        rows["eflags"] = (np.where(hflags & _H_ABORTED, _E_ABORTED, 0)
+                          | np.where(hflags & _H_PIPELINED, _E_PIPELINED, 0))
         return rows
 
     def routes_and_methods(self, rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
