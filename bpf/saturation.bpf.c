@@ -18,9 +18,6 @@ struct oom_event *btf_export_oom_event __attribute__((unused));
 #define PF_KTHREAD_ 0x00200000
 #define TCP_LISTEN_ 10
 #define MAX_CPUS 1024
-/* Positions in struct linux_mib (an anonymous enum, so not relocatable); unchanged since 2.6. */
-#define LINUX_MIB_LISTENOVERFLOWS_ 23
-#define LINUX_MIB_LISTENDROPS_ 24
 /* PAGE_COUNTER_MAX for 4 KiB pages: a memory cgroup without a limit. */
 #define PAGE_COUNTER_MAX_ (0x7fffffffffffffffUL / 4096)
 /* A cgroup whose usage is this close to its limit (in pages) is the one that ran out: the
@@ -41,6 +38,11 @@ const volatile __u8 block_key_by_rq = 1;
 const volatile __u64 tcp_rcv_state_process_start = 0;
 const volatile __u64 tcp_rcv_state_process_end = 0;
 const volatile __u32 nr_cpus = 1;
+/* Positions of ListenOverflows/ListenDrops in struct linux_mib: an anonymous enum, so CO-RE
+ * cannot relocate them, and they move (6.1: 19/20; 6.18: 23/24 after PAWS and window
+ * counters were inserted before them). User space reads them from the kernel's BTF. */
+const volatile __u32 mib_listen_overflows = 23;
+const volatile __u32 mib_listen_drops = 24;
 
 /* --- sched -------------------------------------------------------------------------------- */
 
@@ -492,8 +494,8 @@ static __always_inline void read_mib(struct linux_mib *mib, __u64 cpu_off,
 {
 	const void *mine = (const void *)mib + cpu_off;
 
-	bpf_probe_read_kernel(&out->overflows, 8, mine + LINUX_MIB_LISTENOVERFLOWS_ * 8);
-	bpf_probe_read_kernel(&out->drops, 8, mine + LINUX_MIB_LISTENDROPS_ * 8);
+	bpf_probe_read_kernel(&out->overflows, 8, mine + (__u64)mib_listen_overflows * 8);
+	bpf_probe_read_kernel(&out->drops, 8, mine + (__u64)mib_listen_drops * 8);
 }
 
 static long baseline_cpu(__u32 cpu, struct baseline_ctx *c)

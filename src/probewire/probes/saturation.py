@@ -27,7 +27,7 @@ from probewire.config import SaturationConfig
 from probewire.probes.base import Hook, Probe, ProbeContext
 from probewire.probes.tcp import listening_sockets
 from probewire.runtime.bpf import BpfObject, possible_cpus
-from probewire.runtime.features import hook_type_of
+from probewire.runtime.features import hook_type_of, kernel_enumerators
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,18 @@ def netns_cookie() -> int:
     with socket.socket() as s:
         raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
     return int.from_bytes(raw, "little")
+
+
+def listen_mib_positions() -> dict[str, int]:
+    """Where this kernel keeps ListenOverflows/ListenDrops in its per-CPU struct linux_mib (the
+    saturation object's load-time settings): the positions move between kernels."""
+    names = {"LINUX_MIB_LISTENOVERFLOWS": "mib_listen_overflows",
+             "LINUX_MIB_LISTENDROPS": "mib_listen_drops"}
+    found = kernel_enumerators(names)
+    if len(found) != len(names):
+        log.warning("LINUX_MIB_LISTEN* not in the kernel's BTF: listen overflows are read at "
+                    "6.18's positions, which may be another counter on this kernel")
+    return {names[n]: v for n, v in found.items()}
 
 
 def kallsyms_range(symbol: str, kallsyms: Path = Path("/proc/kallsyms")) -> tuple[int, int]:
@@ -292,6 +304,7 @@ class SaturationProbe(Probe):
             tcp_rcv_state_process_start=syn_code[0],
             tcp_rcv_state_process_end=syn_code[1],
             nr_cpus=possible_cpus(),
+            **listen_mib_positions(),
         )
         if task_storage:
             obj.maps["sched_threads"].set_max_entries(1)

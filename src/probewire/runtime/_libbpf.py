@@ -174,6 +174,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "btf__name_by_offset": (c_char_p, [c_void_p, c_uint32]),
     "btf__resolve_size": (c_int64, [c_void_p, c_uint32]),
     "btf__resolve_type": (c_int, [c_void_p, c_uint32]),
+    "btf__type_cnt": (c_uint32, [c_void_p]),
 }
 
 

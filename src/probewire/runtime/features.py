@@ -172,6 +172,37 @@ def _kfunc_exists(name: str) -> tuple[bool, str]:
     return found, "" if found else "not in the kernel's BTF"
 
 
+def kernel_enumerators(names: Iterable[str]) -> dict[str, int]:
+    """The values of these enumerators in the running kernel's BTF (those it has). For the
+    enumerators of anonymous enums (e.g. LINUX_MIB_*), which CO-RE cannot relocate: their
+    positions move between kernels (6.1's LINUX_MIB_LISTENOVERFLOWS is 19, 6.18's 23)."""
+    from probewire.runtime import _libbpf
+    from probewire.runtime._libbpf import lib
+
+    wanted = {n.encode() for n in names}
+    found: dict[str, int] = {}
+    btf = lib().btf__load_vmlinux_btf()
+    if not btf:
+        return found
+    try:
+        for type_id in range(1, lib().btf__type_cnt(btf)):
+            t = lib().btf__type_by_id(btf, type_id).contents
+            if (t.info >> 24) & 0x1F != _libbpf.BTF_KIND_ENUM:
+                continue
+            vlen = t.info & 0xFFFF
+            members = ctypes.cast(ctypes.addressof(t) + ctypes.sizeof(_libbpf.BtfType),
+                                  ctypes.POINTER(_libbpf.BtfEnum * vlen)).contents
+            for m in members:
+                name = lib().btf__name_by_offset(btf, m.name_off)
+                if name in wanted:
+                    found[name.decode()] = int(m.val)
+            if len(found) == len(wanted):
+                break
+    finally:
+        lib().btf__free(btf)
+    return found
+
+
 def missing_features(family: str, features: Mapping[str, HookSupport]) -> str:
     """Why this kernel cannot run `family` (the features it lacks and the kernel that brought
     each), or "" when it can."""
