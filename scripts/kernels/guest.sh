@@ -48,6 +48,10 @@ ip link set lo up
 # No udev here: modules that tests open as devices are loaded up front (the delay link of
 # tests/support/netns.py forwards through /dev/net/tun).
 modprobe tun 2>/dev/null
+# The saturation tests' loop device, and a memory controller for their OOM cgroup (no systemd
+# here to enable it in the root's subtree).
+modprobe loop 2>/dev/null
+echo +memory > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
 
 step report
 timeout 1200 .venv/bin/python scripts/kernels/report.py "$out/report.json" > "$out/report.log" 2>&1

@@ -11,6 +11,9 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from ctypes import (
     CFUNCTYPE,
     POINTER,
@@ -231,10 +234,31 @@ def _format_va(fmt: bytes, va_list: int) -> str:
     return buf.value.decode(errors="replace").rstrip("\n")
 
 
+_capture = threading.local()
+
+
+@contextmanager
+def captured_log() -> Iterator[list[str]]:
+    """libbpf's messages on this thread while inside, at every level (libbpf calls its print
+    function on the calling thread): a failed load's error quotes the verifier from them."""
+    lines: list[str] = []
+    outer = getattr(_capture, "lines", None)
+    _capture.lines = lines
+    try:
+        yield lines
+    finally:
+        _capture.lines = outer
+
+
 def _print(level: int, fmt: bytes, va_list: int) -> int:
     py_level = _LEVELS.get(level, logging.DEBUG)
-    if log.isEnabledFor(py_level):
-        log.log(py_level, "%s", _format_va(fmt, va_list))
+    capture: list[str] | None = getattr(_capture, "lines", None)
+    if capture is None and not log.isEnabledFor(py_level):
+        return 0
+    text = _format_va(fmt, va_list)
+    if capture is not None:
+        capture.append(text)
+    log.log(py_level, "%s", text)
     return 0
 
 

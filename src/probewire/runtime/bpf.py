@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import struct
 import threading
 from collections.abc import Iterator
@@ -49,19 +50,75 @@ def possible_cpus() -> int:
     return count
 
 
+def lockdown_mode(path: Path = Path("/sys/kernel/security/lockdown")) -> str:
+    """The kernel's lockdown mode ("none", "integrity", "confidentiality"), or "" where the
+    kernel has no lockdown LSM."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return ""
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else ""
+
+
+_CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
+
+
+def _has_bpf_capabilities(status: Path = Path("/proc/self/status")) -> bool:
+    """Whether this process holds what loading tracing programs takes (effective set)."""
+    for line in status.read_text().splitlines():
+        if line.startswith("CapEff:"):
+            caps = int(line.split()[1], 16)
+            return bool(caps >> _CAP_SYS_ADMIN & 1) or (
+                bool(caps >> _CAP_BPF & 1) and bool(caps >> _CAP_PERFMON & 1))
+    return True
+
+
 def _raise_for(what: str, err: int) -> None:
     err = abs(err)
     detail = _libbpf.strerror(err)
     if err in (errno.EPERM, errno.EACCES):
-        if os.geteuid() == 0:
+        if os.geteuid() != 0:
+            raise PrivilegeError(f"{what}: {detail}; {PRIVILEGE_FIX}")
+        mode = lockdown_mode()
+        if err == errno.EPERM and mode in ("integrity", "confidentiality"):
             raise KernelFeatureError(
-                f"{what}: {detail} although running as root; this kernel refuses it "
-                "(unsupported hook type or lockdown)"
+                f"{what}: {detail} although running as root: the kernel is locked down "
+                f"({mode}), which refuses BPF that reads kernel memory; boot with "
+                "lockdown=none (or without Secure Boot's lockdown) to run probewire"
             )
-        raise PrivilegeError(f"{what}: {detail}; {PRIVILEGE_FIX}")
+        if err == errno.EPERM and not _has_bpf_capabilities():
+            raise KernelFeatureError(
+                f"{what}: {detail} although running as root: the process lacks CAP_BPF and "
+                f"CAP_PERFMON (or CAP_SYS_ADMIN) here (a container or user namespace?); "
+                f"{PRIVILEGE_FIX} in the host's namespace"
+            )
+        raise KernelFeatureError(f"{what}: {detail} although running as root; this kernel "
+                                 "refuses it (a hook type or helper it does not offer)")
     if err in (errno.ENOENT, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ESRCH):
         raise KernelFeatureError(f"{what}: {detail} (errno {err}); this kernel lacks the hook")
     raise BpfError(f"{what}: {detail} (errno {err})")
+
+
+_PROG_LOG = re.compile(r"prog '([^']+)': -- BEGIN PROG LOAD LOG --\n?(.*?)-- END PROG LOAD LOG --",
+                       re.DOTALL)
+# The verifier's closing statistics, which say nothing of why it refused.
+_VERIFIER_STATS = re.compile(r"^(processed \d+ insns|verification time|stack depth|"
+                             r"max_states_per_insn|mark_precise)")
+VERIFIER_LINES = 6
+
+
+def verifier_rejection(libbpf_log: str, keep: int = VERIFIER_LINES) -> tuple[str, list[str]] | None:
+    """From libbpf's messages of a failed load: the program the verifier refused and the last
+    `keep` lines of its log that say why (the failing instruction and the verifier's verdict
+    come last). None when no program's load log is in them (not a verifier rejection)."""
+    found = _PROG_LOG.findall(libbpf_log)
+    if not found:
+        return None
+    prog, text = found[-1]
+    lines = [line.rstrip() for line in text.splitlines()
+             if line.strip() and not _VERIFIER_STATS.match(line.strip())]
+    return prog, lines[-keep:] or ["(the verifier's log is empty)"]
 
 
 def _check_ptr(ptr: int | None, what: str) -> int:
@@ -555,9 +612,19 @@ class BpfObject:
 
     # --- lifecycle ---------------------------------------------------------------------------
     def load(self) -> None:
-        rc = lib().bpf_object__load(self._ptr)
+        with _libbpf.captured_log() as messages:
+            rc = lib().bpf_object__load(self._ptr)
         if rc:
-            _raise_for(f"load {self.path.name} (the libbpf log above has the verifier's word)", rc)
+            rejection = verifier_rejection("\n".join(messages))
+            if rejection is not None:
+                prog, lines = rejection
+                raise KernelFeatureError(
+                    f"load {self.path.name}: the kernel's verifier rejected program '{prog}' "
+                    f"({_libbpf.strerror(rc)}); its last words:\n    " + "\n    ".join(lines)
+                    + "\n(libbpf's warning above in the log has the verifier's whole log; fix the "
+                    "program, or switch its family off in the config on this kernel)"
+                )
+            _raise_for(f"load {self.path.name}", rc)
         self.loaded = True
 
     def close(self) -> None:
