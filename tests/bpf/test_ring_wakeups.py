@@ -12,6 +12,7 @@ Needs: BPF_PROG_TYPE_SYSCALL with BPF_PROG_TEST_RUN and bpf_loop (Linux 5.17+), 
 from __future__ import annotations
 
 import select
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,21 +95,46 @@ def test_reader_hands_off_every_record_and_a_full_ring_drops_and_counts(
         small_flood: Flood) -> None:
     """Bursts larger than the ring, written while the real RingReader drains it: every record
     written reaches the handler once, and every one the kernel could not write is in the drop
-    counter the agent exports."""
+    counter the agent exports. One burst comes while the reader is held in its handler (a
+    slow consumer): the kernel drops, never waits."""
     got: list[np.ndarray] = []
+    running = threading.Event()
+    running.set()
+
+    def handle(batch: np.ndarray) -> None:
+        got.append(batch["seq"].copy())
+        running.wait(HANDOFF_TIMEOUT_S)
+
+    def handed_off(n: int) -> bool:
+        deadline = time.monotonic() + HANDOFF_TIMEOUT_S
+        while sum(map(len, got)) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return sum(map(len, got)) >= n
+
     reader = RingReader(BATCH, 0.005)
-    reader.add(Ring(small_flood.obj.maps["events"], RECORD, "test"),
-               lambda batch: got.append(batch["seq"].copy()))
+    reader.add(Ring(small_flood.obj.maps["events"], RECORD, "test"), handle)
     reader.start()
     written = dropped = 0
+
+    def write(burst: int) -> None:
+        nonlocal written, dropped
+        w, d = small_flood.write(burst)
+        written, dropped = written + w, dropped + d
+
     try:
-        for burst in (1, 5, BATCH - 1, BATCH, 4000, 1, 20_000, 3):
-            w, d = small_flood.write(burst)
-            written, dropped = written + w, dropped + d
-        deadline = time.monotonic() + HANDOFF_TIMEOUT_S
-        while sum(map(len, got)) < written and time.monotonic() < deadline:
-            time.sleep(0.01)
+        for burst in (1, 5, BATCH - 1, BATCH, 4000):
+            write(burst)
+        # Whether these overflow depends on how fast the reader runs; the next one does not:
+        # the reader takes one record and stays in its handler while 20,000 more come.
+        running.clear()
+        write(1)
+        assert handed_off(written)
+        write(20_000)
+        running.set()
+        write(3)
+        handed_off(written)
     finally:
+        running.set()
         reader.stop()
     assert dropped > 0, "the bursts should overflow a 1,024-record ring"
     assert events_dropped(small_flood.obj) == dropped
