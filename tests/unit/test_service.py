@@ -554,3 +554,23 @@ def test_a_program_called_through_a_link_is_named_as_called(
         tmp_path: Path, comm: str, cmdline: tuple[str, ...], exe: str, name: str) -> None:
     fake_process(tmp_path, 20, comm=comm, cmdline=cmdline, exe=exe)
     assert ServiceResolver(proc=tmp_path).name_for(20) == name
+
+
+def test_a_forked_child_that_never_execs_keeps_its_parents_name_after_it_is_gone(
+        tmp_path: Path) -> None:
+    """A PostgreSQL backend: forked by the postmaster, never execs, gone from /proc by the time
+    its last exchanges are handled. Named at the fork record, from the live parent."""
+    fake_process(tmp_path, 100, comm="postgres", cmdline=("/usr/lib/postgresql/15/bin/postgres",),
+                 exe="/usr/lib/postgresql/15/bin/postgres", start_time_ticks=500)
+    resolver = ServiceResolver(proc=tmp_path, revalidate_s=0.0)
+    assert resolver.name_for(200) == "unknown"  # never in /proc: nothing to name it by
+    resolver.inherit(200, 100, 900)
+    assert resolver.name_for(200) == "postgres"
+    info = resolver.info_for(200)
+    assert info is not None and (info.pid, info.ppid, info.start_time_ticks) == (200, 100, 900)
+    # In /proc after all (alive at the next look): /proc's word replaces the copy.
+    fake_process(tmp_path, 200, comm="worker", cmdline=("/usr/bin/worker",),
+                 exe="/usr/bin/worker", start_time_ticks=901)
+    assert resolver.name_for(200) == "worker"
+    resolver.inherit(300, 999, 950)  # an unknown parent: nothing to inherit
+    assert resolver.name_for(300) == "unknown"

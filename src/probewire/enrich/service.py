@@ -14,7 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prometheus_client.core import Metric
@@ -603,6 +603,23 @@ class ServiceResolver:
                 self._cache.popitem(last=False)
             self._generation += 1
         return entry.name
+
+    def inherit(self, pid: int, ppid: int, start_time_ticks: int) -> None:
+        """A fork: the child runs its parent's image, so it has the parent's name until it
+        execs. Named now, while the parent is in /proc: a forked worker that never execs (a
+        PostgreSQL backend) may be gone by the time its last events are handled."""
+        parent = self._lookup(ppid)
+        if parent is None or pid <= 0:
+            return
+        info = replace(parent.info, pid=pid, ppid=ppid,
+                       start_time_ticks=start_time_ticks)
+        entry = _Entry(info=info, name=parent.name, checked_at=time.monotonic())
+        with self._lock:
+            self._cache[pid] = entry
+            self._cache.move_to_end(pid)
+            while len(self._cache) > self._max_entries:
+                self._cache.popitem(last=False)
+            self._generation += 1
 
     def forget(self, pid: int) -> None:
         """Drop ``pid`` from the cache; call on process exit (and exec, to rename at once)."""

@@ -28,8 +28,9 @@ from probewire.enrich.service import ProcessInfo
 from probewire.probes.base import Hook, Probe, ProbeContext
 from probewire.runtime.bpf import BpfObject
 from probewire.security import kernel as sec
-from probewire.security.kernel import PROCESS_EXEC, PROCESS_EXIT
+from probewire.security.kernel import PROCESS_EXEC, PROCESS_EXIT, PROCESS_FORK
 from probewire.security.redact import Redactor
+from probewire.security.tree import ticks
 
 if TYPE_CHECKING:
     from probewire.security.engine import SecurityEngine
@@ -158,6 +159,12 @@ class ProcessProbe(Probe):
         for pid in np.unique(records["pid"][records["kind"] == PROCESS_EXEC]).tolist():
             services.forget(pid)
         kinds = records["kind"]
+        forks = kinds == PROCESS_FORK
+        if forks.any():
+            for child, parent, start_ns in zip(records["pid"][forks].tolist(),
+                                               records["ppid"][forks].tolist(),
+                                               records["start_ns"][forks].tolist(), strict=True):
+                services.inherit(child, parent, ticks(start_ns))
         pids = np.unique(records["pid"][(kinds == PROCESS_EXEC) | (kinds == PROCESS_EXIT)]).tolist()
         names = services.names_for(pids)
         now = time.monotonic()
