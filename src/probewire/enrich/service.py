@@ -613,7 +613,8 @@ class ServiceResolver:
             return
         info = replace(parent.info, pid=pid, ppid=ppid,
                        start_time_ticks=start_time_ticks)
-        entry = _Entry(info=info, name=parent.name, checked_at=time.monotonic())
+        # Never checked: a lookup while the child lives asks /proc (it may have exec'd).
+        entry = _Entry(info=info, name=parent.name, checked_at=0.0)
         with self._lock:
             self._cache[pid] = entry
             self._cache.move_to_end(pid)

@@ -155,16 +155,18 @@ class ProcessProbe(Probe):
     def on_batch(self, records: np.ndarray) -> None:
         # Service names need /proc per pid: resolve each distinct pid once per batch.
         services = self.ctx.services
-        # An exec renames its pid at once (the cache would otherwise wait to revalidate).
-        for pid in np.unique(records["pid"][records["kind"] == PROCESS_EXEC]).tolist():
-            services.forget(pid)
         kinds = records["kind"]
+        # A forked child has its parent's name until it execs (before the execs below: a
+        # child's fork and exec may come in one batch).
         forks = kinds == PROCESS_FORK
         if forks.any():
             for child, parent, start_ns in zip(records["pid"][forks].tolist(),
                                                records["ppid"][forks].tolist(),
                                                records["start_ns"][forks].tolist(), strict=True):
                 services.inherit(child, parent, ticks(start_ns))
+        # An exec renames its pid at once (the cache would otherwise wait to revalidate).
+        for pid in np.unique(records["pid"][kinds == PROCESS_EXEC]).tolist():
+            services.forget(pid)
         pids = np.unique(records["pid"][(kinds == PROCESS_EXEC) | (kinds == PROCESS_EXIT)]).tolist()
         names = services.names_for(pids)
         now = time.monotonic()
