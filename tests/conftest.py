@@ -16,8 +16,8 @@ from support.netns import remove_stale_namespaces
 # Property tests draw the same examples on every run of `make test` (a CI run that fails
 # fails again on rerun, and a pass is not luck); HYPOTHESIS_PROFILE=explore draws fresh ones
 # each run, for hunting (e.g. `HYPOTHESIS_PROFILE=explore .venv/bin/pytest tests/unit`).
-settings.register_profile("repeatable", derandomize=True, database=None)
-settings.register_profile("explore", derandomize=False)
+settings.register_profile("repeatable", derandomize=True, database=None, deadline=None)
+settings.register_profile("explore", derandomize=False, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
