@@ -575,13 +575,17 @@ class ServiceResolver:
         if info is None:
             return None
         entry = _Entry(info=info, name=self._key(info), checked_at=time.monotonic())
+        self._store(pid, entry)
+        return entry
+
+    def _store(self, pid: int, entry: _Entry) -> None:
+        """Cache `entry` as the newest, evicting the oldest past max_entries."""
         with self._lock:
             self._cache[pid] = entry
             self._cache.move_to_end(pid)
             while len(self._cache) > self._max_entries:
                 self._cache.popitem(last=False)
             self._generation += 1
-        return entry
 
     def name_for(self, pid: int) -> str:
         """The service name of ``pid`` (a tgid); ``unknown`` for pid 0 or a vanished process."""
@@ -596,12 +600,7 @@ class ServiceResolver:
     def remember(self, info: ProcessInfo) -> str:
         """Name a process from what an event carried, for one already gone from /proc."""
         entry = _Entry(info=info, name=self._key(info))
-        with self._lock:
-            self._cache[info.pid] = entry
-            self._cache.move_to_end(info.pid)
-            while len(self._cache) > self._max_entries:
-                self._cache.popitem(last=False)
-            self._generation += 1
+        self._store(info.pid, entry)
         return entry.name
 
     def inherit(self, pid: int, ppid: int, start_time_ticks: int) -> None:
@@ -615,12 +614,7 @@ class ServiceResolver:
                        start_time_ticks=start_time_ticks)
         # Never checked: a lookup while the child lives asks /proc (it may have exec'd).
         entry = _Entry(info=info, name=parent.name, checked_at=0.0)
-        with self._lock:
-            self._cache[pid] = entry
-            self._cache.move_to_end(pid)
-            while len(self._cache) > self._max_entries:
-                self._cache.popitem(last=False)
-            self._generation += 1
+        self._store(pid, entry)
 
     def forget(self, pid: int) -> None:
         """Drop ``pid`` from the cache; call on process exit (and exec, to rename at once)."""
