@@ -166,15 +166,37 @@ def _parse_head(head: bytes, pipe_idx: int) -> _Head:
     parsed = request_line(head)
     if parsed is None:
         return _Head()
-    out = _Head(parsed[0], parsed[1])
-    lines = head.split(b"\r\n")
-    for line in lines[1:-1]:  # the last piece may be cut mid-line
+    return _Head(parsed[0], parsed[1], _header_lines(head.split(b"\r\n")[1:-1]))
+
+
+def _header_lines(lines: list[bytes]) -> dict[bytes, bytes]:
+    """Header lines up to the head's end (the last piece of a cut head is left out by the
+    caller: it may be cut mid-line)."""
+    headers: dict[bytes, bytes] = {}
+    for line in lines:
         if not line:
             break
         name, sep, value = line.partition(b":")
         if sep:
-            out.headers[name.strip().lower()] = value.strip()
-    return out
+            headers[name.strip().lower()] = value.strip()
+    return headers
+
+
+def _parse_head_shared(head: bytes, pipe_idx: int,
+                       header_sets: dict[bytes, dict[bytes, bytes]]) -> _Head:
+    """_parse_head, with the headers parsed once per distinct header block and the dict shared
+    (never changed once made): a client sends the same headers with each request, only its
+    request line (a path with an id) differs."""
+    m = _REQUEST_LINE.match(head) if not pipe_idx else None
+    if m is None or head[m.end() - 2: m.end()] != b"\r\n":
+        return _parse_head(head, pipe_idx)
+    block = head[m.end():]
+    headers = header_sets.get(block)
+    if headers is None:
+        if len(header_sets) >= _HEAD_CACHE_MAX:
+            header_sets.clear()
+        headers = header_sets[block] = _header_lines(block.split(b"\r\n")[:-1])
+    return _Head(m[1].decode("ascii"), m[2], headers)
 
 
 # OTLP export calls: gRPC methods of the collector services, and OTLP/HTTP's signal paths.
@@ -347,6 +369,7 @@ class SpanAssembler:
         # The same resource under another (service, tgid): one entry, as the SDK groups them.
         self._resource_entries: dict[Resource, SpanResource] = {}
         self._heads: dict[tuple[bytes, int], _Head] = {}
+        self._header_sets: dict[bytes, dict[bytes, bytes]] = {}
         self.unsampled = 0
         self.linked = 0
         self.export_calls = 0  # OTLP export exchanges, never made spans (is_otlp_export)
@@ -493,7 +516,8 @@ class SpanAssembler:
         if head is None:
             if len(self._heads) >= _HEAD_CACHE_MAX:
                 self._heads.clear()
-            head = self._heads[key] = _with_otlp(_parse_head(raw, pipe_idx))
+            head = self._heads[key] = _with_otlp(
+                _parse_head_shared(raw, pipe_idx, self._header_sets))
         return head
 
     def _new_id(self, bits: int) -> int:
