@@ -19,10 +19,10 @@ at most EXPORT_LINGER_S after a batch for more: an export call has a fixed CPU c
 retry loop and metrics, the gRPC call's set-up) whatever its size, and one call per ring batch
 (128 records or 5 ms) at a modest rate made it most of the span thread's work. Event → export
 latency is measured from the exchange's kernel end timestamp to the export call's return. The
-spans' request bytes are written by :mod:`probewire.export.span_encoder` straight from the assembler's records and sent
-by the SDK exporter of the configured protocol (:mod:`probewire.export.span_transport`: its
-channel or session, TLS, headers, compression, timeout and retries); any other SpanExporter
-handed in gets the SDK's ReadableSpans instead.
+spans' request bytes are written by :mod:`probewire.export.span_encoder` straight from the
+assembler's records and sent by the SDK exporter of the configured protocol
+(:mod:`probewire.export.span_transport`: its channel or session, TLS, headers, compression,
+timeout and retries); any other SpanExporter handed in gets the SDK's ReadableSpans instead.
 """
 
 from __future__ import annotations

@@ -660,8 +660,9 @@ class SpanAssembler:
         return records
 
     def _record(self, ex: _Exchange) -> SpanRecord:
-        target = ex.head.target.decode("latin-1")
-        path = target.split("?", 1)[0]
+        # Assignments in place (no temporary dicts): this runs once per span.
+        head = ex.head
+        target = head.target.decode("latin-1")
         attrs: dict[str, str | int] = {
             "http.request.method": ex.method,
             "network.protocol.name": "http",
@@ -672,27 +673,29 @@ class SpanAssembler:
         }
         if not ex.aborted:
             attrs["http.response.status_code"] = ex.status
-        user_agent = ex.head.headers.get(b"user-agent")
+        user_agent = head.headers.get(b"user-agent")
         if user_agent:
             attrs["user_agent.original"] = user_agent.decode("latin-1")
         if ex.server:
             name = f"{ex.method} {ex.route}"
-            attrs.update({
-                "http.route": ex.route, "url.path": path, "url.scheme": "http",
-                "server.address": ex.local, "server.port": ex.local_port,
-                "client.address": ex.peer, "client.port": ex.peer_port,
-            })
-            if "?" in target:
-                attrs["url.query"] = target.split("?", 1)[1]
+            path, query_sep, query = target.partition("?")
+            attrs["http.route"] = ex.route
+            attrs["url.path"] = path
+            attrs["url.scheme"] = "http"
+            attrs["server.address"] = ex.local
+            attrs["server.port"] = ex.local_port
+            attrs["client.address"] = ex.peer
+            attrs["client.port"] = ex.peer_port
+            if query_sep:
+                attrs["url.query"] = query
             failed = ex.aborted or ex.status >= 500
         else:
             name = ex.method
-            host = ex.head.headers.get(b"host", b"").decode("latin-1") or (
+            host = head.headers.get(b"host", b"").decode("latin-1") or (
                 f"{ex.peer}:{ex.peer_port}")
-            attrs.update({
-                "server.address": ex.peer, "server.port": ex.peer_port,
-                "url.full": f"http://{host}{target}" if target.startswith("/") else target,
-            })
+            attrs["server.address"] = ex.peer
+            attrs["server.port"] = ex.peer_port
+            attrs["url.full"] = f"http://{host}{target}" if target.startswith("/") else target
             failed = ex.aborted or ex.status >= 400
         if failed:
             attrs["error.type"] = "aborted" if ex.aborted else str(ex.status)
