@@ -49,7 +49,6 @@ struct {
 	__type(value, __u64);
 } l7_self_conns SEC(".maps");
 
-
 static __always_inline void self_canon(__u8 *addr, __u8 *family)
 {
 	__u32 *w = (__u32 *)addr;
@@ -63,7 +62,8 @@ static __always_inline void self_canon(__u8 *addr, __u8 *family)
 
 /* Both ends' addresses from an identity (local = client's, remote = server's, or the
  * reverse), each canonical; false when the two disagree on the family. */
-static __always_inline bool self_key(struct l7_self_conn *k, const struct l7_header *h, bool local_is_client)
+static __always_inline bool self_key(struct l7_self_conn *k, const struct l7_header *h,
+				     bool local_is_client)
 {
 	__u8 lf = h->family, rf = h->family;
 

@@ -168,7 +168,6 @@ class _Attributes(dict[tuple[str, object], bytes]):
     def __missing__(self, item: tuple[str, object]) -> bytes:
         key, value = item
         encoded = b""
-        seen = self.values_seen.get(key, 0)
         prefix = self.key_fields.get(key)
         if prefix is None and key.isascii():
             prefix = self.key_fields[key] = _KEY + _len(len(key)) + key.encode()
@@ -188,6 +187,7 @@ class _Attributes(dict[tuple[str, object], bytes]):
                 (0x12, len(number) + 1, 0x18)) + number
         if not encoded:
             encoded = _attribute(key, value)
+        seen = self.values_seen.get(key, 0)
         if seen < _VALUES_PER_KEY:
             self.values_seen[key] = seen + 1
             if len(self) >= _CACHE_MAX:
