@@ -24,6 +24,9 @@ counts every span it decodes (and keeps none).
 - "event → span export p99 at 5k exchanges/s": batches of 25 exchanges every 5 ms (the ring
   reader's flush interval) with end timestamps of the moment they reach sink(); the latency is
   from that moment to the return of the export call that carried the span.
+- "spans per agent CPU-second at 5k exchanges/s": the same steady run, spans exported over this
+  process's CPU time from the exporter's start to its stop (what a modest rate costs: the fixed
+  cost of each export call and thread wake-up, not only the per-span work of the line-rate row).
 
 `run(quick)` returns bench.report Rows for `python -m bench`. Timings need a quiet machine.
 """
@@ -308,8 +311,9 @@ def throughput(path: str, protocol: str, rx: ReceiverProc,
 
 
 def steady_latency(protocol: str, rx: ReceiverProc, workload: Workload,
-                   duration_s: float) -> tuple[float, float, int, int]:
-    """(p50 ms, p99 ms, spans exported, exchanges dropped) at STEADY_EXCHANGES_PER_S."""
+                   duration_s: float) -> tuple[float, float, int, int, float]:
+    """(p50 ms, p99 ms, spans exported, exchanges dropped, spans per CPU-second) at
+    STEADY_EXCHANGES_PER_S."""
     cfg = config_from_mapping({"export": {"otlp": {
         "enabled": True, "protocol": protocol, "endpoint": rx.endpoint,
         "metrics": False}}}).export.otlp  # the default queue bound
@@ -327,6 +331,7 @@ def steady_latency(protocol: str, rx: ReceiverProc, workload: Workload,
         _wait(lambda: exporter.spans_exported > 0, 60)
         exporter.clear_latency_samples()
         exported0 = exporter.spans_exported
+        cpu0 = time.process_time()
         next_s = time.monotonic()
         for b in plan[1:]:
             next_s += STEADY_TICK_S
@@ -339,10 +344,11 @@ def steady_latency(protocol: str, rx: ReceiverProc, workload: Workload,
             exporter.sink(b)
         _wait(lambda: exporter.waiting_spans == 0 and not exporter.assembler.pending, 30)
         time.sleep(0.2)
+        cpu_s = time.process_time() - cpu0
         lat = exporter.latency_samples_ns()
         p50, p99 = (np.percentile(lat, [50, 99]) / 1e6) if len(lat) else (np.nan, np.nan)
-        return float(p50), float(p99), exporter.spans_exported - exported0, \
-            exporter.spans_dropped
+        exported = exporter.spans_exported - exported0
+        return float(p50), float(p99), exported, exporter.spans_dropped, exported / cpu_s
     finally:
         exporter.stop()
 
@@ -466,7 +472,10 @@ def run(quick: bool) -> list[Row]:
                 target=f"≤ {TARGET_P99_MS:.0f} ms", goal=("<=", TARGET_P99_MS), judge="max",
                 note="batch at sink() to the return of its export call"),
             Row(f"exchanges dropped by the span queue at 5k exchanges/s, {name}", "exchanges",
-                target="0", goal=("==", 0), judge="all"))
+                target="0", goal=("==", 0), judge="all"),
+            Row(f"OTLP spans per agent CPU-second at 5k exchanges/s, {name}", "spans/s",
+                note="this process's CPU over the steady run: per-span work plus each export "
+                     "call's and wake-up's fixed cost"))
     workload = Workload(os.getpid())
     with _listening():
         direct_batches = workload.batches(direct_exchanges)
@@ -477,11 +486,13 @@ def run(quick: bool) -> list[Row]:
                     rows[f"direct {protocol}"].add(
                         throughput("direct", protocol, rx, direct_batches))
                     rows[f"sdk {protocol}"].add(throughput("sdk", protocol, rx, sdk_batches))
-                p50, p99, exported, dropped = steady_latency(protocol, rx, workload, steady_s)
-                p99_row, dropped_row = latency_rows[protocol]
+                p50, p99, exported, dropped, per_cpu_s = steady_latency(
+                    protocol, rx, workload, steady_s)
+                p99_row, dropped_row, cpu_row = latency_rows[protocol]
                 p99_row.add(p99)
                 p99_row.note += f"; p50 {p50:.2f} ms over {exported:,} spans"
                 dropped_row.add(dropped)
+                cpu_row.add(per_cpu_s)
     for _ in range(repeats):
         for key, us in encode_costs(workload, 3_000 if quick else 12_000, 3).items():
             encode_rows[key].add(us)

@@ -14,6 +14,7 @@
 #pragma once
 
 #include "capture.h"
+#include "self_conns.h"
 
 /* ---- classification ------------------------------------------------------------------------- */
 
@@ -137,7 +138,7 @@ static __always_inline struct l7_conn *conn_for(const struct sock *sk, __u64 key
 	c->h.flags = ((key & TLS_KEY_BIT) ? L7_FLAG_TLS : 0) |
 		     (transport == IPPROTO_UDP ? L7_FLAG_UDP : 0);
 	fill_identity(&c->h, sk);
-	if (!is_traced_task(tgid, c->h.lport, c->h.rport))
+	if (!is_traced_task(tgid, c->h.lport, c->h.rport) || self_conn_peer(&c->h))
 		c->h.proto = L7_PROTO_FILTERED;
 	return c;
 }
@@ -477,16 +478,18 @@ int BPF_PROG(l7_sock_close_btf, const struct sock *sk, int oldstate, int newstat
 {
 	__u64 key = 0;
 
-	if (newstate != TCP_CLOSE)
-		return 0;
 	/* As a number: a kernel pointer may not be masked or used as map key bytes. */
 	bpf_probe_read_kernel(&key, sizeof(key), &sk);
+	self_conn_state(key, newstate);
+	if (newstate != TCP_CLOSE)
+		return 0;
 	return sock_closed(key);
 }
 
 SEC("tp/sock/inet_sock_set_state")
 int l7_sock_close_tp(struct trace_event_raw_inet_sock_set_state *ctx)
 {
+	self_conn_state((__u64)ctx->skaddr, ctx->newstate);
 	if (ctx->newstate != TCP_CLOSE)
 		return 0;
 	return sock_closed((__u64)ctx->skaddr);

@@ -189,7 +189,8 @@ class L7Config(_Model):
     )
     trace_agent: bool = Field(
         default=False,
-        description="also trace the agent's own traffic (its /metrics scrapes)",
+        description="also trace the agent's own traffic (its /metrics scrapes) and the far "
+        "end of the connections it opens (a collector on this host receiving its exports)",
     )
     max_series_per_metric: int = Field(
         default=2000,

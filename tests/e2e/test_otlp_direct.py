@@ -127,7 +127,8 @@ def test_a_stalled_collector_bounds_the_queue_and_counts_every_dropped_exchange(
         exporter.start()
         try:
             exporter.sink(_servers(100))  # taken at once; its export stalls
-            assert _wait(lambda: exporter.waiting_spans == 0)
+            assert _wait(lambda: rx.held == 1)
+            assert exporter.waiting_spans == 0
             for n in (100, 100, 100, 100, 1):
                 exporter.sink(_servers(n))
             assert exporter.waiting_spans == 300

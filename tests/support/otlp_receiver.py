@@ -71,10 +71,13 @@ class Receiver:
     # unavailable (gRPC UNAVAILABLE, HTTP 503), as a restarting collector refuses them.
     fail_first: int = 0
     refused: int = 0
+    held: int = 0  # exports that arrived while `hold` was clear (each waits for it)
 
     def _refuse(self) -> bool:
         """Wait while held; True if this export is to be refused (and counts it)."""
         if self.hold is not None:
+            with self.lock:
+                self.held += not self.hold.is_set()
             self.hold.wait(timeout=120)
         with self.lock:
             if self.refused < self.fail_first:

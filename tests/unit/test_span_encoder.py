@@ -17,7 +17,14 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from probewire.aggregate.http_heads import METHODS, parse_request_line
 from probewire.enrich.identity import service_key
 from probewire.export.span_encoder import SpanEncoder, _attribute, _Attributes
-from probewire.export.spans import SpanAssembler, SpanRecord, readable_span, request_line
+from probewire.export.spans import (
+    SpanAssembler,
+    SpanRecord,
+    _parse_head,
+    _parse_head_shared,
+    readable_span,
+    request_line,
+)
 from probewire.l7.constants import HTTP_HEAD_LEN, HttpFlag, Proto, Role
 from probewire.l7.exchanges import EXCHANGE, NUMERIC_STATUSES, ExchangeBatch, ExchangeFlag
 from probewire.l7.records import HTTP_EXCHANGE
@@ -263,3 +270,17 @@ def test_request_line_fast_path_agrees_with_parse_request_line(
     head = method.encode() + b" " + target + b" " + version + end
     for h in (head, head[:cut]):
         assert request_line(h) == parse_request_line(h)
+
+
+@settings(max_examples=300, deadline=None)
+@given(heads=st.lists(_head(), min_size=1, max_size=8),
+       line_end=st.sampled_from([b"\r\n", b"\n"]), pipe_idx=st.sampled_from([0, 0, 1]))
+def test_heads_with_shared_header_blocks_parse_as_each_alone(
+        heads: list[bytes], line_end: bytes, pipe_idx: int) -> None:
+    """The assembler parses a header block once and shares it between heads that differ only
+    in their request line: each head still parses as _parse_head parses it alone."""
+    shared: dict[bytes, dict[bytes, bytes]] = {}
+    for raw in heads:
+        raw = raw.replace(b"\r\n", line_end, 1)
+        for h in (raw, raw.replace(b" /", b" /other/", 1)):
+            assert _parse_head_shared(h, pipe_idx, shared) == _parse_head(h, pipe_idx)

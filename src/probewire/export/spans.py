@@ -166,15 +166,37 @@ def _parse_head(head: bytes, pipe_idx: int) -> _Head:
     parsed = request_line(head)
     if parsed is None:
         return _Head()
-    out = _Head(parsed[0], parsed[1])
-    lines = head.split(b"\r\n")
-    for line in lines[1:-1]:  # the last piece may be cut mid-line
+    return _Head(parsed[0], parsed[1], _header_lines(head.split(b"\r\n")[1:-1]))
+
+
+def _header_lines(lines: list[bytes]) -> dict[bytes, bytes]:
+    """Header lines up to the head's end (the last piece of a cut head is left out by the
+    caller: it may be cut mid-line)."""
+    headers: dict[bytes, bytes] = {}
+    for line in lines:
         if not line:
             break
         name, sep, value = line.partition(b":")
         if sep:
-            out.headers[name.strip().lower()] = value.strip()
-    return out
+            headers[name.strip().lower()] = value.strip()
+    return headers
+
+
+def _parse_head_shared(head: bytes, pipe_idx: int,
+                       header_sets: dict[bytes, dict[bytes, bytes]]) -> _Head:
+    """_parse_head, with the headers parsed once per distinct header block and the dict shared
+    (never changed once made): a client sends the same headers with each request, only its
+    request line (a path with an id) differs."""
+    m = _REQUEST_LINE.match(head) if not pipe_idx else None
+    if m is None or head[m.end() - 2: m.end()] != b"\r\n":
+        return _parse_head(head, pipe_idx)
+    block = head[m.end():]
+    headers = header_sets.get(block)
+    if headers is None:
+        if len(header_sets) >= _HEAD_CACHE_MAX:
+            header_sets.clear()
+        headers = header_sets[block] = _header_lines(block.split(b"\r\n")[:-1])
+    return _Head(m[1].decode("ascii"), m[2], headers)
 
 
 # OTLP export calls: gRPC methods of the collector services, and OTLP/HTTP's signal paths.
@@ -347,6 +369,7 @@ class SpanAssembler:
         # The same resource under another (service, tgid): one entry, as the SDK groups them.
         self._resource_entries: dict[Resource, SpanResource] = {}
         self._heads: dict[tuple[bytes, int], _Head] = {}
+        self._header_sets: dict[bytes, dict[bytes, bytes]] = {}
         self.unsampled = 0
         self.linked = 0
         self.export_calls = 0  # OTLP export exchanges, never made spans (is_otlp_export)
@@ -493,7 +516,8 @@ class SpanAssembler:
         if head is None:
             if len(self._heads) >= _HEAD_CACHE_MAX:
                 self._heads.clear()
-            head = self._heads[key] = _with_otlp(_parse_head(raw, pipe_idx))
+            head = self._heads[key] = _with_otlp(
+                _parse_head_shared(raw, pipe_idx, self._header_sets))
         return head
 
     def _new_id(self, bits: int) -> int:
@@ -636,8 +660,9 @@ class SpanAssembler:
         return records
 
     def _record(self, ex: _Exchange) -> SpanRecord:
-        target = ex.head.target.decode("latin-1")
-        path = target.split("?", 1)[0]
+        # Assignments in place (no temporary dicts): this runs once per span.
+        head = ex.head
+        target = head.target.decode("latin-1")
         attrs: dict[str, str | int] = {
             "http.request.method": ex.method,
             "network.protocol.name": "http",
@@ -648,27 +673,29 @@ class SpanAssembler:
         }
         if not ex.aborted:
             attrs["http.response.status_code"] = ex.status
-        user_agent = ex.head.headers.get(b"user-agent")
+        user_agent = head.headers.get(b"user-agent")
         if user_agent:
             attrs["user_agent.original"] = user_agent.decode("latin-1")
         if ex.server:
             name = f"{ex.method} {ex.route}"
-            attrs.update({
-                "http.route": ex.route, "url.path": path, "url.scheme": "http",
-                "server.address": ex.local, "server.port": ex.local_port,
-                "client.address": ex.peer, "client.port": ex.peer_port,
-            })
-            if "?" in target:
-                attrs["url.query"] = target.split("?", 1)[1]
+            path, query_sep, query = target.partition("?")
+            attrs["http.route"] = ex.route
+            attrs["url.path"] = path
+            attrs["url.scheme"] = "http"
+            attrs["server.address"] = ex.local
+            attrs["server.port"] = ex.local_port
+            attrs["client.address"] = ex.peer
+            attrs["client.port"] = ex.peer_port
+            if query_sep:
+                attrs["url.query"] = query
             failed = ex.aborted or ex.status >= 500
         else:
             name = ex.method
-            host = ex.head.headers.get(b"host", b"").decode("latin-1") or (
+            host = head.headers.get(b"host", b"").decode("latin-1") or (
                 f"{ex.peer}:{ex.peer_port}")
-            attrs.update({
-                "server.address": ex.peer, "server.port": ex.peer_port,
-                "url.full": f"http://{host}{target}" if target.startswith("/") else target,
-            })
+            attrs["server.address"] = ex.peer
+            attrs["server.port"] = ex.peer_port
+            attrs["url.full"] = f"http://{host}{target}" if target.startswith("/") else target
             failed = ex.aborted or ex.status >= 400
         if failed:
             attrs["error.type"] = "aborted" if ex.aborted else str(ex.status)
