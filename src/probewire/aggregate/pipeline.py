@@ -48,6 +48,9 @@ _SERVER, _HTTP, _HTTP2 = int(Role.SERVER), int(Proto.HTTP), int(Proto.HTTP2)
 _FAILED_FLAGS = int(ExchangeFlag.ABORTED | ExchangeFlag.ERROR)
 
 ExchangeSink = Callable[[ExchangeBatch], None]
+# Route learning looks rows up one by one up to this many HTTP rows a batch; past it, the
+# sort that finds the distinct ones costs less than a look-up a row.
+LEARN_BY_ROW_MAX = 1024
 
 
 def names_of(memo: Memo, service_ids: np.ndarray) -> list[str]:
@@ -205,9 +208,11 @@ class ExchangePipeline:
             self._learned = {}
         key = svc[http].astype(np.int64) << 32 | rows["target"][http].astype(np.int64)
         learned = self._learned
-        # Steady state: every row's (service, route) answered already. A dict look-up a row
-        # costs less than the sort that finds the distinct ones (~15 µs at 128 rows).
-        known = [learned.get(k, -1) for k in key.tolist()]
+        # Steady state: every row's (service, route) answered already. In small batches a
+        # dict look-up a row costs less than the sort that finds the distinct ones (~15 µs
+        # at 128 rows).
+        known = ([learned.get(k, -1) for k in key.tolist()] if len(key) <= LEARN_BY_ROW_MAX
+                 else [-1])
         if -1 not in known:
             self._learned_as_of = as_of
             rows["target"][http] = known
