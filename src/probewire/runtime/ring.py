@@ -137,7 +137,7 @@ class Ring:
         if (lens == self.record_dtype.itemsize).all():
             # The usual span: every record committed, none discarded (one compare, where the
             # checks below take six whole-array steps).
-            records = slots["rec"].copy()
+            records = self._records(span, n)
             # Release only after the copy: the kernel may overwrite the space at once.
             self._cons_pos[0] = prod
             self.records_read += n
@@ -153,10 +153,21 @@ class Ring:
         if np.any(sizes != self.record_dtype.itemsize):
             return self._drain_slow(cons, prod)
         keep = (lens & RINGBUF_DISCARD_BIT) == 0
-        records = slots["rec"][keep] if not keep.all() else slots["rec"].copy()
+        records = self._records(span, n, None if keep.all() else keep)
         # Release only after the copy: the kernel may overwrite the space at once.
         self._cons_pos[0] = cons + n * self.stride
         self.records_read += len(records)
+        return records
+
+    def _records(self, span: np.ndarray, n: int, keep: np.ndarray | None = None) -> np.ndarray:
+        """The records of the first `n` slots of `span` (those `keep` says), copied out as
+        rows of bytes: copying the slots' structured field goes field by field, ~4x the time
+        (55 µs against 13 µs for 185 HTTP records)."""
+        size = self.record_dtype.itemsize
+        raw = span[: n * self.stride].reshape(n, self.stride)[:, RINGBUF_HDR_SZ: RINGBUF_HDR_SZ
+                                                               + size]
+        raw = raw[keep] if keep is not None else np.ascontiguousarray(raw)
+        records: np.ndarray = raw.view(self.record_dtype)[:, 0]
         return records
 
     def _drain_slow(self, cons: int, prod: int) -> np.ndarray:
