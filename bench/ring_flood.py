@@ -14,6 +14,11 @@ configured size, as under real load). Every written record must reach on_batch, 
 record the kernel could not write must be in the drop counter the agent exports.
 
     PYTHONPATH=src python -m bench.ring_flood [--quick]
+
+To profile the reader: `py-spy record --nonblocking --threads -f raw -o out.txt -- python -m
+bench.ring_flood --quick`, then keep the stacks of thread "probewire-ring" (less the samples in
+epoll, which py-spy counts as active). Without --nonblocking py-spy stops the process inside
+bpf() and the flood program's load fails with EAGAIN.
 """
 
 from __future__ import annotations

@@ -74,11 +74,17 @@ def _as_strings(field: np.ndarray, width: int) -> np.ndarray:
     return part.view(f"S{width}")[:, 0]
 
 
+# The searched-for bytes as ready arrays: given as bytes, each search first works out their
+# dtype (~1 µs a call, seven calls a batch).
+_PATH_STOPS = tuple(np.array(stop, dtype="S1") for stop in (b" ", b"?", b"\r", b"\n"))
+_CRLFCRLF = np.array(b"\r\n\r\n", dtype="S4")
+
+
 def _path_ends(text: np.ndarray, start: np.ndarray, limit: np.ndarray) -> np.ndarray:
     """Where each path ends: the first space, '?', CR or LF in [start, limit), else limit."""
     # As unsigned, "not found" (-1) is the largest value: a minimum keeps what was found.
     end = limit.astype(np.uint64)
-    for stop in (b" ", b"?", b"\r", b"\n"):
+    for stop in _PATH_STOPS:
         end = np.minimum(np.strings.find(text, stop, start, end).view(np.uint64), end)
     found: np.ndarray = end.view(np.int64)
     return found
@@ -104,7 +110,7 @@ def _header_ends(heads: np.ndarray, head_lens: np.ndarray) -> np.ndarray:
     if not len(heads):
         return np.zeros(0, dtype=np.int64)
     text = heads.view(f"S{heads.shape[1]}")[:, 0]
-    found = np.strings.find(text, b"\r\n\r\n", 0, np.minimum(head_lens, HEAD_LEN))
+    found = np.strings.find(text, _CRLFCRLF, 0, np.minimum(head_lens, HEAD_LEN))
     return np.where(found >= 0, found + 4, -1)
 
 
