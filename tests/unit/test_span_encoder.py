@@ -3,6 +3,7 @@ writes decode to the ExportTraceServiceRequest the SDK exporter would send, fiel
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Any
 
@@ -222,6 +223,13 @@ def test_random_exchanges_encode_as_the_sdk_encodes_them(
         encoder = SpanEncoder()
         encoder.encode(records)
         assert encoder.encode(records) == SpanEncoder().encode(records)
+        # The shared attributes' bytes written as one piece are those of each attribute.
+        assert SpanEncoder().encode(records) == SpanEncoder().encode(
+            [dataclasses.replace(r, shared=None) for r in records])
+        for r in records:
+            if r.shared is not None:
+                shared = list(r.shared.attributes.items())
+                assert list(r.attributes.items())[: len(shared)] == shared
 
 
 def test_equal_resources_of_two_keys_are_one_resource_group_as_in_the_sdk() -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Sequence
+from itertools import islice
 
 from opentelemetry.proto.common.v1.common_pb2 import (
     AnyValue,
@@ -240,7 +241,17 @@ class SpanEncoder:
                 parts += (name, _KIND_SERVER if rec.server else _KIND_CLIENT,
                           _FIXED64.pack(0x39, rec.start_ns) if rec.start_ns else b"",
                           _FIXED64.pack(0x41, rec.end_ns) if rec.end_ns else b"")
-            parts += map(attribute, rec.attributes.items())
+            shared = rec.shared
+            if shared is None:
+                parts += map(attribute, rec.attributes.items())
+            else:
+                encoded = shared.encoded
+                if encoded is None:
+                    encoded = shared.encoded = b"".join(
+                        map(attribute, shared.attributes.items()))
+                parts.append(encoded)
+                parts += map(attribute, islice(rec.attributes.items(),
+                                               len(shared.attributes), None))
             parts.append(_TAILS[rec.error, rec.parent_remote and rec.parent_id != 0])
             body = b"".join(parts)
             n = len(body)
