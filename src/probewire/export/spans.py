@@ -32,6 +32,7 @@ import os
 import random
 import re
 import socket
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -64,6 +65,7 @@ _LISTEN_TTL_NS = 10_000_000_000
 # Parsed request heads kept (a repeated head is parsed once).
 _HEAD_CACHE_MAX = 4096
 _ID_POOL_BYTES = 4096
+_U64S = struct.Struct(f">{_ID_POOL_BYTES // 8}Q")
 _TCP_LISTEN = "0A"
 
 
@@ -406,10 +408,10 @@ class SpanAssembler:
         self.offset_ns = wall_clock_offset_ns()
         self._offset_at = time.monotonic_ns()
         self._rng = rng or random.SystemRandom()
-        # Ids come from a pool of OS random bytes (one getrandom call per 4 KiB, not one per
-        # id); a given rng (tests) draws them itself, so its ids are reproducible.
-        self._pool = b""
-        self._pool_at = 0
+        # Ids come from a pool of OS random 64-bit words (one getrandom call per 512, not one
+        # per id; a 128-bit id is two); a given rng (tests) draws them itself, so its ids are
+        # reproducible.
+        self._pool: list[int] = []
         self._draw = self._rng.getrandbits if rng is not None else self._pool_bits
         self._pending: OrderedDict[tuple[int, int], list[_Exchange]] = OrderedDict()
         self._listens: OrderedDict[int, tuple[bool, int]] = OrderedDict()
@@ -576,12 +578,12 @@ class SpanAssembler:
         return value
 
     def _pool_bits(self, bits: int) -> int:
-        size = bits // 8
-        at = self._pool_at
-        if at + size > len(self._pool):
-            self._pool, at = os.urandom(_ID_POOL_BYTES), 0
-        self._pool_at = at + size
-        return int.from_bytes(self._pool[at: at + size])
+        """`bits` (64 or 128) random bits, never all zero."""
+        pool = self._pool
+        if len(pool) < 2:
+            # Zero words are left out, so every id drawn here is valid as it comes.
+            pool.extend(filter(None, _U64S.unpack(os.urandom(_ID_POOL_BYTES))))
+        return pool.pop() if bits == 64 else pool.pop() << 64 | pool.pop()
 
     def _start_trace(self, ex: _Exchange, header: bytes | None) -> None:
         ex.span_id = self._new_id(64)
