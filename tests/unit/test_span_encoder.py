@@ -258,6 +258,18 @@ def test_what_protobuf_cannot_carry_is_left_out_as_the_sdk_leaves_it_out() -> No
     assert direct.resource_spans[0].scope_spans[0].spans[0].name == "GET /?"
 
 
+@settings(max_examples=100, deadline=None)
+@given(key=st.text(max_size=140), values=st.lists(st.integers(-(2**22), 2**22), max_size=40))
+def test_a_key_with_too_many_values_to_cache_still_writes_what_the_general_path_writes(
+        key: str, values: list[int]) -> None:
+    """Past _VALUES_PER_KEY distinct values (ports), a key's ints take the short miss path."""
+    cache = _Attributes()
+    for port in range(32768, 32768 + 600):
+        assert cache[key, port] == _attribute(key, port)
+    for value in [*values, 0x4000, 0x1FFFFF, 0x200000, 0x3FFF]:
+        assert cache[key, value] == _attribute(key, value)
+
+
 @settings(max_examples=300, deadline=None)
 @given(key=st.text(max_size=140), value=st.one_of(
     st.text(max_size=200), st.integers(-(2**64), 2**64), st.booleans(), st.floats(),

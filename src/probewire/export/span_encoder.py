@@ -165,9 +165,17 @@ class _Attributes(dict[tuple[str, object], bytes]):
         super().__init__()
         self.values_seen: dict[str, int] = {}
         self.key_fields: dict[str, bytes] = {}  # key -> its KeyValue.key field
+        # Keys past _VALUES_PER_KEY -> all of an entry but a 3-byte varint value (a port, a
+        # thread id): such a value misses every time, so its miss is made as short as can be.
+        self.int3_heads: dict[str, bytes] = {}
 
     def __missing__(self, item: tuple[str, object]) -> bytes:
         key, value = item
+        if type(value) is int and _VARINTS <= value < 1 << 21:
+            head = self.int3_heads.get(key)
+            if head is not None:
+                return head + bytes(
+                    ((value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, value >> 14))
         encoded = b""
         prefix = self.key_fields.get(key)
         if prefix is None and key.isascii():
@@ -195,6 +203,8 @@ class _Attributes(dict[tuple[str, object], bytes]):
                 self.clear()
                 self.values_seen.clear()
             self[item] = encoded
+        elif prefix is not None and len(prefix) + 6 < 0x80 and key not in self.int3_heads:
+            self.int3_heads[key] = bytes((0x4A, len(prefix) + 6)) + prefix + b"\x12\x04\x18"
         return encoded
 
 
