@@ -8,6 +8,9 @@ the protobuf wire format itself from :class:`~probewire.export.spans.SpanRecord`
   (with the generated opentelemetry-proto classes, once per resource, kept on its
   :class:`~probewire.export.spans.SpanResource`), span names, tracestates, and each attribute
   (key and value) seen before (a bounded cache: a method, a route, a peer address, a status);
+- an HTTP span's attributes that many spans share (method, status, peer, user agent, route;
+  a :class:`~probewire.export.spans.SharedAttributes` the assembler makes once per distinct
+  combination) are written as one piece, encoded once and kept on it;
 - what is new per span is written with a few byte joins: ids, times, the attributes that
   differ per request (paths, ports, thread ids).
 
