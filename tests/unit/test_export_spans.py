@@ -217,3 +217,15 @@ def test_otlp_export_calls_never_become_spans_and_are_counted() -> None:
     assert span.attributes is not None
     assert span.attributes["url.path"] == "/api/v1/x"
     assert span.attributes["network.protocol.version"] == "2"
+
+
+def test_ids_from_the_os_pool_are_nonzero_distinct_and_use_their_whole_width() -> None:
+    """Past several refills of the pool: every id valid (never zero), none repeated, and 128-bit
+    ids made of two words (their high half is random too)."""
+    a = SpanAssembler()
+    ids64 = [a._new_id(64) for _ in range(3000)]
+    ids128 = [a._new_id(128) for _ in range(3000)]
+    assert all(0 < i < 1 << 64 for i in ids64) and len(set(ids64)) == len(ids64)
+    assert all(0 < i < 1 << 128 for i in ids128) and len(set(ids128)) == len(ids128)
+    assert sum(i >> 127 for i in ids128) > 1000 and sum(i >> 63 for i in ids64) > 1000
+    assert sum(i & 1 for i in ids128) > 1000

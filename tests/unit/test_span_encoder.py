@@ -3,6 +3,7 @@ writes decode to the ExportTraceServiceRequest the SDK exporter would send, fiel
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Any
 
@@ -222,6 +223,13 @@ def test_random_exchanges_encode_as_the_sdk_encodes_them(
         encoder = SpanEncoder()
         encoder.encode(records)
         assert encoder.encode(records) == SpanEncoder().encode(records)
+        # The shared attributes' bytes written as one piece are those of each attribute.
+        assert SpanEncoder().encode(records) == SpanEncoder().encode(
+            [dataclasses.replace(r, shared=None) for r in records])
+        for r in records:
+            if r.shared is not None:
+                shared = list(r.shared.attributes.items())
+                assert list(r.attributes.items())[: len(shared)] == shared
 
 
 def test_equal_resources_of_two_keys_are_one_resource_group_as_in_the_sdk() -> None:
@@ -248,6 +256,18 @@ def test_what_protobuf_cannot_carry_is_left_out_as_the_sdk_leaves_it_out() -> No
     record.name = "GET /\udcff"
     direct = ExportTraceServiceRequest.FromString(SpanEncoder().encode([record]))
     assert direct.resource_spans[0].scope_spans[0].spans[0].name == "GET /?"
+
+
+@settings(max_examples=100, deadline=None)
+@given(key=st.text(max_size=140), values=st.lists(st.integers(-(2**22), 2**22), max_size=40))
+def test_a_key_with_too_many_values_to_cache_still_writes_what_the_general_path_writes(
+        key: str, values: list[int]) -> None:
+    """Past _VALUES_PER_KEY distinct values (ports), a key's ints take the short miss path."""
+    cache = _Attributes()
+    for port in range(32768, 32768 + 600):
+        assert cache[key, port] == _attribute(key, port)
+    for value in [*values, 0x4000, 0x1FFFFF, 0x200000, 0x3FFF]:
+        assert cache[key, value] == _attribute(key, value)
 
 
 @settings(max_examples=300, deadline=None)

@@ -8,6 +8,9 @@ the protobuf wire format itself from :class:`~probewire.export.spans.SpanRecord`
   (with the generated opentelemetry-proto classes, once per resource, kept on its
   :class:`~probewire.export.spans.SpanResource`), span names, tracestates, and each attribute
   (key and value) seen before (a bounded cache: a method, a route, a peer address, a status);
+- an HTTP span's attributes that many spans share (method, status, peer, user agent, route;
+  a :class:`~probewire.export.spans.SharedAttributes` the assembler makes once per distinct
+  combination) are written as one piece, encoded once and kept on it;
 - what is new per span is written with a few byte joins: ids, times, the attributes that
   differ per request (paths, ports, thread ids).
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Sequence
+from itertools import islice
 
 from opentelemetry.proto.common.v1.common_pb2 import (
     AnyValue,
@@ -164,9 +168,17 @@ class _Attributes(dict[tuple[str, object], bytes]):
         super().__init__()
         self.values_seen: dict[str, int] = {}
         self.key_fields: dict[str, bytes] = {}  # key -> its KeyValue.key field
+        # Keys past _VALUES_PER_KEY -> all of an entry but a 3-byte varint value (a port, a
+        # thread id): such a value misses every time, so its miss is made as short as can be.
+        self.int3_heads: dict[str, bytes] = {}
 
     def __missing__(self, item: tuple[str, object]) -> bytes:
         key, value = item
+        if type(value) is int and _VARINTS <= value < 1 << 21:
+            head = self.int3_heads.get(key)
+            if head is not None:
+                return head + bytes(
+                    ((value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, value >> 14))
         encoded = b""
         prefix = self.key_fields.get(key)
         if prefix is None and key.isascii():
@@ -194,6 +206,8 @@ class _Attributes(dict[tuple[str, object], bytes]):
                 self.clear()
                 self.values_seen.clear()
             self[item] = encoded
+        elif prefix is not None and len(prefix) + 6 < 0x80 and key not in self.int3_heads:
+            self.int3_heads[key] = bytes((0x4A, len(prefix) + 6)) + prefix + b"\x12\x04\x18"
         return encoded
 
 
@@ -240,7 +254,17 @@ class SpanEncoder:
                 parts += (name, _KIND_SERVER if rec.server else _KIND_CLIENT,
                           _FIXED64.pack(0x39, rec.start_ns) if rec.start_ns else b"",
                           _FIXED64.pack(0x41, rec.end_ns) if rec.end_ns else b"")
-            parts += map(attribute, rec.attributes.items())
+            shared = rec.shared
+            if shared is None:
+                parts += map(attribute, rec.attributes.items())
+            else:
+                encoded = shared.encoded
+                if encoded is None:
+                    encoded = shared.encoded = b"".join(
+                        map(attribute, shared.attributes.items()))
+                parts.append(encoded)
+                parts += map(attribute, islice(rec.attributes.items(),
+                                               len(shared.attributes), None))
             parts.append(_TAILS[rec.error, rec.parent_remote and rec.parent_id != 0])
             body = b"".join(parts)
             n = len(body)

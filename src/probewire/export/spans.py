@@ -32,6 +32,7 @@ import os
 import random
 import re
 import socket
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -64,6 +65,7 @@ _LISTEN_TTL_NS = 10_000_000_000
 # Parsed request heads kept (a repeated head is parsed once).
 _HEAD_CACHE_MAX = 4096
 _ID_POOL_BYTES = 4096
+_U64S = struct.Struct(f">{_ID_POOL_BYTES // 8}Q")
 _TCP_LISTEN = "0A"
 
 
@@ -273,6 +275,21 @@ class SpanResource:
         self.encoded: bytes | None = None
 
 
+class SharedAttributes:
+    """Attributes that many spans carry alike (with the span name and error status they
+    imply), made once. A record that points at one has these attributes first in its own
+    dict, in this order and with these values, and only other keys after them; the direct
+    encoder keeps their protobuf bytes here (`encoded`), made once."""
+
+    __slots__ = ("attributes", "encoded", "error", "name")
+
+    def __init__(self, name: str, attributes: dict[str, str | int], error: bool) -> None:
+        self.name = name
+        self.attributes = attributes
+        self.error = error
+        self.encoded: bytes | None = None
+
+
 @dataclass(slots=True)
 class SpanRecord:
     """One finished span, as both export paths take it. Times are wall-clock ns; a zero
@@ -292,6 +309,7 @@ class SpanRecord:
     attributes: dict[str, str | int]
     error: bool  # StatusCode ERROR, else UNSET
     resource: SpanResource
+    shared: SharedAttributes | None = None  # the first of `attributes`, made once (see there)
 
 
 def readable_span(rec: SpanRecord) -> ReadableSpan:
@@ -337,6 +355,38 @@ def _listening_tgids_probe(tgid: int) -> bool:
     return False
 
 
+def _http_shared(ex: _Exchange, user_agent: bytes | None) -> SharedAttributes:
+    """The attributes of an HTTP span that are the same for every span of its _record key:
+    all but the thread, the ports that change per connection and the request's target."""
+    attrs: dict[str, str | int] = {
+        "http.request.method": ex.method,
+        "network.protocol.name": "http",
+        "network.protocol.version": "2" if ex.h2 else "1.1",
+        "network.peer.address": ex.peer,
+    }
+    if not ex.aborted:
+        attrs["http.response.status_code"] = ex.status
+    if user_agent:
+        attrs["user_agent.original"] = user_agent.decode("latin-1")
+    if ex.server:
+        name = f"{ex.method} {ex.route}"
+        attrs["http.route"] = ex.route
+        attrs["url.scheme"] = "http"
+        attrs["server.address"] = ex.local
+        attrs["server.port"] = ex.local_port
+        attrs["client.address"] = ex.peer
+        failed = ex.aborted or ex.status >= 500
+    else:
+        name = ex.method
+        attrs["network.peer.port"] = ex.peer_port
+        attrs["server.address"] = ex.peer
+        attrs["server.port"] = ex.peer_port
+        failed = ex.aborted or ex.status >= 400
+    if failed:
+        attrs["error.type"] = "aborted" if ex.aborted else str(ex.status)
+    return SharedAttributes(name, attrs, failed)
+
+
 class SpanAssembler:
     """Turns ExchangeBatches into finished spans; not thread-safe (one exporter thread owns it)."""
 
@@ -358,10 +408,10 @@ class SpanAssembler:
         self.offset_ns = wall_clock_offset_ns()
         self._offset_at = time.monotonic_ns()
         self._rng = rng or random.SystemRandom()
-        # Ids come from a pool of OS random bytes (one getrandom call per 4 KiB, not one per
-        # id); a given rng (tests) draws them itself, so its ids are reproducible.
-        self._pool = b""
-        self._pool_at = 0
+        # Ids come from a pool of OS random 64-bit words (one getrandom call per 512, not one
+        # per id; a 128-bit id is two); a given rng (tests) draws them itself, so its ids are
+        # reproducible.
+        self._pool: list[int] = []
         self._draw = self._rng.getrandbits if rng is not None else self._pool_bits
         self._pending: OrderedDict[tuple[int, int], list[_Exchange]] = OrderedDict()
         self._listens: OrderedDict[int, tuple[bool, int]] = OrderedDict()
@@ -370,6 +420,7 @@ class SpanAssembler:
         self._resource_entries: dict[Resource, SpanResource] = {}
         self._heads: dict[tuple[bytes, int], _Head] = {}
         self._header_sets: dict[bytes, dict[bytes, bytes]] = {}
+        self._shared: dict[tuple[object, ...], SharedAttributes] = {}
         self.unsampled = 0
         self.linked = 0
         self.export_calls = 0  # OTLP export exchanges, never made spans (is_otlp_export)
@@ -527,12 +578,12 @@ class SpanAssembler:
         return value
 
     def _pool_bits(self, bits: int) -> int:
-        size = bits // 8
-        at = self._pool_at
-        if at + size > len(self._pool):
-            self._pool, at = os.urandom(_ID_POOL_BYTES), 0
-        self._pool_at = at + size
-        return int.from_bytes(self._pool[at: at + size])
+        """`bits` (64 or 128) random bits, never all zero."""
+        pool = self._pool
+        if len(pool) < 2:
+            # Zero words are left out, so every id drawn here is valid as it comes.
+            pool.extend(filter(None, _U64S.unpack(os.urandom(_ID_POOL_BYTES))))
+        return pool.pop() if bits == 64 else pool.pop() << 64 | pool.pop()
 
     def _start_trace(self, ex: _Exchange, header: bytes | None) -> None:
         ex.span_id = self._new_id(64)
@@ -660,50 +711,40 @@ class SpanAssembler:
         return records
 
     def _record(self, ex: _Exchange) -> SpanRecord:
-        # Assignments in place (no temporary dicts): this runs once per span.
+        # What many spans share (method, status, peer, user agent, route, ...) is one
+        # SharedAttributes made once per distinct combination; a span copies its dict and adds
+        # only what is new per request (ports, thread, path), and the encoder writes the shared
+        # part's bytes as one piece.
         head = ex.head
-        target = head.target.decode("latin-1")
-        attrs: dict[str, str | int] = {
-            "http.request.method": ex.method,
-            "network.protocol.name": "http",
-            "network.protocol.version": "2" if ex.h2 else "1.1",
-            "network.peer.address": ex.peer,
-            "network.peer.port": ex.peer_port,
-            "thread.id": ex.tid,
-        }
-        if not ex.aborted:
-            attrs["http.response.status_code"] = ex.status
         user_agent = head.headers.get(b"user-agent")
-        if user_agent:
-            attrs["user_agent.original"] = user_agent.decode("latin-1")
-        if ex.server:
-            name = f"{ex.method} {ex.route}"
+        server = ex.server
+        key = (True, ex.method, ex.h2, ex.peer, ex.status, ex.aborted, user_agent, ex.route,
+               ex.local, ex.local_port) if server else \
+            (False, ex.method, ex.h2, ex.peer, ex.status, ex.aborted, user_agent, ex.peer_port)
+        shared = self._shared.get(key)
+        if shared is None:
+            if len(self._shared) >= _HEAD_CACHE_MAX:
+                self._shared.clear()
+            shared = self._shared[key] = _http_shared(ex, user_agent)
+        attrs = shared.attributes.copy()
+        attrs["thread.id"] = ex.tid
+        target = head.target.decode("latin-1")
+        if server:
             path, query_sep, query = target.partition("?")
-            attrs["http.route"] = ex.route
-            attrs["url.path"] = path
-            attrs["url.scheme"] = "http"
-            attrs["server.address"] = ex.local
-            attrs["server.port"] = ex.local_port
-            attrs["client.address"] = ex.peer
+            attrs["network.peer.port"] = ex.peer_port
             attrs["client.port"] = ex.peer_port
+            attrs["url.path"] = path
             if query_sep:
                 attrs["url.query"] = query
-            failed = ex.aborted or ex.status >= 500
         else:
-            name = ex.method
             host = head.headers.get(b"host", b"").decode("latin-1") or (
                 f"{ex.peer}:{ex.peer_port}")
-            attrs["server.address"] = ex.peer
-            attrs["server.port"] = ex.peer_port
             attrs["url.full"] = f"http://{host}{target}" if target.startswith("/") else target
-            failed = ex.aborted or ex.status >= 400
-        if failed:
-            attrs["error.type"] = "aborted" if ex.aborted else str(ex.status)
+        offset_ns = self.offset_ns
         return SpanRecord(
-            name, ex.server, ex.trace_id, ex.span_id, ex.parent_id, ex.parent_remote,
-            ex.threshold, ex.start_ns + self.offset_ns,
-            max(ex.end_ns, ex.start_ns) + self.offset_ns, attrs, failed,
-            self._resource(ex.service, ex.tgid))
+            shared.name, server, ex.trace_id, ex.span_id, ex.parent_id, ex.parent_remote,
+            ex.threshold, ex.start_ns + offset_ns, max(ex.end_ns, ex.start_ns) + offset_ns,
+            attrs, shared.error, self._resource(ex.service, ex.tgid), shared)
 
     def _db_record(self, ex: _Exchange) -> SpanRecord:
         """A database, cache or DNS exchange: OpenTelemetry's database span conventions
