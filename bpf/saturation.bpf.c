@@ -329,14 +329,47 @@ static __always_inline __u32 issuer(void)
 	return (t->flags & PF_KTHREAD_) ? SAT_KERNEL_TGID : t->tgid;
 }
 
+/* A request is queued for later issue (an I/O scheduler's queue, a hardware queue's dispatch
+ * list) by the task that submitted it; kblockd (a kworker) issues it. Debian 6.1 issues every
+ * direct write to a loop device so: insert by the writer, issue by kworker/N:1H. The submitter
+ * is kept here (issue_ns 0: not issued yet) for the issue to count the request for it. */
+static __always_inline int handle_insert(__u64 id, __u32 dev, __u8 op)
+{
+	struct block_req_key key = { .id = id, .dev = dev, .op = op };
+	struct block_req req = { .op = op };
+	struct block_req *known;
+
+	req.tgid = issuer();
+	if (req.tgid == SAT_KERNEL_TGID) {
+		/* kblockd queues again what the driver sent back (a requeue): still its issuer's */
+		known = bpf_map_lookup_elem(&block_reqs, &key);
+		if (known) {
+			known->issue_ns = 0;
+			return 0;
+		}
+	}
+	bpf_map_update_elem(&block_reqs, &key, &req, BPF_ANY);
+	return 0;
+}
+
 static __always_inline int handle_issue(__u64 id, __u32 dev, __u32 bytes, __u8 op)
 {
 	struct block_req_key key = { .id = id, .dev = dev, .op = op };
 	struct block_req req = { .issue_ns = bpf_ktime_get_ns(), .bytes = bytes, .op = op };
+	struct block_req *queued = bpf_map_lookup_elem(&block_reqs, &key);
 
+	/* What was queued goes out from kblockd, or from whichever task runs the queue next (with
+	 * an I/O scheduler, one task's submission dispatches the others' requests): it counts for
+	 * its submitter. Stale entries cannot mislead: without a scheduler nothing merges after
+	 * the insert, and with one every request is inserted afresh. */
 	req.tgid = issuer();
-	if (req.tgid != SAT_KERNEL_TGID && !is_traced_task(req.tgid, 0, 0))
+	if (queued && !queued->issue_ns)
+		req.tgid = queued->tgid;
+	if (req.tgid != SAT_KERNEL_TGID && !is_traced_task(req.tgid, 0, 0)) {
+		if (queued)
+			bpf_map_delete_elem(&block_reqs, &key);
 		return 0;
+	}
 	bpf_map_update_elem(&block_reqs, &key, &req, BPF_ANY);
 	return 0;
 }
@@ -352,15 +385,26 @@ static __always_inline int handle_complete(__u64 id, __u32 dev, __u8 op, bool em
 	struct block_stats *s;
 	__u64 ns = 0;
 
-	if (req) {
+	if (req && req->issue_ns) {
 		ns = bpf_ktime_get_ns() - req->issue_ns;
 		key.tgid = req->tgid;
 		key.op = req->op;
 	} else if (empty) {
+		/* its submitter when it was queued (handle_insert), else whoever is on the CPU */
 		key.tgid = issuer();
+		if (req)
+			key.tgid = req->tgid;
 		key.op = op;
+		if (key.tgid != SAT_KERNEL_TGID && !is_traced_task(key.tgid, 0, 0)) {
+			bpf_map_delete_elem(&block_reqs, &rkey);
+			return 0;
+		}
+		ns = 0;
 	} else {
-		return 0; /* issued before the agent started, or filtered out */
+		/* issued before the agent started, or filtered out; or queued and never issued */
+		if (req)
+			bpf_map_delete_elem(&block_reqs, &rkey);
+		return 0;
 	}
 	s = bpf_map_lookup_elem(&block_stats, &key);
 	if (!s) {
@@ -378,7 +422,25 @@ static __always_inline int handle_complete(__u64 id, __u32 dev, __u8 op, bool em
 	return 0;
 }
 
-/* A request goes to the driver: one map update per request. */
+/* A request is queued: one map update per queued request (none for those issued at once). */
+SEC("tp_btf/block_rq_insert")
+int BPF_PROG(block_rq_insert_btf, struct request *rq)
+{
+	__u64 id = block_key_by_rq ? (__u64)rq : (rq->__sector == (__u64)-1 ? 0 : rq->__sector);
+
+	return handle_insert(id, rq_dev(rq), op_of_req(rq->cmd_flags));
+}
+
+SEC("tp/block/block_rq_insert")
+int block_rq_insert_tp(struct trace_event_raw_block_rq *ctx)
+{
+	char c0 = ctx->rwbs[0], c1 = ctx->rwbs[1];
+
+	return handle_insert(ctx->sector, ctx->dev, op_of_rwbs(c0, c1));
+}
+
+/* A request goes to the driver: one map update per request (and a lookup when kblockd issues
+ * it). */
 SEC("tp_btf/block_rq_issue")
 int BPF_PROG(block_rq_issue_btf, struct request *rq)
 {

@@ -277,7 +277,9 @@ class SaturationConfig(_Model):
     )
     cpu: bool = Field(default=True, description="CPU time per service (sched_switch)")
     block: bool = Field(
-        default=True, description="block I/O latency and bytes (block_rq_issue, block_rq_complete)"
+        default=True,
+        description="block I/O latency and bytes (block_rq_insert, block_rq_issue, "
+        "block_rq_complete)",
     )
     listen: bool = Field(
         default=True,

@@ -53,6 +53,7 @@ HOOKS = (
     ("saturation", "sched_switch"),
     ("saturation", "sched_wakeup"),
     ("saturation", "sched_wakeup_new"),
+    ("saturation", "block_rq_insert"),
     ("saturation", "block_rq_issue"),
     ("saturation", "block_rq_complete"),
     ("saturation", "consume_skb"),

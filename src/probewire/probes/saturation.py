@@ -95,7 +95,7 @@ OOM_LABELS = ("service_name", "cgroup")
 SIGNAL_HOOKS: dict[str, tuple[str, ...]] = {
     "runqueue": ("sched_switch", "sched_wakeup", "sched_wakeup_new"),
     "cpu": ("sched_switch",),
-    "block": ("block_rq_issue", "block_rq_complete"),
+    "block": ("block_rq_insert", "block_rq_issue", "block_rq_complete"),
     "listen": ("consume_skb", "kfree_skb", "inet_sock_set_state"),
     "oom": ("mark_victim",),
 }
@@ -236,6 +236,7 @@ class SaturationProbe(Probe):
         Hook("sched_switch", ("sched_switch_btf", "sched_switch_tp")),
         Hook("sched_wakeup", ("sched_wakeup_btf", "sched_wakeup_tp")),
         Hook("sched_wakeup_new", ("sched_wakeup_new_btf", "sched_wakeup_new_tp")),
+        Hook("block_rq_insert", ("block_rq_insert_btf", "block_rq_insert_tp")),
         Hook("block_rq_issue", ("block_rq_issue_btf", "block_rq_issue_tp")),
         Hook("block_rq_complete", ("block_rq_complete_btf", "block_rq_complete_tp")),
         Hook("consume_skb", ("consume_skb_btf", "consume_skb_tp")),
