@@ -363,14 +363,25 @@ def memory_limited(small: bool) -> Outcome:
                 time.sleep(0.5)
             result = finish_load(load, timeout_s=60)
             alive = agent.proc.poll() is None
+            if alive:
+                try:
+                    delta = settle(agent, services) - before
+                    s = agent.scrape()
+                    shrinks = total(s, "probewire_memory_shrinks_total")
+                    shrunk = total(s, "probewire_userspace_shrunk_entries_total")
+                except OSError as exc:
+                    # Killed while being read (CI: RemoteDisconnected on a scrape, and the
+                    # kernel log had an OOM kill of probewire in this cgroup): report the
+                    # death and the kill, read below, not the scrape's error.
+                    try:
+                        agent.proc.wait(timeout=5)  # its sockets close before it is reaped
+                    except subprocess.TimeoutExpired:
+                        raise exc from None
+                    alive = False
+            # After the last scrape: a kill during the scrapes counts too.
             oom_kills = _oom_kills(cg)
             peak_mb = int((cg / "memory.max_usage_in_bytes").read_text()) / 2**20
-            if alive:
-                delta = settle(agent, services) - before
-                s = agent.scrape()
-                shrinks = total(s, "probewire_memory_shrinks_total")
-                shrunk = total(s, "probewire_userspace_shrunk_entries_total")
-            else:
+            if not alive:
                 # Dead: what it said before it died is in its log.
                 warnings = [ln for ln in agent.log_path.read_text().splitlines()
                             if "probewire.runtime.memory" in ln]

@@ -111,6 +111,7 @@ static __always_inline void on_connect(const struct sock *sk)
 	key_from_sock(&conn.key, sk, TCP_DIR_CLIENT, tgid);
 	if (!is_traced_task(tgid, KREAD(struct sock, sk, __sk_common.skc_num), conn.key.port))
 		return;
+	conn.seen_total_retrans = KREAD(struct tcp_sock, (const struct tcp_sock *)sk, total_retrans);
 	bpf_map_update_elem(&tcp_conns, &skp, &conn, BPF_ANY);
 }
 
@@ -136,6 +137,9 @@ static __always_inline void on_established(const struct sock *sk, int oldstate)
 		rport = bpf_ntohs(KREAD(struct sock, sk, __sk_common.skc_dport));
 		if (!is_traced(fresh.key.tgid, l ? l->cgroup_id : 0, lport, rport))
 			return;
+		/* A child starts with total_retrans = its SYN-ACK retransmits, which the synack
+		 * hook already counted on the listener. */
+		fresh.seen_total_retrans = KREAD(struct tcp_sock, tp, total_retrans);
 		bpf_map_update_elem(&tcp_conns, &skp, &fresh, BPF_ANY);
 		conn = bpf_map_lookup_elem(&tcp_conns, &skp);
 		if (!conn)
@@ -149,6 +153,22 @@ static __always_inline void on_established(const struct sock *sk, int oldstate)
 	s = stats_for(&conn->key);
 	if (s)
 		s->opened += 1;
+}
+
+/* Adds the segments tcp_sock.total_retrans grew by since the connection was last seen. The
+ * kernel grows it and TcpRetransSegs by the same tcp_skb_pcount in __tcp_retransmit_skb, before
+ * it transmits (a send error after that still counts) and before the tracepoint fires. A tp_btf
+ * program does not run when it would nest in itself on one CPU (a softirq, or a task preempting
+ * one whose retransmit runs in process context with BH on, fires the event again: the kernel
+ * counts a recursion miss and skips it), so counting one skb per event loses segments under
+ * load; the socket's own total does not. Retransmits of one socket are serialized by its lock. */
+static __always_inline void catch_up_retransmits(struct tcp_conn *conn, struct tcp_flow_stats *s,
+						  const struct sock *sk)
+{
+	__u32 now = KREAD(struct tcp_sock, (const struct tcp_sock *)sk, total_retrans);
+
+	s->retransmits += (__u32)(now - conn->seen_total_retrans);
+	conn->seen_total_retrans = now;
 }
 
 static __always_inline void on_close(const struct sock *sk, int oldstate)
@@ -165,6 +185,7 @@ static __always_inline void on_close(const struct sock *sk, int oldstate)
 	s = stats_for(&conn->key);
 	if (!s)
 		goto out;
+	catch_up_retransmits(conn, s, sk);
 	if (oldstate == TCP_SYN_SENT_) {
 		s->failed += 1;
 		goto out;
@@ -246,17 +267,21 @@ static __always_inline int handle_retransmit(const struct sock *sk, const struct
 	struct tcp_flow_key key = {};
 	struct tcp_flow_stats *s;
 
-	/* Since 6.9 the hook also fires for failed attempts; the kernel counts only sent ones. */
-	if (err)
-		return 0;
 	conn = bpf_map_lookup_elem(&tcp_conns, &skp);
 	if (conn) {
-		key = conn->key;
-	} else {
-		key_for_unowned(&key, sk);
-		if (!is_traced(key.tgid, 0, KREAD(struct sock, sk, __sk_common.skc_num), key.port))
-			return 0;
+		s = stats_for(&conn->key);
+		if (s)
+			catch_up_retransmits(conn, s, sk);
+		return 0;
 	}
+	/* A connection that predates the agent has no baseline: one event, one skb. Since 6.9
+	 * the hook also fires for attempts that failed before anything was counted (-EBUSY,
+	 * -ENOMEM, ...); those after the count (a send error) are lost to this path. */
+	if (err)
+		return 0;
+	key_for_unowned(&key, sk);
+	if (!is_traced(key.tgid, 0, KREAD(struct sock, sk, __sk_common.skc_num), key.port))
+		return 0;
 	s = stats_for(&key);
 	if (s)
 		s->retransmits += skb_tcp_segs(skb);
@@ -305,11 +330,15 @@ int tcp_retransmit_tp(void *ctx)
 /* SYN-ACK retransmits bypass tcp_retransmit_skb but count in TcpRetransSegs. */
 static __always_inline int handle_synack_retransmit(const struct sock *listener)
 {
+	__u32 lport = KREAD(struct sock, listener, __sk_common.skc_num);
+	struct tcp_listener *l = bpf_map_lookup_elem(&tcp_listeners, &lport);
 	struct tcp_flow_key key = {};
 	struct tcp_flow_stats *s;
 
 	key_for_unowned(&key, listener);
-	if (!is_traced(key.tgid, 0, key.port, 0))
+	/* The listener's cgroup, as on_established checks it: a cgroup filter would otherwise
+	 * drop every SYN-ACK retransmit while counting the connection they belong to. */
+	if (!is_traced(key.tgid, l ? l->cgroup_id : 0, key.port, 0))
 		return 0;
 	s = stats_for(&key);
 	if (s)

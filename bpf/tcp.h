@@ -38,6 +38,10 @@ struct tcp_conn {
 	__u64 start_ns;
 	__u64 base_bytes_acked;
 	__u64 base_bytes_received;
+	/* tcp_sock.total_retrans already added to the stats: every retransmit event and the close
+	 * add what it grew by since, so an event the tracepoint's program missed is not lost. */
+	__u32 seen_total_retrans;
+	__u32 _pad;
 };
 
 struct tcp_listener {

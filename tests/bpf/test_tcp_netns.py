@@ -1,6 +1,9 @@
 """tcp probe across two test hosts (network namespaces): retransmits under loss equal the
 kernel's TcpRetransSegs, and the RTT histogram sees a 20 ms link as 20 ms.
 
+The agent traces every namespace of the host and other test runs use these addresses and ports
+too: the exact count is filtered to a scratch cgroup the test's processes run in.
+
 Needs: tp_btf (or tp) tcp/tcp_retransmit_skb, tcp/tcp_retransmit_synack, sock/inet_sock_set_state;
 iproute2 + nftables for the hosts.
 """
@@ -8,10 +11,13 @@ iproute2 + nftables for the hosts.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 from agentlib import scrape, total, wait_for
 
+from probewire.agent import Agent
+from support.cgroups import enter, scratch_cgroup
 from support.netns import TwoHosts, two_hosts
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(120)]
@@ -43,12 +49,17 @@ for _ in range(conns):
 """.replace("PORT", str(PORT))
 
 
-def transfer(net: TwoHosts, host: str, nbytes: int, conns: int) -> None:
-    sink = net.exec(net.server_ns, [sys.executable, "-c", SINK, str(conns)])
+def transfer(
+    net: TwoHosts, host: str, nbytes: int, conns: int, cgroup: Path | None = None
+) -> None:
+    """Sink and client, both in `cgroup` when one is given."""
+    kw = {"preexec_fn": enter(cgroup)} if cgroup else {}
+    sink = net.exec(net.server_ns, [sys.executable, "-c", SINK, str(conns)], **kw)
     net.wait_listening(net.server_ns, PORT)
-    net.run(net.client_ns, [sys.executable, "-c", CLIENT, host, str(nbytes), str(conns)],
-            timeout=90)
-    sink.wait(timeout=30)
+    client = net.exec(net.client_ns,
+                      [sys.executable, "-c", CLIENT, host, str(nbytes), str(conns)], **kw)
+    assert client.wait(timeout=90) == 0
+    assert sink.wait(timeout=30) == 0
 
 
 def retrans(net: TwoHosts) -> int:
@@ -57,28 +68,35 @@ def retrans(net: TwoHosts) -> int:
 
 
 def test_retransmits_match_kernel_counter_under_loss(agent) -> None:
-    _, listen = agent
-    ours, kernel = retransmits_under_loss(listen)
+    a, listen = agent
+    ours, kernel = retransmits_under_loss(a, listen)
     assert kernel > 0
     assert ours == kernel
 
 
-def retransmits_under_loss(listen: str) -> tuple[int, int]:
+def retransmits_under_loss(a: Agent, listen: str) -> tuple[int, int]:
     """(retransmits the agent at `listen` counted, TcpRetransSegs of both hosts) for 3 MB
-    sent over a link that loses 10% of the segments."""
+    sent over a link that loses 10% of the segments, by processes of a cgroup the agent is
+    filtered to while it runs."""
     p = str(PORT)
-    with two_hosts() as net:
+    assert a.filter is not None
+    with two_hosts() as net, scratch_cgroup() as cg:
         net.add_loss(net.client_ns, dport=PORT, percent=10)
-        before_kernel = retrans(net)
-        before_ours = total(scrape(listen), "probewire_tcp_retransmits_total", server_port=p)
-        transfer(net, net.server_ip, nbytes=1_000_000, conns=3)
-        # Both ends have closed; let the last retransmit timers and close transitions settle.
-        wait_for(lambda: total(scrape(listen), "probewire_tcp_connections_closed_total",
-                               server_port=p, direction="client") >= 3)
-        kernel = retrans(net) - before_kernel
-        wait_for(lambda: total(scrape(listen), "probewire_tcp_retransmits_total", server_port=p)
-                 - before_ours >= kernel)
-        ours = total(scrape(listen), "probewire_tcp_retransmits_total", server_port=p) - before_ours
+        a.filter.apply(cgroups=[str(cg)])
+        try:
+            before_kernel = retrans(net)
+            s = scrape(listen)
+            before_ours = total(s, "probewire_tcp_retransmits_total", server_port=p)
+            before_closed = total(s, "probewire_tcp_connections_closed_total", server_port=p)
+            transfer(net, net.server_ip, nbytes=1_000_000, conns=3, cgroup=cg)
+            # Both ends of all 3 have closed (a close adds what its socket retransmitted).
+            wait_for(lambda: total(scrape(listen), "probewire_tcp_connections_closed_total",
+                                   server_port=p) - before_closed >= 6)
+            kernel = retrans(net) - before_kernel
+            ours = total(scrape(listen), "probewire_tcp_retransmits_total",
+                         server_port=p) - before_ours
+        finally:
+            a.filter.apply()
         assert net.loss_drops() > 0
         return int(ours), kernel
 

@@ -54,6 +54,8 @@ TCP_CONN = np.dtype(
         ("start_ns", np.uint64),
         ("base_bytes_acked", np.uint64),
         ("base_bytes_received", np.uint64),
+        ("seen_total_retrans", np.uint32),
+        ("_pad", np.uint32),
     ]
 )
 TCP_LISTENER = np.dtype([("tgid", np.uint32), ("_pad", np.uint32), ("cgroup_id", np.uint64)])
