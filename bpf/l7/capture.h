@@ -17,6 +17,22 @@
 #include <bpf/bpf_endian.h>
 #include "l7.h"
 
+/* bench/l7_stages.py builds the object with L7_STAGE=n: the capture path returns after stage n
+ * (L7_STAGE_* below), so each stage's share of a run's cost can be measured under load. Unset
+ * (the agent's build): the whole path. */
+#define L7_STAGE_EXIT 1 /* the per-syscall exit program, no tail call */
+#define L7_STAGE_FILTER 2 /* the capture program's pid filter */
+#define L7_STAGE_SOCK 3 /* pt_regs and fd -> socket */
+#define L7_STAGE_TLS 4 /* the in-an-SSL-call check */
+#define L7_STAGE_CONN 5 /* the connection's lookup */
+#define L7_STAGE_STATE 6 /* the parser's tail call and its state lookup */
+#define L7_STAGE_PARSE 7 /* HTTP: the state machine, heads copied; no response bounds, nothing counted */
+#define L7_STAGE_BOUNDS 8 /* HTTP: + the response head's bounds (where the response ends) */
+#define L7_STAGE_HASH 9 /* HTTP: + at an exchange's end, its peer and path hash */
+#ifndef L7_STAGE
+#define L7_STAGE 99
+#endif
+
 /* Load-time settings: the agent's own pid (its /metrics traffic is not the host's), and which
  * protocols are classified at all (bit per enum l7_proto; a protocol switched off in the
  * config is never claimed, so its connections cost what any unclassified one costs). */

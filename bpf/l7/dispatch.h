@@ -187,7 +187,7 @@ static __always_inline void l7_capture(void *ctx, struct l7_event *ev, const str
 	__u32 proto;
 	bool turned;
 
-	if (!c)
+	if (!c || L7_STAGE <= L7_STAGE_CONN)
 		return;
 	proto = c->h.proto;
 	if (proto >= L7_PROTO_COUNT)
@@ -229,13 +229,13 @@ static __always_inline void exit_io(void *ctx, long ret)
 	struct sock *sk;
 	__u8 transport = 0;
 
-	if (!ev || !traced_task(id >> 32))
+	if (!ev || !traced_task(id >> 32) || L7_STAGE <= L7_STAGE_FILTER)
 		return;
 	regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
 	sk = sock_of_fd(PT_REGS_PARM1_CORE_SYSCALL(regs), &transport);
-	if (!sk)
+	if (!sk || L7_STAGE <= L7_STAGE_SOCK)
 		return;
-	if (in_tls_call(sk))
+	if (in_tls_call(sk) || L7_STAGE <= L7_STAGE_TLS)
 		return; /* ciphertext: the OpenSSL uprobes see this data in the clear */
 	data = (const void *)PT_REGS_PARM2_CORE_SYSCALL(regs);
 	count = PT_REGS_PARM3_CORE_SYSCALL(regs);
@@ -325,7 +325,7 @@ static __always_inline bool pass_io(__u8 dir, __u8 io)
 	SEC("tp/syscalls/sys_exit_" #name)                                                   \
 	int l7_exit_##name(struct trace_event_raw_sys_exit *ctx)                             \
 	{                                                                                    \
-		if (ctx->ret > 0 && pass_io(dir, io))                                        \
+		if (ctx->ret > 0 && pass_io(dir, io) && L7_STAGE > L7_STAGE_EXIT)            \
 			bpf_tail_call(ctx, &l7_capture_prog, 0);                             \
 		return 0;                                                                    \
 	}

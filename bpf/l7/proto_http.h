@@ -90,6 +90,8 @@ __noinline int http_aggregate(struct http_exchange *ex)
 	numeric = bpf_map_lookup_elem(&l7_path_ids, &zero);
 	ex->path_hash = path_hash(ex->req_head, ex->req_head_len, ex->method,
 				  numeric ? *numeric : 0);
+	if (L7_STAGE <= L7_STAGE_HASH)
+		return 1;
 	op = l7_op(L7_PROTO_HTTP, ex->path_hash);
 	if (!op)
 		return 0; /* a new path: its record teaches user space the route */
@@ -175,7 +177,7 @@ __noinline int http_sample(struct http_exchange *ex)
  * the state machine. */
 __noinline int http_complete(struct http_state *st)
 {
-	if (!st)
+	if (!st || L7_STAGE <= L7_STAGE_BOUNDS)
 		return 0;
 	find_peer((struct l7_header *)&st->ex);
 	if (sample_spans && st->ex.role == L7_ROLE_CLIENT)
@@ -238,6 +240,8 @@ __noinline int http_response_head(struct http_state *st, __u64 buf)
 		return 0;
 	head_append(st->ex.resp_head, &st->ex.resp_head_len, (const void *)buf,
 		    st->ex.resp_first_write);
+	if (L7_STAGE <= L7_STAGE_PARSE)
+		return 0;
 	if (st->ex.method)
 		st->ex.resp_header_end = response_bounds(
 			st->ex.resp_head, st->ex.resp_head_len, st->ex.status,
@@ -402,7 +406,7 @@ static __always_inline int http_parse(void *ctx, struct l7_event *ev)
 	__u8 method = 0;
 	__u16 status = 0;
 
-	if (!st)
+	if (!st || L7_STAGE <= L7_STAGE_STATE)
 		return 0;
 	if (ev->classified) {
 		/* The capture layer read this call's first bytes (after any it kept from a split
