@@ -371,9 +371,8 @@ static long header_scan_word(__u32 i, struct header_scan *sc)
 	       header_scan_one(sc, head, k + 24, len, false);
 }
 
-/* The same, two words a call, also noting Content-Length and Transfer-Encoding lines (more
- * branches a word: four words a call would be too many paths for the verifier; one word a
- * call cost a server's response head ~30 calls, the largest share of its writev's run). */
+/* The same, one word a call, also noting Content-Length and Transfer-Encoding lines (more
+ * branches a word: four words a call would be too many paths for the verifier). */
 /* The fields scan keeps its state in map memory, not on the stack: the verifier follows
  * what a bpf_loop callback writes to the caller's stack until it stops changing, and a
  * Content-Length offset found in one word changes it (~180,000 more instructions to verify,
@@ -390,15 +389,14 @@ struct header_input {
 	__u32 len;
 };
 
-static long header_fields_words(__u32 i, struct header_input *in)
+static long header_fields_word(__u32 i, struct header_input *in)
 {
-	__u32 zero = 0, k = (i & (HTTP_HEAD_LEN / 16 - 1)) * 16;
+	__u32 zero = 0, k = (i & (HTTP_HEAD_LEN / 8 - 1)) * 8;
 	struct header_scan *sc = bpf_map_lookup_elem(&header_scratch, &zero);
 
-	if (!sc || i >= HTTP_HEAD_LEN / 16)
+	if (!sc || i >= HTTP_HEAD_LEN / 8)
 		return 1;
-	return header_scan_one(sc, in->head, k, in->len, true) ||
-	       header_scan_one(sc, in->head, k + 8, in->len, true);
+	return header_scan_one(sc, in->head, k, in->len, true);
 }
 
 /* Bytes up to and including the first CRLFCRLF of a head, or -1 when the head does not hold
@@ -553,7 +551,7 @@ static __always_inline int response_bounds(const __u8 *head, __u32 len, __u16 st
 	sc->end = -1;
 	sc->te = 0;
 	sc->cl_at = -1;
-	bpf_loop(HTTP_HEAD_LEN / 16, header_fields_words, &in, 0);
+	bpf_loop(HTTP_HEAD_LEN / 8, header_fields_word, &in, 0);
 	end = sc->end;
 	if (end < 0 || end > HTTP_HEAD_LEN)
 		return -1;
