@@ -6,9 +6,16 @@ their bounds); the figures are the bench's business."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 from bench import faults
+from bench.harness import running_agent
 from bench.soak import soak
+from bench.stress import spawned_inside, v1_cgroup
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(240)]
 
@@ -62,3 +69,24 @@ def test_short_soak_counts_every_request() -> None:
     rows = soak(minutes=0.25, connections=3_000)
     exact = rows[-1]
     assert exact.values == [0.0], exact.note
+
+
+def test_the_agent_loads_inside_the_daemonsets_memory_limit() -> None:
+    """The verifier's working memory is charged to the loading process's cgroup. A bpf_loop
+    callback made bigger once took the load's peak from 150 MB to 580 MB (kernel memory 527
+    MB): an agent under the DaemonSet's own limit would have been OOM-killed while loading."""
+    spec = yaml.safe_load((REPO_ROOT / "deploy/kubernetes/base/daemonset.yaml").read_text())
+    container = spec["spec"]["template"]["spec"]["containers"][0]
+    limit = container["resources"]["limits"]["memory"]
+    assert limit.endswith("Mi"), limit
+    limit_bytes = int(limit[:-2]) << 20
+    with v1_cgroup("memory", {"memory.limit_in_bytes": str(limit_bytes)}) as cg:
+        with spawned_inside(cg):
+            starting = running_agent("{}\n", timeout_s=120)
+            agent = starting.__enter__()
+        try:
+            peak_mb = int((cg / "memory.max_usage_in_bytes").read_text()) / 2**20
+            assert faults._oom_kills(cg) == 0, f"peak {peak_mb:.0f} MB of {limit}"
+            assert agent.proc.poll() is None and agent.scrape(), f"peak {peak_mb:.0f} MB"
+        finally:
+            starting.__exit__(None, None, None)
