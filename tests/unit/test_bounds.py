@@ -56,7 +56,7 @@ def test_a_broken_size_reader_hides_only_itself() -> None:
 
 def _proc(tmp: Path, cgroup: str, mountinfo: str, rss_kb: int = 1000) -> Path:
     proc = tmp / "proc" / "self"
-    proc.mkdir(parents=True)
+    proc.mkdir(parents=True, exist_ok=True)
     (proc / "cgroup").write_text(cgroup)
     (proc / "mountinfo").write_text(mountinfo)
     (proc / "status").write_text(f"Name:\tx\nVmRSS:\t{rss_kb} kB\n")
@@ -128,6 +128,21 @@ def test_the_guard_shrinks_over_the_threshold_once_per_cooldown_and_counts(tmp_p
     shrunk = samples[("probewire_userspace_shrunk_entries_total",
                       (("structure", "http.route_cache"),))]
     assert shrunk == 100  # the 100 distinct paths cached, dropped once
+
+
+def test_near_the_limit_the_guard_shrinks_at_every_check_and_checks_more_often(
+        tmp_path: Path) -> None:
+    # 0.85 of the limit: cool-down; 0.95 and up (two thirds of the way to the limit): none.
+    proc = _proc(tmp_path, "0::/\n", "", rss_kb=90 * 1024)
+    guard = MemoryGuard(Bounds(), CgroupMemory(proc=proc, limit_mb=100), shrink_at=0.85,
+                        interval_s=1.0)
+    assert guard.critical_at == pytest.approx(0.95)
+    assert guard.check(now=100.0) and not guard.check(now=101.0)
+    assert guard.next_wait_s() == 0.25
+    _proc(tmp_path, "0::/\n", "", rss_kb=96 * 1024)
+    assert guard.check(now=101.5) and guard.check(now=101.75) and guard.shrinks == 3
+    _proc(tmp_path, "0::/\n", "", rss_kb=70 * 1024)  # below 0.9 of the threshold
+    assert not guard.check(now=102.0) and guard.next_wait_s() == 1.0
 
 
 def test_the_guard_stays_quiet_below_the_threshold(tmp_path: Path) -> None:

@@ -8,7 +8,10 @@ last and the OOM killer judges, as the kubelet computes it), or the agent's RSS 
 ``memory.limit_mb`` when that is set. When usage reaches ``shrink_at`` of the limit it asks
 every registered structure to drop what it can (aggregate/bounds.py: caches of answers that
 can be rebuilt, queues whose drops are counted), collects garbage and hands freed heap back to
-the kernel (malloc_trim), then waits ``5 * interval_s`` before it would do so again. Every
+the kernel (malloc_trim), then waits ``5 * interval_s`` before it would do so again, unless usage
+reaches ``critical_at`` (two thirds of the way from ``shrink_at`` to the limit), where the
+OOM killer is near and it shrinks at every check. Close to the threshold it checks four times
+as often: a load can grow the heap by tens of MB in one interval. Every
 shrink is counted (``probewire_memory_shrinks_total``) and so is every entry dropped
 (``probewire_userspace_shrunk_entries_total``). Series and counters are never dropped: losing
 them would lose counts, not cache.
@@ -176,6 +179,7 @@ class MemoryGuard:
         self.shrink_at = shrink_at
         self.interval_s = interval_s
         self.cooldown_s = 5 * interval_s
+        self.critical_at = shrink_at + (1.0 - shrink_at) * 2 / 3
         self.shrinks = 0
         self.last = MemoryReading(0, None, "none")
         self._last_shrink = -float("inf")
@@ -189,7 +193,8 @@ class MemoryGuard:
         limit = reading.limit_bytes
         if limit is None or reading.usage_bytes < self.shrink_at * limit:
             return False
-        if now - self._last_shrink < self.cooldown_s:
+        critical = reading.usage_bytes >= self.critical_at * limit
+        if now - self._last_shrink < self.cooldown_s and not critical:
             return False
         self._last_shrink = now
         dropped = self.bounds.shrink()
@@ -202,8 +207,14 @@ class MemoryGuard:
                     or "nothing droppable")
         return True
 
+    def next_wait_s(self) -> float:
+        """Seconds to the next check: a quarter interval from 90% of the threshold on."""
+        limit = self.last.limit_bytes
+        near = limit is not None and self.last.usage_bytes >= 0.9 * self.shrink_at * limit
+        return self.interval_s / 4 if near else self.interval_s
+
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while not self._stop.wait(self.next_wait_s()):
             try:
                 self.check()
             except Exception:
