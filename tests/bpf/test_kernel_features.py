@@ -135,3 +135,28 @@ def test_kernel_enumerators_match_bpftool_dump_of_the_kernel_btf() -> None:
             if m[1] in names}
     assert set(want) == set(names) - {"PROBEWIRE_NO_SUCH_ENUMERATOR"}
     assert kernel_enumerators(names) == want
+
+
+def test_doctor_names_the_stand_ins_a_kernel_without_bpf_loop_gets(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """doctor's family row says which variant runs and why (on 5.10 for real; here the
+    probe's answers for saturation's optional features are replaced)."""
+    from probewire import doctor
+    from probewire.probes import saturation
+    from probewire.runtime.features import SATURATION_OPTIONAL, HookSupport
+
+    def lacking(names: Iterable[str] | None = None) -> dict[str, HookSupport]:
+        return {n: HookSupport(n, False, "the kernel refuses it")
+                for n in (names if names is not None else SATURATION_OPTIONAL)}
+
+    monkeypatch.setattr(saturation, "probe_kernel_features", lacking)
+    rows = {name: (ok, detail) for name, ok, detail in doctor._family_rows("127.0.0.1:1")}
+    ok, detail = rows["family saturation"]
+    assert ok, detail
+    assert detail.startswith("on (loaded just now): tp_btf"), detail
+    for note in ("bounded-loop variant (this kernel lacks bpf_loop (5.17+) and percpu_lookup "
+                 "(5.19+))", "current task by probe reads (this kernel lacks current_task_btf "
+                 "(5.11+))", "thread state in a hash by thread id (this kernel lacks "
+                 "task_storage (5.11+))"):
+        assert f"; {note}" in detail, detail
+    assert "this kernel lacks" not in rows["family tcp"][1]
