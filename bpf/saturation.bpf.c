@@ -339,9 +339,15 @@ static __always_inline __u8 op_of_rwbs(char c, char next)
 	return BLOCK_OP_OTHER;
 }
 
+/* Where the request queue has no disk pointer (5.10), the request names its disk itself. */
+struct request___old {
+	struct gendisk *rq_disk;
+} __attribute__((preserve_access_index));
+
 static __always_inline __u32 rq_dev(struct request *rq)
 {
-	struct gendisk *disk = rq->q->disk;
+	struct gendisk *disk = bpf_core_field_exists(rq->q->disk)
+		? rq->q->disk : ((struct request___old *)rq)->rq_disk;
 
 	/* The tracepoints' dev: disk_devt(), MKDEV(major, first_minor) in the kernel's layout. */
 	return disk ? ((__u32)disk->major << 20) | (__u32)disk->first_minor : 0;
@@ -433,12 +439,28 @@ int BPF_PROG(block_rq_complete_btf, struct request *rq, blk_status_t error, unsi
 	return handle_complete(id, rq_dev(rq), op_of_req(rq->cmd_flags), !rq->__data_len);
 }
 
+/* The event's record where it has no block_rq_completion class (5.10). */
+struct trace_event_raw_block_rq_complete___old {
+	dev_t dev;
+	sector_t sector;
+	unsigned int nr_sector;
+	char rwbs[8];
+} __attribute__((preserve_access_index));
+
 SEC("tp/block/block_rq_complete")
 int block_rq_complete_tp(struct trace_event_raw_block_rq_completion *ctx)
 {
-	/* Partial completions cannot be told apart here: the first one ends the request. */
-	char c0 = ctx->rwbs[0], c1 = ctx->rwbs[1];
+	struct trace_event_raw_block_rq_complete___old *old = (void *)ctx;
+	char c0, c1;
 
+	/* Partial completions cannot be told apart here: the first one ends the request. */
+	if (!bpf_core_type_exists(struct trace_event_raw_block_rq_completion)) {
+		c0 = old->rwbs[0];
+		c1 = old->rwbs[1];
+		return handle_complete(old->sector, old->dev, op_of_rwbs(c0, c1), !old->nr_sector);
+	}
+	c0 = ctx->rwbs[0];
+	c1 = ctx->rwbs[1];
 	return handle_complete(ctx->sector, ctx->dev, op_of_rwbs(c0, c1), !ctx->nr_sector);
 }
 
