@@ -525,6 +525,20 @@ struct {
 	__type(value, struct listen_mib);
 } listen_base SEC(".maps");
 
+/* Before 5.14 a namespace's cookie was an atomic64_t made on first request (0 for one nobody
+ * asked about), and sockets could not tell it (SO_NETNS_COOKIE): there namespaces are keyed by
+ * their inode number, which user space reads from /proc/<pid>/ns/net. */
+struct net___pre514 {
+	atomic64_t net_cookie;
+} __attribute__((preserve_access_index));
+
+static __always_inline __u64 netns_key(const struct net *net)
+{
+	if (bpf_core_field_exists(((struct net___pre514 *)net)->net_cookie.counter))
+		return BPF_CORE_READ(net, ns.inum);
+	return BPF_CORE_READ(net, net_cookie);
+}
+
 struct baseline_ctx {
 	struct linux_mib *mib;
 	__u64 netns;
@@ -687,7 +701,7 @@ static __always_inline struct listen_mib *baseline(struct linux_mib *mib, __u64 
 static __always_inline void attribute_listen(const struct net *net, __u16 port, bool bounded)
 {
 	struct linux_mib *mib = BPF_CORE_READ(net, mib.net_statistics);
-	__u64 netns = BPF_CORE_READ(net, net_cookie);
+	__u64 netns = netns_key(net);
 	struct listen_key key = { .netns = netns, .port = port };
 	struct listen_mib *base, now;
 	struct listen_stats *s;
@@ -863,7 +877,7 @@ static __always_inline int handle_state(const struct sock *sk, int newstate, boo
 	if (newstate != TCP_LISTEN_ || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
 		return 0;
 	net = BPF_CORE_READ(sk, __sk_common.skc_net.net);
-	key.netns = BPF_CORE_READ(net, net_cookie);
+	key.netns = netns_key(net);
 	key.port = BPF_CORE_READ(sk, __sk_common.skc_num);
 	owner.tgid = bpf_get_current_pid_tgid() >> 32;
 	bpf_map_update_elem(&listen_owners, &key, &owner, BPF_ANY);

@@ -11,6 +11,7 @@ ring records (the victim is gone by the next scrape). Each signal has its own co
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 from collections import Counter, deque
@@ -152,9 +153,13 @@ def cgroup_path(components: Iterable[bytes], depth: int) -> str:
 
 
 def netns_cookie() -> int:
-    """The cookie of this process's network namespace (what the kernel side keys by)."""
-    with socket.socket() as s:
-        raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+    """The cookie of this process's network namespace (what the kernel side keys by); before
+    5.14 (no SO_NETNS_COOKIE, see netns_key in saturation.bpf.c) its inode number."""
+    try:
+        with socket.socket() as s:
+            raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+    except OSError:
+        return os.stat("/proc/self/ns/net").st_ino
     return int.from_bytes(raw, "little")
 
 
