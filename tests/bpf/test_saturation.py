@@ -69,6 +69,12 @@ def sat_agent(request: pytest.FixtureRequest) -> Iterator[tuple[Agent, str]]:
             assert all(s.program and s.program.endswith("_bounded") for s in bounded.values())
             assert all("bounded-loop variant (this kernel lacks bpf_loop (5.17+) and "
                        "percpu_lookup (5.19+))" in s.fallback_reason for s in bounded.values())
+            # Every CPU recorded its per-CPU offset (the walk over CPUs reads others' counters
+            # there), and no two are alike.
+            offsets = pair[0].running["saturation"].obj.maps["cpu_offsets"]
+            found = [offsets.lookup(struct.pack("<I", cpu)) for cpu in range(os.cpu_count() or 1)]
+            values = [struct.unpack("<Q", v)[0] if v else 0 for v in found]
+            assert all(values) and len(set(values)) == len(values), values
         yield pair
 
 
