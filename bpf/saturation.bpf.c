@@ -38,6 +38,14 @@ const volatile __u8 block_key_by_rq = 1;
 const volatile __u64 tcp_rcv_state_process_start = 0;
 const volatile __u64 tcp_rcv_state_process_end = 0;
 const volatile __u32 nr_cpus = 1;
+/* bpf_get_current_task_btf (5.11); without it the current task is a plain pointer that is read
+ * field by field (bpf_get_current_task, BPF_CORE_READ). */
+const volatile __u8 have_current_task_btf = 1;
+
+/* A field of a task: a plain load through a BTF pointer (tp_btf arguments,
+ * bpf_get_current_task_btf), a probe read through a plain one (bpf_get_current_task). `btf` is a
+ * constant at every call, so each program keeps one of the two. */
+#define TASK_FIELD(btf, t, field) ((btf) ? (t)->field : BPF_CORE_READ((t), field))
 
 /* --- sched -------------------------------------------------------------------------------- */
 
@@ -99,12 +107,25 @@ struct task_struct___pre514 {
 	long state;
 } __attribute__((preserve_access_index));
 
-static __always_inline long run_state(struct task_struct *t)
+static __always_inline long run_state(struct task_struct *t, bool btf)
 {
 	/* Renamed to __state in 5.14 (2f064a59a11f). */
 	if (bpf_core_field_exists(t->__state))
-		return t->__state;
-	return ((struct task_struct___pre514 *)t)->state;
+		return TASK_FIELD(btf, t, __state);
+	return TASK_FIELD(btf, (struct task_struct___pre514 *)t, state);
+}
+
+/* The current task's process, or SAT_KERNEL_TGID for a kernel thread. */
+static __always_inline __u32 current_tgid_or_kernel(void)
+{
+	struct task_struct *t;
+
+	if (have_current_task_btf) {
+		t = bpf_get_current_task_btf();
+		return (t->flags & PF_KTHREAD_) ? SAT_KERNEL_TGID : t->tgid;
+	}
+	t = (struct task_struct *)bpf_get_current_task();
+	return (BPF_CORE_READ(t, flags) & PF_KTHREAD_) ? SAT_KERNEL_TGID : BPF_CORE_READ(t, tgid);
 }
 
 /* What the load average counts: uninterruptible, not idle-marked, not frozen. */
@@ -115,10 +136,11 @@ static __always_inline bool uninterruptible(long state)
 
 /* prev leaves the CPU: its CPU time and the waits that ended since it last left go to its
  * process; then it starts waiting for a CPU (still runnable) or for I/O (uninterruptible).
- * prev is the current task, a BTF pointer for every hook type. */
-static __always_inline void switch_out(struct task_struct *prev, __u32 tid, __u64 now)
+ * prev is the current task: a BTF pointer (`btf`) or a plain one (tp/ programs). */
+static __always_inline void switch_out(struct task_struct *prev, __u32 tid, __u64 now, bool btf)
 {
-	struct sched_task *ts = thread_state(prev, tid, true);
+	/* Task storage takes BTF pointers only (the tp/ path keys by thread id). */
+	struct sched_task *ts = thread_state(btf ? prev : NULL, tid, true);
 	__u64 sum, cpu_ns = 0;
 	struct sched_stats *s;
 	__u32 tgid;
@@ -126,13 +148,14 @@ static __always_inline void switch_out(struct task_struct *prev, __u32 tid, __u6
 
 	if (!ts)
 		return;
-	sum = prev->se.sum_exec_runtime;
+	sum = TASK_FIELD(btf, prev, se.sum_exec_runtime);
 	if (sched_cpu_on && ts->has_sum)
 		cpu_ns = sum - ts->last_sum_exec_ns;
 	ts->last_sum_exec_ns = sum;
 	ts->has_sum = 1;
 	if (cpu_ns || ts->pending_runq || ts->pending_io_ns || ts->pending_blocked_ns) {
-		tgid = (prev->flags & PF_KTHREAD_) ? SAT_KERNEL_TGID : prev->tgid;
+		tgid = (TASK_FIELD(btf, prev, flags) & PF_KTHREAD_) ? SAT_KERNEL_TGID
+								    : TASK_FIELD(btf, prev, tgid);
 		if (tgid == SAT_KERNEL_TGID || is_traced_task(tgid, 0, 0)) {
 			s = sched_stats_for(tgid);
 			if (s) {
@@ -154,13 +177,14 @@ static __always_inline void switch_out(struct task_struct *prev, __u32 tid, __u6
 	}
 	if (!sched_runq_on)
 		return;
-	state = run_state(prev);
+	state = run_state(prev, btf);
 	/* As the kernel's sched_info: a preempted task waits from now; a task that goes to sleep
 	 * stops waiting (a wake-up that came while it was still on the CPU is void). */
 	ts->queued_ns = state == TASK_RUNNING_ ? now : 0;
 	if (uninterruptible(state)) {
 		ts->slept_ns = now;
-		ts->slept_io = BPF_CORE_READ_BITFIELD(prev, in_iowait);
+		ts->slept_io = btf ? BPF_CORE_READ_BITFIELD(prev, in_iowait)
+				   : BPF_CORE_READ_BITFIELD_PROBED(prev, in_iowait);
 	}
 }
 
@@ -177,13 +201,13 @@ static __always_inline void switch_in(struct task_struct *next, __u32 tid, __u64
 }
 
 static __always_inline int handle_switch(struct task_struct *prev, struct task_struct *next,
-					 __u32 next_tid)
+					 __u32 next_tid, bool btf)
 {
 	__u64 now = bpf_ktime_get_ns();
-	__u32 prev_tid = prev->pid;
+	__u32 prev_tid = TASK_FIELD(btf, prev, pid);
 
 	if (prev_tid) /* 0: the idle task */
-		switch_out(prev, prev_tid, now);
+		switch_out(prev, prev_tid, now, btf);
 	if (next_tid && sched_runq_on)
 		switch_in(next, next_tid, now);
 	return 0;
@@ -194,14 +218,16 @@ static __always_inline int handle_switch(struct task_struct *prev, struct task_s
 SEC("tp_btf/sched_switch")
 int BPF_PROG(sched_switch_btf, bool preempt, struct task_struct *prev, struct task_struct *next)
 {
-	return handle_switch(prev, next, next->pid);
+	return handle_switch(prev, next, next->pid, true);
 }
 
 SEC("tp/sched/sched_switch")
 int sched_switch_tp(struct trace_event_raw_sched_switch *ctx)
 {
-	/* The switch has not happened yet: the current task is prev. */
-	return handle_switch(bpf_get_current_task_btf(), NULL, ctx->next_pid);
+	/* The switch has not happened yet: the current task is prev. A plain pointer, read field by
+	 * field: bpf_get_current_task_btf came in 5.11, and this path is the fallback anyway. */
+	return handle_switch((struct task_struct *)bpf_get_current_task(), NULL, ctx->next_pid,
+			     false);
 }
 
 /* A task becomes runnable: it waits for a CPU from now; an uninterruptible sleep ends. */
@@ -313,9 +339,15 @@ static __always_inline __u8 op_of_rwbs(char c, char next)
 	return BLOCK_OP_OTHER;
 }
 
+/* Where the request queue has no disk pointer (5.10), the request names its disk itself. */
+struct request___old {
+	struct gendisk *rq_disk;
+} __attribute__((preserve_access_index));
+
 static __always_inline __u32 rq_dev(struct request *rq)
 {
-	struct gendisk *disk = rq->q->disk;
+	struct gendisk *disk = bpf_core_field_exists(rq->q->disk)
+		? rq->q->disk : ((struct request___old *)rq)->rq_disk;
 
 	/* The tracepoints' dev: disk_devt(), MKDEV(major, first_minor) in the kernel's layout. */
 	return disk ? ((__u32)disk->major << 20) | (__u32)disk->first_minor : 0;
@@ -324,9 +356,7 @@ static __always_inline __u32 rq_dev(struct request *rq)
 /* The process that issued the request, or "kernel" (writeback, journal, a driver's worker). */
 static __always_inline __u32 issuer(void)
 {
-	struct task_struct *t = bpf_get_current_task_btf();
-
-	return (t->flags & PF_KTHREAD_) ? SAT_KERNEL_TGID : t->tgid;
+	return current_tgid_or_kernel();
 }
 
 /* A request is queued for later issue (an I/O scheduler's queue, a hardware queue's dispatch
@@ -471,12 +501,28 @@ int BPF_PROG(block_rq_complete_btf, struct request *rq, blk_status_t error, unsi
 	return handle_complete(id, rq_dev(rq), op_of_req(rq->cmd_flags), !rq->__data_len);
 }
 
+/* The event's record where it has no block_rq_completion class (5.10). */
+struct trace_event_raw_block_rq_complete___old {
+	dev_t dev;
+	sector_t sector;
+	unsigned int nr_sector;
+	char rwbs[8];
+} __attribute__((preserve_access_index));
+
 SEC("tp/block/block_rq_complete")
 int block_rq_complete_tp(struct trace_event_raw_block_rq_completion *ctx)
 {
-	/* Partial completions cannot be told apart here: the first one ends the request. */
-	char c0 = ctx->rwbs[0], c1 = ctx->rwbs[1];
+	struct trace_event_raw_block_rq_complete___old *old = (void *)ctx;
+	char c0, c1;
 
+	/* Partial completions cannot be told apart here: the first one ends the request. */
+	if (!bpf_core_type_exists(struct trace_event_raw_block_rq_completion)) {
+		c0 = old->rwbs[0];
+		c1 = old->rwbs[1];
+		return handle_complete(old->sector, old->dev, op_of_rwbs(c0, c1), !old->nr_sector);
+	}
+	c0 = ctx->rwbs[0];
+	c1 = ctx->rwbs[1];
 	return handle_complete(ctx->sector, ctx->dev, op_of_rwbs(c0, c1), !ctx->nr_sector);
 }
 
@@ -541,6 +587,20 @@ struct {
 	__type(value, struct listen_mib);
 } listen_base SEC(".maps");
 
+/* Before 5.14 a namespace's cookie was an atomic64_t made on first request (0 for one nobody
+ * asked about), and sockets could not tell it (SO_NETNS_COOKIE): there namespaces are keyed by
+ * their inode number, which user space reads from /proc/<pid>/ns/net. */
+struct net___pre514 {
+	atomic64_t net_cookie;
+} __attribute__((preserve_access_index));
+
+static __always_inline __u64 netns_key(const struct net *net)
+{
+	if (bpf_core_field_exists(((struct net___pre514 *)net)->net_cookie.counter))
+		return BPF_CORE_READ(net, ns.inum);
+	return BPF_CORE_READ(net, net_cookie);
+}
+
 struct baseline_ctx {
 	struct linux_mib *mib;
 	__u64 netns;
@@ -577,7 +637,7 @@ static long baseline_cpu(__u32 cpu, struct baseline_ctx *c)
 
 /* The first time a namespace is seen (a listen() there, or a listener's first drop): read its
  * counters on every CPU; growth from then on is attributed. */
-static __always_inline void take_baseline(struct linux_mib *mib, __u64 netns)
+static __always_inline void take_baseline_loop(struct linux_mib *mib, __u64 netns)
 {
 	struct listen_mib zero = {};
 	struct baseline_ctx c = { .mib = mib, .netns = netns };
@@ -587,10 +647,123 @@ static __always_inline void take_baseline(struct linux_mib *mib, __u64 netns)
 	bpf_loop(nr_cpus < MAX_CPUS ? nr_cpus : MAX_CPUS, baseline_cpu, &c, 0);
 }
 
-static __always_inline void attribute_listen(const struct net *net, __u16 port)
+/* --- the bounded-loop variant (kernels before 5.19) ---
+ * The programs named *_bounded do what their twins do without bpf_loop (5.17) and
+ * bpf_map_lookup_percpu_elem (5.19): the baselines are in a plain hash by namespace and CPU,
+ * written by whichever CPU takes them, and the walk over CPUs is a bounded loop the verifier
+ * follows CPU by CPU (as many as the machine has, known at load). Other CPUs' per-CPU offsets
+ * come from cpu_offsets, filled once after load by test runs of record_cpu_offset on each CPU
+ * (bpf_per_cpu_ptr on a kernel variable needs per-CPU variables in the kernel's BTF, which
+ * Debian's 5.10 lacks). */
+
+#define ALL_CPUS_ 0xffffffffU /* the key's cpu of a namespace's "baselines taken" mark */
+
+struct listen_cpu_key {
+	__u64 netns;
+	__u32 cpu;
+	__u32 _pad;
+};
+
+/* User space sizes it: a mark and one entry per CPU for each of 1024 namespaces. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct listen_cpu_key);
+	__type(value, struct listen_mib);
+} listen_base_cpus SEC(".maps");
+
+/* CPU -> its per-CPU offset + 1 (0: not recorded yet). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_CPUS);
+	__type(key, __u32);
+	__type(value, __u64);
+} cpu_offsets SEC(".maps");
+
+/* Run by user space on each CPU (BPF_PROG_TEST_RUN with BPF_F_TEST_RUN_ON_CPU, 5.10), never
+ * attached. */
+SEC("raw_tp/sys_enter")
+int record_cpu_offset(void *ctx)
+{
+	__u32 cpu = bpf_get_smp_processor_id();
+	__u64 off, *slot = bpf_map_lookup_elem(&cpu_offsets, &cpu);
+
+	if (slot && cpu_offset(0, true, &off))
+		*slot = off + 1;
+	return 0;
+}
+
+/* This CPU's baseline of the namespace, taken now (its first event since the walk missed it:
+ * a CPU whose offset was not recorded, or an entry the LRU dropped). */
+static __always_inline void take_own_baseline(struct linux_mib *mib, __u64 netns)
+{
+	struct listen_cpu_key key = { .netns = netns, .cpu = bpf_get_smp_processor_id() };
+	struct listen_mib now;
+	__u64 off;
+
+	if (!cpu_offset(0, true, &off))
+		return;
+	read_mib(mib, off, &now);
+	bpf_map_update_elem(&listen_base_cpus, &key, &now, BPF_NOEXIST);
+}
+
+static __always_inline void take_baseline_bounded(struct linux_mib *mib, __u64 netns)
+{
+	struct listen_cpu_key key = { .netns = netns, .cpu = ALL_CPUS_ };
+	struct listen_mib zero = {}, now;
+	__u64 *off, i;
+
+	if (bpf_map_update_elem(&listen_base_cpus, &key, &zero, BPF_NOEXIST))
+		return;
+	/* The counter stays in a register (the verifier tracks its value there, and tells the
+	 * iterations apart by it); the key on the stack is a copy. */
+	for (i = 0; i < nr_cpus && i < MAX_CPUS; i++) {
+		key.cpu = i;
+		off = bpf_map_lookup_elem(&cpu_offsets, &key.cpu);
+		if (!off || !*off)
+			continue;
+		read_mib(mib, *off - 1, &now);
+		bpf_map_update_elem(&listen_base_cpus, &key, &now, BPF_NOEXIST);
+	}
+}
+
+static __always_inline void take_baseline(struct linux_mib *mib, __u64 netns, bool bounded)
+{
+	if (bounded)
+		take_baseline_bounded(mib, netns);
+	else
+		take_baseline_loop(mib, netns);
+}
+
+/* This CPU's baseline of the namespace, or NULL once one has been taken now (nothing grew
+ * since, so there is nothing to attribute). */
+static __always_inline struct listen_mib *baseline(struct linux_mib *mib, __u64 netns,
+						   bool bounded)
+{
+	struct listen_cpu_key key = { .netns = netns, .cpu = ALL_CPUS_ };
+	struct listen_mib *base;
+
+	if (!bounded) {
+		base = bpf_map_lookup_elem(&listen_base, &netns);
+		if (!base)
+			take_baseline_loop(mib, netns);
+		return base;
+	}
+	if (!bpf_map_lookup_elem(&listen_base_cpus, &key)) {
+		take_baseline_bounded(mib, netns);
+		return NULL;
+	}
+	key.cpu = bpf_get_smp_processor_id();
+	base = bpf_map_lookup_elem(&listen_base_cpus, &key);
+	if (!base)
+		take_own_baseline(mib, netns);
+	return base;
+}
+
+static __always_inline void attribute_listen(const struct net *net, __u16 port, bool bounded)
 {
 	struct linux_mib *mib = BPF_CORE_READ(net, mib.net_statistics);
-	__u64 netns = BPF_CORE_READ(net, net_cookie);
+	__u64 netns = netns_key(net);
 	struct listen_key key = { .netns = netns, .port = port };
 	struct listen_mib *base, now;
 	struct listen_stats *s;
@@ -599,11 +772,9 @@ static __always_inline void attribute_listen(const struct net *net, __u16 port)
 
 	if (!mib)
 		return;
-	base = bpf_map_lookup_elem(&listen_base, &netns);
-	if (!base) {
-		take_baseline(mib, netns);
+	base = baseline(mib, netns, bounded);
+	if (!base)
 		return;
-	}
 	if (!cpu_offset(0, true, &off))
 		return;
 	read_mib(mib, off, &now);
@@ -633,7 +804,7 @@ static __always_inline void attribute_listen(const struct net *net, __u16 port)
  * (skb_iif set: not a transmitted SYN's clone) SYN without ACK is consumed only there; a SYN
  * that reaches another socket state is dropped (kfree_skb), not consumed. */
 static __always_inline int handle_consume(const struct sk_buff *skb, __u64 location,
-					  bool located)
+					  bool located, bool bounded)
 {
 	struct dst_entry *dst;
 	struct net_device *dev;
@@ -655,67 +826,111 @@ static __always_inline int handle_consume(const struct sk_buff *skb, __u64 locat
 		return 0;
 	if (!located && (!th.syn || th.ack || !BPF_CORE_READ(skb, skb_iif)))
 		return 0;
-	attribute_listen(BPF_CORE_READ(dev, nd_net.net), bpf_ntohs(th.dest));
+	attribute_listen(BPF_CORE_READ(dev, nd_net.net), bpf_ntohs(th.dest), bounded);
 	return 0;
 }
 
 /* consume_skb's location argument came in 6.3. The verifier refuses a read past a tracepoint's
  * arguments, so older kernels must not read it: the relocated constant makes that path dead,
  * and the verifier does not check dead paths. */
-SEC("tp_btf/consume_skb")
-int consume_skb_btf(__u64 *ctx)
+static __always_inline int consume_btf(__u64 *ctx, bool bounded)
 {
 	const struct sk_buff *skb = (const struct sk_buff *)ctx[0];
 
 	if (bpf_core_field_exists(((struct trace_event_raw_consume_skb *)0)->location))
-		return handle_consume(skb, ctx[1], true);
-	return handle_consume(skb, 0, false);
+		return handle_consume(skb, ctx[1], true, bounded);
+	return handle_consume(skb, 0, false, bounded);
+}
+
+static __always_inline int consume_tp(struct trace_event_raw_consume_skb *ctx, bool bounded)
+{
+	const struct sk_buff *skb = (const struct sk_buff *)ctx->skbaddr;
+
+	if (bpf_core_field_exists(ctx->location))
+		return handle_consume(skb, (__u64)ctx->location, true, bounded);
+	return handle_consume(skb, 0, false, bounded);
+}
+
+SEC("tp_btf/consume_skb")
+int consume_skb_btf(__u64 *ctx)
+{
+	return consume_btf(ctx, false);
 }
 
 SEC("tp/skb/consume_skb")
 int consume_skb_tp(struct trace_event_raw_consume_skb *ctx)
 {
-	const struct sk_buff *skb = (const struct sk_buff *)ctx->skbaddr;
+	return consume_tp(ctx, false);
+}
 
-	if (bpf_core_field_exists(ctx->location))
-		return handle_consume(skb, (__u64)ctx->location, true);
-	return handle_consume(skb, 0, false);
+SEC("tp_btf/consume_skb")
+int consume_skb_btf_bounded(__u64 *ctx)
+{
+	return consume_btf(ctx, true);
+}
+
+SEC("tp/skb/consume_skb")
+int consume_skb_tp_bounded(struct trace_event_raw_consume_skb *ctx)
+{
+	return consume_tp(ctx, true);
 }
 
 /* A packet a listener dropped (the handshake's last ACK when the accept queue is full, and
  * ListenDrops' other causes). */
-static __always_inline int handle_drop(const struct sock *sk)
+static __always_inline int handle_drop(const struct sock *sk, bool bounded)
 {
 	if (!sk || BPF_CORE_READ(sk, __sk_common.skc_state) != TCP_LISTEN_ ||
 	    BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
 		return 0;
 	attribute_listen(BPF_CORE_READ(sk, __sk_common.skc_net.net),
-			 BPF_CORE_READ(sk, __sk_common.skc_num));
+			 BPF_CORE_READ(sk, __sk_common.skc_num), bounded);
 	return 0;
 }
 
 /* Every dropped packet passes here: two loads for a packet no listener dropped. */
 /* rx_sk came in 6.12: before it the tracepoint has three arguments and the fourth is not read
  * (as at consume_skb_btf); a listener's drop is then attributed at its next SYN. */
-SEC("tp_btf/kfree_skb")
-int kfree_skb_btf(__u64 *ctx)
+static __always_inline int kfree_btf(__u64 *ctx, bool bounded)
 {
 	if (!bpf_core_field_exists(((struct trace_event_raw_kfree_skb *)0)->rx_sk))
 		return 0;
-	return handle_drop((const struct sock *)ctx[3]);
+	return handle_drop((const struct sock *)ctx[3], bounded);
+}
+
+static __always_inline int kfree_tp(struct trace_event_raw_kfree_skb *ctx, bool bounded)
+{
+	/* rx_sk came in 6.12; before it a listener's drop is attributed at its next SYN. */
+	if (!bpf_core_field_exists(ctx->rx_sk))
+		return 0;
+	return handle_drop((const struct sock *)BPF_CORE_READ(ctx, rx_sk), bounded);
+}
+
+SEC("tp_btf/kfree_skb")
+int kfree_skb_btf(__u64 *ctx)
+{
+	return kfree_btf(ctx, false);
 }
 
 SEC("tp/skb/kfree_skb")
 int kfree_skb_tp(struct trace_event_raw_kfree_skb *ctx)
 {
-	/* rx_sk came in 6.12; before it a listener's drop is attributed at its next SYN. */
-	if (!bpf_core_field_exists(ctx->rx_sk))
-		return 0;
-	return handle_drop((const struct sock *)BPF_CORE_READ(ctx, rx_sk));
+	return kfree_tp(ctx, false);
+}
+
+SEC("tp_btf/kfree_skb")
+int kfree_skb_btf_bounded(__u64 *ctx)
+{
+	return kfree_btf(ctx, true);
+}
+
+SEC("tp/skb/kfree_skb")
+int kfree_skb_tp_bounded(struct trace_event_raw_kfree_skb *ctx)
+{
+	return kfree_tp(ctx, true);
 }
 
 /* listen(): remember the owner, and read the namespace's counters if they are new to us. */
-static __always_inline int handle_state(const struct sock *sk, int newstate)
+static __always_inline int handle_state(const struct sock *sk, int newstate, bool bounded)
 {
 	const struct net *net;
 	struct listen_key key = {};
@@ -724,12 +939,11 @@ static __always_inline int handle_state(const struct sock *sk, int newstate)
 	if (newstate != TCP_LISTEN_ || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
 		return 0;
 	net = BPF_CORE_READ(sk, __sk_common.skc_net.net);
-	key.netns = BPF_CORE_READ(net, net_cookie);
+	key.netns = netns_key(net);
 	key.port = BPF_CORE_READ(sk, __sk_common.skc_num);
 	owner.tgid = bpf_get_current_pid_tgid() >> 32;
 	bpf_map_update_elem(&listen_owners, &key, &owner, BPF_ANY);
-	if (!bpf_map_lookup_elem(&listen_base, &key.netns))
-		take_baseline(BPF_CORE_READ(net, mib.net_statistics), key.netns);
+	take_baseline(BPF_CORE_READ(net, mib.net_statistics), key.netns, bounded);
 	return 0;
 }
 
@@ -737,13 +951,26 @@ static __always_inline int handle_state(const struct sock *sk, int newstate)
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(listen_state_btf, const struct sock *sk, const int oldstate, const int newstate)
 {
-	return handle_state(sk, newstate);
+	return handle_state(sk, newstate, false);
 }
 
 SEC("tp/sock/inet_sock_set_state")
 int listen_state_tp(struct trace_event_raw_inet_sock_set_state *ctx)
 {
-	return handle_state((const struct sock *)ctx->skaddr, ctx->newstate);
+	return handle_state((const struct sock *)ctx->skaddr, ctx->newstate, false);
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(listen_state_btf_bounded, const struct sock *sk, const int oldstate,
+	     const int newstate)
+{
+	return handle_state(sk, newstate, true);
+}
+
+SEC("tp/sock/inet_sock_set_state")
+int listen_state_tp_bounded(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	return handle_state((const struct sock *)ctx->skaddr, ctx->newstate, true);
 }
 
 /* --- OOM kills ---------------------------------------------------------------------------- */
@@ -778,7 +1005,8 @@ static __always_inline bool at_limit(struct page_counter *pc)
  * nearest cgroup at its limit from that task's up. NULL for a machine-wide OOM. */
 static __always_inline struct mem_cgroup *oom_memcg(void)
 {
-	struct task_struct *cur = bpf_get_current_task_btf();
+	/* Read field by field: rare, and bpf_get_current_task_btf came in 5.11. */
+	struct task_struct *cur = (struct task_struct *)bpf_get_current_task();
 	int id = bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id);
 	struct cgroup_subsys_state *css;
 	struct mem_cgroup *memcg;

@@ -83,7 +83,13 @@ def _family_rows(listen: str) -> list[tuple[str, bool, str]]:
         hooks = [s for s in status if s["probe"] == family]
         if all(s["attached"] for s in hooks):
             kinds = sorted({s["section"].split("/", 1)[0] for s in hooks})
-            rows.append((f"family {family}", True, f"on ({source}): {', '.join(kinds)}"))
+            # Stand-ins for features this kernel lacks (saturation's bounded-loop variant),
+            # which probes.base.Probe.program_note adds to a hook's reason.
+            stand_ins = dict.fromkeys(note for s in hooks
+                                      for note in (s["fallback_reason"] or "").split("; ")
+                                      if "this kernel lacks" in note)
+            rows.append((f"family {family}", True, f"on ({source}): {', '.join(kinds)}"
+                         + "".join(f"; {note}" for note in stand_ins)))
         else:
             reasons = dict.fromkeys(s["fallback_reason"] for s in hooks if not s["attached"])
             rows.append((f"family {family}", False,

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.bpf
 BPFTOOL_MAPS = {"ringbuf": "have_ringbuf_map_type", "task_storage": "have_task_storage_map_type"}
 BPFTOOL_HELPERS = {"bpf_loop": "bpf_loop", "task_pt_regs": "bpf_task_pt_regs",
                    "current_task_btf": "bpf_get_current_task_btf",
-                   "attach_cookie": "bpf_get_attach_cookie"}
+                   "attach_cookie": "bpf_get_attach_cookie",
+                   "percpu_lookup": "bpf_map_lookup_percpu_elem"}
 
 
 def test_kernel_features_match_bpftool_feature_probe_and_kernel_btf() -> None:
@@ -49,15 +50,17 @@ def test_kernel_features_match_bpftool_feature_probe_and_kernel_btf() -> None:
 
 def test_families_this_kernel_cannot_run_are_switched_off_by_name_and_the_rest_count(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A kernel without bpf_loop (before 5.17; Debian 5.10 in the matrix) loses the families
-    whose objects call it (l7, saturation), named with what is missing, before anything is
-    loaded; tcp and process run and count. On this kernel the probe's answer for bpf_loop is
-    replaced; the matrix's 5.10 guest takes the same path for real."""
+    """A kernel without bpf_loop (before 5.17; Debian 5.10 in the matrix) loses the family
+    whose object needs it (l7), named with what is missing, before anything is loaded; tcp,
+    process and saturation (its bounded-loop variant) run and count. On this kernel the
+    probe's answer for bpf_loop is replaced; the matrix's 5.10 guest takes the same path for
+    real."""
     import socket
 
     from agentlib import free_port, running_agent, scrape, total, wait_for
 
     from probewire import agent as agent_module
+    from probewire.probes import saturation
     from probewire.runtime.features import FAMILY_NEEDS, HookSupport
 
     def without_bpf_loop(names: Iterable[str] | None = None) -> dict[str, HookSupport]:
@@ -67,16 +70,23 @@ def test_families_this_kernel_cannot_run_are_switched_off_by_name_and_the_rest_c
         return found
 
     monkeypatch.setattr(agent_module, "probe_kernel_features", without_bpf_loop)
+    monkeypatch.setattr(saturation, "probe_kernel_features", without_bpf_loop)
     with running_agent() as (agent, listen):
         # custom is off by default (no probes.custom); the others are on.
         off = {name for name, needs in FAMILY_NEEDS.items() if "bpf_loop" in needs}
-        assert set(agent.disabled) == off == {"l7", "saturation"}, agent.disabled
-        for name in ("l7", "saturation"):
+        assert set(agent.disabled) == off == {"l7"}, agent.disabled
+        for name in ("l7",):
             assert agent.disabled[name].startswith("this kernel lacks bpf_loop (5.17+): "
                                                    "the kernel refuses it"), agent.disabled
             assert name not in agent.running
         status = agent.status()
         assert {s.probe for s in status} >= {"tcp", "process", "l7", "saturation"}
+        listen_hooks = saturation.SIGNAL_HOOKS["listen"]
+        for s in status:
+            if s.probe == "saturation" and s.hook in listen_hooks:
+                assert s.program and s.program.endswith("_bounded"), s
+                assert s.fallback_reason.startswith(
+                    "bounded-loop variant (this kernel lacks bpf_loop (5.17+))"), s
         for s in status:
             if s.probe in agent.disabled:
                 assert (s.attached, s.program) == (False, None), s
@@ -125,3 +135,28 @@ def test_kernel_enumerators_match_bpftool_dump_of_the_kernel_btf() -> None:
             if m[1] in names}
     assert set(want) == set(names) - {"PROBEWIRE_NO_SUCH_ENUMERATOR"}
     assert kernel_enumerators(names) == want
+
+
+def test_doctor_names_the_stand_ins_a_kernel_without_bpf_loop_gets(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """doctor's family row says which variant runs and why (on 5.10 for real; here the
+    probe's answers for saturation's optional features are replaced)."""
+    from probewire import doctor
+    from probewire.probes import saturation
+    from probewire.runtime.features import SATURATION_OPTIONAL, HookSupport
+
+    def lacking(names: Iterable[str] | None = None) -> dict[str, HookSupport]:
+        return {n: HookSupport(n, False, "the kernel refuses it")
+                for n in (names if names is not None else SATURATION_OPTIONAL)}
+
+    monkeypatch.setattr(saturation, "probe_kernel_features", lacking)
+    rows = {name: (ok, detail) for name, ok, detail in doctor._family_rows("127.0.0.1:1")}
+    ok, detail = rows["family saturation"]
+    assert ok, detail
+    assert detail.startswith("on (loaded just now): tp_btf"), detail
+    for note in ("bounded-loop variant (this kernel lacks bpf_loop (5.17+) and percpu_lookup "
+                 "(5.19+))", "current task by probe reads (this kernel lacks current_task_btf "
+                 "(5.11+))", "thread state in a hash by thread id (this kernel lacks "
+                 "task_storage (5.11+))"):
+        assert f"; {note}" in detail, detail
+    assert "this kernel lacks" not in rows["family tcp"][1]

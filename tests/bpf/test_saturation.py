@@ -21,14 +21,16 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
 from agentlib import running_agent, scrape, total, wait_for
 
 from probewire.agent import Agent
+from probewire.probes import saturation
 from probewire.probes.saturation import SIGNAL_HOOKS
+from probewire.runtime.features import SATURATION_OPTIONAL, HookSupport
 from support.netns import two_hosts
 
 pytestmark = pytest.mark.bpf
@@ -46,14 +48,39 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 SERVICE = "pytest"  # this process
 
 
-@pytest.fixture(scope="module", params=["tp_btf", "tp"])
+@pytest.fixture(scope="module", params=["tp_btf", "tp", "stand_ins"])
 def sat_agent(request: pytest.FixtureRequest) -> Iterator[tuple[Agent, str]]:
+    """`stand_ins`: tp_btf with what a kernel before 5.11/5.17/5.19 gets (Debian 5.10 in the
+    kernel matrix): the *_bounded listen programs, the current task by probe reads, thread
+    state by thread id. The kernel's answer for those features is replaced; the rest is real."""
     forced = {h: "tp" for h in SAT_HOOKS} if request.param == "tp" else {}
-    with running_agent({"services": {"rules": RULES}}, forced_hooks=forced) as pair:
+    hook_type = "tp" if request.param == "tp" else "tp_btf"
+    with contextlib.ExitStack() as stack:
+        if request.param == "stand_ins":
+            stack.enter_context(pytest.MonkeyPatch.context()).setattr(
+                saturation, "probe_kernel_features", without_optional_features)
+        pair = stack.enter_context(running_agent({"services": {"rules": RULES}},
+                                                 forced_hooks=forced))
         status = [s for s in pair[0].status() if s.probe == "saturation"]
         assert {s.hook for s in status} == set(SAT_HOOKS)
-        assert all(s.attached and s.section.startswith(f"{request.param}/") for s in status)
+        assert all(s.attached and s.section.startswith(f"{hook_type}/") for s in status)
+        if request.param == "stand_ins":
+            bounded = {s.hook: s for s in status if s.hook in SIGNAL_HOOKS["listen"]}
+            assert all(s.program and s.program.endswith("_bounded") for s in bounded.values())
+            assert all("bounded-loop variant (this kernel lacks bpf_loop (5.17+) and "
+                       "percpu_lookup (5.19+))" in s.fallback_reason for s in bounded.values())
+            # Every CPU recorded its per-CPU offset (the walk over CPUs reads others' counters
+            # there), and no two are alike.
+            offsets = pair[0].running["saturation"].obj.maps["cpu_offsets"]
+            found = [offsets.lookup(struct.pack("<I", cpu)) for cpu in range(os.cpu_count() or 1)]
+            values = [struct.unpack("<Q", v)[0] if v else 0 for v in found]
+            assert all(values) and len(set(values)) == len(values), values
         yield pair
+
+
+def without_optional_features(names: Iterable[str] | None = None) -> dict[str, HookSupport]:
+    return {name: HookSupport(name, False, "the kernel refuses it (test)")
+            for name in (names if names is not None else SATURATION_OPTIONAL)}
 
 
 # --- run queue and CPU ---------------------------------------------------------------------------

@@ -101,6 +101,11 @@ class Probe:
         """The hooks this instance attaches: all of them unless its config turns some off."""
         return self.hooks
 
+    def program_note(self, program: str) -> str:
+        """What `probes` and doctor should say about a chosen program beyond its hook type
+        (e.g. the variant a kernel without bpf_loop gets), or ""."""
+        return ""
+
     # --- helpers ----------------------------------------------------------------------------
     def budget_families(self) -> Iterable[tuple[str, float, int]]:
         """(metric, overflows, active series) of each label budget the family keeps."""
@@ -170,7 +175,9 @@ def choose_programs(
                 break
             rejected.append(f"{section}: {s.reason}")
         section = obj.programs[chosen].section if chosen else ""
-        choices.append(HookChoice(hook.name, chosen, section, reason="; ".join(rejected)))
+        note = probe.program_note(chosen) if chosen else ""
+        choices.append(HookChoice(hook.name, chosen, section,
+                                  reason="; ".join([*rejected, *([note] if note else [])])))
     return choices
 
 

@@ -11,6 +11,7 @@ ring records (the victim is gone by the next scrape). Each signal has its own co
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 from collections import Counter, deque
@@ -24,10 +25,19 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 
 from probewire.aggregate.histogram import Log2Buckets
 from probewire.config import SaturationConfig
+from probewire.errors import ProbewireError
 from probewire.probes.base import Hook, Probe, ProbeContext
 from probewire.probes.tcp import listening_sockets
+from probewire.runtime import _libbpf
 from probewire.runtime.bpf import BpfObject, possible_cpus
-from probewire.runtime.features import hook_type_of, kernel_enumerators
+from probewire.runtime.features import (
+    FEATURE_SINCE,
+    SATURATION_OPTIONAL,
+    HookSupport,
+    hook_type_of,
+    kernel_enumerators,
+    probe_kernel_features,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +111,19 @@ SIGNAL_HOOKS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Programs with a twin (<name>_bounded) for kernels without bpf_loop (5.17) or
+# bpf_map_lookup_percpu_elem (5.19): the listen baselines by a bounded loop, in a hash by CPU.
+BOUNDED_TWINS = frozenset({"consume_skb_btf", "consume_skb_tp", "kfree_skb_btf", "kfree_skb_tp",
+                           "listen_state_btf", "listen_state_tp"})
+# Run once on each CPU after load in the bounded variant: records the CPU's per-CPU offset.
+RECORD_CPU_OFFSET = "record_cpu_offset"
+# Namespaces the bounded variant keeps baselines for (a mark and one entry per CPU each).
+BOUNDED_NAMESPACES = 1024
+# Hooks whose programs read the current task (the issuer of a block request, the OOM killer's
+# task), by probe reads where the kernel lacks bpf_get_current_task_btf.
+CURRENT_TASK_HOOKS = frozenset({"block_rq_issue", "block_rq_complete", "mark_victim"})
+
+
 def kernel_dev(dev: int) -> tuple[int, int]:
     """The kernel's dev_t (MKDEV: major << 20 | minor) -> (major, minor)."""
     return dev >> 20, dev & ((1 << 20) - 1)
@@ -130,9 +153,13 @@ def cgroup_path(components: Iterable[bytes], depth: int) -> str:
 
 
 def netns_cookie() -> int:
-    """The cookie of this process's network namespace (what the kernel side keys by)."""
-    with socket.socket() as s:
-        raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+    """The cookie of this process's network namespace (what the kernel side keys by); before
+    5.14 (no SO_NETNS_COOKIE, see netns_key in saturation.bpf.c) its inode number."""
+    try:
+        with socket.socket() as s:
+            raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+    except OSError:
+        return os.stat("/proc/self/ns/net").st_ino
     return int.from_bytes(raw, "little")
 
 
@@ -258,6 +285,8 @@ class SaturationProbe(Probe):
         "oom_event": OOM_EVENT,
     }
     extra_rings: ClassVar[dict[str, np.dtype]] = {"oom_events": OOM_EVENT}
+    # Tiny and verifiable everywhere; run (by test runs) only in the bounded variant.
+    helper_programs = (RECORD_CPU_OFFSET,)
 
     def __init__(self, ctx: ProbeContext) -> None:
         super().__init__(ctx)
@@ -273,9 +302,42 @@ class SaturationProbe(Probe):
         self.recent_oom_kills: deque[OomKill] = deque(maxlen=RECENT_OOM_KILLS)
         self._devices: dict[int, str] = {}
         self._buckets = Log2Buckets(LOG2_SLOTS, US)
+        self._features: dict[str, HookSupport] | None = None
+
+    # --- variants: what this kernel offers, and the stand-ins where it lacks something -------
+    def kernel_features(self) -> dict[str, HookSupport]:
+        """SATURATION_OPTIONAL on this kernel, probed once (at the first hook choice)."""
+        if self._features is None:
+            self._features = probe_kernel_features(SATURATION_OPTIONAL)
+        return self._features
+
+    def _lacking(self, *names: str) -> str:
+        missing = [f"{n} ({FEATURE_SINCE[n]}+)" for n in names
+                   if not self.kernel_features()[n].available]
+        return "this kernel lacks " + " and ".join(missing) if missing else ""
+
+    def bounded_reason(self) -> str:
+        """Why the listen signal runs its bounded-loop variant here, or "" (bpf_loop's)."""
+        lacking = self._lacking("bpf_loop", "percpu_lookup")
+        return f"bounded-loop variant ({lacking})" if lacking else ""
 
     def active_hooks(self) -> tuple[Hook, ...]:
-        return self._hooks
+        if not self.settings.listen or not self.bounded_reason():
+            return self._hooks
+        return tuple(Hook(h.name, tuple(f"{p}_bounded" if p in BOUNDED_TWINS else p
+                                        for p in h.programs)) for h in self._hooks)
+
+    def program_note(self, program: str) -> str:
+        hook = next((h.name for h in self.active_hooks() if program in h.programs), "")
+        notes = []
+        if program.endswith("_bounded"):
+            notes.append(self.bounded_reason())
+        if hook in CURRENT_TASK_HOOKS and (lacking := self._lacking("current_task_btf")):
+            notes.append(f"current task by probe reads ({lacking})")
+        if (hook in SIGNAL_HOOKS["runqueue"] and not program.endswith("_tp")
+                and (lacking := self._lacking("task_storage"))):
+            notes.append(f"thread state in a hash by thread id ({lacking})")
+        return "; ".join(notes)
 
     # --- load ---------------------------------------------------------------------------------
     def _all_tp_btf(self, obj: BpfObject, hooks: Iterable[str]) -> bool:
@@ -284,7 +346,10 @@ class SaturationProbe(Probe):
         return all(hook_type_of(obj.programs[p].section) == "tp_btf" for p in chosen)
 
     def before_load(self, obj: BpfObject) -> None:
-        task_storage = self._all_tp_btf(obj, SIGNAL_HOOKS["runqueue"])
+        features = self.kernel_features()
+        task_storage = (self._all_tp_btf(obj, SIGNAL_HOOKS["runqueue"])
+                        and features["task_storage"].available)
+        bounded = bool(self.settings.listen and self.bounded_reason())
         syn_code = kallsyms_range("tcp_rcv_state_process") if self.settings.listen else (0, 0)
         if self.settings.listen and not syn_code[0]:
             log.warning("tcp_rcv_state_process not in /proc/kallsyms: listen overflows of SYNs "
@@ -304,9 +369,15 @@ class SaturationProbe(Probe):
             tcp_rcv_state_process_start=syn_code[0],
             tcp_rcv_state_process_end=syn_code[1],
             nr_cpus=possible_cpus(),
+            have_current_task_btf=int(features["current_task_btf"].available),
         )
         if task_storage:
             obj.maps["sched_threads"].set_max_entries(1)
+        if not features["task_storage"].available:
+            # Its type does not exist here (the verifier never sees its dead uses).
+            obj.maps["sched_tasks"].set_type(_libbpf.BPF_MAP_TYPE_HASH)
+            obj.maps["sched_tasks"].set_max_entries(1)
+        self._size_listen_baselines(obj, bounded)
         # Per-CPU values cost value size x CPUs per entry, preallocated (LRU).
         for name, dtype in (("sched_stats", SCHED_STATS), ("block_stats", BLOCK_STATS)):
             m = obj.maps[name]
@@ -314,9 +385,31 @@ class SaturationProbe(Probe):
             m.set_max_entries(max(256, min(m.max_entries, fit)))
         obj.maps["oom_events"].set_max_entries(OOM_RING_BYTES)
 
+    def _size_listen_baselines(self, obj: BpfObject, bounded: bool) -> None:
+        """Only the variant's own baseline map takes memory."""
+        if bounded:
+            obj.maps["listen_base_cpus"].set_max_entries(
+                BOUNDED_NAMESPACES * (possible_cpus() + 1))
+            obj.maps["listen_base"].set_max_entries(1)
+        else:
+            obj.maps["listen_base_cpus"].set_max_entries(1)
+
+    def _record_cpu_offsets(self, obj: BpfObject) -> None:
+        """The bounded variant reads other CPUs' counters at offsets each CPU records for
+        itself: a test run of record_cpu_offset on every CPU. An offline CPU's baseline is
+        taken at its first listen event instead (that event goes unattributed)."""
+        prog = obj.programs[RECORD_CPU_OFFSET]
+        for cpu in range(possible_cpus()):
+            try:
+                prog.test_run(bytes(8), cpu=cpu)
+            except ProbewireError as exc:
+                log.debug("per-CPU offset of CPU %d not recorded: %s", cpu, exc)
+
     def after_load(self, obj: BpfObject) -> None:
         if not self.settings.listen:
             return
+        if self.bounded_reason():
+            self._record_cpu_offsets(obj)
         try:
             cookie = netns_cookie()
         except OSError:

@@ -44,6 +44,8 @@ BTF_KIND_ENUM = 6
 BTF_KIND_TYPEDEF, BTF_KIND_VAR, BTF_KIND_DATASEC = 8, 14, 15
 # map update flags
 BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
+BPF_MAP_TYPE_HASH = 1
+BPF_F_TEST_RUN_ON_CPU = 1 << 0
 
 
 class BtfType(Structure):
@@ -153,6 +155,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "bpf_map__value_size": (c_uint32, [c_void_p]),
     "bpf_map__max_entries": (c_uint32, [c_void_p]),
     "bpf_map__set_max_entries": (c_int, [c_void_p, c_uint32]),
+    "bpf_map__set_type": (c_int, [c_void_p, c_int]),
     "bpf_map__reuse_fd": (c_int, [c_void_p, c_int]),
     "bpf_map__initial_value": (c_void_p, [c_void_p, POINTER(c_size_t)]),
     "bpf_map__btf_value_type_id": (c_uint32, [c_void_p]),

@@ -273,14 +273,17 @@ class Program:
         _check_ptr(ptr, f"attach usdt {where}")
         return Link(ptr, f"usdt:{where}")
 
-    def test_run(self, ctx: bytes) -> tuple[int, bytes]:
+    def test_run(self, ctx: bytes, cpu: int | None = None) -> tuple[int, bytes]:
         """BPF_PROG_TEST_RUN of a SEC("syscall") program with `ctx` as its context, which the
-        program may write its results into: (return value, context after the run)."""
+        program may write its results into: (return value, context after the run). `cpu`: run
+        a raw_tp program on that CPU (BPF_F_TEST_RUN_ON_CPU, 5.10)."""
         ctx_io = ctypes.create_string_buffer(ctx, len(ctx))
         opts = _libbpf.TestRunOpts(
             sz=ctypes.sizeof(_libbpf.TestRunOpts), ctx_in=ctypes.addressof(ctx_io),
             ctx_size_in=len(ctx),
         )
+        if cpu is not None:
+            opts.flags, opts.cpu = _libbpf.BPF_F_TEST_RUN_ON_CPU, cpu
         rc = lib().bpf_prog_test_run_opts(self.fd, ctypes.byref(opts))
         if rc:
             _raise_for(f"test run of {self.name}", rc)
@@ -339,6 +342,12 @@ class Map:
         rc = lib().bpf_map__set_max_entries(self._ptr, n)
         if rc:
             _raise_for(f"resize map {self.name} to {n}", rc)
+
+    def set_type(self, map_type: int) -> None:
+        """Create the map as another type (a kernel without the declared one)."""
+        rc = lib().bpf_map__set_type(self._ptr, map_type)
+        if rc:
+            _raise_for(f"set the type of map {self.name} to {map_type}", rc)
 
     def reuse_fd(self, fd: int) -> None:
         """Share an already created map (e.g. the filter maps) instead of creating one."""

@@ -41,6 +41,7 @@ HOOK_TYPES: dict[str, str] = {
 #   current_task_btf  helper 158 (5.11): the current task as a BTF pointer
 #   attach_cookie helper 174 (5.15): the value an attachment carries (custom probes' index)
 #   bpf_rdonly_cast   kfunc (6.2): plain loads of kernel fields (common.h KREAD)
+#   percpu_lookup helper 195 (5.19): bpf_map_lookup_percpu_elem, another CPU's copy of a value
 KERNEL_FEATURES: dict[str, tuple[str, int]] = {
     "ringbuf": ("map", 27),
     "task_storage": ("map", 29),
@@ -49,26 +50,31 @@ KERNEL_FEATURES: dict[str, tuple[str, int]] = {
     "current_task_btf": ("helper", 158),
     "attach_cookie": ("helper", 174),
     "bpf_rdonly_cast": ("kfunc", 0),
+    "percpu_lookup": ("helper", 195),
 }
 # The first kernel with each feature, for the reason a family is switched off.
 FEATURE_SINCE = {"ringbuf": "5.8", "task_storage": "5.11", "bpf_loop": "5.17",
                  "task_pt_regs": "5.15", "current_task_btf": "5.11", "attach_cookie": "5.15",
-                 "bpf_rdonly_cast": "6.2"}
+                 "bpf_rdonly_cast": "6.2", "percpu_lookup": "5.19"}
 
 # Features a family's object calls on every path it can take, so a kernel without one cannot
 # load it (the verifier refuses an unknown helper, a map of an unknown type fails creation).
-# Optional ones (bpf_rdonly_cast: probe reads instead; saturation's task storage: a hash by
-# thread id) are not listed. tests/unit/test_kernel_matrix.py checks this against the
+# Optional ones (bpf_rdonly_cast: probe reads instead; saturation's: see
+# SATURATION_VARIANTS) are not listed. tests/unit/test_family_needs.py checks this against the
 # helpers each object's code calls.
 #   l7          bpf_loop walks iovecs and HTTP heads; task storage holds an SSL call's
 #               arguments; task_pt_regs reads a syscall's arguments at its exit
-#   saturation  bpf_loop reads the per-CPU listen counters; current_task_btf in its tp/ path
 #   custom      each uprobe finds its spec by its attach cookie
 FAMILY_NEEDS: dict[str, tuple[str, ...]] = {
     "l7": ("bpf_loop", "task_storage", "task_pt_regs", "current_task_btf"),
-    "saturation": ("bpf_loop", "current_task_btf"),
     "custom": ("attach_cookie",),
 }
+# Features the saturation family uses where the kernel has them, with a stand-in where not:
+#   bpf_loop, percpu_lookup  the walk over CPUs for listen-counter baselines; without either,
+#                            the *_bounded programs (a bounded loop, a hash by CPU)
+#   current_task_btf         the current task's fields by plain loads; else probe reads
+#   task_storage             per-thread sched state; else an LRU hash by thread id
+SATURATION_OPTIONAL = ("bpf_loop", "percpu_lookup", "current_task_btf", "task_storage")
 _BPF_PROG_TYPE_TRACEPOINT = 5
 _BTF_KIND_FUNC = 12
 
