@@ -225,7 +225,7 @@ AGENT_CONFIGS = {
 
 
 @contextlib.contextmanager
-def running_agent(config: str = "default", timeout_s: float = 30.0) -> Iterator[AgentProc]:
+def running_agent(config: str = "default", timeout_s: float = 120.0) -> Iterator[AgentProc]:
     """`probewire run` as its own process, answering /healthz before this yields."""
     if not PROBEWIRE.exists():
         raise RuntimeError(f"{PROBEWIRE} missing: run `make setup`")
