@@ -509,9 +509,13 @@ def test_probes_shows_the_preferred_hook_chosen_and_attached_for_every_hook(
         _probe, _hook, chosen, attached, _avg, _runs, reason = rows[probe, hook]
         preferred, first = _preferred(probe, hook)
         assert (chosen, attached) == (preferred, "yes"), rows[probe, hook]
-        # A program passed over is named with the kernel's reason (fentry: EPERM here).
-        assert (reason == "") == (chosen == first), rows[probe, hook]
-        if reason:
+        # A program passed over is named with the kernel's reason (fentry: EPERM here). The
+        # preferred one may carry only a note of the stand-ins it runs with on an old kernel
+        # (saturation on 5.10: "thread state in a hash by thread id (this kernel lacks ...)").
+        if chosen == first:
+            assert reason == "" or ("this kernel lacks" in reason
+                                    and _squash(first) not in _squash(reason)), rows[probe, hook]
+        else:
             assert _squash(first) in _squash(reason), rows[probe, hook]
 
 
