@@ -43,3 +43,5 @@ SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(count_inet_sock_set_state) { return count(7); }
 SEC("tp_btf/mark_victim")
 int BPF_PROG(count_mark_victim) { return count(8); }
+SEC("tp_btf/block_rq_insert")
+int BPF_PROG(count_block_rq_insert) { return count(9); }
