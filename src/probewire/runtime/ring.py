@@ -166,7 +166,10 @@ class Ring:
         size = self.record_dtype.itemsize
         raw = span[: n * self.stride].reshape(n, self.stride)[:, RINGBUF_HDR_SZ: RINGBUF_HDR_SZ
                                                                + size]
-        raw = raw[keep] if keep is not None else np.ascontiguousarray(raw)
+        # Always a copy: for one record the slice is already contiguous, and
+        # np.ascontiguousarray handed back a view into the ring, which the kernel may overwrite
+        # once released (and which kept the mmap from closing: BufferError at stop).
+        raw = raw[keep] if keep is not None else raw.copy()
         records: np.ndarray = raw.view(self.record_dtype)[:, 0]
         return records
 
