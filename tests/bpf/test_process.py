@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,29 +18,14 @@ from probewire.enrich.service import ServiceResolver
 from probewire.probes.base import ProbeContext, start_probe
 from probewire.probes.process import PROCESS_EXEC, PROCESS_EXIT, ProcessProbe
 from probewire.runtime.features import probe_hook_types
-from probewire.runtime.filter import Filter, cgroup2_root
+from probewire.runtime.filter import Filter
 from probewire.runtime.ring import Ring
 from probewire.security.kernel import PROCESS_FORK
+from support.cgroups import scratch_cgroup
 
 pytestmark = pytest.mark.bpf
 
 SH = "/bin/sh"
-
-
-@contextmanager
-def scratch_cgroup() -> Iterator[Path]:
-    """A fresh cgroup v2 directory; processes started in it are what the filter traces."""
-    path = cgroup2_root() / f"probewire-test-{uuid.uuid4().hex[:8]}"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        for _ in range(50):
-            try:
-                path.rmdir()
-                break
-            except OSError:
-                wait_for(lambda: not (path / "cgroup.procs").read_text().strip(), 0.1)
 
 
 def loop(n: int, command: str) -> str:
