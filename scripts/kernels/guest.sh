@@ -63,6 +63,27 @@ if [ "${GUEST_CLI_REPORTS:-1}" = 1 ]; then
     timeout 900 .venv/bin/probewire probes > "$out/probes.txt" 2>&1
     echo "probes exit $?" >> "$out/probes.txt"
 fi
+# A hang must be diagnosable from the host: every 60 s the guest's processes, with the kernel
+# function each waits in and the kernel stacks of the ones stuck in D state, go to watch.log.
+watch() {
+    while sleep 60; do
+        {
+            date +%T
+            ps -eo pid,ppid,stat,etimes,wchan:32,args --sort=pid
+            for task in /proc/[0-9]*; do
+                state=$(awk '/^State:/ {print $2}' "$task/status" 2>/dev/null)
+                if [ "$state" = D ]; then
+                    echo "== ${task#/proc/} $(tr '\0' ' ' < "$task/cmdline")"
+                    cat "$task/stack" 2>/dev/null
+                fi
+            done
+            dmesg 2>/dev/null | tail -n 30
+        } > "$out/watch.log.new" 2>&1
+        mv "$out/watch.log.new" "$out/watch.log"
+    done
+}
+watch &
+watcher=$!
 step "pytest $*"
 # The CPU is emulated (~14x slower): a test gets 15 min, not the suite's 5. The repo is
 # read-only here (no cache provider); test-output/ is shared read-write. --tb=native: pytest's
@@ -72,4 +93,5 @@ timeout "${GUEST_PYTEST_TIMEOUT_S:-7200}" .venv/bin/pytest -p no:cacheprovider -
     -o timeout=900 --tb=native --junitxml="$out/junit.xml" "$@" > "$out/pytest.log" 2>&1
 rc=$?
 step "pytest exit $rc: $(tail -n 1 "$out/pytest.log")"
+kill "$watcher" 2>/dev/null
 echo "$rc" > "$out/rc"

@@ -114,6 +114,8 @@ def boot(run: SuiteRun, vmlinuz: Path, out: Path, pytest_args: list[str], memory
                       for image, _ in images)
     cmd = [
         str(VENV_BIN / "vng"), "--run", str(vmlinuz), "--disable-kvm", "--cpus", "2",
+        # --verbose: the kernel's console (a lockup or hung-task report) lands in console.log.
+        "--verbose",
         # The root is read-only in the guest; these two directories are written through.
         "--memory", memory, "--rwdir", str(REPO / "test-output"), "--rwdir", str(out),
         "--exec", guest,
