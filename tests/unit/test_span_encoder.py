@@ -270,6 +270,20 @@ def test_a_key_with_too_many_values_to_cache_still_writes_what_the_general_path_
         assert cache[key, value] == _attribute(key, value)
 
 
+@settings(max_examples=50, deadline=None)
+@given(key=st.text(max_size=140), values=st.lists(st.one_of(st.text(max_size=200),
+                                                            st.integers()), max_size=40))
+def test_a_key_with_too_many_strings_to_cache_still_writes_what_the_general_path_writes(
+        key: str, values: list[str | int]) -> None:
+    """Past _VALUES_PER_KEY distinct values (paths, URLs), a key's strs take the short miss
+    path; ints of the same key still take theirs."""
+    cache = _Attributes()
+    for i in range(600):
+        assert cache[key, f"/api/items/{i}"] == _attribute(key, f"/api/items/{i}")
+    for value in [*values, "", "ü" * 3, "x" * 120, "x" * 200, 0x4000]:
+        assert cache[key, value] == _attribute(key, value)
+
+
 @settings(max_examples=300, deadline=None)
 @given(key=st.text(max_size=140), value=st.one_of(
     st.text(max_size=200), st.integers(-(2**64), 2**64), st.booleans(), st.floats(),

@@ -171,6 +171,8 @@ class _Attributes(dict[tuple[str, object], bytes]):
         # Keys past _VALUES_PER_KEY -> all of an entry but a 3-byte varint value (a port, a
         # thread id): such a value misses every time, so its miss is made as short as can be.
         self.int3_heads: dict[str, bytes] = {}
+        # ASCII keys past _VALUES_PER_KEY whose value was a str (paths, URLs, queries).
+        self.uncached_str: set[str] = set()
 
     def __missing__(self, item: tuple[str, object]) -> bytes:
         key, value = item
@@ -179,6 +181,14 @@ class _Attributes(dict[tuple[str, object], bytes]):
             if head is not None:
                 return head + bytes(
                     ((value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, value >> 14))
+        elif type(value) is str and key in self.uncached_str:
+            # A path or URL, new nearly every time: its entry in one go when all its lengths
+            # are one-byte varints (what the fast path below writes, minus its bookkeeping).
+            key_field = self.key_fields[key]
+            size = len(key_field) + len(value) + 4
+            if size < 0x80 and value.isascii():
+                return bytes((0x4A, size)) + key_field + bytes(
+                    (0x12, len(value) + 2, 0x0A, len(value))) + value.encode()
         encoded = b""
         prefix = self.key_fields.get(key)
         if prefix is None and key.isascii():
@@ -206,7 +216,11 @@ class _Attributes(dict[tuple[str, object], bytes]):
                 self.clear()
                 self.values_seen.clear()
             self[item] = encoded
-        elif prefix is not None and len(prefix) + 6 < 0x80 and key not in self.int3_heads:
+        elif prefix is None:
+            pass
+        elif type(value) is str:
+            self.uncached_str.add(key)
+        elif len(prefix) + 6 < 0x80 and key not in self.int3_heads:
             self.int3_heads[key] = bytes((0x4A, len(prefix) + 6)) + prefix + b"\x12\x04\x18"
         return encoded
 

@@ -35,10 +35,13 @@ import socket
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
+from itertools import repeat
+from types import MappingProxyType
 
+import numpy as np
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -132,15 +135,26 @@ def parse_traceparent(value: bytes) -> Traceparent | None:
     return Traceparent(trace_id, span_id, bool(int(m[3], 16) & 1))
 
 
-@dataclass
+@dataclass(slots=True, init=False)
 class _Head:
-    method: str | None = None
-    target: bytes = b""
-    headers: dict[bytes, bytes] = field(default_factory=dict)
-    otlp: bool = False  # is_otlp_export: an OTLP export call, never a span
+    """A parsed request head (slots and a plain __init__, no default factory: one is made per
+    distinct head, often once per request when paths carry ids)."""
+
+    method: str | None
+    target: bytes
+    headers: dict[bytes, bytes]
+    otlp: bool
+
+    def __init__(self, method: str | None = None, target: bytes = b"",
+                 headers: dict[bytes, bytes] | None = None) -> None:
+        self.method = method
+        self.target = target
+        self.headers = {} if headers is None else headers
+        self.otlp = False  # is_otlp_export: an OTLP export call, never a span
 
 
 _NO_HEAD = _Head()
+_NO_ATTRIBUTES: Mapping[str, object] = MappingProxyType({})
 
 
 # A whole request line as parse_request_line reads it (a known method, a target of visible
@@ -218,6 +232,8 @@ def is_otlp_export(target: bytes, method: str | None = "POST",
     OTLP/HTTP: a POST to /v1/traces, /v1/metrics or /v1/logs, or to a path ending so under a
     prefix (an endpoint such as http://collector/otlp) when the body is protobuf, so an
     application's own JSON API at /api/v1/logs still has its spans."""
+    if b"/v1/" not in target and not target.startswith(OTLP_GRPC_PREFIX):
+        return False  # most requests: one search decides
     path = target.split(b"?", 1)[0]
     if path.startswith(OTLP_GRPC_PREFIX):
         return True
@@ -253,7 +269,8 @@ class _Exchange:
     local_port: int
     arrived_ns: int
     status_text: str = ""
-    attributes: dict[str, object] = field(default_factory=dict)
+    attributes: Mapping[str, object] = field(default_factory=dict)
+    kernel_kept: bool | None = None  # the kernel's sampling decision (HTTP/1.x records)
     trace_id: int = 0
     span_id: int = 0
     parent_id: int = 0
@@ -261,7 +278,6 @@ class _Exchange:
     sampled: bool = True
     propagated: Traceparent | None = None
     threshold: str | None = None  # the "th" of the sampling decision, when known
-    kernel_kept: bool | None = None  # the kernel's sampling decision (HTTP/1.x records)
 
 
 class SpanResource:
@@ -412,13 +428,13 @@ class SpanAssembler:
         # per id; a 128-bit id is two); a given rng (tests) draws them itself, so its ids are
         # reproducible.
         self._pool: list[int] = []
-        self._draw = self._rng.getrandbits if rng is not None else self._pool_bits
+        self._from_pool = rng is None
         self._pending: OrderedDict[tuple[int, int], list[_Exchange]] = OrderedDict()
         self._listens: OrderedDict[int, tuple[bool, int]] = OrderedDict()
         self._resources: dict[tuple[str, int], SpanResource] = {}
         # The same resource under another (service, tgid): one entry, as the SDK groups them.
         self._resource_entries: dict[Resource, SpanResource] = {}
-        self._heads: dict[tuple[bytes, int], _Head] = {}
+        self._heads: dict[bytes | tuple[bytes, int], _Head] = {}
         self._header_sets: dict[bytes, dict[bytes, bytes]] = {}
         self._shared: dict[tuple[object, ...], SharedAttributes] = {}
         self.unsampled = 0
@@ -503,87 +519,103 @@ class SpanAssembler:
         return sum(len(v) for v in self._pending.values())
 
     # --- internals ---------------------------------------------------------------------------
-    def _decode(self, batch: ExchangeBatch, now_ns: int) -> Iterable[_Exchange]:
-        # Whole columns as Python ints once per batch: a numpy scalar read per field and row
-        # costs more than everything else done with the row.
+    def _decode(self, batch: ExchangeBatch, now_ns: int) -> list[_Exchange]:
+        """The batch's exchanges, built column by column: numpy does the flags, statuses and
+        head offsets of the whole batch, and the rows are made by one ``map`` over the
+        columns' lists (a Python-level loop over rows costs more than all of that). Only a
+        request head not seen before is parsed by itself."""
         rows = batch.rows
         n = len(rows)
         if not n:
-            return
-        proto, role = rows["proto"].tolist(), rows["role"].tolist()
-        tgid, tid = rows["tgid"].tolist(), rows["tid"].tolist()
-        start, end = rows["start_ns"].tolist(), rows["end_ns"].tolist()
-        statuses, eflags = rows["status"].tolist(), rows["eflags"].tolist()
-        rport, lport = rows["rport"].tolist(), rows["lport"].tolist()
-        http, index = batch.http, batch.http_index
-        at_of: list[int] = index.tolist() if index is not None else [-1] * n
-        heads = b""
-        head_len = 0
-        if http is not None and len(http):
-            heads = http["req_head"].tobytes()
-            head_len = http.dtype["req_head"].itemsize
-            head_lens = http["req_head_len"].tolist()
-            pipe_idx = http["pipe_idx"].tolist()
-            hflags = http["hflags"].tolist()
+            return []
+        proto = rows["proto"]
+        protocols = {p: protocol_by_id(p) for p in np.unique(proto).tolist()}
+        if len(protocols) == 1:
+            (protocol,) = protocols.values()
+            kinds, names = [protocol.kind] * n, [protocol.name] * n
+        else:
+            by_row = [protocols[p] for p in proto.tolist()]
+            kinds, names = [p.kind for p in by_row], [p.name for p in by_row]
+        eflags = rows["eflags"]
+        statuses = rows["status"]
+        heads: list[_Head] = [_NO_HEAD] * n
+        kept: list[bool | None] = [None] * n
+        http_ids = [p for p, protocol in protocols.items() if protocol.kind == "http"]
+        if http_ids:
+            self._http_heads(batch, np.isin(proto, http_ids), heads, kept)
         attributes = batch.attributes
-        protocols = {p: protocol_by_id(p) for p in set(proto)}
-        server_role, aborted_flag, h2_flag = int(Role.SERVER), int(ExchangeFlag.ABORTED), \
-            int(ExchangeFlag.H2)
-        sampled_flag = int(HttpFlag.SAMPLED)
-        for i in range(n):
-            protocol = protocols[proto[i]]
-            status = statuses[i]
-            head = _NO_HEAD
-            kernel_kept = None
-            if protocol.kind == "http":
-                at = at_of[i]
-                if head_len and at >= 0:
-                    if self.kernel_sampling:
-                        kernel_kept = bool(hflags[at] & sampled_flag)
-                    base = at * head_len
-                    head = self._head(heads[base: base + min(head_lens[at], head_len)],
-                                      pipe_idx[at])
-                else:
-                    path = str(attributes[i].get("path", "")) if attributes else ""
-                    head = _with_otlp(_Head(batch.operation[i],
-                                            path.encode("latin-1", "replace")))
-            row_attributes = attributes[i] if attributes else None
-            # Positional, in _Exchange's field order: keywords cost twice as much here.
-            yield _Exchange(
-                protocol.kind, protocol.name, role[i] == server_role, tgid[i], tid[i],
-                start[i], end[i], status if status < NUMERIC_STATUSES else 0,
-                bool(eflags[i] & aborted_flag), bool(eflags[i] & h2_flag),
-                batch.service[i], batch.operation[i], batch.target[i], head,
-                batch.peer_address[i], rport[i], batch.local_address[i], lport[i], now_ns,
-                batch.status[i], dict(row_attributes) if row_attributes else {},
-                kernel_kept=kernel_kept,
-            )
+        # A row's attributes are only read, never changed: rows without any share one dict.
+        row_attributes = [a or _NO_ATTRIBUTES for a in attributes] if attributes \
+            else [_NO_ATTRIBUTES] * n
+        return list(map(
+            _Exchange, kinds, names, (rows["role"] == int(Role.SERVER)).tolist(),
+            rows["tgid"].tolist(), rows["tid"].tolist(), rows["start_ns"].tolist(),
+            rows["end_ns"].tolist(),
+            np.where(statuses < NUMERIC_STATUSES, statuses, 0).tolist(),
+            (eflags & int(ExchangeFlag.ABORTED) != 0).tolist(),
+            (eflags & int(ExchangeFlag.H2) != 0).tolist(),
+            batch.service, batch.operation, batch.target, heads, batch.peer_address,
+            rows["rport"].tolist(), batch.local_address, rows["lport"].tolist(),
+            repeat(now_ns, n), batch.status, row_attributes, kept))
+
+    def _http_heads(self, batch: ExchangeBatch, is_http: np.ndarray, heads: list[_Head],
+                    kept: list[bool | None]) -> None:
+        """Fill in the parsed request head (and the kernel's sampling decision) of each HTTP
+        row: from its kernel record's head bytes (HTTP/1.x), else from its path attribute."""
+        http, index = batch.http, batch.http_index
+        at = index if index is not None else np.full(len(is_http), -1)
+        with_record = is_http & (at >= 0)
+        if http is None or not len(http):
+            with_record[:] = False
+        rows_with = np.flatnonzero(with_record)
+        if len(rows_with):
+            head_len = http.dtype["req_head"].itemsize  # type: ignore[union-attr]
+            records = http[at[rows_with]]  # type: ignore[index]
+            raw = records["req_head"].tobytes()
+            ends = np.minimum(records["req_head_len"], head_len).astype(np.int64)
+            starts = np.arange(len(rows_with), dtype=np.int64) * head_len
+            head = self._head
+            parsed = list(map(head, map(raw.__getitem__, map(
+                slice, starts.tolist(), (starts + ends).tolist())),
+                records["pipe_idx"].tolist()))
+            row_ids = rows_with.tolist()
+            for i, h in zip(row_ids, parsed, strict=True):
+                heads[i] = h
+            if self.kernel_sampling:
+                flags = (records["hflags"] & int(HttpFlag.SAMPLED) != 0).tolist()
+                for i, k in zip(row_ids, flags, strict=True):
+                    kept[i] = k
+        attributes = batch.attributes
+        for i in np.flatnonzero(is_http & ~with_record).tolist():
+            path = str(attributes[i].get("path", "")) if attributes else ""
+            heads[i] = _with_otlp(_Head(batch.operation[i], path.encode("latin-1", "replace")))
 
     def _head(self, raw: bytes, pipe_idx: int) -> _Head:
         """_parse_head, remembered: a client sends the same head again and again (heads are
-        never changed once parsed)."""
-        key = (raw, pipe_idx)
-        head = self._heads.get(key)
+        never changed once parsed). The first request of a connection's head (pipe_idx 0, by
+        far the most) is keyed by its bytes alone."""
+        heads = self._heads
+        key: bytes | tuple[bytes, int] = (raw, pipe_idx) if pipe_idx else raw
+        head = heads.get(key)
         if head is None:
-            if len(self._heads) >= _HEAD_CACHE_MAX:
-                self._heads.clear()
-            head = self._heads[key] = _with_otlp(
-                _parse_head_shared(raw, pipe_idx, self._header_sets))
+            if len(heads) >= _HEAD_CACHE_MAX:
+                heads.clear()
+            head = heads[key] = _with_otlp(_parse_head_shared(raw, pipe_idx, self._header_sets))
         return head
 
     def _new_id(self, bits: int) -> int:
+        """`bits` (64 or 128) random bits, never all zero: from the pool (one call, it runs
+        for every span), or drawn from the given rng."""
+        if self._from_pool:
+            pool = self._pool
+            if len(pool) < 2:
+                # Zero words are left out, so every id taken here is valid as it comes.
+                pool.extend(filter(None, _U64S.unpack(os.urandom(_ID_POOL_BYTES))))
+            return pool.pop() if bits == 64 else pool.pop() << 64 | pool.pop()
         value = 0
         while not value:
-            value = self._draw(bits)
+            value = self._rng.getrandbits(bits)
         return value
-
-    def _pool_bits(self, bits: int) -> int:
-        """`bits` (64 or 128) random bits, never all zero."""
-        pool = self._pool
-        if len(pool) < 2:
-            # Zero words are left out, so every id drawn here is valid as it comes.
-            pool.extend(filter(None, _U64S.unpack(os.urandom(_ID_POOL_BYTES))))
-        return pool.pop() if bits == 64 else pool.pop() << 64 | pool.pop()
 
     def _start_trace(self, ex: _Exchange, header: bytes | None) -> None:
         ex.span_id = self._new_id(64)
