@@ -22,6 +22,7 @@ from probewire.export.spans import (
     SpanRecord,
     _Exchange,
     _Head,
+    _http_shared,
     _parse_head,
     is_otlp_export,
 )
@@ -46,8 +47,8 @@ def _reference_head(head: _Head) -> _Head:
 
 
 class RowByRow(SpanAssembler):
-    """The assembler with its former decode: a Python loop over rows, every head parsed alone
-    (no cache, no shared header blocks)."""
+    """The assembler with its former decode and record steps: a Python loop over rows, every
+    head parsed alone (no cache, no shared header blocks), its text made per span."""
 
     def _decode(self, batch: ExchangeBatch, now_ns: int) -> list[_Exchange]:
         rows = batch.rows
@@ -84,6 +85,39 @@ class RowByRow(SpanAssembler):
                 dict(batch.attributes[i]) if batch.attributes else {},
                 kernel_kept=kernel_kept))
         return out
+
+    def _record(self, ex: _Exchange) -> SpanRecord:
+        """The former record step: the head's text made per span."""
+        head = ex.head
+        user_agent = head.headers.get(b"user-agent")
+        server = ex.server
+        key = (True, ex.method, ex.h2, ex.peer, ex.status, ex.aborted, user_agent, ex.route,
+               ex.local, ex.local_port) if server else \
+            (False, ex.method, ex.h2, ex.peer, ex.status, ex.aborted, user_agent, ex.peer_port)
+        shared = self._shared.get(key)
+        if shared is None:
+            if len(self._shared) >= 4096:
+                self._shared.clear()
+            shared = self._shared[key] = _http_shared(ex, user_agent)
+        attrs = shared.attributes.copy()
+        attrs["thread.id"] = ex.tid
+        target = head.target.decode("latin-1")
+        if server:
+            path, query_sep, query = target.partition("?")
+            attrs["network.peer.port"] = ex.peer_port
+            attrs["client.port"] = ex.peer_port
+            attrs["url.path"] = path
+            if query_sep:
+                attrs["url.query"] = query
+        else:
+            host = head.headers.get(b"host", b"").decode("latin-1") or (
+                f"{ex.peer}:{ex.peer_port}")
+            attrs["url.full"] = f"http://{host}{target}" if target.startswith("/") else target
+        offset_ns = self.offset_ns
+        return SpanRecord(
+            shared.name, server, ex.trace_id, ex.span_id, ex.parent_id, ex.parent_remote,
+            ex.threshold, ex.start_ns + offset_ns, max(ex.end_ns, ex.start_ns) + offset_ns,
+            attrs, shared.error, self._resource(ex.service, ex.tgid), shared)
 
 
 def _assembler(cls: type[SpanAssembler], ratio: float, serves: bool, honor: bool,

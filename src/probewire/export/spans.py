@@ -138,19 +138,31 @@ def parse_traceparent(value: bytes) -> Traceparent | None:
 @dataclass(slots=True, init=False)
 class _Head:
     """A parsed request head (slots and a plain __init__, no default factory: one is made per
-    distinct head, often once per request when paths carry ids)."""
+    distinct head, often once per request when paths carry ids), with what spans read of it
+    as text made here, once per head rather than once per span."""
 
     method: str | None
     target: bytes
     headers: dict[bytes, bytes]
     otlp: bool
+    url_path: str  # the target up to its "?"
+    url_query: str | None  # after the "?", None without one
+    url_full: str | None  # a client span's url.full, None when it needs the peer (no Host)
+    user_agent: bytes | None
 
     def __init__(self, method: str | None = None, target: bytes = b"",
                  headers: dict[bytes, bytes] | None = None) -> None:
         self.method = method
         self.target = target
-        self.headers = {} if headers is None else headers
+        self.headers = headers = {} if headers is None else headers
         self.otlp = False  # is_otlp_export: an OTLP export call, never a span
+        text = target.decode("latin-1")
+        self.url_path, query_sep, query = text.partition("?")
+        self.url_query = query if query_sep else None
+        host = headers.get(b"host", b"").decode("latin-1")
+        self.url_full = (f"http://{host}{text}" if text.startswith("/") else text) if host \
+            else None
+        self.user_agent = headers.get(b"user-agent")
 
 
 _NO_HEAD = _Head()
@@ -748,7 +760,7 @@ class SpanAssembler:
         # only what is new per request (ports, thread, path), and the encoder writes the shared
         # part's bytes as one piece.
         head = ex.head
-        user_agent = head.headers.get(b"user-agent")
+        user_agent = head.user_agent
         server = ex.server
         key = (True, ex.method, ex.h2, ex.peer, ex.status, ex.aborted, user_agent, ex.route,
                ex.local, ex.local_port) if server else \
@@ -760,23 +772,26 @@ class SpanAssembler:
             shared = self._shared[key] = _http_shared(ex, user_agent)
         attrs = shared.attributes.copy()
         attrs["thread.id"] = ex.tid
-        target = head.target.decode("latin-1")
         if server:
-            path, query_sep, query = target.partition("?")
             attrs["network.peer.port"] = ex.peer_port
             attrs["client.port"] = ex.peer_port
-            attrs["url.path"] = path
-            if query_sep:
-                attrs["url.query"] = query
+            attrs["url.path"] = head.url_path
+            if head.url_query is not None:
+                attrs["url.query"] = head.url_query
         else:
-            host = head.headers.get(b"host", b"").decode("latin-1") or (
-                f"{ex.peer}:{ex.peer_port}")
-            attrs["url.full"] = f"http://{host}{target}" if target.startswith("/") else target
+            url_full = head.url_full
+            if url_full is None:
+                target = head.target.decode("latin-1")
+                url_full = f"http://{ex.peer}:{ex.peer_port}{target}" \
+                    if target.startswith("/") else target
+            attrs["url.full"] = url_full
         offset_ns = self.offset_ns
+        resource = self._resources.get((ex.service, ex.tgid)) or \
+            self._resource(ex.service, ex.tgid)
         return SpanRecord(
             shared.name, server, ex.trace_id, ex.span_id, ex.parent_id, ex.parent_remote,
             ex.threshold, ex.start_ns + offset_ns, max(ex.end_ns, ex.start_ns) + offset_ns,
-            attrs, shared.error, self._resource(ex.service, ex.tgid), shared)
+            attrs, shared.error, resource, shared)
 
     def _db_record(self, ex: _Exchange) -> SpanRecord:
         """A database, cache or DNS exchange: OpenTelemetry's database span conventions
