@@ -179,17 +179,19 @@ enum l7_data_limit btf_export_l7_data_limit __attribute__((unused));
 
 /* ---- sockets -------------------------------------------------------------------------------- */
 
-/* Runs for every data syscall of a traced process: fd -> struct sock of a TCP or UDP socket
- * (IPv4/IPv6), else NULL. The fd table slot is the one read that needs a helper (a variable
- * index into a pointer array). */
-static __always_inline struct sock *sock_of_fd(int fd, __u8 *transport)
+/* Runs for every data syscall of a traced process: fd -> struct sock of an IPv4/IPv6 socket,
+ * else NULL. The fd table slot is the one read that needs a helper (a variable index into a
+ * pointer array). Its transport is not read here: sk_protocol is 500 bytes into the sock, a
+ * cache line of its own that a call on a known connection need not touch (the connection
+ * keeps it: sock_transport runs once, when the connection is made). */
+static __always_inline struct sock *sock_of_fd(int fd)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct fdtable *fdt = task->files->fdt;
 	struct file *file = NULL;
 	struct socket *sock;
 	struct sock *sk;
-	__u16 family, protocol;
+	__u16 family;
 
 	if (fd < 0 || (unsigned int)fd >= fdt->max_fds)
 		return NULL;
@@ -200,16 +202,12 @@ static __always_inline struct sock *sock_of_fd(int fd, __u8 *transport)
 
 		if ((f->f_inode->i_mode & S_IFMT_) != S_IFSOCK_)
 			return NULL;
-		const struct sock *s;
-
 		sock = CAST(struct socket, f->private_data);
 		/* Read by helper: a plain load would make it a kernel pointer to the verifier,
 		 * and the socket's address is hashed and masked as a map key. */
 		if (bpf_probe_read_kernel(&sk, sizeof(sk), &sock->sk) || !sk)
 			return NULL;
-		s = CAST(struct sock, sk);
-		protocol = s->sk_protocol;
-		family = s->__sk_common.skc_family;
+		family = CAST(struct sock, sk)->__sk_common.skc_family;
 	} else {
 		if ((BPF_CORE_READ(file, f_inode, i_mode) & S_IFMT_) != S_IFSOCK_)
 			return NULL;
@@ -217,14 +215,20 @@ static __always_inline struct sock *sock_of_fd(int fd, __u8 *transport)
 		sk = BPF_CORE_READ(sock, sk);
 		if (!sk)
 			return NULL;
-		protocol = BPF_CORE_READ(sk, sk_protocol);
 		family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	}
-	if ((protocol != IPPROTO_TCP && protocol != IPPROTO_UDP) ||
-	    (family != AF_INET && family != AF_INET6))
+	if (family != AF_INET && family != AF_INET6)
 		return NULL;
-	*transport = protocol;
 	return sk;
+}
+
+/* The transport of an IPv4/IPv6 socket (enum l7_transport), or 0 when it is neither TCP nor
+ * UDP (raw, ICMP, SCTP, MPTCP): those are never connections here. */
+static __always_inline __u8 sock_transport(const struct sock *sk)
+{
+	__u16 protocol = KREAD(struct sock, sk, sk_protocol);
+
+	return protocol == IPPROTO_TCP || protocol == IPPROTO_UDP ? protocol : 0;
 }
 
 static __always_inline void fill_identity(struct l7_header *h, const struct sock *sk)
