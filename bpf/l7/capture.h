@@ -189,22 +189,21 @@ static __always_inline __u64 kword(__u64 addr)
 	return CAST(struct timespec64, addr)->tv_sec;
 }
 
-/* Runs for every data syscall of a traced process: fd -> struct sock of an IPv4/IPv6 socket,
- * else NULL. Its transport is not read here: sk_protocol is 500 bytes into the sock, a
- * cache line of its own that a call on a known connection need not touch (the connection
- * keeps it: sock_transport runs once, when the connection is made). */
-static __always_inline struct sock *sock_of_fd(int fd)
+/* Runs for every data syscall of a traced process: fd -> struct sock of a TCP or UDP socket
+ * (IPv4/IPv6), else NULL. */
+static __always_inline struct sock *sock_of_fd(int fd, __u8 *transport)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct fdtable *fdt = task->files->fdt;
 	struct file *file = NULL;
 	struct socket *sock;
 	struct sock *sk;
-	__u16 family;
+	__u16 family, protocol;
 
 	if (fd < 0 || (unsigned int)fd >= fdt->max_fds)
 		return NULL;
 	if (KFUNCS) {
+		const struct sock *s;
 		struct file *f;
 
 		/* fdt->fd and private_data are not pointers to structs: the verifier gives
@@ -216,7 +215,9 @@ static __always_inline struct sock *sock_of_fd(int fd)
 					  bpf_core_field_offset(struct socket, sk));
 		if (!sk)
 			return NULL;
-		family = CAST(struct sock, sk)->__sk_common.skc_family;
+		s = CAST(struct sock, sk);
+		protocol = s->sk_protocol;
+		family = s->__sk_common.skc_family;
 	} else {
 		if (bpf_probe_read_kernel(&file, sizeof(file), &fdt->fd[fd]) || !file)
 			return NULL;
@@ -226,20 +227,14 @@ static __always_inline struct sock *sock_of_fd(int fd)
 		sk = BPF_CORE_READ(sock, sk);
 		if (!sk)
 			return NULL;
+		protocol = BPF_CORE_READ(sk, sk_protocol);
 		family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	}
-	if (family != AF_INET && family != AF_INET6)
+	if ((protocol != IPPROTO_TCP && protocol != IPPROTO_UDP) ||
+	    (family != AF_INET && family != AF_INET6))
 		return NULL;
+	*transport = protocol;
 	return sk;
-}
-
-/* The transport of an IPv4/IPv6 socket (enum l7_transport), or 0 when it is neither TCP nor
- * UDP (raw, ICMP, SCTP, MPTCP): those are never connections here. */
-static __always_inline __u8 sock_transport(const struct sock *sk)
-{
-	__u16 protocol = KREAD(struct sock, sk, sk_protocol);
-
-	return protocol == IPPROTO_TCP || protocol == IPPROTO_UDP ? protocol : 0;
 }
 
 static __always_inline void fill_identity(struct l7_header *h, const struct sock *sk)

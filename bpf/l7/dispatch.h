@@ -113,52 +113,22 @@ static __always_inline void l7_end(__u64 key, bool close_call)
 
 static const struct l7_conn zero_conn;
 
-/* The address of a freed socket is reused: different ports mean a new connection (a reset
- * socket has already given its local port back: inet_put_port zeroes it). The ports share the
- * sock's first cache line with its family, which sock_of_fd has just read. */
-static __always_inline bool conn_is(const struct l7_conn *c, const struct sock *sk)
-{
-	__u16 lport = KREAD(struct sock, sk, __sk_common.skc_num);
-	__u16 dport_be = KREAD(struct sock, sk, __sk_common.skc_dport);
-
-	return c->h.rport == bpf_ntohs(dport_be) && (c->h.lport == lport || lport == 0);
-}
-
-/* A syscall's connection when it is known (its transport then read from it, not from the
- * sock), else NULL with the socket's transport in `transport` (0: not TCP or UDP). */
-static __always_inline struct l7_conn *known_conn(const struct sock *sk, __u64 key,
-						  __u8 *transport)
+/* The connection of a socket, made on first sight. The address of a freed socket is reused:
+ * different ports mean a new connection (a reset socket has already given its local port back:
+ * inet_put_port zeroes it); the earlier one is ended first, as if it had closed. */
+static __always_inline struct l7_conn *conn_for(const struct sock *sk, __u64 key, __u32 tgid,
+						 __u8 transport)
 {
 	struct l7_conn *c = bpf_map_lookup_elem(&l7_conns, &key);
+	__u16 lport, dport_be;
 
-	if (c && conn_is(c, sk)) {
-		*transport = (c->h.flags & L7_FLAG_UDP) ? L7_UDP : L7_TCP;
-		return c;
-	}
-	*transport = sock_transport(sk);
-	return NULL;
-}
-
-/* The connection of a socket, made on first sight (`known`: known_conn found it). A freed
- * socket's address reused by another (conn_is) ends the earlier connection first, as if it
- * had closed. */
-static __always_inline struct l7_conn *conn_for(const struct sock *sk, __u64 key, __u32 tgid,
-						 __u8 transport, struct l7_conn *known)
-{
-	struct l7_conn *c;
-
-	if (known)
-		return known;
-	c = bpf_map_lookup_elem(&l7_conns, &key);
 	if (c) {
-		if (conn_is(c, sk))
+		lport = KREAD(struct sock, sk, __sk_common.skc_num);
+		dport_be = KREAD(struct sock, sk, __sk_common.skc_dport);
+		if (c->h.rport == bpf_ntohs(dport_be) && (c->h.lport == lport || lport == 0))
 			return c;
 		l7_end(key, false);
 	}
-	/* TCP and UDP only: known_conn has checked a syscall's socket, but TLS plaintext's was
-	 * tied to its SSL* by any syscall made inside the SSL call. */
-	if (!sock_transport(sk))
-		return NULL;
 	bpf_map_update_elem(&l7_conns, &key, &zero_conn, BPF_ANY);
 	c = bpf_map_lookup_elem(&l7_conns, &key);
 	if (!c)
@@ -210,10 +180,10 @@ struct {
 /* One call on a socket, its event filled by the caller: find its connection, classify it if
  * need be, and hand it to its protocol's parser (a tail call: nothing returns from it). */
 static __always_inline void l7_capture(void *ctx, struct l7_event *ev, const struct sock *sk,
-				       void *parsers, struct l7_conn *known)
+				       void *parsers)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	struct l7_conn *c = conn_for(sk, ev->key, id >> 32, ev->transport, known);
+	struct l7_conn *c = conn_for(sk, ev->key, id >> 32, ev->transport);
 	__u32 proto;
 	bool turned;
 
@@ -259,20 +229,16 @@ static __always_inline void exit_io(void *ctx, long ret)
 	const void *data;
 	__u64 count, now;
 	struct sock *sk;
-	struct l7_conn *c;
 	__u8 transport = 0;
 
 	if (!ev || !traced_task(id >> 32) || L7_STAGE <= L7_STAGE_FILTER)
 		return;
 	regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
-	sk = sock_of_fd(PT_REGS_PARM1_SYSCALL(regs));
+	sk = sock_of_fd(PT_REGS_PARM1_SYSCALL(regs), &transport);
 	if (!sk || L7_STAGE <= L7_STAGE_SOCK)
 		return;
 	if (in_tls_call(sk) || L7_STAGE <= L7_STAGE_TLS)
 		return; /* ciphertext: the OpenSSL uprobes see this data in the clear */
-	c = known_conn(sk, (__u64)sk, &transport);
-	if (!transport)
-		return;
 	data = (const void *)PT_REGS_PARM2_SYSCALL(regs);
 	count = PT_REGS_PARM3_SYSCALL(regs);
 	ev->transport = transport;
@@ -323,7 +289,7 @@ static __always_inline void exit_io(void *ctx, long ret)
 	ev->buf = (__u64)data;
 	ev->enter_ns = now;
 	ev->exit_ns = now;
-	l7_capture(ctx, ev, sk, &l7_parsers_tp, c);
+	l7_capture(ctx, ev, sk, &l7_parsers_tp);
 }
 
 /* The exit side lives in one program that every exit tracepoint tail-calls, so the verifier
@@ -475,7 +441,7 @@ int BPF_KRETPROBE(tls_exit, long ret)
 	ev->niov = 0;
 	ev->enter_ns = t.enter_ns;
 	ev->exit_ns = bpf_ktime_get_ns();
-	l7_capture(ctx, ev, (const struct sock *)sk, &l7_parsers_uprobe, NULL);
+	l7_capture(ctx, ev, (const struct sock *)sk, &l7_parsers_uprobe);
 	return 0;
 }
 
@@ -486,11 +452,12 @@ SEC("tp/syscalls/sys_enter_close")
 int l7_close(struct trace_event_raw_sys_enter *ctx)
 {
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u8 transport;
 	struct sock *sk;
 
 	if (tgid == self_tgid)
 		return 0;
-	sk = sock_of_fd(ctx->args[0]);
+	sk = sock_of_fd(ctx->args[0], &transport);
 	if (!sk)
 		return 0;
 	l7_end((__u64)sk, true);
