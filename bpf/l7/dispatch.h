@@ -214,10 +214,11 @@ static __always_inline void l7_capture(void *ctx, struct l7_event *ev, const str
 
 /* A syscall's arguments are read back from the registers saved at entry (the kernel does not
  * change them for these calls), so no enter hook has to park them: one map update and delete
- * fewer per call. bpf_task_pt_regs gives a BTF-typed pointer, so they are plain loads (the
- * _CORE_SYSCALL macros would make each a bpf_probe_read_kernel call; arm64's first argument,
- * orig_x0, still is one: libbpf defines it so). A request's start is thereby the end of its first write: the same instant
- * unless that write blocked on a full send buffer. */
+ * fewer per call. A request's start is thereby the end of its first write: the same instant
+ * unless that write blocked on a full send buffer. bpf_task_pt_regs gives a BTF-typed
+ * pointer, so the arguments are plain loads (the _CORE_SYSCALL macros made each a
+ * bpf_probe_read_kernel call; arm64's first argument, orig_x0, still is one: libbpf's
+ * PT_REGS_PARM1_SYSCALL reads it so). */
 static __always_inline void exit_io(void *ctx, long ret)
 {
 	__u64 id = bpf_get_current_pid_tgid();
