@@ -179,9 +179,18 @@ enum l7_data_limit btf_export_l7_data_limit __attribute__((unused));
 
 /* ---- sockets -------------------------------------------------------------------------------- */
 
+/* The 8 bytes of kernel memory at `addr`, as a number, by one plain load (KFUNCS only): a
+ * pointer the verifier must not know as one (an fd table slot, a variable index into an array
+ * of pointers; the sock's address, hashed and masked as a map key) without a
+ * bpf_probe_read_kernel call, which cost more than the rest of the fd -> socket walk. The cast
+ * is to a struct whose first member is a plain 64-bit integer; a fault reads 0. */
+static __always_inline __u64 kword(__u64 addr)
+{
+	return CAST(struct timespec64, addr)->tv_sec;
+}
+
 /* Runs for every data syscall of a traced process: fd -> struct sock of a TCP or UDP socket
- * (IPv4/IPv6), else NULL. The fd table slot is the one read that needs a helper (a variable
- * index into a pointer array). */
+ * (IPv4/IPv6), else NULL. */
 static __always_inline struct sock *sock_of_fd(int fd, __u8 *transport)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
@@ -193,24 +202,25 @@ static __always_inline struct sock *sock_of_fd(int fd, __u8 *transport)
 
 	if (fd < 0 || (unsigned int)fd >= fdt->max_fds)
 		return NULL;
-	if (bpf_probe_read_kernel(&file, sizeof(file), &fdt->fd[fd]) || !file)
-		return NULL;
 	if (KFUNCS) {
-		struct file *f = CAST(struct file, file);
-
-		if ((f->f_inode->i_mode & S_IFMT_) != S_IFSOCK_)
-			return NULL;
 		const struct sock *s;
+		struct file *f;
 
-		sock = CAST(struct socket, f->private_data);
-		/* Read by helper: a plain load would make it a kernel pointer to the verifier,
-		 * and the socket's address is hashed and masked as a map key. */
-		if (bpf_probe_read_kernel(&sk, sizeof(sk), &sock->sk) || !sk)
+		/* fdt->fd and private_data are not pointers to structs: the verifier gives
+		 * their values as numbers. */
+		f = CAST(struct file, kword((__u64)&fdt->fd[fd]));
+		if (!f || (f->f_inode->i_mode & S_IFMT_) != S_IFSOCK_)
+			return NULL;
+		sk = (struct sock *)kword((__u64)f->private_data +
+					  bpf_core_field_offset(struct socket, sk));
+		if (!sk)
 			return NULL;
 		s = CAST(struct sock, sk);
 		protocol = s->sk_protocol;
 		family = s->__sk_common.skc_family;
 	} else {
+		if (bpf_probe_read_kernel(&file, sizeof(file), &fdt->fd[fd]) || !file)
+			return NULL;
 		if ((BPF_CORE_READ(file, f_inode, i_mode) & S_IFMT_) != S_IFSOCK_)
 			return NULL;
 		sock = BPF_CORE_READ(file, private_data);

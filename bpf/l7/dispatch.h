@@ -215,7 +215,10 @@ static __always_inline void l7_capture(void *ctx, struct l7_event *ev, const str
 /* A syscall's arguments are read back from the registers saved at entry (the kernel does not
  * change them for these calls), so no enter hook has to park them: one map update and delete
  * fewer per call. A request's start is thereby the end of its first write: the same instant
- * unless that write blocked on a full send buffer. */
+ * unless that write blocked on a full send buffer. bpf_task_pt_regs gives a BTF-typed
+ * pointer, so the arguments are plain loads (the _CORE_SYSCALL macros made each a
+ * bpf_probe_read_kernel call; arm64's first argument, orig_x0, still is one: libbpf's
+ * PT_REGS_PARM1_SYSCALL reads it so). */
 static __always_inline void exit_io(void *ctx, long ret)
 {
 	__u64 id = bpf_get_current_pid_tgid();
@@ -232,13 +235,13 @@ static __always_inline void exit_io(void *ctx, long ret)
 	if (!ev || !traced_task(id >> 32) || L7_STAGE <= L7_STAGE_FILTER)
 		return;
 	regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
-	sk = sock_of_fd(PT_REGS_PARM1_CORE_SYSCALL(regs), &transport);
+	sk = sock_of_fd(PT_REGS_PARM1_SYSCALL(regs), &transport);
 	if (!sk || L7_STAGE <= L7_STAGE_SOCK)
 		return;
 	if (in_tls_call(sk) || L7_STAGE <= L7_STAGE_TLS)
 		return; /* ciphertext: the OpenSSL uprobes see this data in the clear */
-	data = (const void *)PT_REGS_PARM2_CORE_SYSCALL(regs);
-	count = PT_REGS_PARM3_CORE_SYSCALL(regs);
+	data = (const void *)PT_REGS_PARM2_SYSCALL(regs);
+	count = PT_REGS_PARM3_SYSCALL(regs);
 	ev->transport = transport;
 	ev->peer_family = 0;
 	ev->total = ret;
@@ -248,7 +251,7 @@ static __always_inline void exit_io(void *ctx, long ret)
 	switch (ev->io) {
 	case IO_PLAIN: /* recvfrom/sendto name a datagram's peer in their 5th argument */
 		if (transport == L7_UDP)
-			read_peer(ev, (const void *)PT_REGS_PARM5_CORE_SYSCALL(regs));
+			read_peer(ev, (const void *)PT_REGS_PARM5_SYSCALL(regs));
 		break;
 	case IO_MSG:
 		if (bpf_probe_read_user(&msg, sizeof(msg), data))
