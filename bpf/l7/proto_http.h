@@ -76,7 +76,7 @@ struct {
 
 /* A global function: the verifier checks it once, not once per completion site (its loops
  * would otherwise be walked for each of them). Returns 1 when the exchange was counted. */
-__noinline int http_aggregate(struct http_exchange *ex)
+L7_GLOBAL int http_aggregate(struct http_exchange *ex)
 {
 	__u32 zero = 0, *numeric;
 	struct l7_agg_key *key;
@@ -146,7 +146,7 @@ struct {
 	__type(value, __u8); /* its current server request's trace is kept */
 } trace_kept SEC(".maps");
 
-__noinline int http_sample(struct http_exchange *ex)
+L7_GLOBAL int http_sample(struct http_exchange *ex)
 {
 	struct l7_sampling *cfg;
 	int parent = -1;
@@ -175,7 +175,7 @@ __noinline int http_sample(struct http_exchange *ex)
 /* An exchange is over: count it in the kernel if its route is known (and, with spans, its
  * trace not kept), else ship it. Global (verified once): it is reached from many places of
  * the state machine. */
-__noinline int http_complete(struct http_state *st)
+L7_GLOBAL int http_complete(struct http_state *st)
 {
 	if (!st || L7_STAGE <= L7_STAGE_BOUNDS)
 		return 0;
@@ -230,7 +230,7 @@ static __always_inline void new_exchange(struct http_state *st, __u8 method, __u
 
 /* Global (verified once): a server's response head is copied and its bounds read (its
  * header length gives the body size). A client's is not needed: its status is known. */
-__noinline int http_response_head(struct http_state *st, __u64 buf)
+L7_GLOBAL int http_response_head(struct http_state *st, __u64 buf)
 {
 	if (!st)
 		return 0;
@@ -352,7 +352,7 @@ static __always_inline bool wrote_last_chunk(const void *buf, __u32 first_len, _
  * idle keep-alive connection would hold it back, and an event-driven server reads only when
  * a request is there. So reads need no enter hook. */
 /* Global (verified once). `lens` is the call's byte count << 32 | its first segment's. */
-__noinline int http_response_written(struct http_state *st, __u64 buf, __u64 lens, __u64 iovs,
+L7_GLOBAL int http_response_written(struct http_state *st, __u64 buf, __u64 lens, __u64 iovs,
 				     __u64 niov)
 {
 	if (!st || !st->resp_end_at)
