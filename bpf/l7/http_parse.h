@@ -268,8 +268,11 @@ static __always_inline struct head_copy *head_copy_of(const __u8 *head)
 	__u32 zero = 0;
 	struct head_copy *hc = bpf_map_lookup_elem(&head_copy, &zero);
 
-	if (hc)
-		__builtin_memcpy(hc->head, head, HTTP_HEAD_LEN);
+	if (!hc)
+		return NULL;
+	/* Words, not bytes (a head in place is 8-aligned): an eighth of the instructions. */
+	for (int k = 0; k < HTTP_HEAD_LEN / 8; k++)
+		((__u64 *)hc->head)[k] = ((const __u64 *)head)[k];
 	return hc;
 }
 

@@ -59,3 +59,19 @@ def test_the_bounded_object_runs_with_its_enter_hooks_named_in_status(agent) -> 
         assert "bounded-loop variant l7_bounded (this kernel lacks bpf_loop (5.17+) and " \
                "task_storage (5.11+) and task_pt_regs (5.15+) and current_task_btf (5.11+))" \
                in s.fallback_reason, s
+
+
+def test_doctor_names_the_bounded_object_and_its_stand_ins(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """doctor's l7 row says the bounded-loop object runs and which features it stands in for
+    (on 5.10 for real; here the probe's answers are replaced)."""
+    from probewire import doctor
+
+    monkeypatch.setattr(l7, "probe_kernel_features", lacking)
+    rows = {name: (ok, detail) for name, ok, detail in doctor._family_rows("127.0.0.1:1")}
+    ok, detail = rows["family l7"]
+    assert ok, detail
+    assert detail.startswith("on (loaded just now): tp"), detail
+    assert "; bounded-loop variant l7_bounded (this kernel lacks bpf_loop (5.17+) and " \
+           "task_storage (5.11+) and task_pt_regs (5.15+) and current_task_btf (5.11+))" \
+           in detail, detail
