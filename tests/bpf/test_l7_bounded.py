@@ -8,10 +8,11 @@ upstream, sendfile bodies, chunked ends, pipelining, a thousand keep-alive reque
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterable, Iterator
 
 import pytest
-from agentlib import running_agent
+from agentlib import running_agent, scrape, total, wait_for
 
 # Collected here again, with this module's `agent`: the same assertions on the bounded object.
 from test_http import (  # noqa: F401
@@ -29,6 +30,7 @@ from test_http import (  # noqa: F401
 from probewire.agent import Agent
 from probewire.probes import l7
 from probewire.runtime.features import L7_OPTIONAL, HookSupport
+from support.dbservers import redis_server
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(180)]
 
@@ -75,3 +77,26 @@ def test_doctor_names_the_bounded_object_and_its_stand_ins(
     assert "; bounded-loop variant l7_bounded (this kernel lacks bpf_loop (5.17+) and " \
            "task_storage (5.11+) and task_pt_regs (5.15+) and current_task_btf (5.11+))" \
            in detail, detail
+
+
+def test_a_call_with_more_pieces_than_the_bounded_walk_takes_is_counted_truncated(
+        agent) -> None:
+    """l7_bounded walks at most L7_BOUNDED_PIECES (32) pieces of a call for a user-space
+    parser (bpf_loop's walk: 256): a redis command written as 60 one-byte iovecs (a piece for
+    each iovec change and one for its byte) ships what the walk took and is counted in
+    probewire_l7_truncated_calls, never silently lost."""
+    _, listen = agent
+    value = b"v" * 30
+    command = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$30\r\n" + value + b"\r\n"
+    before = total(scrape(listen), "probewire_l7_truncated_calls_total", protocol="redis")
+    with redis_server() as srv, socket.create_connection(("127.0.0.1", srv.port)) as c:
+        c.sendall(b"*1\r\n$4\r\nPING\r\n")  # classifies the connection
+        assert c.recv(64) == b"+PONG\r\n"
+        pieces = [command[:24], *(bytes([b]) for b in command[24:])]
+        assert len(pieces) > 32
+        assert c.sendmsg(pieces) == len(command)
+        assert c.recv(64) == b"+OK\r\n"
+        wait_for(lambda: total(scrape(listen), "probewire_l7_truncated_calls_total",
+                               protocol="redis") >= before + 1)
+    after = total(scrape(listen), "probewire_l7_truncated_calls_total", protocol="redis")
+    assert after - before == 1
