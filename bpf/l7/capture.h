@@ -670,9 +670,9 @@ static __always_inline void l7_walk_start(struct l7_walk *w, const struct l7_eve
 
 /* Bytes of one call a walk may take in pieces (iovecs, or parts of them at record ends). */
 #define L7_MAX_PIECES 256
-/* The same without bpf_loop (l7_bounded): the loop around its global step costs the verifier
- * a few instructions a piece, so the bound is the same. */
-#define L7_BOUNDED_PIECES 256
+/* The same without bpf_loop (l7_bounded): each piece is verified again, so fewer; a call
+ * with more pieces ships what they took and counts as truncated. */
+#define L7_BOUNDED_PIECES 32
 
 /* The parser of every protocol parsed in user space: ship what the call moved, in order, with
  * the connection's sequence numbers. A call whose bytes are not in memory (sendfile) ships a

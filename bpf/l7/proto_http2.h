@@ -18,10 +18,9 @@
 /* Pieces (a frame header, a payload, an iovec change) one call's walk may take: a 1 MiB write
  * of 16 KiB DATA frames is ~200; past this the walk gives the connection up, counted. */
 #define H2_MAX_PIECES 8192
-/* The same without bpf_loop (l7_bounded): the verifier follows the loop around the global
- * step piece by piece, a few instructions each, with a pending branch each (8,192 pending is
- * its limit); a call with more pieces gives its connection up, counted the same way. */
-#define H2_BOUNDED_PIECES 2048
+/* The same without bpf_loop (l7_bounded): each piece is verified again, so far fewer; a call
+ * with more gives its connection up, counted the same way. */
+#define H2_BOUNDED_PIECES 64
 
 /* The client connection preface, "PRI * HTTP/2.0" (its first 14 bytes suffice). */
 static __always_inline __u8 http2_classify(const struct l7_peek *p)
