@@ -16,6 +16,7 @@
 #include "common.h"
 #include <bpf/bpf_endian.h>
 #include "l7.h"
+#include "bounded.h"
 
 /* bench/l7_stages.py builds the object with L7_STAGE=n: the capture path returns after stage n
  * (L7_STAGE_* below), so each stage's share of a run's cost can be measured under load. Unset
@@ -193,16 +194,30 @@ static __always_inline __u64 kword(__u64 addr)
  * (IPv4/IPv6), else NULL. */
 static __always_inline struct sock *sock_of_fd(int fd, __u8 *transport)
 {
+#ifdef L7_BOUNDED /* no bpf_get_current_task_btf (5.11): the same fields by probe reads */
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	unsigned int max_fds = BPF_CORE_READ(fdt, max_fds);
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+#else
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct fdtable *fdt = task->files->fdt;
+#endif
 	struct file *file = NULL;
 	struct socket *sock;
 	struct sock *sk;
 	__u16 family, protocol;
 
+#ifdef L7_BOUNDED
+	if (fd < 0 || (unsigned int)fd >= max_fds)
+		return NULL;
+#else
 	if (fd < 0 || (unsigned int)fd >= fdt->max_fds)
 		return NULL;
-	if (KFUNCS) {
+#endif
+	/* The bounded object's fd table is a plain pointer (no bpf_get_current_task_btf): probe
+	 * reads only (bpf_rdonly_cast, 6.2, never meets a kernel that needs that object anyway). */
+	if (KFUNCS && !L7_IS_BOUNDED) {
 		const struct sock *s;
 		struct file *f;
 
@@ -219,8 +234,13 @@ static __always_inline struct sock *sock_of_fd(int fd, __u8 *transport)
 		protocol = s->sk_protocol;
 		family = s->__sk_common.skc_family;
 	} else {
+#ifdef L7_BOUNDED
+		if (bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
+			return NULL;
+#else
 		if (bpf_probe_read_kernel(&file, sizeof(file), &fdt->fd[fd]) || !file)
 			return NULL;
+#endif
 		if ((BPF_CORE_READ(file, f_inode, i_mode) & S_IFMT_) != S_IFSOCK_)
 			return NULL;
 		sock = BPF_CORE_READ(file, private_data);
@@ -645,6 +665,9 @@ static long ship_message(__u32 i, void *unused)
 	return 0;
 }
 
+L7_BOUNDED_STEP(ship_piece)
+L7_BOUNDED_STEP(ship_message)
+
 /* A walk over the call's bytes from its first segment (l7_ship_data, the HTTP/2 frame walk). */
 static __always_inline void l7_walk_start(struct l7_walk *w, const struct l7_event *ev)
 {
@@ -662,6 +685,9 @@ static __always_inline void l7_walk_start(struct l7_walk *w, const struct l7_eve
 
 /* Bytes of one call a walk may take in pieces (iovecs, or parts of them at record ends). */
 #define L7_MAX_PIECES 256
+/* The same without bpf_loop (l7_bounded): each piece is verified again, so fewer; a call
+ * with more pieces ships what they took and counts as truncated. */
+#define L7_BOUNDED_PIECES 32
 
 /* The parser of every protocol parsed in user space: ship what the call moved, in order, with
  * the connection's sequence numbers. A call whose bytes are not in memory (sendfile) ships a
@@ -681,7 +707,7 @@ static __always_inline int l7_ship_data(void *ctx, struct l7_event *ev)
 	if (ev->io == IO_MMSG) {
 		w->iovs = ev->iovs;
 		w->niov = ev->niov;
-		bpf_loop(L7_MAX_MMSG, ship_message, NULL, 0);
+		L7_LOOP(L7_MAX_MMSG, L7_MAX_MMSG, ship_message, NULL);
 	} else if (!ev->buf) {
 		w->seq += 1;
 		emit(&ev->h, ev, L7_RECORD_DATA, 0, 0, ev->total, w->seq);
@@ -689,7 +715,7 @@ static __always_inline int l7_ship_data(void *ctx, struct l7_event *ev)
 		l7_walk_start(w, ev);
 		if (ev->transport == L7_UDP) /* a datagram: its first segment is all there is */
 			w->remaining = w->len < ev->total ? w->len : ev->total;
-		bpf_loop(L7_MAX_PIECES, ship_piece, NULL, 0);
+		L7_LOOP(L7_MAX_PIECES, L7_BOUNDED_PIECES, ship_piece, NULL);
 		if (w->fill || w->remaining) { /* out of pieces (more iovecs than the walk takes) */
 			w->seq += 1;
 			emit_built(&ev->h, ev, L7_RECORD_DATA, w->fill, w->skip + w->remaining,
@@ -729,12 +755,42 @@ struct tls_args {
 /* The thread inside an SSL call; its socket syscalls tie the SSL* to a struct sock. Task
  * storage: every data syscall asks, and for a thread that never used OpenSSL the answer is
  * one pointer load (a hash lookup cost ~25 ns a syscall). */
+#ifdef L7_BOUNDED
+/* No task storage (5.11): the same, in a hash by thread (LRU: a thread that dies inside an
+ * SSL call must not leak its entry). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct tls_args);
+} tls_calls SEC(".maps");
+
+static const struct tls_args zero_tls_args;
+
+static __always_inline struct tls_args *tls_args_of_thread(bool create)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct tls_args *t = bpf_map_lookup_elem(&tls_calls, &id);
+
+	if (t || !create)
+		return t;
+	bpf_map_update_elem(&tls_calls, &id, &zero_tls_args, BPF_ANY);
+	return bpf_map_lookup_elem(&tls_calls, &id);
+}
+#else
 struct {
 	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
 	__type(value, struct tls_args);
 } tls_calls SEC(".maps");
+
+static __always_inline struct tls_args *tls_args_of_thread(bool create)
+{
+	return bpf_task_storage_get(&tls_calls, bpf_get_current_task_btf(), 0,
+				    create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+}
+#endif
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -746,7 +802,7 @@ struct {
 /* A syscall made inside an SSL call moves ciphertext: it only ties the SSL* to its socket. */
 static __always_inline bool in_tls_call(const struct sock *sk)
 {
-	struct tls_args *t = bpf_task_storage_get(&tls_calls, bpf_get_current_task_btf(), 0, 0);
+	struct tls_args *t = tls_args_of_thread(false);
 	__u64 skp = (__u64)sk;
 
 	if (!t || !t->active)

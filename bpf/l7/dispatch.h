@@ -212,6 +212,50 @@ static __always_inline void l7_capture(void *ctx, struct l7_event *ev, const str
 
 /* ---- syscalls: the exit sees the bytes, its arguments are still in the saved registers ------ */
 
+#ifdef L7_BOUNDED
+/* No bpf_task_pt_regs (5.15): each data syscall's arguments (fd, buffer, count, and the 5th:
+ * a datagram's peer) are parked by its enter tracepoint, per thread, for its exit. LRU: an
+ * entry whose exit returned early (an error, no bytes) or never came is overwritten by the
+ * thread's next call or pushed out. */
+struct l7_sys_args {
+	__u64 arg[4];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64); /* pid_tgid */
+	__type(value, struct l7_sys_args);
+} l7_sys_args SEC(".maps");
+
+/* `arg5`: ctx->args[4] where the syscall has a 5th argument, else 0 (a tracepoint program
+ * may not read past its event's fields: the attach fails with EACCES). */
+#define L7_ENTER(name, arg5)                                                                 \
+	SEC("tp/syscalls/sys_enter_" #name)                                                  \
+	int l7_enter_##name(struct trace_event_raw_sys_enter *ctx)                           \
+	{                                                                                    \
+		__u64 id = bpf_get_current_pid_tgid();                                       \
+		struct l7_sys_args a = { .arg = { ctx->args[0], ctx->args[1], ctx->args[2],  \
+						  arg5 } };                                  \
+                                                                                             \
+		if (traced_task(id >> 32))                                                   \
+			bpf_map_update_elem(&l7_sys_args, &id, &a, BPF_ANY);                 \
+		return 0;                                                                    \
+	}
+
+L7_ENTER(read, 0)
+L7_ENTER(recvfrom, ctx->args[4])
+L7_ENTER(readv, 0)
+L7_ENTER(recvmsg, 0)
+L7_ENTER(recvmmsg, 0)
+L7_ENTER(write, 0)
+L7_ENTER(sendto, ctx->args[4])
+L7_ENTER(writev, 0)
+L7_ENTER(sendmsg, 0)
+L7_ENTER(sendmmsg, 0)
+L7_ENTER(sendfile64, 0)
+#endif
+
 /* A syscall's arguments are read back from the registers saved at entry (the kernel does not
  * change them for these calls), so no enter hook has to park them: one map update and delete
  * fewer per call. A request's start is thereby the end of its first write: the same instant
@@ -223,7 +267,9 @@ static __always_inline void exit_io(void *ctx, long ret)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct l7_event *ev = l7_event();
+#ifndef L7_BOUNDED
 	struct pt_regs *regs;
+#endif
 	struct iovec iov = {};
 	struct user_msghdr msg = {};
 	struct mmsghdr mm = {};
@@ -234,6 +280,22 @@ static __always_inline void exit_io(void *ctx, long ret)
 
 	if (!ev || !traced_task(id >> 32) || L7_STAGE <= L7_STAGE_FILTER)
 		return;
+#ifdef L7_BOUNDED
+	struct l7_sys_args *args = bpf_map_lookup_elem(&l7_sys_args, &id);
+	struct l7_sys_args a;
+
+	if (!args)
+		return; /* entered before the agent attached */
+	a = *args;
+	bpf_map_delete_elem(&l7_sys_args, &id);
+	sk = sock_of_fd(a.arg[0], &transport);
+	if (!sk || L7_STAGE <= L7_STAGE_SOCK)
+		return;
+	if (in_tls_call(sk) || L7_STAGE <= L7_STAGE_TLS)
+		return;
+	data = (const void *)a.arg[1];
+	count = a.arg[2];
+#else
 	regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
 	sk = sock_of_fd(PT_REGS_PARM1_SYSCALL(regs), &transport);
 	if (!sk || L7_STAGE <= L7_STAGE_SOCK)
@@ -242,6 +304,7 @@ static __always_inline void exit_io(void *ctx, long ret)
 		return; /* ciphertext: the OpenSSL uprobes see this data in the clear */
 	data = (const void *)PT_REGS_PARM2_SYSCALL(regs);
 	count = PT_REGS_PARM3_SYSCALL(regs);
+#endif
 	ev->transport = transport;
 	ev->peer_family = 0;
 	ev->total = ret;
@@ -250,8 +313,13 @@ static __always_inline void exit_io(void *ctx, long ret)
 	ev->niov = 0;
 	switch (ev->io) {
 	case IO_PLAIN: /* recvfrom/sendto name a datagram's peer in their 5th argument */
+#ifdef L7_BOUNDED
+		if (transport == L7_UDP)
+			read_peer(ev, (const void *)a.arg[3]);
+#else
 		if (transport == L7_UDP)
 			read_peer(ev, (const void *)PT_REGS_PARM5_SYSCALL(regs));
+#endif
 		break;
 	case IO_MSG:
 		if (bpf_probe_read_user(&msg, sizeof(msg), data))
@@ -356,8 +424,7 @@ static __always_inline int tls_enter(void *ssl, const void *buf, void *out_len, 
 
 	if (!traced_task(tgid))
 		return 0;
-	t = bpf_task_storage_get(&tls_calls, bpf_get_current_task_btf(), 0,
-				 BPF_LOCAL_STORAGE_GET_F_CREATE);
+	t = tls_args_of_thread(true);
 	if (!t)
 		return 0;
 	t->ssl = key;
@@ -406,7 +473,7 @@ int BPF_KPROBE(tls_handshake_enter, void *ssl)
 SEC("uretprobe")
 int BPF_KRETPROBE(tls_exit, long ret)
 {
-	struct tls_args *tp = bpf_task_storage_get(&tls_calls, bpf_get_current_task_btf(), 0, 0);
+	struct tls_args *tp = tls_args_of_thread(false);
 	struct l7_event *ev = l7_event();
 	struct tls_args t;
 	__u64 n = 0, *skp, sk;

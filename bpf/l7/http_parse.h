@@ -4,6 +4,7 @@
 #pragma once
 
 #include "http.h"
+#include "bounded.h"
 
 #define BYTES_EQ(w, c) /* 0x80 in each byte of w equal to c (exact: no carries between bytes) */ \
 	(~((((w) ^ (c)) & 0x7f7f7f7f7f7f7f7fULL) + 0x7f7f7f7f7f7f7f7fULL | ((w) ^ (c)) |     \
@@ -248,6 +249,51 @@ static long path_word(__u32 i, struct path_input *in)
 	return 0;
 }
 
+#ifdef L7_BOUNDED
+/* A head's bytes for the global steps (see L7_LOOP), which take no pointers on 5.10. */
+struct head_copy {
+	__u8 head[HTTP_HEAD_LEN];
+	__u8 room[HTTP_HEAD_LEN]; /* word loads near the end (a head in place has what follows) */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct head_copy);
+} head_copy SEC(".maps");
+
+static __always_inline struct head_copy *head_copy_of(const __u8 *head)
+{
+	__u32 zero = 0;
+	struct head_copy *hc = bpf_map_lookup_elem(&head_copy, &zero);
+
+	if (!hc)
+		return NULL;
+	/* Words, not bytes (a head in place is 8-aligned): an eighth of the instructions. */
+	for (int k = 0; k < HTTP_HEAD_LEN / 8; k++)
+		((__u64 *)hc->head)[k] = ((const __u64 *)head)[k];
+	return hc;
+}
+
+static __always_inline const __u8 *head_copied(void)
+{
+	__u32 zero = 0;
+	struct head_copy *hc = bpf_map_lookup_elem(&head_copy, &zero);
+
+	return hc ? hc->head : NULL;
+}
+
+__noinline int path_word_bounded(__u32 i, __u32 end, __u32 numeric)
+{
+	struct path_input in = { .head = head_copied(), .end = end, .numeric = numeric };
+
+	if (!in.head)
+		return 1;
+	return path_word(i, &in) != 0;
+}
+#endif
+
 /* A 64-bit hash of the path: from after "METHOD " to the first space, CR, LF or '?' (the
  * bytes user space's request_paths() cuts out), at most HTTP_PATH_MAX of them, mostly eight
  * bytes a step (bpf_loop: the verifier checks one step, not a byte loop of 128). 0 means "no
@@ -276,7 +322,18 @@ static __noinline __u64 path_hash(const __u8 *head, __u32 head_len, __u32 method
 	ps->pos = start;
 	ps->seg_start = 1;
 	/* each step moves on by a byte at least: a path of HTTP_PATH_MAX bytes ends within */
-	bpf_loop(HTTP_PATH_MAX + 2, path_word, &in, 0);
+#ifdef L7_BOUNDED
+	if (!head_copy_of(head))
+		return 0;
+	for (__u32 i = 0; i < HTTP_PATH_MAX + 2; i++)
+		if (path_word_bounded(i, in.end, in.numeric))
+			break;
+	ps = bpf_map_lookup_elem(&path_scratch, &zero);
+	if (!ps)
+		return 0;
+#else
+	L7_LOOP(HTTP_PATH_MAX + 2, HTTP_PATH_MAX + 2, path_word, &in);
+#endif
 	h = mix64(ps->h ^ ps->len);
 	return h ? h : 1;
 }
@@ -399,6 +456,29 @@ static long header_fields_word(__u32 i, struct header_input *in)
 	return header_scan_one(sc, in->head, k, in->len, true);
 }
 
+#ifdef L7_BOUNDED
+/* A step of header_end on the head copy: 0 go on, 1 done without an end, 2 + the end. */
+__noinline int header_scan_word_bounded(__u32 i, __u32 len)
+{
+	struct header_scan sc = { .head = head_copied(), .len = len, .end = -1, .cl_at = -1 };
+
+	if (!sc.head || len > HTTP_HEAD_LEN)
+		return 1;
+	if (!header_scan_word(i, &sc))
+		return 0;
+	return sc.end >= 0 && sc.end <= HTTP_HEAD_LEN ? 2 + sc.end : 1;
+}
+
+__noinline int header_fields_word_bounded(__u32 i, __u32 len)
+{
+	struct header_input in = { .head = head_copied(), .len = len };
+
+	if (!in.head || len > HTTP_HEAD_LEN)
+		return 1;
+	return header_fields_word(i, &in) != 0;
+}
+#endif
+
 /* Bytes up to and including the first CRLFCRLF of a head, or -1 when the head does not hold
  * it (user space's header_lengths() rule). Eight bytes a step: a byte loop cost ~300 ns a
  * request. */
@@ -407,8 +487,21 @@ static __always_inline int header_end(const __u8 *head, __u32 len)
 	struct header_scan sc = { .head = head, .len = len < HTTP_HEAD_LEN ? len : HTTP_HEAD_LEN,
 				  .end = -1, .cl_at = -1 };
 
-	bpf_loop(HTTP_HEAD_LEN / 32, header_scan_word, &sc, 0);
+#ifdef L7_BOUNDED
+	int r = 0;
+
+	if (!head_copy_of(head))
+		return -1;
+	for (__u32 i = 0; i < HTTP_HEAD_LEN / 32; i++) {
+		r = header_scan_word_bounded(i, sc.len);
+		if (r)
+			break;
+	}
+	return r >= 2 ? r - 2 : -1;
+#else
+	L7_LOOP(HTTP_HEAD_LEN / 32, HTTP_HEAD_LEN / 32, header_scan_word, &sc);
 	return sc.end;
+#endif
 }
 
 /* W3C trace context: the sampled bit of a request's "traceparent" header, or -1 without one.
@@ -486,13 +579,40 @@ static long tp_scan_word(__u32 i, struct tp_scan *sc)
 	return 0;
 }
 
+#ifdef L7_BOUNDED
+/* A step of traceparent_sampled on the head copy: 0 go on, 1 done without one, 2 + sampled. */
+__noinline int tp_scan_word_bounded(__u32 i, __u32 len)
+{
+	struct tp_scan sc = { .head = head_copied(), .len = len, .sampled = -1 };
+
+	if (!sc.head || len > HTTP_HEAD_LEN)
+		return 1;
+	if (!tp_scan_word(i, &sc))
+		return 0;
+	return sc.sampled >= 0 ? 2 + (sc.sampled & 1) : 1;
+}
+#endif
+
 static __always_inline int traceparent_sampled(const __u8 *head, __u32 len)
 {
 	struct tp_scan sc = { .head = head, .len = len < HTTP_HEAD_LEN ? len : HTTP_HEAD_LEN,
 			      .sampled = -1 };
 
-	bpf_loop(HTTP_HEAD_LEN / 8, tp_scan_word, &sc, 0);
+#ifdef L7_BOUNDED
+	int r = 0;
+
+	if (!head_copy_of(head))
+		return -1;
+	for (__u32 i = 0; i < HTTP_HEAD_LEN / 8; i++) {
+		r = tp_scan_word_bounded(i, sc.len);
+		if (r)
+			break;
+	}
+	return r >= 2 ? r - 2 : -1;
+#else
+	L7_LOOP(HTTP_HEAD_LEN / 8, HTTP_HEAD_LEN / 8, tp_scan_word, &sc);
 	return sc.sampled;
+#endif
 }
 
 /* One character of a Content-Length value: optional blanks, 1 to 18 digits, then CR (or
@@ -529,6 +649,17 @@ static long content_length_char(__u32 i, struct header_input *in)
 	return 1;
 }
 
+#ifdef L7_BOUNDED
+__noinline int content_length_char_bounded(__u32 i, __u32 len)
+{
+	struct header_input in = { .head = head_copied(), .len = len };
+
+	if (!in.head || len > HTTP_HEAD_LEN)
+		return 1;
+	return content_length_char(i, &in) != 0;
+}
+#endif
+
 /* A response whose body ends with the last chunk ("0" CRLF CRLF) rather than at a length. */
 #define RESP_END_CHUNKED (~0ULL)
 
@@ -551,7 +682,18 @@ static __always_inline int response_bounds(const __u8 *head, __u32 len, __u16 st
 	sc->end = -1;
 	sc->te = 0;
 	sc->cl_at = -1;
-	bpf_loop(HTTP_HEAD_LEN / 8, header_fields_word, &in, 0);
+#ifdef L7_BOUNDED
+	if (!head_copy_of(head))
+		return -1;
+	for (__u32 i = 0; i < HTTP_HEAD_LEN / 8; i++)
+		if (header_fields_word_bounded(i, in.len))
+			break;
+	sc = bpf_map_lookup_elem(&header_scratch, &zero);
+	if (!sc)
+		return -1;
+#else
+	L7_LOOP(HTTP_HEAD_LEN / 8, HTTP_HEAD_LEN / 8, header_fields_word, &in);
+#endif
 	end = sc->end;
 	if (end < 0 || end > HTTP_HEAD_LEN)
 		return -1;
@@ -568,7 +710,16 @@ static __always_inline int response_bounds(const __u8 *head, __u32 len, __u16 st
 	in.len = end; /* the value ends within the header block */
 	sc->value = 0;
 	sc->digits = 0;
-	bpf_loop(32, content_length_char, &in, 0);
+#ifdef L7_BOUNDED
+	for (__u32 i = 0; i < 32; i++)
+		if (content_length_char_bounded(i, in.len))
+			break;
+	sc = bpf_map_lookup_elem(&header_scratch, &zero);
+	if (!sc)
+		return -1;
+#else
+	L7_LOOP(32, 32, content_length_char, &in);
+#endif
 	if (sc->digits > 0)
 		*end_at = end + sc->value;
 	return end;

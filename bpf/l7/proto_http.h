@@ -76,7 +76,7 @@ struct {
 
 /* A global function: the verifier checks it once, not once per completion site (its loops
  * would otherwise be walked for each of them). Returns 1 when the exchange was counted. */
-__noinline int http_aggregate(struct http_exchange *ex)
+L7_GLOBAL int http_aggregate(struct http_exchange *ex)
 {
 	__u32 zero = 0, *numeric;
 	struct l7_agg_key *key;
@@ -146,7 +146,7 @@ struct {
 	__type(value, __u8); /* its current server request's trace is kept */
 } trace_kept SEC(".maps");
 
-__noinline int http_sample(struct http_exchange *ex)
+L7_GLOBAL int http_sample(struct http_exchange *ex)
 {
 	struct l7_sampling *cfg;
 	int parent = -1;
@@ -172,10 +172,23 @@ __noinline int http_sample(struct http_exchange *ex)
 	return keep;
 }
 
+#ifdef L7_BOUNDED
+/* Before 5.12 a global function takes no pointers: the state machine's global steps find
+ * their connection's state by its key (the exchange's conn_id) and run the static function
+ * above, so the verifier checks each once, not at every call site. */
+__noinline int http_sample_by_key(__u64 key)
+{
+	struct http_state *st = bpf_map_lookup_elem(&http_states, &key);
+
+	return st ? http_sample(&st->ex) : 0;
+}
+#define http_sample(ex) http_sample_by_key((ex)->conn_id)
+#endif
+
 /* An exchange is over: count it in the kernel if its route is known (and, with spans, its
  * trace not kept), else ship it. Global (verified once): it is reached from many places of
  * the state machine. */
-__noinline int http_complete(struct http_state *st)
+L7_GLOBAL int http_complete(struct http_state *st)
 {
 	if (!st || L7_STAGE <= L7_STAGE_BOUNDS)
 		return 0;
@@ -189,6 +202,14 @@ __noinline int http_complete(struct http_state *st)
 		count_drop();
 	return 0;
 }
+
+#ifdef L7_BOUNDED
+__noinline int http_complete_by_key(__u64 key)
+{
+	return http_complete(bpf_map_lookup_elem(&http_states, &key));
+}
+#define http_complete(st) http_complete_by_key((st)->ex.conn_id)
+#endif
 
 static __always_inline void start_message(struct http_state *st, __u8 *head, __u16 *head_len,
 					  const void *buf, __u64 n)
@@ -230,7 +251,7 @@ static __always_inline void new_exchange(struct http_state *st, __u8 method, __u
 
 /* Global (verified once): a server's response head is copied and its bounds read (its
  * header length gives the body size). A client's is not needed: its status is known. */
-__noinline int http_response_head(struct http_state *st, __u64 buf)
+L7_GLOBAL int http_response_head(struct http_state *st, __u64 buf)
 {
 	if (!st)
 		return 0;
@@ -250,6 +271,14 @@ __noinline int http_response_head(struct http_state *st, __u64 buf)
 		st->ex.resp_header_end = header_end(st->ex.resp_head, st->ex.resp_head_len);
 	return 0;
 }
+
+#ifdef L7_BOUNDED
+__noinline int http_response_head_by_key(__u64 key, __u64 buf)
+{
+	return http_response_head(bpf_map_lookup_elem(&http_states, &key), buf);
+}
+#define http_response_head(st, buf) http_response_head_by_key((st)->ex.conn_id, buf)
+#endif
 
 static __always_inline void response_started(struct http_state *st, __u16 status, __u64 now,
 					     const void *buf, __u64 n, __u32 first_len)
@@ -352,7 +381,7 @@ static __always_inline bool wrote_last_chunk(const void *buf, __u32 first_len, _
  * idle keep-alive connection would hold it back, and an event-driven server reads only when
  * a request is there. So reads need no enter hook. */
 /* Global (verified once). `lens` is the call's byte count << 32 | its first segment's. */
-__noinline int http_response_written(struct http_state *st, __u64 buf, __u64 lens, __u64 iovs,
+L7_GLOBAL int http_response_written(struct http_state *st, __u64 buf, __u64 lens, __u64 iovs,
 				     __u64 niov)
 {
 	if (!st || !st->resp_end_at)
@@ -368,6 +397,17 @@ __noinline int http_response_written(struct http_state *st, __u64 buf, __u64 len
 	st->state = HTTP_STATE_DONE;
 	return 0;
 }
+
+#ifdef L7_BOUNDED
+__noinline int http_response_written_by_key(__u64 key, __u64 buf, __u64 lens, __u64 iovs,
+					    __u64 niov)
+{
+	return http_response_written(bpf_map_lookup_elem(&http_states, &key), buf, lens, iovs,
+				     niov);
+}
+#define http_response_written(st, buf, lens, iovs, niov)                                     \
+	http_response_written_by_key((st)->ex.conn_id, buf, lens, iovs, niov)
+#endif
 
 /* The connection's HTTP state, made (idle) on its first call. */
 static __always_inline struct http_state *http_state_for(const struct l7_event *ev)

@@ -18,6 +18,9 @@
 /* Pieces (a frame header, a payload, an iovec change) one call's walk may take: a 1 MiB write
  * of 16 KiB DATA frames is ~200; past this the walk gives the connection up, counted. */
 #define H2_MAX_PIECES 8192
+/* The same without bpf_loop (l7_bounded): each piece is verified again, so far fewer; a call
+ * with more gives its connection up, counted the same way. */
+#define H2_BOUNDED_PIECES 64
 
 /* The client connection preface, "PRI * HTTP/2.0" (its first 14 bytes suffice). */
 static __always_inline __u8 http2_classify(const struct l7_peek *p)
@@ -154,6 +157,8 @@ static long h2_piece(__u32 i, void *unused)
 	return 0;
 }
 
+L7_BOUNDED_STEP(h2_piece)
+
 /* The parser: walk the call's frames, ship what user space's parser needs. */
 static __always_inline int http2_parse(void *ctx, struct l7_event *ev)
 {
@@ -188,7 +193,7 @@ static __always_inline int http2_parse(void *ctx, struct l7_event *ev)
 		f->lost = 1;
 	} else {
 		l7_walk_start(w, ev);
-		bpf_loop(H2_MAX_PIECES, h2_piece, NULL, 0);
+		L7_LOOP(H2_MAX_PIECES, H2_BOUNDED_PIECES, h2_piece, NULL);
 		if (w->remaining)
 			f->lost = 1; /* out of pieces or iovecs: the frames are lost from here */
 	}

@@ -50,17 +50,16 @@ def test_kernel_features_match_bpftool_feature_probe_and_kernel_btf() -> None:
 
 def test_families_this_kernel_cannot_run_are_switched_off_by_name_and_the_rest_count(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A kernel without bpf_loop (before 5.17; Debian 5.10 in the matrix) loses the family
-    whose object needs it (l7), named with what is missing, before anything is loaded; tcp,
-    process and saturation (its bounded-loop variant) run and count. On this kernel the
-    probe's answer for bpf_loop is replaced; the matrix's 5.10 guest takes the same path for
-    real."""
+    """A kernel without bpf_loop (before 5.17; Debian 5.10 in the matrix) loses no family
+    that has a bounded-loop variant: l7 loads l7_bounded and saturation its *_bounded
+    programs, each named in status; tcp and process run and count. On this kernel the probe's
+    answer for bpf_loop is replaced; the matrix's 5.10 guest takes the same path for real."""
     import socket
 
     from agentlib import free_port, running_agent, scrape, total, wait_for
 
     from probewire import agent as agent_module
-    from probewire.probes import saturation
+    from probewire.probes import l7, saturation
     from probewire.runtime.features import FAMILY_NEEDS, HookSupport
 
     def without_bpf_loop(names: Iterable[str] | None = None) -> dict[str, HookSupport]:
@@ -71,15 +70,18 @@ def test_families_this_kernel_cannot_run_are_switched_off_by_name_and_the_rest_c
 
     monkeypatch.setattr(agent_module, "probe_kernel_features", without_bpf_loop)
     monkeypatch.setattr(saturation, "probe_kernel_features", without_bpf_loop)
+    monkeypatch.setattr(l7, "probe_kernel_features", without_bpf_loop)
     with running_agent() as (agent, listen):
         # custom is off by default (no probes.custom); the others are on.
         off = {name for name, needs in FAMILY_NEEDS.items() if "bpf_loop" in needs}
-        assert set(agent.disabled) == off == {"l7"}, agent.disabled
-        for name in ("l7",):
-            assert agent.disabled[name].startswith("this kernel lacks bpf_loop (5.17+): "
-                                                   "the kernel refuses it"), agent.disabled
-            assert name not in agent.running
+        assert set(agent.disabled) == off == set(), agent.disabled
+        assert agent.probes["l7"].object_name == l7.BOUNDED_OBJECT
         status = agent.status()
+        for s in status:
+            if s.probe == "l7":
+                # (5.10 lacks the other three of L7_OPTIONAL too, named after bpf_loop)
+                assert s.fallback_reason.startswith(
+                    "bounded-loop variant l7_bounded (this kernel lacks bpf_loop (5.17+)"), s
         assert {s.probe for s in status} >= {"tcp", "process", "l7", "saturation"}
         listen_hooks = saturation.SIGNAL_HOOKS["listen"]
         for s in status:
@@ -102,8 +104,7 @@ def test_families_this_kernel_cannot_run_are_switched_off_by_name_and_the_rest_c
         samples = scrape(listen)
         assert total(samples, "probewire_tcp_resets_total", server_port=str(port),
                      reset="received") == 1
-        hooks = {h.name for h in agent_module.REGISTRY["l7"].hooks}
-        assert total(samples, "probewire_probe_attached", probe="l7") == 0
+        hooks = {h.name for h in agent.probes["l7"].active_hooks()}
         assert sum(1 for s in status if s.probe == "l7") == len(hooks)
 
 

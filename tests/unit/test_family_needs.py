@@ -12,7 +12,12 @@ from elftools.elf.elffile import ELFFile
 
 from probewire.probes import REGISTRY
 from probewire.probes.saturation import BOUNDED_TWINS
-from probewire.runtime.features import FAMILY_NEEDS, KERNEL_FEATURES, SATURATION_OPTIONAL
+from probewire.runtime.features import (
+    FAMILY_NEEDS,
+    KERNEL_FEATURES,
+    L7_OPTIONAL,
+    SATURATION_OPTIONAL,
+)
 from probewire.runtime.objects import object_path
 
 # Helper ids (enum bpf_func_id) of the features that newer kernels brought. Task storage is
@@ -26,7 +31,7 @@ FEATURE_HELPERS = {
     "percpu_lookup": {195},
 }
 # Used on some paths only, with a fallback on kernels without it.
-OPTIONAL = {"saturation": set(SATURATION_OPTIONAL)}
+OPTIONAL = {"saturation": set(SATURATION_OPTIONAL), "l7": set(L7_OPTIONAL)}
 BPF_CALL = 0x85  # BPF_JMP | BPF_CALL; src_reg 0 is a helper, 1 a BPF subprogram, 2 a kfunc
 
 
@@ -91,3 +96,11 @@ def test_saturation_bounded_twins_call_neither_bpf_loop_nor_percpu_lookup() -> N
                                   | FEATURE_HELPERS["current_task_btf"]), (name, calls[name])
     for name in BOUNDED_TWINS:
         assert calls[name] & FEATURE_HELPERS["bpf_loop"], name  # the twin is the other one
+
+
+def test_the_l7_bounded_object_calls_none_of_the_features_its_variant_stands_in_for() -> None:
+    """What a kernel lacking all of L7_OPTIONAL (Debian 5.10) loads instead of l7."""
+    from probewire.probes.l7 import BOUNDED_OBJECT
+
+    called = helpers_called(str(object_path(BOUNDED_OBJECT)))
+    assert {name for name, ids in FEATURE_HELPERS.items() if ids & called} == set()

@@ -57,7 +57,9 @@ class Probe:
     """Base of a probe family. Subclasses fill the ClassVars and override the hooks they need."""
 
     name: ClassVar[str]
-    object_name: ClassVar[str]
+    # The object file (bpf/<object_name>.bpf.c); an instance may pick a variant of its
+    # family's object for the kernel it runs on (l7: l7_bounded before bpf_loop).
+    object_name: str
     hooks: ClassVar[tuple[Hook, ...]]
     structs: ClassVar[dict[str, np.dtype]] = {}
     record_dtype: ClassVar[np.dtype | None] = None  # set when the family ships ring records

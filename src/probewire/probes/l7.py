@@ -43,12 +43,22 @@ from probewire.l7.streams import EVICTED, Finished, StreamDemux
 from probewire.probes.base import Hook, Probe, ProbeContext
 from probewire.probes.tls import TLS_PROGRAMS, TlsAttacher
 from probewire.runtime.bpf import BpfObject
+from probewire.runtime.features import (
+    FEATURE_SINCE,
+    L7_OPTIONAL,
+    HookSupport,
+    probe_kernel_features,
+)
 from probewire.runtime.ring import VarBatch
 
 SYSCALLS = ("read", "recvfrom", "readv", "recvmsg", "recvmmsg", "write", "sendto", "writev",
             "sendmsg", "sendmmsg", "sendfile64")
 # How often exchanges waiting for an answer are looked at for timeouts (DNS), at the latest.
 EXPIRE_EVERY_NS = 1_000_000_000
+# The object for kernels that lack any of L7_OPTIONAL (bpf/l7/bounded.h): the same programs,
+# and an enter tracepoint per data syscall that parks its arguments for the exit.
+BOUNDED_OBJECT = "l7_bounded"
+ENTER_HOOKS = tuple(Hook(f"sys_enter_{s}", (f"l7_enter_{s}",)) for s in SYSCALLS)
 
 
 class L7Probe(Probe):
@@ -70,6 +80,9 @@ class L7Probe(Probe):
 
     def __init__(self, ctx: ProbeContext) -> None:
         super().__init__(ctx)
+        self._features: dict[str, HookSupport] | None = None
+        if self.bounded_reason():
+            self.object_name = BOUNDED_OBJECT
         cfg = ctx.config.probes.l7
         self.protocols: dict[int, Protocol] = {
             p.proto_id: p for p in PROTOCOLS if cfg.protocols is None or p.name in cfg.protocols}
@@ -102,6 +115,33 @@ class L7Probe(Probe):
         self.records = 0  # ring records handled (both rings)
         self.exchanges_from_records = 0
         self._expired_at = 0
+
+    # --- variants: the bounded-loop object on kernels before bpf_loop (5.17) ---------------------
+    def kernel_features(self) -> dict[str, HookSupport]:
+        """L7_OPTIONAL on this kernel, probed once."""
+        if self._features is None:
+            self._features = probe_kernel_features(L7_OPTIONAL)
+        return self._features
+
+    def bounded_reason(self) -> str:
+        """Why this kernel runs the bounded-loop object, or "" (the bpf_loop one)."""
+        missing = [f"{n} ({FEATURE_SINCE[n]}+)" for n in L7_OPTIONAL
+                   if not self.kernel_features()[n].available]
+        return ("bounded-loop variant l7_bounded (this kernel lacks " + " and ".join(missing)
+                + ")") if missing else ""
+
+    def active_hooks(self) -> tuple[Hook, ...]:
+        if self.object_name == BOUNDED_OBJECT:
+            return (*self.hooks, *ENTER_HOOKS)
+        return self.hooks
+
+    def program_note(self, program: str) -> str:
+        if self.object_name != BOUNDED_OBJECT:
+            return ""
+        note = self.bounded_reason()
+        if program.startswith("l7_enter_"):
+            note += "; parks the syscall's arguments for its exit (no bpf_task_pt_regs)"
+        return note
 
     # --- capabilities the agent discovers ---------------------------------------------------------
     @property

@@ -62,13 +62,18 @@ FEATURE_SINCE = {"ringbuf": "5.8", "task_storage": "5.11", "bpf_loop": "5.17",
 # Optional ones (bpf_rdonly_cast: probe reads instead; saturation's: see
 # SATURATION_VARIANTS) are not listed. tests/unit/test_family_needs.py checks this against the
 # helpers each object's code calls.
-#   l7          bpf_loop walks iovecs and HTTP heads; task storage holds an SSL call's
-#               arguments; task_pt_regs reads a syscall's arguments at its exit
 #   custom      each uprobe finds its spec by its attach cookie
 FAMILY_NEEDS: dict[str, tuple[str, ...]] = {
-    "l7": ("bpf_loop", "task_storage", "task_pt_regs", "current_task_btf"),
     "custom": ("attach_cookie",),
 }
+# Features the l7 object uses; a kernel that lacks any of them loads l7_bounded instead (the
+# same sources built with L7_BOUNDED, bpf/l7/bounded.h):
+#   bpf_loop          walks iovecs, HTTP heads and HTTP/2 frames; else bounded loops (shorter
+#                     walks for iovecs and frames, what they cut counted as truncated)
+#   task_storage      an SSL call's arguments per thread; else a hash by thread id
+#   task_pt_regs      a syscall's arguments at its exit; else parked at its enter tracepoint
+#   current_task_btf  the fd table by plain loads; else probe reads
+L7_OPTIONAL = ("bpf_loop", "task_storage", "task_pt_regs", "current_task_btf")
 # Features the saturation family uses where the kernel has them, with a stand-in where not:
 #   bpf_loop, percpu_lookup  the walk over CPUs for listen-counter baselines; without either,
 #                            the *_bounded programs (a bounded loop, a hash by CPU)
