@@ -34,7 +34,9 @@
 		return fn(i, NULL) != 0;                                                      \
 	}
 #define L7_GLOBAL static __noinline
+#define L7_IS_BOUNDED 1
 #else
+#define L7_IS_BOUNDED 0
 #define L7_LOOP(n, n_bounded, fn, ctx) bpf_loop(n, fn, ctx, 0)
 #define L7_BOUNDED_STEP(fn)
 #define L7_GLOBAL __noinline
