@@ -45,18 +45,19 @@ test-kernels: setup
 
 # The part of the matrix `make test` (and so CI) runs: Debian 5.10, the kernel with the most
 # fallbacks to take (no bpf_loop, no task storage, no bpf_rdonly_cast; fentry and kprobes
-# there), and the tests that prove hook choice, the fallbacks, a family switched off (l7) and
-# one running its bounded-loop variant (saturation's listen counters).
+# there), and the tests that prove hook choice, the fallbacks, and the families running their
+# bounded-loop variants (saturation's listen counters, l7's exact HTTP counts).
 KERNELS_CI_TESTS := tests/bpf/test_fallback_hooks.py tests/bpf/test_kernel_features.py \
 	tests/bpf/test_process.py::test_n_execs_give_n_exec_and_exit_events_with_filename_and_codes \
 	tests/bpf/test_tcp.py::test_connect_to_closed_port_counts_reset_and_failure \
 	'tests/bpf/test_saturation.py::test_listen_overflows_match_the_namespace_counters[tp_btf]' \
+	tests/bpf/test_http.py::test_nginx_and_upstream_counted_exactly_per_route_and_status_on_both_sides \
 	tests/e2e/test_cli.py::test_doctor_reports_hook_types_this_kernel_offers \
 	tests/e2e/test_cli.py::test_probes_shows_the_preferred_hook_chosen_and_attached_for_every_hook
 test-kernels-ci: setup
 	$(MAKE) build
 	$(SUDO) env GUEST_CLI_REPORTS=0 $(BIN)/python scripts/kernels/matrix.py --suites bullseye \
-		--out test-output/kernels-ci --timeout-min 60 -- $(KERNELS_CI_TESTS)
+		--out test-output/kernels-ci --timeout-min 30 -- $(KERNELS_CI_TESTS)
 
 bench: setup
 	$(MAKE) build

@@ -42,6 +42,9 @@ mount --bind "$out/test-output" "$PW_REPO/test-output"
 out=/run/pw/out
 
 uname -r > "$out/uname"
+# With a gdb stub (matrix.py, GUEST_GDB_PORT) the kernel's symbols, to name a hung CPU's
+# addresses (Debian ships System.map only in the -dbg package).
+[ -n "${GUEST_GDB_PORT:-}" ] && cat /proc/kallsyms > "$out/kallsyms"
 # bpffs for tests that pin; tracefs, debugfs and cgroup2 are mounted by virtme-ng's init.
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 ip link set lo up

@@ -104,7 +104,8 @@ def boot(run: SuiteRun, vmlinuz: Path, out: Path, pytest_args: list[str], memory
     mounts = " ".join(f"/dev/vd{chr(ord('a') + i)}={where}" for i, (_, where) in
                       enumerate(images))
     # The guest has its own environment: guest.sh's settings are handed over explicitly.
-    passed = [f"{k}={os.environ[k]}" for k in ("GUEST_CLI_REPORTS", "GUEST_PYTEST_TIMEOUT_S")
+    passed = [f"{k}={os.environ[k]}" for k in ("GUEST_CLI_REPORTS", "GUEST_PYTEST_TIMEOUT_S",
+                                                  "GUEST_GDB_PORT")
               if k in os.environ]
     # bash reads a script as it runs it: the guest runs a copy nobody edits meanwhile.
     shutil.copy(HERE / "guest.sh", out / "guest.sh")
@@ -121,6 +122,11 @@ def boot(run: SuiteRun, vmlinuz: Path, out: Path, pytest_args: list[str], memory
         "--exec", guest,
         f"--qemu-opts=-machine accel=tcg {drives}",
     ]
+    # GUEST_GDB_PORT=<port>: a gdb stub on loopback and no KASLR, so a hung guest's CPUs can be
+    # read with gdb against the kernel's System.map (`target remote 127.0.0.1:<port>`).
+    if os.environ.get("GUEST_GDB_PORT"):
+        cmd[-1] += f" -gdb tcp:127.0.0.1:{os.environ['GUEST_GDB_PORT']}"
+        cmd += ["--append", "nokaslr"]
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
     console = out / "console.log"
     t0 = time.monotonic()

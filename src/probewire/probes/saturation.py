@@ -374,8 +374,10 @@ class SaturationProbe(Probe):
         if task_storage:
             obj.maps["sched_threads"].set_max_entries(1)
         if not features["task_storage"].available:
-            # Its type does not exist here (the verifier never sees its dead uses).
-            obj.maps["sched_tasks"].set_type(_libbpf.BPF_MAP_TYPE_HASH)
+            # Its type does not exist here (the verifier never sees its dead uses). Preallocated
+            # (flags 0, not task storage's BPF_F_NO_PREALLOC): before 6.1 the verifier WARNs,
+            # tainting the kernel, when a tracing program references a hash allocated at run time.
+            obj.maps["sched_tasks"].set_type(_libbpf.BPF_MAP_TYPE_HASH, map_flags=0)
             obj.maps["sched_tasks"].set_max_entries(1)
         self._size_listen_baselines(obj, bounded)
         # Per-CPU values cost value size x CPUs per entry, preallocated (LRU).

@@ -343,11 +343,16 @@ class Map:
         if rc:
             _raise_for(f"resize map {self.name} to {n}", rc)
 
-    def set_type(self, map_type: int) -> None:
-        """Create the map as another type (a kernel without the declared one)."""
+    def set_type(self, map_type: int, map_flags: int | None = None) -> None:
+        """Create the map as another type (a kernel without the declared one), with other
+        flags when the declared ones do not fit that type."""
         rc = lib().bpf_map__set_type(self._ptr, map_type)
         if rc:
             _raise_for(f"set the type of map {self.name} to {map_type}", rc)
+        if map_flags is not None:
+            rc = lib().bpf_map__set_map_flags(self._ptr, map_flags)
+            if rc:
+                _raise_for(f"set the flags of map {self.name} to {map_flags:#x}", rc)
 
     def reuse_fd(self, fd: int) -> None:
         """Share an already created map (e.g. the filter maps) instead of creating one."""
