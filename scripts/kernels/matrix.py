@@ -16,6 +16,7 @@ Exit status: 0 when every suite ran and no test failed, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -48,6 +49,7 @@ class SuiteRun:
     release: str = ""
     seconds: float = 0.0
     problem: str = ""  # why the guest gave no results (boot failure, timeout)
+    reboots: list[str] = field(default_factory=list)  # why a frozen guest was booted again
     tests: dict[str, str] = field(default_factory=dict)  # test id -> outcome
     messages: dict[str, str] = field(default_factory=dict)  # test id -> first failure line
     report: dict[str, Any] = field(default_factory=dict)
@@ -98,8 +100,9 @@ def build_images(cache: Path) -> list[tuple[Path, Path]]:
 
 
 def boot(run: SuiteRun, vmlinuz: Path, out: Path, pytest_args: list[str], memory: str,
-         timeout_s: float, images: list[tuple[Path, Path]]) -> None:
-    """Boot the kernel under TCG and run guest.sh; its files land in `out`."""
+         timeout_s: float, images: list[tuple[Path, Path]]) -> bool:
+    """Boot the kernel under TCG and run guest.sh; its files land in `out`. True when the
+    guest froze (guest_frozen) and was stopped."""
     # Disks appear as /dev/vda, vdb, ... in the order given.
     mounts = " ".join(f"/dev/vd{chr(ord('a') + i)}={where}" for i, (_, where) in
                       enumerate(images))
@@ -130,18 +133,45 @@ def boot(run: SuiteRun, vmlinuz: Path, out: Path, pytest_args: list[str], memory
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
     console = out / "console.log"
     t0 = time.monotonic()
+    frozen = ""
     with console.open("wb") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            run.problem = f"timed out after {timeout_s:.0f} s (see {console})"
+        while proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+            over = time.monotonic() - t0 > timeout_s
+            frozen = "" if over else guest_frozen(out)
+            if over or frozen:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                run.problem = frozen or f"timed out after {timeout_s:.0f} s (see {console})"
     run.seconds = time.monotonic() - t0
     if not run.problem and not (out / "rc").exists():
         run.problem = f"guest exited {proc.returncode} before pytest finished (see {console})"
+    return bool(frozen)
+
+
+# What the guest kernel prints when its CPUs stop making progress.
+STALL = re.compile(rb"rcu: INFO: .*stall|soft lockup - CPU#|blocked for more than \d+ seconds")
+# guest.sh's watcher rewrites watch.log every 60 s while the guest runs anything at all.
+FROZEN_AFTER_S = 300.0
+
+
+def guest_frozen(out: Path) -> str:
+    """Why the guest counts as frozen, or "": its kernel reported a stall or lockup and its
+    watcher has written nothing for FROZEN_AFTER_S (a stall report alone can pass: an emulated
+    CPU starved by a busy host)."""
+    console, watch = out / "console.log", out / "watch.log"
+    try:
+        stall = STALL.search(console.read_bytes())
+        quiet_s = time.time() - (watch if watch.exists() else console).stat().st_mtime
+    except OSError:
+        return ""
+    if not stall or quiet_s < FROZEN_AFTER_S:
+        return ""
+    return (f"froze: the kernel reported \"{stall[0].decode(errors='replace')}\" and the guest "
+            f"wrote nothing for {quiet_s:.0f} s (see {console})")
 
 
 def _test_id(case: ET.Element) -> str:
@@ -240,9 +270,10 @@ def summary(runs: list[SuiteRun]) -> str:
              if r.tests.get(tid) in ("failed", "error")]
     off = [(r, name, fam) for r in runs for name, fam in r.report.get("families", {}).items()
            if not fam.get("loaded") or fam.get("features_off")]
-    if notes or off or any(r.problem for r in runs):
+    if notes or off or any(r.problem or r.reboots for r in runs):
         lines += ["", "## Failures and families switched off", ""]
         for r in runs:
+            lines += [f"- {r.suite}: {why}" for why in r.reboots]
             if r.problem:
                 lines.append(f"- {r.suite}: {r.problem}")
         for r, name, fam in off:
@@ -290,7 +321,19 @@ def main() -> int:
             return
         print(f"test-kernels: {run.suite} ({run.release}): booting under TCG", file=sys.stderr,
               flush=True)
-        boot(run, vmlinuz, out, pytest_args, args.memory, args.timeout_min * 60, images)
+        if boot(run, vmlinuz, out, pytest_args, args.memory, args.timeout_min * 60, images):
+            # A frozen emulated guest is booted once more, and said so in the summary; its
+            # files are kept in hung-1/ for the diagnosis (console.log, watch.log, pytest.log).
+            kept = out / "hung-1"
+            kept.mkdir()
+            for f in list(out.iterdir()):
+                if f.is_file():
+                    f.rename(kept / f.name)
+            run.reboots.append(f"{run.problem}; booted again, the frozen run's files are in "
+                               f"{kept}")
+            run.problem = ""
+            (out / "test-output").mkdir(exist_ok=True)
+            boot(run, vmlinuz, out, pytest_args, args.memory, args.timeout_min * 60, images)
         collect(run, out)
         print(f"test-kernels: {run.suite} ({run.release}): {run.count('passed')} passed, "
               f"{run.count('failed')} failed, {run.count('error')} errors, "

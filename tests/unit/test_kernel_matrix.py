@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -89,3 +91,27 @@ def test_outcomes_come_from_the_pytest_log_when_the_guest_wrote_no_junit(
     run = matrix.SuiteRun("trixie")
     matrix.collect(run, tmp_path)
     assert run.tests == {"test_tcp::test_a": "passed", "test_tcp::test_b[x y]": "failed"}
+
+
+STALL_REPORT = (b"[  116.3] rcu: INFO: rcu_sched self-detected stall on CPU\n"
+                b"[  116.3] rcu: \t1-...!: (3590 ticks this GP)\n")
+
+
+@pytest.mark.parametrize(("console", "watch_age_s", "frozen"), [
+    (STALL_REPORT, 400.0, True),   # a stall report and a watcher silent for 400 s
+    (STALL_REPORT, 30.0, False),   # a stall report, but the guest still writes: starved, alive
+    (b"[ 5.0] loop: module loaded\n", 4000.0, False),  # quiet, no report: a slow test
+    (b"[ 9.0] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [python:159]\n", 301.0, True),
+])
+def test_a_guest_counts_as_frozen_on_a_stall_report_and_a_silent_watcher(
+        matrix: ModuleType, tmp_path: Path, console: bytes, watch_age_s: float,
+        frozen: bool) -> None:
+    (tmp_path / "console.log").write_bytes(console)
+    watch = tmp_path / "watch.log"
+    watch.write_text("12:00:00\n")
+    then = time.time() - watch_age_s
+    os.utime(watch, (then, then))
+    why = matrix.guest_frozen(tmp_path)
+    assert bool(why) == frozen, why
+    if frozen:
+        assert "console.log" in why and "froze" in why
