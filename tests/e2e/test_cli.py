@@ -28,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bpf"))
 from agentlib import free_port, wait_for
 
 from probewire.probes import REGISTRY
+from probewire.probes.l7 import ENTER_HOOKS as L7_ENTER_HOOKS
 from probewire.runtime import inventory
+from probewire.runtime.features import L7_OPTIONAL, probe_kernel_features
 
 pytestmark = pytest.mark.e2e
 
@@ -471,6 +473,9 @@ def _probe_rows(listen: str) -> dict[tuple[str, str], list[str]]:
     assert title == f"probewire probes — running agent at {listen}", result.stdout
     by_hook = {(r[0], r[1]): r for r in rows}
     declared = {(probe.name, hook.name) for probe in REGISTRY.values() for hook in probe.hooks}
+    # A kernel without bpf_loop & co. runs l7_bounded, which adds an enter hook per syscall.
+    if not all(f.available for f in probe_kernel_features(L7_OPTIONAL).values()):
+        declared |= {("l7", hook.name) for hook in L7_ENTER_HOOKS}
     assert len(by_hook) == len(rows), result.stdout
     assert set(by_hook) == declared and set(HOOKS) <= declared, result.stdout
     for row in rows:
