@@ -56,17 +56,7 @@ modprobe tun 2>/dev/null
 modprobe loop 2>/dev/null
 echo +memory > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
 
-step report
-timeout 1200 .venv/bin/python scripts/kernels/report.py "$out/report.json" > "$out/report.log" 2>&1
-if [ "${GUEST_CLI_REPORTS:-1}" = 1 ]; then
-    step doctor
-    timeout 900 .venv/bin/probewire doctor > "$out/doctor.txt" 2>&1
-    echo "doctor exit $?" >> "$out/doctor.txt"
-    step probes
-    timeout 900 .venv/bin/probewire probes > "$out/probes.txt" 2>&1
-    echo "probes exit $?" >> "$out/probes.txt"
-fi
-# A hang must be diagnosable from the host: every 60 s the guest's processes, with the kernel
+# A hang must be diagnosable from the host: every 60 s from here on the guest's processes, with the kernel
 # function each waits in and the kernel stacks of the ones stuck in D state, go to watch.log.
 watch() {
     while sleep 60; do
@@ -87,6 +77,17 @@ watch() {
 }
 watch &
 watcher=$!
+
+step report
+timeout 1200 .venv/bin/python scripts/kernels/report.py "$out/report.json" > "$out/report.log" 2>&1
+if [ "${GUEST_CLI_REPORTS:-1}" = 1 ]; then
+    step doctor
+    timeout 900 .venv/bin/probewire doctor > "$out/doctor.txt" 2>&1
+    echo "doctor exit $?" >> "$out/doctor.txt"
+    step probes
+    timeout 900 .venv/bin/probewire probes > "$out/probes.txt" 2>&1
+    echo "probes exit $?" >> "$out/probes.txt"
+fi
 step "pytest $*"
 # The CPU is emulated (~14x slower): a test gets 15 min, not the suite's 5. The repo is
 # read-only here (no cache provider); test-output/ is shared read-write. --tb=native: pytest's

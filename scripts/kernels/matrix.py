@@ -104,8 +104,9 @@ def boot(run: SuiteRun, vmlinuz: Path, out: Path, pytest_args: list[str], memory
     """Boot the kernel under TCG and run guest.sh; its files land in `out`. True when the
     guest froze (guest_frozen) and was stopped. `one_thread`: both vCPUs on one host thread
     (TCG's thread=single; slower, but no vCPU runs while another patches kernel text)."""
-    # GUEST_TCG_ONE_THREAD=1: every boot so (the second boot of a frozen guest always is).
-    one_thread = one_thread or os.environ.get("GUEST_TCG_ONE_THREAD") == "1"
+    # Every boot is single-threaded unless GUEST_TCG_ONE_THREAD=0 (multi-threaded TCG, faster);
+    # the second boot of a frozen guest always is.
+    one_thread = one_thread or os.environ.get("GUEST_TCG_ONE_THREAD", "1") != "0"
     # Disks appear as /dev/vda, vdb, ... in the order given.
     mounts = " ".join(f"/dev/vd{chr(ord('a') + i)}={where}" for i, (_, where) in
                       enumerate(images))
@@ -158,24 +159,41 @@ def boot(run: SuiteRun, vmlinuz: Path, out: Path, pytest_args: list[str], memory
 
 # What the guest kernel prints when its CPUs stop making progress.
 STALL = re.compile(rb"rcu: INFO: .*stall|soft lockup - CPU#|blocked for more than \d+ seconds")
-# guest.sh's watcher rewrites watch.log every 60 s while the guest runs anything at all.
+# guest.sh's watcher rewrites watch.log every 60 s from before the first test while the guest
+# runs anything at all: after a stall report 5 silent minutes mean frozen, without one 10.
 FROZEN_AFTER_S = 300.0
+SILENT_AFTER_S = 600.0
 
 
 def guest_frozen(out: Path) -> str:
     """Why the guest counts as frozen, or "": its kernel reported a stall or lockup and its
     watcher has written nothing for FROZEN_AFTER_S (a stall report alone can pass: an emulated
-    CPU starved by a busy host)."""
+    CPU starved by a busy host), or nothing at all for SILENT_AFTER_S (a CI guest once ran into
+    its limit with no report that reached the host)."""
     console, watch = out / "console.log", out / "watch.log"
     try:
         stall = STALL.search(console.read_bytes())
+        # Not the console's age: a locked-up kernel keeps printing its report there.
         quiet_s = time.time() - (watch if watch.exists() else console).stat().st_mtime
     except OSError:
         return ""
-    if not stall or quiet_s < FROZEN_AFTER_S:
-        return ""
-    return (f"froze: the kernel reported \"{stall[0].decode(errors='replace')}\" and the guest "
-            f"wrote nothing for {quiet_s:.0f} s (see {console})")
+    if stall and quiet_s >= FROZEN_AFTER_S:
+        return (f"froze: the kernel reported \"{stall[0].decode(errors='replace')}\" and the "
+                f"guest wrote nothing for {quiet_s:.0f} s (see {console})")
+    if quiet_s >= SILENT_AFTER_S:
+        return f"froze: the guest wrote nothing for {quiet_s:.0f} s (see {console})"
+    return ""
+
+
+def console_tail(out: Path, run: SuiteRun, lines: int = 25) -> str:
+    """The last console lines of a guest that failed or froze (of its frozen boot too)."""
+    text = []
+    for console in (out / "hung-1" / "console.log", out / "console.log"):
+        with contextlib.suppress(OSError):
+            tail = console.read_bytes().decode(errors="replace").splitlines()[-lines:]
+            text += [f"### {run.suite}: last {len(tail)} lines of {console}", "",
+                     *(f"    {line[:200]}" for line in tail), ""]
+    return "\n".join(text)
 
 
 def _test_id(case: ET.Element) -> str:
@@ -357,6 +375,11 @@ def main() -> int:
              f"{os.cpu_count()} host cores (TCG), {args.jobs} guest(s) at a time.\n")
     (args.out / "summary.md").write_text(text)
     print(text)
+    # CI keeps only the tail of what was printed: a failed or frozen guest's last console lines
+    # come last, so the cause can be read without the guest's files.
+    for run in runs:
+        if run.problem or run.reboots:
+            print(console_tail(args.out / run.suite, run))
     bad = any(r.problem or r.count("failed") or r.count("error") or not r.tests for r in runs)
     return 1 if bad else 0
 
