@@ -6,7 +6,10 @@
  *                            (L7_BOUNDED_PIECES, H2_BOUNDED_PIECES) and what they cut is
  *                            counted as truncated, as past the bpf_loop bounds
  *   bpf_task_pt_regs (5.15)  the data syscalls' arguments parked at their enter tracepoints
- *                            in l7_sys_args (a hash by thread), read back at the exit
+ *                            in l7_sys_args (a hash by thread), read back at the exit; an
+ *                            exit that finds none (the call began before the agent attached,
+ *                            or its entry was pushed out) is counted: L7_COV_NO_SYS_ENTER,
+ *                            probewire_l7_missed_calls{reason="no_sys_enter"}
  *   task storage (5.11)      tls_calls is a hash by thread
  *   current_task_btf (5.11)  the task's fields by probe reads
  *   global functions taking pointers (5.12): static subprograms (L7_GLOBAL), verified at each

@@ -284,8 +284,13 @@ static __always_inline void exit_io(void *ctx, long ret)
 	struct l7_sys_args *args = bpf_map_lookup_elem(&l7_sys_args, &id);
 	struct l7_sys_args a;
 
-	if (!args)
-		return; /* entered before the agent attached */
+	if (!args) {
+		/* Entered before the agent attached (a thread already blocked in recv()), or its
+		 * entry pushed out of the LRU map: the call's bytes are lost to the capture, and
+		 * counted (the exit programs run only for calls that moved bytes). */
+		coverage_add(L7_PROTO_UNKNOWN, L7_COV_NO_SYS_ENTER);
+		return;
+	}
 	a = *args;
 	bpf_map_delete_elem(&l7_sys_args, &id);
 	sk = sock_of_fd(a.arg[0], &transport);

@@ -59,7 +59,11 @@ enum l7_coverage {
 	L7_COV_UNCLASSIFIED_TLS = 1, /* (UNKNOWN) TLS plaintext whose first bytes none claimed */
 	L7_COV_UNCLASSIFIED = 2, /* (UNKNOWN) sockets whose first bytes no classifier claimed */
 	L7_COV_TRUNCATED = 3, /* calls larger than the capture (bytes skipped) */
-	L7_COV_COUNT = 4,
+	/* (UNKNOWN) l7_bounded only: data syscalls that moved bytes but whose enter tracepoint
+	 * parked no arguments (begun before the agent attached, or pushed out of l7_sys_args);
+	 * the fd is not known at the exit, so calls on any file of a traced process count. */
+	L7_COV_NO_SYS_ENTER = 4,
+	L7_COV_COUNT = 5,
 };
 
 /* Bytes of a call a classifier sees (zero padded past `len`). */

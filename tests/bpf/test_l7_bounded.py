@@ -3,13 +3,20 @@ task storage, bpf_task_pt_regs or bpf_get_current_task_btf: Debian 5.10 in the k
 forced on this kernel: the feature probe's answers are replaced, so the agent loads
 l7_bounded with its sys_enter argument hooks, and the HTTP/1.x tests of test_http.py run
 against it unchanged (exact counts per route and status on both sides of nginx and its
-upstream, sendfile bodies, chunked ends, pipelining, a thousand keep-alive requests).
+upstream, sendfile bodies, chunked ends, pipelining, a thousand keep-alive requests). A call
+whose sys_enter the agent never saw (a recv() already blocked when it attached) is counted in
+probewire_l7_missed_calls, on this object only.
 """
 
 from __future__ import annotations
 
+import os
+import random
 import socket
+import subprocess
+import sys
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import pytest
 from agentlib import running_agent, scrape, total, wait_for
@@ -29,7 +36,7 @@ from test_http import (  # noqa: F401
 
 from probewire.agent import Agent
 from probewire.probes import l7
-from probewire.runtime.features import L7_OPTIONAL, HookSupport
+from probewire.runtime.features import L7_OPTIONAL, HookSupport, probe_kernel_features
 from support.dbservers import redis_server
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(180)]
@@ -100,3 +107,88 @@ def test_a_call_with_more_pieces_than_the_bounded_walk_takes_is_counted_truncate
                                protocol="redis") >= before + 1)
     after = total(scrape(listen), "probewire_l7_truncated_calls_total", protocol="redis")
     assert after - before == 1
+
+
+# recvfrom's number (/proc/<pid>/syscall), where Python's socket.recv() blocks.
+RECVFROM_NR = {"x86_64": 45, "aarch64": 207}
+
+# A redis-speaking server of the test's own: it accepts one connection, then answers two
+# commands, printing the byte count of each recv() on stdout (a pipe: no socket call).
+RECEIVER = """
+import socket
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(1)
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+print(conn.fileno(), flush=True)
+for reply in (b"+OK\\r\\n", b"+PONG\\r\\n"):
+    print(len(conn.recv(1 << 16)), flush=True)
+    conn.sendall(reply)
+conn.recv(1)  # until the test closes its end
+"""
+
+
+def blocked_in_recvfrom(pid: int, fd: int) -> bool:
+    """The process sits in recvfrom(fd, ...): its call began before whatever attaches now."""
+    fields = Path(f"/proc/{pid}/syscall").read_text().split()
+    return len(fields) > 1 and fields[0] == str(RECVFROM_NR[os.uname().machine]) \
+        and int(fields[1], 16) == fd
+
+
+@pytest.mark.parametrize(("variant", "missed", "exchanges"), [
+    ("bounded", 1, 1),  # the first recv() is missed (no parked arguments) and counted
+    ("host", 0, 2),  # bpf_task_pt_regs: the exit reads the arguments, nothing is missed
+])
+def test_a_recv_blocked_before_the_agent_attached_is_counted_missed_once(
+        monkeypatch: pytest.MonkeyPatch, variant: str, missed: int, exchanges: int) -> None:
+    """A process of the test's own blocks in recv() on a loopback TCP connection before the
+    agent starts; then a redis SET of a random size arrives, then a PING. On l7_bounded the
+    SET's recv() had no sys_enter the agent saw: it counts once in
+    probewire_l7_missed_calls{reason="no_sys_enter"}, and the PING (entered after the attach)
+    is captured and parsed as one redis exchange. On the host object the exit reads the
+    arguments from the saved registers: both exchanges are parsed and the counter stays 0.
+    Exact despite foreign traffic: the agent's pid filter is the receiver alone, and the
+    counter is the agent's own map (other agents load their own)."""
+    if os.uname().machine not in RECVFROM_NR:
+        pytest.skip(f"recvfrom's syscall number on {os.uname().machine} is not listed")
+    if variant == "bounded":
+        monkeypatch.setattr(l7, "probe_kernel_features", lacking)
+    elif all(f.available for f in probe_kernel_features(L7_OPTIONAL).values()):
+        # The real answers (this module's `agent` fixture replaces them while it lives).
+        monkeypatch.setattr(l7, "probe_kernel_features", probe_kernel_features)
+    else:
+        pytest.skip("this kernel runs l7_bounded: the host object cannot load here")
+    value = random.randbytes(random.randint(1, 3000))
+    command = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$%d\r\n%s\r\n" % (len(value), value)
+    child = subprocess.Popen([sys.executable, "-c", RECEIVER], stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout is not None
+    try:
+        port = int(child.stdout.readline())
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            fd = int(child.stdout.readline())
+            assert wait_for(lambda: blocked_in_recvfrom(child.pid, fd)), \
+                Path(f"/proc/{child.pid}/syscall").read_text()
+            with running_agent({"filter": {"pids": [child.pid]}}) as (a, listen):
+                expected_object = l7.BOUNDED_OBJECT if variant == "bounded" else "l7"
+                assert a.probes["l7"].object_name == expected_object
+                assert blocked_in_recvfrom(child.pid, fd)  # still in the call it began before
+                c.sendall(command)
+                assert int(child.stdout.readline()) == len(command)
+                assert c.recv(64) == b"+OK\r\n"
+                c.sendall(b"*1\r\n$4\r\nPING\r\n")
+                assert int(child.stdout.readline()) == 14
+                assert c.recv(64) == b"+PONG\r\n"
+                wait_for(lambda: total(scrape(listen), "probewire_l7_exchanges_total",
+                                       protocol="redis") >= exchanges)
+                s = scrape(listen)
+                key = ("probewire_l7_missed_calls_total", (("reason", "no_sys_enter"),))
+                assert s.get(key) == missed, (len(command), s.get(key))
+                assert total(s, "probewire_l7_exchanges_total", protocol="redis") \
+                    == exchanges, len(command)
+                assert total(s, "probewire_l7_connections_total", protocol="redis") == 1
+                assert a.coverage()["l7"]["missed_calls"] == {"no_sys_enter": missed}
+    finally:
+        child.kill()
+        child.wait()

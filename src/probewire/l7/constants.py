@@ -73,7 +73,8 @@ class Coverage(enum.IntEnum):
     UNCLASSIFIED_TLS = 1
     UNCLASSIFIED = 2
     TRUNCATED = 3
-    COUNT = 4
+    NO_SYS_ENTER = 4
+    COUNT = 5
 
 
 class HttpMethod(enum.IntEnum):

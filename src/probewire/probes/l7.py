@@ -59,6 +59,8 @@ EXPIRE_EVERY_NS = 1_000_000_000
 # and an enter tracepoint per data syscall that parks its arguments for the exit.
 BOUNDED_OBJECT = "l7_bounded"
 ENTER_HOOKS = tuple(Hook(f"sys_enter_{s}", (f"l7_enter_{s}",)) for s in SYSCALLS)
+# probewire_l7_missed_calls' reason for a call whose exit found no parked arguments.
+MISSED_NO_SYS_ENTER = "no_sys_enter"
 
 
 class L7Probe(Probe):
@@ -166,7 +168,19 @@ class L7Probe(Probe):
         out["unclassified"] = {
             "tls": int(counts[Proto.UNKNOWN, Coverage.UNCLASSIFIED_TLS]),
             "plain": int(counts[Proto.UNKNOWN, Coverage.UNCLASSIFIED])}
+        out["missed_calls"] = self._missed_calls(counts)
         return out
+
+    @staticmethod
+    def _missed_calls(counts: np.ndarray) -> dict[str, int]:
+        """Calls of traced processes that moved bytes the capture never looked at, per
+        reason. no_sys_enter: l7_bounded's exit found no arguments parked by the call's enter
+        tracepoint (the call began before the agent attached, e.g. a thread already blocked
+        in recv(), or its entry was pushed out of the 16,384-thread LRU map). The object for
+        kernels with bpf_task_pt_regs reads the arguments at the exit and never misses one:
+        its count stays 0, exported all the same so a query or alert reads alike on every
+        kernel."""
+        return {MISSED_NO_SYS_ENTER: int(counts[Proto.UNKNOWN, Coverage.NO_SYS_ENTER])}
 
     def learned_routes(self) -> dict[str, Any]:
         """What the route learner holds per service (/api/routes, `probewire routes`)."""
@@ -419,7 +433,15 @@ class L7Probe(Probe):
             failed.add_metric([name, reason], n)
         for (name, reason), n in sorted(self.demux.lost.items()):
             lost.add_metric([name, reason], n)
-        yield from (conns, exchanges, failed, lost, truncated)
+        missed = CounterMetricFamily(
+            "probewire_l7_missed_calls", "Data syscalls of traced processes that moved bytes "
+            "the capture never looked at, per reason (no_sys_enter: on kernels without "
+            "bpf_task_pt_regs, the call began before the agent attached or its parked "
+            "arguments were pushed out; the fd is unknown then, so calls on any file count).",
+            labels=["reason"])
+        for reason, n in self._missed_calls(counts).items():
+            missed.add_metric([reason], float(n))
+        yield from (conns, exchanges, failed, lost, truncated, missed)
         h2_lost = CounterMetricFamily(
             "probewire_http2_connections_lost",
             "HTTP/2 connections given up (no preface seen, record dropped, too large).",
