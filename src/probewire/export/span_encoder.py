@@ -37,15 +37,12 @@ import struct
 from collections.abc import Sequence
 from itertools import islice
 
-from opentelemetry.proto.common.v1.common_pb2 import (
-    AnyValue,
-    ArrayValue,
-    InstrumentationScope,
-    KeyValue,
-)
+from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
 from opentelemetry.sdk.resources import Resource
 
+from probewire.export.span_wire import VARINT as _VARINT
+from probewire.export.span_wire import VARINTS, any_value, attribute_field, field, varint
 from probewire.export.spans import SCOPE, SpanRecord, SpanResource
 
 __all__ = ["SpanEncoder", "any_value", "encode_resource", "varint"]
@@ -85,42 +82,11 @@ _TAILS = {
 # with more values than _VALUES_PER_KEY (paths, ports) is encoded afresh each time instead.
 _CACHE_MAX = 16384
 _VALUES_PER_KEY = 512
-_VARINTS = 1 << 14  # lengths below this have their varint ready
-
-
-def varint(value: int) -> bytes:
-    """Protobuf base-128 varint of a non-negative int (a negative int64 as its 10 bytes)."""
-    value &= (1 << 64) - 1
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-_VARINT = [varint(i) for i in range(_VARINTS)]
+_VARINTS = VARINTS
 
 
 def _len(n: int) -> bytes:
     return _VARINT[n] if n < _VARINTS else varint(n)
-
-
-def any_value(value: object) -> AnyValue:
-    """An attribute value as OTLP's AnyValue (the types the SDK accepts, in its order)."""
-    if isinstance(value, bool):
-        return AnyValue(bool_value=value)
-    if isinstance(value, str):
-        return AnyValue(string_value=value)
-    if isinstance(value, int):
-        return AnyValue(int_value=value)
-    if isinstance(value, float):
-        return AnyValue(double_value=value)
-    if isinstance(value, bytes):
-        return AnyValue(bytes_value=value)
-    if isinstance(value, Sequence):
-        return AnyValue(array_value=ArrayValue(values=[any_value(v) for v in value]))
-    raise TypeError(f"invalid attribute value type {type(value).__name__}")
 
 
 def encode_resource(resource: Resource) -> bytes:
@@ -132,31 +98,13 @@ def encode_resource(resource: Resource) -> bytes:
         try:
             attributes.append(KeyValue(key=key, value=any_value(value)))
         except (ValueError, TypeError) as exc:
-            log.warning("resource attribute %s left out of spans: %s", key, exc)
+            log.warning("resource attribute %s left out: %s", key, exc)
     encoded: bytes = PbResource(attributes=attributes).SerializeToString()
     return encoded
 
 
-def _field(tag: bytes, payload: bytes) -> bytes:
-    return tag + _len(len(payload)) + payload
-
-
-def _attribute(key: str, value: object) -> bytes:
-    """One Span.attributes entry, tag and length included; empty (left out, logged, as the SDK
-    does) if protobuf cannot carry it."""
-    try:
-        if type(value) is str:
-            raw = value.encode()
-            any_bytes = _STRING + _len(len(raw)) + raw
-        elif type(value) is int and -(1 << 63) <= value < 1 << 63:
-            any_bytes = _INT + (_VARINT[value] if 0 <= value < _VARINTS else varint(value))
-        else:
-            any_bytes = any_value(value).SerializeToString()
-        raw_key = key.encode()
-    except (ValueError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
-        log.warning("span attribute %s left out: %s", key, exc)
-        return b""
-    return _field(_ATTRIBUTE, _KEY + _len(len(raw_key)) + raw_key + _field(_VALUE, any_bytes))
+_field = field
+_attribute = attribute_field
 
 
 class _Attributes(dict[tuple[str, object], bytes]):
@@ -269,7 +217,14 @@ class SpanEncoder:
                           _FIXED64.pack(0x39, rec.start_ns) if rec.start_ns else b"",
                           _FIXED64.pack(0x41, rec.end_ns) if rec.end_ns else b"")
             shared = rec.shared
-            if shared is None:
+            own = rec.own_encoded
+            if own is not None:
+                encoded = shared.encoded  # type: ignore[union-attr]
+                if encoded is None:
+                    encoded = shared.encoded = b"".join(  # type: ignore[union-attr]
+                        map(attribute, shared.attributes.items()))  # type: ignore[union-attr]
+                parts += (encoded, own)
+            elif shared is None:
                 parts += map(attribute, rec.attributes.items())
             else:
                 encoded = shared.encoded

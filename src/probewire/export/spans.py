@@ -50,6 +50,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from probewire import __version__
 from probewire.aggregate.http_heads import METHODS, nth_request, parse_request_line
 from probewire.enrich.identity import resource_attributes as key_attributes
+from probewire.export.span_wire import IntAttributes, StrAttribute
 from probewire.l7.constants import HttpFlag, Role
 from probewire.l7.exchanges import NUMERIC_STATUSES, ExchangeBatch, ExchangeFlag, split_db_target
 from probewire.l7.registry import protocol_by_id
@@ -149,6 +150,9 @@ class _Head:
     url_query: str | None  # after the "?", None without one
     url_full: str | None  # a client span's url.full, None when it needs the peer (no Host)
     user_agent: bytes | None
+    # The protobuf bytes of url.path (and url.query), and of url.full, made at first use.
+    server_own: bytes | None = field(default=None, compare=False)
+    client_own: bytes | None = field(default=None, compare=False)
 
     def __init__(self, method: str | None = None, target: bytes = b"",
                  headers: dict[bytes, bytes] | None = None) -> None:
@@ -163,6 +167,7 @@ class _Head:
         self.url_full = (f"http://{host}{text}" if text.startswith("/") else text) if host \
             else None
         self.user_agent = headers.get(b"user-agent")
+        self.server_own = self.client_own = None
 
 
 _NO_HEAD = _Head()
@@ -318,26 +323,82 @@ class SharedAttributes:
         self.encoded: bytes | None = None
 
 
-@dataclass(slots=True)
 class SpanRecord:
     """One finished span, as both export paths take it. Times are wall-clock ns; a zero
     `parent_id` is a root; `threshold` is the "th" of the span's tracestate ("ot=th:<it>").
     Attribute values are str or int, never bool (the encoder caches by (key, value), and
-    True == 1)."""
+    True == 1).
 
-    name: str
-    server: bool  # SpanKind SERVER, else CLIENT
-    trace_id: int
-    span_id: int
-    parent_id: int
-    parent_remote: bool
-    threshold: str | None
-    start_ns: int
-    end_ns: int
-    attributes: dict[str, str | int]
-    error: bool  # StatusCode ERROR, else UNSET
-    resource: SpanResource
-    shared: SharedAttributes | None = None  # the first of `attributes`, made once (see there)
+    An HTTP span from the assembler has its attributes as the `shared` ones followed by its
+    own few (thread, ports, path; `own_keys` and `own_values`), with the protobuf bytes of
+    those own ones already written (`own_encoded`): the direct encoder writes shared and own
+    bytes as they are and no dict is made. Reading `attributes` makes the dict (once); from
+    then on the dict is what counts (it may be changed) and `own_encoded` is dropped."""
+
+    __slots__ = ("_attributes", "end_ns", "error", "name", "own_encoded", "own_keys",
+                 "own_values", "parent_id", "parent_remote", "resource", "server", "shared",
+                 "span_id", "start_ns", "threshold", "trace_id")
+
+    def __init__(self, name: str, server: bool, trace_id: int, span_id: int, parent_id: int,
+                 parent_remote: bool, threshold: str | None, start_ns: int, end_ns: int,
+                 attributes: dict[str, str | int] | None, error: bool, resource: SpanResource,
+                 shared: SharedAttributes | None = None,
+                 own_keys: tuple[str, ...] = (), own_values: tuple[str | int, ...] = (),
+                 own_encoded: bytes | None = None) -> None:
+        self.name = name
+        self.server = server  # SpanKind SERVER, else CLIENT
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent_id = parent_id
+        self.parent_remote = parent_remote
+        self.threshold = threshold
+        self.start_ns = start_ns
+        self.end_ns = end_ns
+        # None: shared + own, made when read (only with `shared`).
+        self._attributes = attributes if attributes is not None or shared is None else None
+        if self._attributes is None and shared is None:
+            self._attributes = {}
+        self.error = error  # StatusCode ERROR, else UNSET
+        self.resource = resource
+        self.shared = shared  # the first of `attributes`, made once (see SharedAttributes)
+        self.own_keys = own_keys
+        self.own_values = own_values
+        self.own_encoded = own_encoded if self._attributes is None else None
+
+    @property
+    def attributes(self) -> dict[str, str | int]:
+        attributes = self._attributes
+        if attributes is None:
+            assert self.shared is not None
+            attributes = self._attributes = self.shared.attributes.copy()
+            attributes.update(zip(self.own_keys, self.own_values, strict=True))
+            self.own_encoded = None  # the dict may be changed: it is what counts now
+        return attributes
+
+    @attributes.setter
+    def attributes(self, value: dict[str, str | int]) -> None:
+        self._attributes = value
+        self.own_encoded = None
+
+    def replace(self, **changes: object) -> SpanRecord:
+        """A copy with some fields changed (as dataclasses.replace); its attributes are a
+        dict of their own."""
+        fields: dict[str, object] = {
+            "name": self.name, "server": self.server, "trace_id": self.trace_id,
+            "span_id": self.span_id, "parent_id": self.parent_id,
+            "parent_remote": self.parent_remote, "threshold": self.threshold,
+            "start_ns": self.start_ns, "end_ns": self.end_ns,
+            "attributes": dict(self.attributes), "error": self.error,
+            "resource": self.resource, "shared": self.shared}
+        fields.update(changes)
+        return SpanRecord(**fields)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        attributes = self._attributes if self._attributes is not None else \
+            f"shared + {dict(zip(self.own_keys, self.own_values, strict=True))!r}"
+        return (f"SpanRecord({self.name!r}, server={self.server}, trace_id={self.trace_id:x}, "
+                f"span_id={self.span_id:x}, parent_id={self.parent_id:x}, "
+                f"attributes={attributes})")
 
 
 def readable_span(rec: SpanRecord) -> ReadableSpan:
@@ -381,6 +442,18 @@ def _listening_tgids_probe(tgid: int) -> bool:
     except OSError:
         return False
     return False
+
+
+# An HTTP span's own attributes (after its shared ones), in the order they are written.
+_SERVER_OWN = ("thread.id", "network.peer.port", "client.port", "url.path")
+_SERVER_OWN_QUERY = (*_SERVER_OWN, "url.query")
+_CLIENT_OWN = ("thread.id", "url.full")
+_OWN_FIELDS_MAX = 16384
+_THREAD_ID = IntAttributes("thread.id")
+_PEER_PORTS = IntAttributes("network.peer.port", "client.port")
+_URL_PATH = StrAttribute("url.path")
+_URL_QUERY = StrAttribute("url.query")
+_URL_FULL = StrAttribute("url.full")
 
 
 def _http_shared(ex: _Exchange, user_agent: bytes | None) -> SharedAttributes:
@@ -449,6 +522,7 @@ class SpanAssembler:
         self._heads: dict[bytes | tuple[bytes, int], _Head] = {}
         self._header_sets: dict[bytes, dict[bytes, bytes]] = {}
         self._shared: dict[tuple[object, ...], SharedAttributes] = {}
+        self._tid_fields: dict[int, bytes] = {}  # thread id -> its thread.id attribute's bytes
         self.unsampled = 0
         self.linked = 0
         self.export_calls = 0  # OTLP export exchanges, never made spans (is_otlp_export)
@@ -762,9 +836,10 @@ class SpanAssembler:
 
     def _record(self, ex: _Exchange) -> SpanRecord:
         # What many spans share (method, status, peer, user agent, route, ...) is one
-        # SharedAttributes made once per distinct combination; a span copies its dict and adds
-        # only what is new per request (ports, thread, path), and the encoder writes the shared
-        # part's bytes as one piece.
+        # SharedAttributes made once per distinct combination; a span adds only what is new per
+        # request (ports, thread, path), whose bytes are made here from pieces kept per head,
+        # thread and port. No dict per span: the encoder writes the shared part's bytes and the
+        # span's own as they are (SpanRecord.attributes makes the dict if anyone asks).
         head = ex.head
         user_agent = head.user_agent
         server = ex.server
@@ -776,28 +851,46 @@ class SpanAssembler:
             if len(self._shared) >= _HEAD_CACHE_MAX:
                 self._shared.clear()
             shared = self._shared[key] = _http_shared(ex, user_agent)
-        attrs = shared.attributes.copy()
-        attrs["thread.id"] = ex.tid
+        tid = ex.tid
+        tid_field = self._tid_fields.get(tid)
+        if tid_field is None:
+            if len(self._tid_fields) >= _OWN_FIELDS_MAX:
+                self._tid_fields.clear()
+            tid_field = self._tid_fields[tid] = _THREAD_ID(tid)
+        resource = self._resources.get((ex.service, ex.tgid)) or \
+            self._resource(ex.service, ex.tgid)
+        offset_ns = self.offset_ns
+        keys: tuple[str, ...]
+        values: tuple[str | int, ...]
         if server:
-            attrs["network.peer.port"] = ex.peer_port
-            attrs["client.port"] = ex.peer_port
-            attrs["url.path"] = head.url_path
-            if head.url_query is not None:
-                attrs["url.query"] = head.url_query
+            port = ex.peer_port
+            url = head.server_own
+            if url is None:
+                url = head.server_own = _URL_PATH(head.url_path) + (
+                    b"" if head.url_query is None else _URL_QUERY(head.url_query))
+            if head.url_query is None:
+                keys, values = _SERVER_OWN, (tid, port, port, head.url_path)
+            else:
+                keys, values = _SERVER_OWN_QUERY, (tid, port, port, head.url_path,
+                                                   head.url_query)
+            own = tid_field + _PEER_PORTS(port) + url
         else:
             url_full = head.url_full
             if url_full is None:
                 target = head.target.decode("latin-1")
                 url_full = f"http://{ex.peer}:{ex.peer_port}{target}" \
                     if target.startswith("/") else target
-            attrs["url.full"] = url_full
-        offset_ns = self.offset_ns
-        resource = self._resources.get((ex.service, ex.tgid)) or \
-            self._resource(ex.service, ex.tgid)
+                url = _URL_FULL(url_full)
+            else:
+                url = head.client_own
+                if url is None:
+                    url = head.client_own = _URL_FULL(url_full)
+            keys, values = _CLIENT_OWN, (tid, url_full)
+            own = tid_field + url
         return SpanRecord(
             shared.name, server, ex.trace_id, ex.span_id, ex.parent_id, ex.parent_remote,
             ex.threshold, ex.start_ns + offset_ns, max(ex.end_ns, ex.start_ns) + offset_ns,
-            attrs, shared.error, resource, shared)
+            None, shared.error, resource, shared, keys, values, own)
 
     def _db_record(self, ex: _Exchange) -> SpanRecord:
         """A database, cache or DNS exchange: OpenTelemetry's database span conventions
