@@ -64,6 +64,11 @@ _KIND_SERVER = b"\x30\x02"  # Span.kind = 6: SPAN_KIND_SERVER
 _KIND_CLIENT = b"\x30\x03"  # SPAN_KIND_CLIENT
 _TIMES = struct.Struct("<BQBQ")  # Span.start_time_unix_nano = 7, end = 8 (fixed64)
 _FIXED64 = struct.Struct("<BQ")
+# trace_id (two big-endian halves) and span_id with their tags; then parent_span_id with its.
+_IDS_PACK = struct.Struct(">2sQQ2sQ")
+_IDS_PARENT_PACK = struct.Struct(">2sQQ2sQ2sQ")
+_U64 = (1 << 64) - 1
+_IDS_SIZE = _IDS_PACK.size
 _ATTRIBUTE = b"\x4a"  # Span.attributes = 9
 _KEY = b"\x0a"  # KeyValue.key = 1
 _VALUE = b"\x12"  # KeyValue.value = 2
@@ -190,6 +195,7 @@ class SpanEncoder:
         attribute = self._attributes.__getitem__
         names, states = self._names, self._states
         times = _TIMES.pack
+        ids, ids_parent = _IDS_PACK.pack, _IDS_PARENT_PACK.pack
         for rec in records:
             name = names.get(rec.name)
             if name is None:
@@ -199,23 +205,30 @@ class SpanEncoder:
                 # loses the odd character.
                 name = names[rec.name] = _field(_NAME, rec.name.encode("utf-8", "replace")) \
                     if rec.name else b""  # proto3 leaves empty and zero fields out
-            parts = [_IDS, rec.trace_id.to_bytes(16, "big"), _SPAN_ID,
-                     rec.span_id.to_bytes(8, "big")]
+            trace_id = rec.trace_id
+            parent_id = rec.parent_id
+            # Ids (and the parent's) in one pack: big-endian bytes, as the ids' to_bytes.
+            parts = [ids_parent(_IDS, trace_id >> 64, trace_id & _U64, _SPAN_ID, rec.span_id,
+                                _PARENT, parent_id) if parent_id else
+                     ids(_IDS, trace_id >> 64, trace_id & _U64, _SPAN_ID, rec.span_id)]
             if rec.threshold:
                 state = states.get(rec.threshold)
                 if state is None:
                     state = states[rec.threshold] = _field(
                         _TRACE_STATE, f"ot=th:{rec.threshold}".encode())
-                parts.append(state)
-            if rec.parent_id:
-                parts += (_PARENT, rec.parent_id.to_bytes(8, "big"))
-            if rec.start_ns and rec.end_ns:
+                # trace_state (3) goes before parent_span_id (4), as the SDK writes them.
+                if parent_id:
+                    parts = [parts[0][:_IDS_SIZE], state, parts[0][_IDS_SIZE:]]
+                else:
+                    parts.append(state)
+            start_ns, end_ns = rec.start_ns, rec.end_ns
+            if start_ns and end_ns:
                 parts += (name, _KIND_SERVER if rec.server else _KIND_CLIENT,
-                          times(0x39, rec.start_ns, 0x41, rec.end_ns))
+                          times(0x39, start_ns, 0x41, end_ns))
             else:
                 parts += (name, _KIND_SERVER if rec.server else _KIND_CLIENT,
-                          _FIXED64.pack(0x39, rec.start_ns) if rec.start_ns else b"",
-                          _FIXED64.pack(0x41, rec.end_ns) if rec.end_ns else b"")
+                          _FIXED64.pack(0x39, start_ns) if start_ns else b"",
+                          _FIXED64.pack(0x41, end_ns) if end_ns else b"")
             shared = rec.shared
             own = rec.own_encoded
             if own is not None:
@@ -234,15 +247,14 @@ class SpanEncoder:
                 parts.append(encoded)
                 parts += map(attribute, islice(rec.attributes.items(),
                                                len(shared.attributes), None))
-            parts.append(_TAILS[rec.error, rec.parent_remote and rec.parent_id != 0])
+            parts.append(_TAILS[rec.error, rec.parent_remote and parent_id != 0])
             body = b"".join(parts)
             n = len(body)
-            span = _SPAN + (_VARINT[n] if n < _VARINTS else varint(n)) + body
+            # The span's tag and length, then its body: joined once, with the request.
             spans = groups.get(rec.resource)
             if spans is None:
-                groups[rec.resource] = [span]
-            else:
-                spans.append(span)
+                spans = groups[rec.resource] = []
+            spans += (_SPAN + (_VARINT[n] if n < _VARINTS else varint(n)), body)
         out = []
         for resource, spans in groups.items():
             if resource.encoded is None:

@@ -136,23 +136,34 @@ def parse_traceparent(value: bytes) -> Traceparent | None:
     return Traceparent(trace_id, span_id, bool(int(m[3], 16) & 1))
 
 
+# An HTTP span's own attributes (after its shared ones), in the order they are written.
+_SERVER_OWN = ("thread.id", "network.peer.port", "client.port", "url.path")
+_SERVER_OWN_QUERY = (*_SERVER_OWN, "url.query")
+_CLIENT_OWN = ("thread.id", "url.full")
+_OWN_FIELDS_MAX = 16384
+_THREAD_ID = IntAttributes("thread.id")
+_PEER_PORTS = IntAttributes("network.peer.port", "client.port")
+_URL_PATH = StrAttribute("url.path")
+_URL_QUERY = StrAttribute("url.query")
+_URL_FULL = StrAttribute("url.full")
+
+
 @dataclass(slots=True, init=False)
 class _Head:
     """A parsed request head (slots and a plain __init__, no default factory: one is made per
     distinct head, often once per request when paths carry ids), with what spans read of it
-    as text made here, once per head rather than once per span."""
+    as text and protobuf bytes made once per head, when a span first reads it, rather than
+    once per span."""
 
     method: str | None
     target: bytes
     headers: dict[bytes, bytes]
     otlp: bool
-    url_path: str  # the target up to its "?"
-    url_query: str | None  # after the "?", None without one
-    url_full: str | None  # a client span's url.full, None when it needs the peer (no Host)
     user_agent: bytes | None
-    # The protobuf bytes of url.path (and url.query), and of url.full, made at first use.
-    server_own: bytes | None = field(default=None, compare=False)
-    client_own: bytes | None = field(default=None, compare=False)
+    # Made at the first span that needs them (see _server_url, _client_url).
+    server_url: tuple[tuple[str, ...], tuple[str, ...], bytes] | None = field(
+        default=None, compare=False)
+    client_url: tuple[str | None, bytes] | None = field(default=None, compare=False)
 
     def __init__(self, method: str | None = None, target: bytes = b"",
                  headers: dict[bytes, bytes] | None = None) -> None:
@@ -160,14 +171,27 @@ class _Head:
         self.target = target
         self.headers = headers = {} if headers is None else headers
         self.otlp = False  # is_otlp_export: an OTLP export call, never a span
-        text = target.decode("latin-1")
-        self.url_path, query_sep, query = text.partition("?")
-        self.url_query = query if query_sep else None
-        host = headers.get(b"host", b"").decode("latin-1")
-        self.url_full = (f"http://{host}{text}" if text.startswith("/") else text) if host \
-            else None
         self.user_agent = headers.get(b"user-agent")
-        self.server_own = self.client_own = None
+        self.server_url = self.client_url = None
+
+
+def _server_url(head: _Head) -> tuple[tuple[str, ...], tuple[str, ...], bytes]:
+    """A server span's own attribute keys, the url.path (and url.query) values of its head
+    and their bytes."""
+    path, query_sep, query = head.target.decode("latin-1").partition("?")
+    if query_sep:
+        return _SERVER_OWN_QUERY, (path, query), _URL_PATH(path) + _URL_QUERY(query)
+    return _SERVER_OWN, (path,), _URL_PATH(path)
+
+
+def _client_url(head: _Head) -> tuple[str | None, bytes]:
+    """A client span's url.full and its bytes; None when it needs the peer (no Host)."""
+    host = head.headers.get(b"host", b"").decode("latin-1")
+    if not host:
+        return None, b""
+    text = head.target.decode("latin-1")
+    url_full = f"http://{host}{text}" if text.startswith("/") else text
+    return url_full, _URL_FULL(url_full)
 
 
 _NO_HEAD = _Head()
@@ -260,7 +284,10 @@ def is_otlp_export(target: bytes, method: str | None = "POST",
 
 
 def _with_otlp(head: _Head) -> _Head:
-    head.otlp = is_otlp_export(head.target, head.method, head.headers.get(b"content-type"))
+    target = head.target
+    # is_otlp_export's first test, here: it decides for nearly every head.
+    if b"/v1/" in target or target.startswith(OTLP_GRPC_PREFIX):
+        head.otlp = is_otlp_export(target, head.method, head.headers.get(b"content-type"))
     return head
 
 
@@ -444,18 +471,6 @@ def _listening_tgids_probe(tgid: int) -> bool:
     return False
 
 
-# An HTTP span's own attributes (after its shared ones), in the order they are written.
-_SERVER_OWN = ("thread.id", "network.peer.port", "client.port", "url.path")
-_SERVER_OWN_QUERY = (*_SERVER_OWN, "url.query")
-_CLIENT_OWN = ("thread.id", "url.full")
-_OWN_FIELDS_MAX = 16384
-_THREAD_ID = IntAttributes("thread.id")
-_PEER_PORTS = IntAttributes("network.peer.port", "client.port")
-_URL_PATH = StrAttribute("url.path")
-_URL_QUERY = StrAttribute("url.query")
-_URL_FULL = StrAttribute("url.full")
-
-
 def _http_shared(ex: _Exchange, user_agent: bytes | None) -> SharedAttributes:
     """The attributes of an HTTP span that are the same for every span of its _record key:
     all but the thread, the ports that change per connection and the request's target."""
@@ -523,6 +538,9 @@ class SpanAssembler:
         self._header_sets: dict[bytes, dict[bytes, bytes]] = {}
         self._shared: dict[tuple[object, ...], SharedAttributes] = {}
         self._tid_fields: dict[int, bytes] = {}  # thread id -> its thread.id attribute's bytes
+        # Peer port -> its network.peer.port and client.port attributes' bytes (a keep-alive
+        # connection's requests share one).
+        self._port_fields: dict[int, bytes] = {}
         self.unsampled = 0
         self.linked = 0
         self.export_calls = 0  # OTLP export exchanges, never made spans (is_otlp_export)
@@ -662,21 +680,31 @@ class SpanAssembler:
         rows_with = np.flatnonzero(with_record)
         if len(rows_with):
             head_len = http.dtype["req_head"].itemsize  # type: ignore[union-attr]
-            records = http[at[rows_with]]  # type: ignore[index]
-            raw = records["req_head"].tobytes()
-            ends = np.minimum(records["req_head_len"], head_len).astype(np.int64)
+            # Field by field: the whole records (response head and all) are twice the bytes.
+            at_with = at[rows_with]
+            raw = http["req_head"][at_with].tobytes()  # type: ignore[index]
+            ends = np.minimum(http["req_head_len"][at_with],  # type: ignore[index]
+                              head_len).astype(np.int64)
             starts = np.arange(len(rows_with), dtype=np.int64) * head_len
             head = self._head
             parsed = list(map(head, map(raw.__getitem__, map(
                 slice, starts.tolist(), (starts + ends).tolist())),
-                records["pipe_idx"].tolist()))
+                http["pipe_idx"][at_with].tolist()))  # type: ignore[index]
+            every_row = len(rows_with) == len(heads)
             row_ids = rows_with.tolist()
-            for i, h in zip(row_ids, parsed, strict=True):
-                heads[i] = h
+            if every_row:
+                heads[:] = parsed
+            else:
+                for i, h in zip(row_ids, parsed, strict=True):
+                    heads[i] = h
             if self.kernel_sampling:
-                flags = (records["hflags"] & int(HttpFlag.SAMPLED) != 0).tolist()
-                for i, k in zip(row_ids, flags, strict=True):
-                    kept[i] = k
+                flags = (http["hflags"][at_with]  # type: ignore[index]
+                         & int(HttpFlag.SAMPLED) != 0).tolist()
+                if every_row:
+                    kept[:] = flags
+                else:
+                    for i, k in zip(row_ids, flags, strict=True):
+                        kept[i] = k
         attributes = batch.attributes
         for i in np.flatnonzero(is_http & ~with_record).tolist():
             path = str(attributes[i].get("path", "")) if attributes else ""
@@ -864,27 +892,27 @@ class SpanAssembler:
         values: tuple[str | int, ...]
         if server:
             port = ex.peer_port
-            url = head.server_own
-            if url is None:
-                url = head.server_own = _URL_PATH(head.url_path) + (
-                    b"" if head.url_query is None else _URL_QUERY(head.url_query))
-            if head.url_query is None:
-                keys, values = _SERVER_OWN, (tid, port, port, head.url_path)
-            else:
-                keys, values = _SERVER_OWN_QUERY, (tid, port, port, head.url_path,
-                                                   head.url_query)
-            own = tid_field + _PEER_PORTS(port) + url
+            server_url = head.server_url
+            if server_url is None:
+                server_url = head.server_url = _server_url(head)
+            keys, url_values, url = server_url
+            values = (tid, port, port, *url_values)
+            port_fields = self._port_fields.get(port)
+            if port_fields is None:
+                if len(self._port_fields) >= _OWN_FIELDS_MAX:
+                    self._port_fields.clear()
+                port_fields = self._port_fields[port] = _PEER_PORTS(port)
+            own = tid_field + port_fields + url
         else:
-            url_full = head.url_full
+            client_url = head.client_url
+            if client_url is None:
+                client_url = head.client_url = _client_url(head)
+            url_full, url = client_url
             if url_full is None:
                 target = head.target.decode("latin-1")
                 url_full = f"http://{ex.peer}:{ex.peer_port}{target}" \
                     if target.startswith("/") else target
                 url = _URL_FULL(url_full)
-            else:
-                url = head.client_own
-                if url is None:
-                    url = head.client_own = _URL_FULL(url_full)
             keys, values = _CLIENT_OWN, (tid, url_full)
             own = tid_field + url
         return SpanRecord(
