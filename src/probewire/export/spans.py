@@ -139,7 +139,6 @@ def parse_traceparent(value: bytes) -> Traceparent | None:
 # An HTTP span's own attributes (after its shared ones), in the order they are written.
 _SERVER_OWN = ("thread.id", "network.peer.port", "client.port", "url.path")
 _SERVER_OWN_QUERY = (*_SERVER_OWN, "url.query")
-_CLIENT_OWN = ("thread.id", "url.full")
 _OWN_FIELDS_MAX = 16384
 _THREAD_ID = IntAttributes("thread.id")
 _PEER_PORTS = IntAttributes("network.peer.port", "client.port")
@@ -182,6 +181,23 @@ def _server_url(head: _Head) -> tuple[tuple[str, ...], tuple[str, ...], bytes]:
     if query_sep:
         return _SERVER_OWN_QUERY, (path, query), _URL_PATH(path) + _URL_QUERY(query)
     return _SERVER_OWN, (path,), _URL_PATH(path)
+
+
+def _http_own(ex: _Exchange) -> list[tuple[str, str | int]]:
+    """An HTTP span's own attributes, as _record wrote their bytes."""
+    head = ex.head
+    if ex.server:
+        server_url = head.server_url or _server_url(head)
+        return list(zip(server_url[0], (ex.tid, ex.peer_port, ex.peer_port, *server_url[1]),
+                        strict=True))
+    url_full = (head.client_url or _client_url(head))[0]
+    return [("thread.id", ex.tid), ("url.full", _peer_url(ex) if url_full is None else url_full)]
+
+
+def _peer_url(ex: _Exchange) -> str:
+    """url.full of a client request whose head has no Host: the peer's address instead."""
+    target = ex.head.target.decode("latin-1")
+    return f"http://{ex.peer}:{ex.peer_port}{target}" if target.startswith("/") else target
 
 
 def _client_url(head: _Head) -> tuple[str | None, bytes]:
@@ -357,20 +373,21 @@ class SpanRecord:
     True == 1).
 
     An HTTP span from the assembler has its attributes as the `shared` ones followed by its
-    own few (thread, ports, path; `own_keys` and `own_values`), with the protobuf bytes of
-    those own ones already written (`own_encoded`): the direct encoder writes shared and own
-    bytes as they are and no dict is made. Reading `attributes` makes the dict (once); from
-    then on the dict is what counts (it may be changed) and `own_encoded` is dropped."""
+    own few (thread, ports, path: read from `own_source`, its exchange, when asked), with the
+    protobuf bytes of those own ones already written (`own_encoded`): the direct encoder
+    writes shared and own bytes as they are and no dict is made (nor any other object per
+    span that the garbage collector would have to visit). Reading `attributes` makes the dict
+    (once); from then on the dict is what counts (it may be changed) and `own_encoded` is
+    dropped."""
 
-    __slots__ = ("_attributes", "end_ns", "error", "name", "own_encoded", "own_keys",
-                 "own_values", "parent_id", "parent_remote", "resource", "server", "shared",
-                 "span_id", "start_ns", "threshold", "trace_id")
+    __slots__ = ("_attributes", "end_ns", "error", "name", "own_encoded", "own_source",
+                 "parent_id", "parent_remote", "resource", "server", "shared", "span_id",
+                 "start_ns", "threshold", "trace_id")
 
     def __init__(self, name: str, server: bool, trace_id: int, span_id: int, parent_id: int,
                  parent_remote: bool, threshold: str | None, start_ns: int, end_ns: int,
                  attributes: dict[str, str | int] | None, error: bool, resource: SpanResource,
-                 shared: SharedAttributes | None = None,
-                 own_keys: tuple[str, ...] = (), own_values: tuple[str | int, ...] = (),
+                 shared: SharedAttributes | None = None, own_source: _Exchange | None = None,
                  own_encoded: bytes | None = None) -> None:
         self.name = name
         self.server = server  # SpanKind SERVER, else CLIENT
@@ -381,24 +398,22 @@ class SpanRecord:
         self.threshold = threshold
         self.start_ns = start_ns
         self.end_ns = end_ns
-        # None: shared + own, made when read (only with `shared`).
-        self._attributes = attributes if attributes is not None or shared is None else None
-        if self._attributes is None and shared is None:
-            self._attributes = {}
+        self._attributes = attributes  # None: shared + own, made when read
         self.error = error  # StatusCode ERROR, else UNSET
         self.resource = resource
         self.shared = shared  # the first of `attributes`, made once (see SharedAttributes)
-        self.own_keys = own_keys
-        self.own_values = own_values
-        self.own_encoded = own_encoded if self._attributes is None else None
+        self.own_source = own_source
+        # Only with attributes None (the encoder writes these bytes and never the dict).
+        self.own_encoded = own_encoded
 
     @property
     def attributes(self) -> dict[str, str | int]:
         attributes = self._attributes
         if attributes is None:
-            assert self.shared is not None
-            attributes = self._attributes = self.shared.attributes.copy()
-            attributes.update(zip(self.own_keys, self.own_values, strict=True))
+            attributes = self._attributes = {} if self.shared is None \
+                else self.shared.attributes.copy()
+            if self.own_source is not None:
+                attributes.update(_http_own(self.own_source))
             self.own_encoded = None  # the dict may be changed: it is what counts now
         return attributes
 
@@ -422,7 +437,7 @@ class SpanRecord:
 
     def __repr__(self) -> str:
         attributes = self._attributes if self._attributes is not None else \
-            f"shared + {dict(zip(self.own_keys, self.own_values, strict=True))!r}"
+            f"shared + {dict(_http_own(self.own_source)) if self.own_source else {}!r}"
         return (f"SpanRecord({self.name!r}, server={self.server}, trace_id={self.trace_id:x}, "
                 f"span_id={self.span_id:x}, parent_id={self.parent_id:x}, "
                 f"attributes={attributes})")
@@ -888,15 +903,12 @@ class SpanAssembler:
         resource = self._resources.get((ex.service, ex.tgid)) or \
             self._resource(ex.service, ex.tgid)
         offset_ns = self.offset_ns
-        keys: tuple[str, ...]
-        values: tuple[str | int, ...]
         if server:
             port = ex.peer_port
             server_url = head.server_url
             if server_url is None:
                 server_url = head.server_url = _server_url(head)
-            keys, url_values, url = server_url
-            values = (tid, port, port, *url_values)
+            url = server_url[2]
             port_fields = self._port_fields.get(port)
             if port_fields is None:
                 if len(self._port_fields) >= _OWN_FIELDS_MAX:
@@ -909,16 +921,14 @@ class SpanAssembler:
                 client_url = head.client_url = _client_url(head)
             url_full, url = client_url
             if url_full is None:
-                target = head.target.decode("latin-1")
-                url_full = f"http://{ex.peer}:{ex.peer_port}{target}" \
-                    if target.startswith("/") else target
-                url = _URL_FULL(url_full)
-            keys, values = _CLIENT_OWN, (tid, url_full)
+                url = _URL_FULL(_peer_url(ex))
             own = tid_field + url
+        start_ns, end_ns = ex.start_ns, ex.end_ns
         return SpanRecord(
             shared.name, server, ex.trace_id, ex.span_id, ex.parent_id, ex.parent_remote,
-            ex.threshold, ex.start_ns + offset_ns, max(ex.end_ns, ex.start_ns) + offset_ns,
-            None, shared.error, resource, shared, keys, values, own)
+            ex.threshold, start_ns + offset_ns,
+            (end_ns if end_ns > start_ns else start_ns) + offset_ns,
+            None, shared.error, resource, shared, ex, own)
 
     def _db_record(self, ex: _Exchange) -> SpanRecord:
         """A database, cache or DNS exchange: OpenTelemetry's database span conventions
