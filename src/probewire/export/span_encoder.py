@@ -78,11 +78,11 @@ _INT = b"\x18"  # AnyValue.int_value = 3
 # Span.flags = 16 (fixed32): SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK, | IS_REMOTE for a remote
 # parent.
 _HAS_IS_REMOTE, _IS_REMOTE = 0x100, 0x200
-_TAILS = {
-    (error, remote): (b"\x7a\x02\x18\x02" if error else b"\x7a\x00")
+# _TAILS[error][remote parent] (bools as indexes: no key tuple per span).
+_TAILS = tuple(tuple(
+    (b"\x7a\x02\x18\x02" if error else b"\x7a\x00")
     + b"\x85\x01" + struct.pack("<I", _HAS_IS_REMOTE | (_IS_REMOTE if remote else 0))
-    for error in (False, True) for remote in (False, True)
-}
+    for remote in (False, True)) for error in (False, True))
 # Encoded attributes, names and tracestates kept: past this many the cache starts over. A key
 # with more values than _VALUES_PER_KEY (paths, ports) is encoded afresh each time instead.
 _CACHE_MAX = 16384
@@ -247,7 +247,7 @@ class SpanEncoder:
                 parts.append(encoded)
                 parts += map(attribute, islice(rec.attributes.items(),
                                                len(shared.attributes), None))
-            parts.append(_TAILS[rec.error, rec.parent_remote and parent_id != 0])
+            parts.append(_TAILS[rec.error][rec.parent_remote and parent_id != 0])
             body = b"".join(parts)
             n = len(body)
             # The span's tag and length, then its body: joined once, with the request.

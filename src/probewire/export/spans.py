@@ -222,6 +222,10 @@ _REQUEST_LINE = re.compile(
     rb"HTTP/(?:1\.[01]|2)\r?\n")
 
 
+# _REQUEST_LINE ended by CRLF only: the header lines after it are then split at CRLF.
+_REQUEST_LINE_CRLF = re.compile(_REQUEST_LINE.pattern[:-len(rb"\r?\n")] + rb"\r\n")
+
+
 def request_line(head: bytes) -> tuple[str, bytes] | None:
     """parse_request_line, with the common case in one regex match."""
     m = _REQUEST_LINE.match(head)
@@ -260,8 +264,8 @@ def _parse_head_shared(head: bytes, pipe_idx: int,
     """_parse_head, with the headers parsed once per distinct header block and the dict shared
     (never changed once made): a client sends the same headers with each request, only its
     request line (a path with an id) differs."""
-    m = _REQUEST_LINE.match(head) if not pipe_idx else None
-    if m is None or head[m.end() - 2: m.end()] != b"\r\n":
+    m = _REQUEST_LINE_CRLF.match(head) if not pipe_idx else None
+    if m is None:
         return _parse_head(head, pipe_idx)
     block = head[m.end():]
     headers = header_sets.get(block)
