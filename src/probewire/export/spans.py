@@ -139,6 +139,8 @@ def parse_traceparent(value: bytes) -> Traceparent | None:
 # An HTTP span's own attributes (after its shared ones), in the order they are written.
 _SERVER_OWN = ("thread.id", "network.peer.port", "client.port", "url.path")
 _SERVER_OWN_QUERY = (*_SERVER_OWN, "url.query")
+_CLIENT_OWN = ("thread.id", "url.full")
+_OWN_KEYS = {len(keys): keys for keys in (_SERVER_OWN, _SERVER_OWN_QUERY, _CLIENT_OWN)}
 _OWN_FIELDS_MAX = 16384
 _THREAD_ID = IntAttributes("thread.id")
 _PEER_PORTS = IntAttributes("network.peer.port", "client.port")
@@ -181,17 +183,6 @@ def _server_url(head: _Head) -> tuple[tuple[str, ...], tuple[str, ...], bytes]:
     if query_sep:
         return _SERVER_OWN_QUERY, (path, query), _URL_PATH(path) + _URL_QUERY(query)
     return _SERVER_OWN, (path,), _URL_PATH(path)
-
-
-def _http_own(ex: _Exchange) -> list[tuple[str, str | int]]:
-    """An HTTP span's own attributes, as _record wrote their bytes."""
-    head = ex.head
-    if ex.server:
-        server_url = head.server_url or _server_url(head)
-        return list(zip(server_url[0], (ex.tid, ex.peer_port, ex.peer_port, *server_url[1]),
-                        strict=True))
-    url_full = (head.client_url or _client_url(head))[0]
-    return [("thread.id", ex.tid), ("url.full", _peer_url(ex) if url_full is None else url_full)]
 
 
 def _peer_url(ex: _Exchange) -> str:
@@ -377,21 +368,25 @@ class SpanRecord:
     True == 1).
 
     An HTTP span from the assembler has its attributes as the `shared` ones followed by its
-    own few (thread, ports, path: read from `own_source`, its exchange, when asked), with the
-    protobuf bytes of those own ones already written (`own_encoded`): the direct encoder
-    writes shared and own bytes as they are and no dict is made (nor any other object per
-    span that the garbage collector would have to visit). Reading `attributes` makes the dict
-    (once); from then on the dict is what counts (it may be changed) and `own_encoded` is
-    dropped."""
+    own few (thread, ports, path: `own_values`, whose keys their count says, see _OWN_KEYS),
+    with the protobuf bytes of those own ones already written (`own_encoded`): the direct
+    encoder writes shared and own bytes as they are and no dict is made. Reading `attributes`
+    makes the dict (once); from then on the dict is what counts (it may be changed) and
+    `own_encoded` is dropped.
 
-    __slots__ = ("_attributes", "end_ns", "error", "name", "own_encoded", "own_source",
+    A record holds nothing per span that the garbage collector keeps visiting (a tuple of
+    ints and strs is untracked at the first collection it survives; the exchange it came from
+    is not kept): records wait up to an export's 2,048 spans, long enough to reach the oldest
+    generation, and each object there is traversed by every full collection."""
+
+    __slots__ = ("_attributes", "end_ns", "error", "name", "own_encoded", "own_values",
                  "parent_id", "parent_remote", "resource", "server", "shared", "span_id",
                  "start_ns", "threshold", "trace_id")
 
     def __init__(self, name: str, server: bool, trace_id: int, span_id: int, parent_id: int,
                  parent_remote: bool, threshold: str | None, start_ns: int, end_ns: int,
                  attributes: dict[str, str | int] | None, error: bool, resource: SpanResource,
-                 shared: SharedAttributes | None = None, own_source: _Exchange | None = None,
+                 shared: SharedAttributes | None = None, own_values: tuple[str | int, ...] = (),
                  own_encoded: bytes | None = None) -> None:
         self.name = name
         self.server = server  # SpanKind SERVER, else CLIENT
@@ -406,7 +401,7 @@ class SpanRecord:
         self.error = error  # StatusCode ERROR, else UNSET
         self.resource = resource
         self.shared = shared  # the first of `attributes`, made once (see SharedAttributes)
-        self.own_source = own_source
+        self.own_values = own_values
         # Only with attributes None (the encoder writes these bytes and never the dict).
         self.own_encoded = own_encoded
 
@@ -416,8 +411,9 @@ class SpanRecord:
         if attributes is None:
             attributes = self._attributes = {} if self.shared is None \
                 else self.shared.attributes.copy()
-            if self.own_source is not None:
-                attributes.update(_http_own(self.own_source))
+            if self.own_values:
+                attributes.update(zip(_OWN_KEYS[len(self.own_values)], self.own_values,
+                                      strict=True))
             self.own_encoded = None  # the dict may be changed: it is what counts now
         return attributes
 
@@ -441,7 +437,7 @@ class SpanRecord:
 
     def __repr__(self) -> str:
         attributes = self._attributes if self._attributes is not None else \
-            f"shared + {dict(_http_own(self.own_source)) if self.own_source else {}!r}"
+            f"shared + {self.own_values!r}"
         return (f"SpanRecord({self.name!r}, server={self.server}, trace_id={self.trace_id:x}, "
                 f"span_id={self.span_id:x}, parent_id={self.parent_id:x}, "
                 f"attributes={attributes})")
@@ -912,6 +908,7 @@ class SpanAssembler:
             server_url = head.server_url
             if server_url is None:
                 server_url = head.server_url = _server_url(head)
+            values: tuple[str | int, ...] = (tid, port, port, *server_url[1])
             url = server_url[2]
             port_fields = self._port_fields.get(port)
             if port_fields is None:
@@ -925,14 +922,16 @@ class SpanAssembler:
                 client_url = head.client_url = _client_url(head)
             url_full, url = client_url
             if url_full is None:
-                url = _URL_FULL(_peer_url(ex))
+                url_full = _peer_url(ex)
+                url = _URL_FULL(url_full)
+            values = (tid, url_full)
             own = tid_field + url
         start_ns, end_ns = ex.start_ns, ex.end_ns
         return SpanRecord(
             shared.name, server, ex.trace_id, ex.span_id, ex.parent_id, ex.parent_remote,
             ex.threshold, start_ns + offset_ns,
             (end_ns if end_ns > start_ns else start_ns) + offset_ns,
-            None, shared.error, resource, shared, ex, own)
+            None, shared.error, resource, shared, values, own)
 
     def _db_record(self, ex: _Exchange) -> SpanRecord:
         """A database, cache or DNS exchange: OpenTelemetry's database span conventions
