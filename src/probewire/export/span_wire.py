@@ -115,7 +115,7 @@ class IntAttributes:
 
     def __init__(self, *keys: str) -> None:
         self.keys = keys
-        self.heads = [[bytes((0x4A, len(k) + size + 3)) + k + bytes((0x12, size + 1, 0x18))
+        self.heads = [[ATTRIBUTE + length(len(k) + size + 3) + k + bytes((0x12, size + 1, 0x18))
                        for k in map(key_field, keys)] for size in (1, 2, 3)]
 
     def __call__(self, value: int) -> bytes:
