@@ -162,7 +162,7 @@ class _Head:
     otlp: bool
     user_agent: bytes | None
     # Made at the first span that needs them (see _server_url, _client_url).
-    server_url: tuple[tuple[str, ...], tuple[str, ...], bytes] | None = field(
+    server_url: tuple[str, str | None, bytes] | None = field(
         default=None, compare=False)
     client_url: tuple[str | None, bytes] | None = field(default=None, compare=False)
 
@@ -176,13 +176,12 @@ class _Head:
         self.server_url = self.client_url = None
 
 
-def _server_url(head: _Head) -> tuple[tuple[str, ...], tuple[str, ...], bytes]:
-    """A server span's own attribute keys, the url.path (and url.query) values of its head
-    and their bytes."""
+def _server_url(head: _Head) -> tuple[str, str | None, bytes]:
+    """A server span's url.path and url.query (None without a "?") and their bytes."""
     path, query_sep, query = head.target.decode("latin-1").partition("?")
     if query_sep:
-        return _SERVER_OWN_QUERY, (path, query), _URL_PATH(path) + _URL_QUERY(query)
-    return _SERVER_OWN, (path,), _URL_PATH(path)
+        return path, query, _URL_PATH(path) + _URL_QUERY(query)
+    return path, None, _URL_PATH(path)
 
 
 def _peer_url(ex: _Exchange) -> str:
@@ -584,7 +583,10 @@ class SpanAssembler:
     def _new_trace_id(self, ex: _Exchange) -> int:
         """A random trace id; when the kernel decided, one whose randomness (its low 56 bits)
         is on the side of the threshold the decision says, as a collector will read it."""
-        trace_id = self._new_id(128)
+        pool = self._pool
+        # The pool's common case here, not in a call: it runs for nearly every span.
+        trace_id = pool.pop() << 64 | pool.pop() if self._from_pool and len(pool) > 2 \
+            else self._new_id(128)
         if ex.kernel_kept is None:
             return trace_id
         low, span = (self.threshold, _MAX_T - self.threshold) if ex.kernel_kept \
@@ -753,7 +755,8 @@ class SpanAssembler:
         return value
 
     def _start_trace(self, ex: _Exchange, header: bytes | None) -> None:
-        ex.span_id = self._new_id(64)
+        pool = self._pool
+        ex.span_id = pool.pop() if self._from_pool and len(pool) > 2 else self._new_id(64)
         parent = parse_traceparent(header) if header else None
         if parent is not None:
             ex.trace_id, ex.parent_id, ex.parent_remote = parent.trace_id, parent.span_id, True
@@ -908,8 +911,9 @@ class SpanAssembler:
             server_url = head.server_url
             if server_url is None:
                 server_url = head.server_url = _server_url(head)
-            values: tuple[str | int, ...] = (tid, port, port, *server_url[1])
-            url = server_url[2]
+            path, query, url = server_url
+            values: tuple[str | int, ...] = (tid, port, port, path) if query is None \
+                else (tid, port, port, path, query)
             port_fields = self._port_fields.get(port)
             if port_fields is None:
                 if len(self._port_fields) >= _OWN_FIELDS_MAX:
