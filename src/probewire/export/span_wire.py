@@ -6,6 +6,7 @@ same bytes for the same attribute."""
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Sequence
 
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue
@@ -91,18 +92,20 @@ class StrAttribute:
     go when it is ASCII and the whole entry is under 128 bytes (every length a one-byte
     varint), else the general way."""
 
-    __slots__ = ("key", "key_field", "room")
+    __slots__ = ("head", "key", "key_field", "room")
 
     def __init__(self, key: str) -> None:
         self.key = key
         self.key_field = key_field(key)
         self.room = 0x80 - 4 - len(self.key_field)  # the longest value written in one go
+        # Tag, entry length, key, value tag, AnyValue length, string tag, string length.
+        self.head = struct.Struct(f"BB{len(self.key_field)}sBBBB")
 
     def __call__(self, value: str) -> bytes:
         n = len(value)
         if n < self.room and value.isascii():
-            return bytes((0x4A, n + 4 + len(self.key_field))) + self.key_field + bytes(
-                (0x12, n + 2, 0x0A, n)) + value.encode()
+            return self.head.pack(0x4A, n + 4 + len(self.key_field), self.key_field, 0x12,
+                                  n + 2, 0x0A, n) + value.encode()
         return attribute_field(self.key, value)
 
 
