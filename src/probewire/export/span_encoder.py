@@ -11,8 +11,11 @@ the protobuf wire format itself from :class:`~probewire.export.spans.SpanRecord`
 - an HTTP span's attributes that many spans share (method, status, peer, user agent, route;
   a :class:`~probewire.export.spans.SharedAttributes` the assembler makes once per distinct
   combination) are written as one piece, encoded once and kept on it;
-- what is new per span is written with a few byte joins: ids, times, the attributes that
-  differ per request (paths, ports, thread ids).
+- an HTTP span's own attributes (thread, ports, url) come as bytes with the record: the
+  assembler writes them (:mod:`probewire.export.span_wire`) from pieces it keeps per request
+  head, thread and port, so no attribute dict is made per span;
+- what is new per span is written with a few byte joins: ids and parent id in one struct
+  pack, times in another.
 
 Hand-written, not the generated message classes: built from the same records in the same run,
 ``bench/spans.py`` measures the cost per span of this encoder, of the generated
