@@ -3,7 +3,6 @@ writes decode to the ExportTraceServiceRequest the SDK exporter would send, fiel
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from typing import Any
 
@@ -225,7 +224,7 @@ def test_random_exchanges_encode_as_the_sdk_encodes_them(
         assert encoder.encode(records) == SpanEncoder().encode(records)
         # The shared attributes' bytes written as one piece are those of each attribute.
         assert SpanEncoder().encode(records) == SpanEncoder().encode(
-            [dataclasses.replace(r, shared=None) for r in records])
+            [r.replace(shared=None) for r in records])
         for r in records:
             if r.shared is not None:
                 shared = list(r.shared.attributes.items())

@@ -11,8 +11,11 @@ the protobuf wire format itself from :class:`~probewire.export.spans.SpanRecord`
 - an HTTP span's attributes that many spans share (method, status, peer, user agent, route;
   a :class:`~probewire.export.spans.SharedAttributes` the assembler makes once per distinct
   combination) are written as one piece, encoded once and kept on it;
-- what is new per span is written with a few byte joins: ids, times, the attributes that
-  differ per request (paths, ports, thread ids).
+- an HTTP span's own attributes (thread, ports, url) come as bytes with the record: the
+  assembler writes them (:mod:`probewire.export.span_wire`) from pieces it keeps per request
+  head, thread and port, so no attribute dict is made per span;
+- what is new per span is written with a few byte joins: ids and parent id in one struct
+  pack, times in another.
 
 Hand-written, not the generated message classes: built from the same records in the same run,
 ``bench/spans.py`` measures the cost per span of this encoder, of the generated
@@ -37,15 +40,12 @@ import struct
 from collections.abc import Sequence
 from itertools import islice
 
-from opentelemetry.proto.common.v1.common_pb2 import (
-    AnyValue,
-    ArrayValue,
-    InstrumentationScope,
-    KeyValue,
-)
+from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
 from opentelemetry.sdk.resources import Resource
 
+from probewire.export.span_wire import VARINT as _VARINT
+from probewire.export.span_wire import VARINTS, any_value, attribute_field, field, varint
 from probewire.export.spans import SCOPE, SpanRecord, SpanResource
 
 __all__ = ["SpanEncoder", "any_value", "encode_resource", "varint"]
@@ -67,6 +67,11 @@ _KIND_SERVER = b"\x30\x02"  # Span.kind = 6: SPAN_KIND_SERVER
 _KIND_CLIENT = b"\x30\x03"  # SPAN_KIND_CLIENT
 _TIMES = struct.Struct("<BQBQ")  # Span.start_time_unix_nano = 7, end = 8 (fixed64)
 _FIXED64 = struct.Struct("<BQ")
+# trace_id (two big-endian halves) and span_id with their tags; then parent_span_id with its.
+_IDS_PACK = struct.Struct(">2sQQ2sQ")
+_IDS_PARENT_PACK = struct.Struct(">2sQQ2sQ2sQ")
+_U64 = (1 << 64) - 1
+_IDS_SIZE = _IDS_PACK.size
 _ATTRIBUTE = b"\x4a"  # Span.attributes = 9
 _KEY = b"\x0a"  # KeyValue.key = 1
 _VALUE = b"\x12"  # KeyValue.value = 2
@@ -76,51 +81,20 @@ _INT = b"\x18"  # AnyValue.int_value = 3
 # Span.flags = 16 (fixed32): SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK, | IS_REMOTE for a remote
 # parent.
 _HAS_IS_REMOTE, _IS_REMOTE = 0x100, 0x200
-_TAILS = {
-    (error, remote): (b"\x7a\x02\x18\x02" if error else b"\x7a\x00")
+# _TAILS[error][remote parent] (bools as indexes: no key tuple per span).
+_TAILS = tuple(tuple(
+    (b"\x7a\x02\x18\x02" if error else b"\x7a\x00")
     + b"\x85\x01" + struct.pack("<I", _HAS_IS_REMOTE | (_IS_REMOTE if remote else 0))
-    for error in (False, True) for remote in (False, True)
-}
+    for remote in (False, True)) for error in (False, True))
 # Encoded attributes, names and tracestates kept: past this many the cache starts over. A key
 # with more values than _VALUES_PER_KEY (paths, ports) is encoded afresh each time instead.
 _CACHE_MAX = 16384
 _VALUES_PER_KEY = 512
-_VARINTS = 1 << 14  # lengths below this have their varint ready
-
-
-def varint(value: int) -> bytes:
-    """Protobuf base-128 varint of a non-negative int (a negative int64 as its 10 bytes)."""
-    value &= (1 << 64) - 1
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-_VARINT = [varint(i) for i in range(_VARINTS)]
+_VARINTS = VARINTS
 
 
 def _len(n: int) -> bytes:
     return _VARINT[n] if n < _VARINTS else varint(n)
-
-
-def any_value(value: object) -> AnyValue:
-    """An attribute value as OTLP's AnyValue (the types the SDK accepts, in its order)."""
-    if isinstance(value, bool):
-        return AnyValue(bool_value=value)
-    if isinstance(value, str):
-        return AnyValue(string_value=value)
-    if isinstance(value, int):
-        return AnyValue(int_value=value)
-    if isinstance(value, float):
-        return AnyValue(double_value=value)
-    if isinstance(value, bytes):
-        return AnyValue(bytes_value=value)
-    if isinstance(value, Sequence):
-        return AnyValue(array_value=ArrayValue(values=[any_value(v) for v in value]))
-    raise TypeError(f"invalid attribute value type {type(value).__name__}")
 
 
 def encode_resource(resource: Resource) -> bytes:
@@ -132,31 +106,13 @@ def encode_resource(resource: Resource) -> bytes:
         try:
             attributes.append(KeyValue(key=key, value=any_value(value)))
         except (ValueError, TypeError) as exc:
-            log.warning("resource attribute %s left out of spans: %s", key, exc)
+            log.warning("resource attribute %s left out: %s", key, exc)
     encoded: bytes = PbResource(attributes=attributes).SerializeToString()
     return encoded
 
 
-def _field(tag: bytes, payload: bytes) -> bytes:
-    return tag + _len(len(payload)) + payload
-
-
-def _attribute(key: str, value: object) -> bytes:
-    """One Span.attributes entry, tag and length included; empty (left out, logged, as the SDK
-    does) if protobuf cannot carry it."""
-    try:
-        if type(value) is str:
-            raw = value.encode()
-            any_bytes = _STRING + _len(len(raw)) + raw
-        elif type(value) is int and -(1 << 63) <= value < 1 << 63:
-            any_bytes = _INT + (_VARINT[value] if 0 <= value < _VARINTS else varint(value))
-        else:
-            any_bytes = any_value(value).SerializeToString()
-        raw_key = key.encode()
-    except (ValueError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
-        log.warning("span attribute %s left out: %s", key, exc)
-        return b""
-    return _field(_ATTRIBUTE, _KEY + _len(len(raw_key)) + raw_key + _field(_VALUE, any_bytes))
+_field = field
+_attribute = attribute_field
 
 
 class _Attributes(dict[tuple[str, object], bytes]):
@@ -242,6 +198,7 @@ class SpanEncoder:
         attribute = self._attributes.__getitem__
         names, states = self._names, self._states
         times = _TIMES.pack
+        ids, ids_parent = _IDS_PACK.pack, _IDS_PARENT_PACK.pack
         for rec in records:
             name = names.get(rec.name)
             if name is None:
@@ -251,25 +208,39 @@ class SpanEncoder:
                 # loses the odd character.
                 name = names[rec.name] = _field(_NAME, rec.name.encode("utf-8", "replace")) \
                     if rec.name else b""  # proto3 leaves empty and zero fields out
-            parts = [_IDS, rec.trace_id.to_bytes(16, "big"), _SPAN_ID,
-                     rec.span_id.to_bytes(8, "big")]
+            trace_id = rec.trace_id
+            parent_id = rec.parent_id
+            # Ids (and the parent's) in one pack: big-endian bytes, as the ids' to_bytes.
+            parts = [ids_parent(_IDS, trace_id >> 64, trace_id & _U64, _SPAN_ID, rec.span_id,
+                                _PARENT, parent_id) if parent_id else
+                     ids(_IDS, trace_id >> 64, trace_id & _U64, _SPAN_ID, rec.span_id)]
             if rec.threshold:
                 state = states.get(rec.threshold)
                 if state is None:
                     state = states[rec.threshold] = _field(
                         _TRACE_STATE, f"ot=th:{rec.threshold}".encode())
-                parts.append(state)
-            if rec.parent_id:
-                parts += (_PARENT, rec.parent_id.to_bytes(8, "big"))
-            if rec.start_ns and rec.end_ns:
+                # trace_state (3) goes before parent_span_id (4), as the SDK writes them.
+                if parent_id:
+                    parts = [parts[0][:_IDS_SIZE], state, parts[0][_IDS_SIZE:]]
+                else:
+                    parts.append(state)
+            start_ns, end_ns = rec.start_ns, rec.end_ns
+            if start_ns and end_ns:
                 parts += (name, _KIND_SERVER if rec.server else _KIND_CLIENT,
-                          times(0x39, rec.start_ns, 0x41, rec.end_ns))
+                          times(0x39, start_ns, 0x41, end_ns))
             else:
                 parts += (name, _KIND_SERVER if rec.server else _KIND_CLIENT,
-                          _FIXED64.pack(0x39, rec.start_ns) if rec.start_ns else b"",
-                          _FIXED64.pack(0x41, rec.end_ns) if rec.end_ns else b"")
+                          _FIXED64.pack(0x39, start_ns) if start_ns else b"",
+                          _FIXED64.pack(0x41, end_ns) if end_ns else b"")
             shared = rec.shared
-            if shared is None:
+            own = rec.own_encoded
+            if own is not None:
+                encoded = shared.encoded  # type: ignore[union-attr]
+                if encoded is None:
+                    encoded = shared.encoded = b"".join(  # type: ignore[union-attr]
+                        map(attribute, shared.attributes.items()))  # type: ignore[union-attr]
+                parts += (encoded, own)
+            elif shared is None:
                 parts += map(attribute, rec.attributes.items())
             else:
                 encoded = shared.encoded
@@ -279,15 +250,14 @@ class SpanEncoder:
                 parts.append(encoded)
                 parts += map(attribute, islice(rec.attributes.items(),
                                                len(shared.attributes), None))
-            parts.append(_TAILS[rec.error, rec.parent_remote and rec.parent_id != 0])
+            parts.append(_TAILS[rec.error][rec.parent_remote and parent_id != 0])
             body = b"".join(parts)
             n = len(body)
-            span = _SPAN + (_VARINT[n] if n < _VARINTS else varint(n)) + body
+            # The span's tag and length, then its body: joined once, with the request.
             spans = groups.get(rec.resource)
             if spans is None:
-                groups[rec.resource] = [span]
-            else:
-                spans.append(span)
+                spans = groups[rec.resource] = []
+            spans += (_SPAN + (_VARINT[n] if n < _VARINTS else varint(n)), body)
         out = []
         for resource, spans in groups.items():
             if resource.encoded is None:

@@ -50,6 +50,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from probewire import __version__
 from probewire.aggregate.http_heads import METHODS, nth_request, parse_request_line
 from probewire.enrich.identity import resource_attributes as key_attributes
+from probewire.export.span_wire import IntAttributes, StrAttribute
 from probewire.l7.constants import HttpFlag, Role
 from probewire.l7.exchanges import NUMERIC_STATUSES, ExchangeBatch, ExchangeFlag, split_db_target
 from probewire.l7.registry import protocol_by_id
@@ -135,20 +136,35 @@ def parse_traceparent(value: bytes) -> Traceparent | None:
     return Traceparent(trace_id, span_id, bool(int(m[3], 16) & 1))
 
 
+# An HTTP span's own attributes (after its shared ones), in the order they are written.
+_SERVER_OWN = ("thread.id", "network.peer.port", "client.port", "url.path")
+_SERVER_OWN_QUERY = (*_SERVER_OWN, "url.query")
+_CLIENT_OWN = ("thread.id", "url.full")
+_OWN_KEYS = {len(keys): keys for keys in (_SERVER_OWN, _SERVER_OWN_QUERY, _CLIENT_OWN)}
+_OWN_FIELDS_MAX = 16384
+_THREAD_ID = IntAttributes("thread.id")
+_PEER_PORTS = IntAttributes("network.peer.port", "client.port")
+_URL_PATH = StrAttribute("url.path")
+_URL_QUERY = StrAttribute("url.query")
+_URL_FULL = StrAttribute("url.full")
+
+
 @dataclass(slots=True, init=False)
 class _Head:
     """A parsed request head (slots and a plain __init__, no default factory: one is made per
     distinct head, often once per request when paths carry ids), with what spans read of it
-    as text made here, once per head rather than once per span."""
+    as text and protobuf bytes made once per head, when a span first reads it, rather than
+    once per span."""
 
     method: str | None
     target: bytes
     headers: dict[bytes, bytes]
     otlp: bool
-    url_path: str  # the target up to its "?"
-    url_query: str | None  # after the "?", None without one
-    url_full: str | None  # a client span's url.full, None when it needs the peer (no Host)
     user_agent: bytes | None
+    # Made at the first span that needs them (see _server_url, _client_url).
+    server_url: tuple[str, str | None, bytes] | None = field(
+        default=None, compare=False)
+    client_url: tuple[str | None, bytes] | None = field(default=None, compare=False)
 
     def __init__(self, method: str | None = None, target: bytes = b"",
                  headers: dict[bytes, bytes] | None = None) -> None:
@@ -156,13 +172,32 @@ class _Head:
         self.target = target
         self.headers = headers = {} if headers is None else headers
         self.otlp = False  # is_otlp_export: an OTLP export call, never a span
-        text = target.decode("latin-1")
-        self.url_path, query_sep, query = text.partition("?")
-        self.url_query = query if query_sep else None
-        host = headers.get(b"host", b"").decode("latin-1")
-        self.url_full = (f"http://{host}{text}" if text.startswith("/") else text) if host \
-            else None
         self.user_agent = headers.get(b"user-agent")
+        self.server_url = self.client_url = None
+
+
+def _server_url(head: _Head) -> tuple[str, str | None, bytes]:
+    """A server span's url.path and url.query (None without a "?") and their bytes."""
+    path, query_sep, query = head.target.decode("latin-1").partition("?")
+    if query_sep:
+        return path, query, _URL_PATH(path) + _URL_QUERY(query)
+    return path, None, _URL_PATH(path)
+
+
+def _peer_url(ex: _Exchange) -> str:
+    """url.full of a client request whose head has no Host: the peer's address instead."""
+    target = ex.head.target.decode("latin-1")
+    return f"http://{ex.peer}:{ex.peer_port}{target}" if target.startswith("/") else target
+
+
+def _client_url(head: _Head) -> tuple[str | None, bytes]:
+    """A client span's url.full and its bytes; None when it needs the peer (no Host)."""
+    host = head.headers.get(b"host", b"").decode("latin-1")
+    if not host:
+        return None, b""
+    text = head.target.decode("latin-1")
+    url_full = f"http://{host}{text}" if text.startswith("/") else text
+    return url_full, _URL_FULL(url_full)
 
 
 _NO_HEAD = _Head()
@@ -175,6 +210,10 @@ _NO_ATTRIBUTES: Mapping[str, object] = MappingProxyType({})
 _REQUEST_LINE = re.compile(
     rb"(" + b"|".join(m.encode() for m in METHODS) + rb") ([^\x00-\x20\x7f]+) "
     rb"HTTP/(?:1\.[01]|2)\r?\n")
+
+
+# _REQUEST_LINE ended by CRLF only: the header lines after it are then split at CRLF.
+_REQUEST_LINE_CRLF = re.compile(_REQUEST_LINE.pattern[:-len(rb"\r?\n")] + rb"\r\n")
 
 
 def request_line(head: bytes) -> tuple[str, bytes] | None:
@@ -215,8 +254,8 @@ def _parse_head_shared(head: bytes, pipe_idx: int,
     """_parse_head, with the headers parsed once per distinct header block and the dict shared
     (never changed once made): a client sends the same headers with each request, only its
     request line (a path with an id) differs."""
-    m = _REQUEST_LINE.match(head) if not pipe_idx else None
-    if m is None or head[m.end() - 2: m.end()] != b"\r\n":
+    m = _REQUEST_LINE_CRLF.match(head) if not pipe_idx else None
+    if m is None:
         return _parse_head(head, pipe_idx)
     block = head[m.end():]
     headers = header_sets.get(block)
@@ -255,7 +294,10 @@ def is_otlp_export(target: bytes, method: str | None = "POST",
 
 
 def _with_otlp(head: _Head) -> _Head:
-    head.otlp = is_otlp_export(head.target, head.method, head.headers.get(b"content-type"))
+    target = head.target
+    # is_otlp_export's first test, here: it decides for nearly every head.
+    if b"/v1/" in target or target.startswith(OTLP_GRPC_PREFIX):
+        head.otlp = is_otlp_export(target, head.method, head.headers.get(b"content-type"))
     return head
 
 
@@ -318,26 +360,86 @@ class SharedAttributes:
         self.encoded: bytes | None = None
 
 
-@dataclass(slots=True)
 class SpanRecord:
     """One finished span, as both export paths take it. Times are wall-clock ns; a zero
     `parent_id` is a root; `threshold` is the "th" of the span's tracestate ("ot=th:<it>").
     Attribute values are str or int, never bool (the encoder caches by (key, value), and
-    True == 1)."""
+    True == 1).
 
-    name: str
-    server: bool  # SpanKind SERVER, else CLIENT
-    trace_id: int
-    span_id: int
-    parent_id: int
-    parent_remote: bool
-    threshold: str | None
-    start_ns: int
-    end_ns: int
-    attributes: dict[str, str | int]
-    error: bool  # StatusCode ERROR, else UNSET
-    resource: SpanResource
-    shared: SharedAttributes | None = None  # the first of `attributes`, made once (see there)
+    An HTTP span from the assembler has its attributes as the `shared` ones followed by its
+    own few (thread, ports, path: `own_values`, whose keys their count says, see _OWN_KEYS),
+    with the protobuf bytes of those own ones already written (`own_encoded`): the direct
+    encoder writes shared and own bytes as they are and no dict is made. Reading `attributes`
+    makes the dict (once); from then on the dict is what counts (it may be changed) and
+    `own_encoded` is dropped.
+
+    A record holds nothing per span that the garbage collector keeps visiting (a tuple of
+    ints and strs is untracked at the first collection it survives; the exchange it came from
+    is not kept): records wait up to an export's 2,048 spans, long enough to reach the oldest
+    generation, and each object there is traversed by every full collection."""
+
+    __slots__ = ("_attributes", "end_ns", "error", "name", "own_encoded", "own_values",
+                 "parent_id", "parent_remote", "resource", "server", "shared", "span_id",
+                 "start_ns", "threshold", "trace_id")
+
+    def __init__(self, name: str, server: bool, trace_id: int, span_id: int, parent_id: int,
+                 parent_remote: bool, threshold: str | None, start_ns: int, end_ns: int,
+                 attributes: dict[str, str | int] | None, error: bool, resource: SpanResource,
+                 shared: SharedAttributes | None = None, own_values: tuple[str | int, ...] = (),
+                 own_encoded: bytes | None = None) -> None:
+        self.name = name
+        self.server = server  # SpanKind SERVER, else CLIENT
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent_id = parent_id
+        self.parent_remote = parent_remote
+        self.threshold = threshold
+        self.start_ns = start_ns
+        self.end_ns = end_ns
+        self._attributes = attributes  # None: shared + own, made when read
+        self.error = error  # StatusCode ERROR, else UNSET
+        self.resource = resource
+        self.shared = shared  # the first of `attributes`, made once (see SharedAttributes)
+        self.own_values = own_values
+        # Only with attributes None (the encoder writes these bytes and never the dict).
+        self.own_encoded = own_encoded
+
+    @property
+    def attributes(self) -> dict[str, str | int]:
+        attributes = self._attributes
+        if attributes is None:
+            attributes = self._attributes = {} if self.shared is None \
+                else self.shared.attributes.copy()
+            if self.own_values:
+                attributes.update(zip(_OWN_KEYS[len(self.own_values)], self.own_values,
+                                      strict=True))
+            self.own_encoded = None  # the dict may be changed: it is what counts now
+        return attributes
+
+    @attributes.setter
+    def attributes(self, value: dict[str, str | int]) -> None:
+        self._attributes = value
+        self.own_encoded = None
+
+    def replace(self, **changes: object) -> SpanRecord:
+        """A copy with some fields changed (as dataclasses.replace); its attributes are a
+        dict of their own."""
+        fields: dict[str, object] = {
+            "name": self.name, "server": self.server, "trace_id": self.trace_id,
+            "span_id": self.span_id, "parent_id": self.parent_id,
+            "parent_remote": self.parent_remote, "threshold": self.threshold,
+            "start_ns": self.start_ns, "end_ns": self.end_ns,
+            "attributes": dict(self.attributes), "error": self.error,
+            "resource": self.resource, "shared": self.shared}
+        fields.update(changes)
+        return SpanRecord(**fields)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        attributes = self._attributes if self._attributes is not None else \
+            f"shared + {self.own_values!r}"
+        return (f"SpanRecord({self.name!r}, server={self.server}, trace_id={self.trace_id:x}, "
+                f"span_id={self.span_id:x}, parent_id={self.parent_id:x}, "
+                f"attributes={attributes})")
 
 
 def readable_span(rec: SpanRecord) -> ReadableSpan:
@@ -449,6 +551,10 @@ class SpanAssembler:
         self._heads: dict[bytes | tuple[bytes, int], _Head] = {}
         self._header_sets: dict[bytes, dict[bytes, bytes]] = {}
         self._shared: dict[tuple[object, ...], SharedAttributes] = {}
+        self._tid_fields: dict[int, bytes] = {}  # thread id -> its thread.id attribute's bytes
+        # Peer port -> its network.peer.port and client.port attributes' bytes (a keep-alive
+        # connection's requests share one).
+        self._port_fields: dict[int, bytes] = {}
         self.unsampled = 0
         self.linked = 0
         self.export_calls = 0  # OTLP export exchanges, never made spans (is_otlp_export)
@@ -477,7 +583,10 @@ class SpanAssembler:
     def _new_trace_id(self, ex: _Exchange) -> int:
         """A random trace id; when the kernel decided, one whose randomness (its low 56 bits)
         is on the side of the threshold the decision says, as a collector will read it."""
-        trace_id = self._new_id(128)
+        pool = self._pool
+        # The pool's common case here, not in a call: it runs for nearly every span.
+        trace_id = pool.pop() << 64 | pool.pop() if self._from_pool and len(pool) > 2 \
+            else self._new_id(128)
         if ex.kernel_kept is None:
             return trace_id
         low, span = (self.threshold, _MAX_T - self.threshold) if ex.kernel_kept \
@@ -588,21 +697,31 @@ class SpanAssembler:
         rows_with = np.flatnonzero(with_record)
         if len(rows_with):
             head_len = http.dtype["req_head"].itemsize  # type: ignore[union-attr]
-            records = http[at[rows_with]]  # type: ignore[index]
-            raw = records["req_head"].tobytes()
-            ends = np.minimum(records["req_head_len"], head_len).astype(np.int64)
+            # Field by field: the whole records (response head and all) are twice the bytes.
+            at_with = at[rows_with]
+            raw = http["req_head"][at_with].tobytes()  # type: ignore[index]
+            ends = np.minimum(http["req_head_len"][at_with],  # type: ignore[index]
+                              head_len).astype(np.int64)
             starts = np.arange(len(rows_with), dtype=np.int64) * head_len
             head = self._head
             parsed = list(map(head, map(raw.__getitem__, map(
                 slice, starts.tolist(), (starts + ends).tolist())),
-                records["pipe_idx"].tolist()))
+                http["pipe_idx"][at_with].tolist()))  # type: ignore[index]
+            every_row = len(rows_with) == len(heads)
             row_ids = rows_with.tolist()
-            for i, h in zip(row_ids, parsed, strict=True):
-                heads[i] = h
+            if every_row:
+                heads[:] = parsed
+            else:
+                for i, h in zip(row_ids, parsed, strict=True):
+                    heads[i] = h
             if self.kernel_sampling:
-                flags = (records["hflags"] & int(HttpFlag.SAMPLED) != 0).tolist()
-                for i, k in zip(row_ids, flags, strict=True):
-                    kept[i] = k
+                flags = (http["hflags"][at_with]  # type: ignore[index]
+                         & int(HttpFlag.SAMPLED) != 0).tolist()
+                if every_row:
+                    kept[:] = flags
+                else:
+                    for i, k in zip(row_ids, flags, strict=True):
+                        kept[i] = k
         attributes = batch.attributes
         for i in np.flatnonzero(is_http & ~with_record).tolist():
             path = str(attributes[i].get("path", "")) if attributes else ""
@@ -636,7 +755,8 @@ class SpanAssembler:
         return value
 
     def _start_trace(self, ex: _Exchange, header: bytes | None) -> None:
-        ex.span_id = self._new_id(64)
+        pool = self._pool
+        ex.span_id = pool.pop() if self._from_pool and len(pool) > 2 else self._new_id(64)
         parent = parse_traceparent(header) if header else None
         if parent is not None:
             ex.trace_id, ex.parent_id, ex.parent_remote = parent.trace_id, parent.span_id, True
@@ -762,9 +882,10 @@ class SpanAssembler:
 
     def _record(self, ex: _Exchange) -> SpanRecord:
         # What many spans share (method, status, peer, user agent, route, ...) is one
-        # SharedAttributes made once per distinct combination; a span copies its dict and adds
-        # only what is new per request (ports, thread, path), and the encoder writes the shared
-        # part's bytes as one piece.
+        # SharedAttributes made once per distinct combination; a span adds only what is new per
+        # request (ports, thread, path), whose bytes are made here from pieces kept per head,
+        # thread and port. No dict per span: the encoder writes the shared part's bytes and the
+        # span's own as they are (SpanRecord.attributes makes the dict if anyone asks).
         head = ex.head
         user_agent = head.user_agent
         server = ex.server
@@ -776,28 +897,45 @@ class SpanAssembler:
             if len(self._shared) >= _HEAD_CACHE_MAX:
                 self._shared.clear()
             shared = self._shared[key] = _http_shared(ex, user_agent)
-        attrs = shared.attributes.copy()
-        attrs["thread.id"] = ex.tid
-        if server:
-            attrs["network.peer.port"] = ex.peer_port
-            attrs["client.port"] = ex.peer_port
-            attrs["url.path"] = head.url_path
-            if head.url_query is not None:
-                attrs["url.query"] = head.url_query
-        else:
-            url_full = head.url_full
-            if url_full is None:
-                target = head.target.decode("latin-1")
-                url_full = f"http://{ex.peer}:{ex.peer_port}{target}" \
-                    if target.startswith("/") else target
-            attrs["url.full"] = url_full
-        offset_ns = self.offset_ns
+        tid = ex.tid
+        tid_field = self._tid_fields.get(tid)
+        if tid_field is None:
+            if len(self._tid_fields) >= _OWN_FIELDS_MAX:
+                self._tid_fields.clear()
+            tid_field = self._tid_fields[tid] = _THREAD_ID(tid)
         resource = self._resources.get((ex.service, ex.tgid)) or \
             self._resource(ex.service, ex.tgid)
+        offset_ns = self.offset_ns
+        if server:
+            port = ex.peer_port
+            server_url = head.server_url
+            if server_url is None:
+                server_url = head.server_url = _server_url(head)
+            path, query, url = server_url
+            values: tuple[str | int, ...] = (tid, port, port, path) if query is None \
+                else (tid, port, port, path, query)
+            port_fields = self._port_fields.get(port)
+            if port_fields is None:
+                if len(self._port_fields) >= _OWN_FIELDS_MAX:
+                    self._port_fields.clear()
+                port_fields = self._port_fields[port] = _PEER_PORTS(port)
+            own = tid_field + port_fields + url
+        else:
+            client_url = head.client_url
+            if client_url is None:
+                client_url = head.client_url = _client_url(head)
+            url_full, url = client_url
+            if url_full is None:
+                url_full = _peer_url(ex)
+                url = _URL_FULL(url_full)
+            values = (tid, url_full)
+            own = tid_field + url
+        start_ns, end_ns = ex.start_ns, ex.end_ns
         return SpanRecord(
             shared.name, server, ex.trace_id, ex.span_id, ex.parent_id, ex.parent_remote,
-            ex.threshold, ex.start_ns + offset_ns, max(ex.end_ns, ex.start_ns) + offset_ns,
-            attrs, shared.error, resource, shared)
+            ex.threshold, start_ns + offset_ns,
+            (end_ns if end_ns > start_ns else start_ns) + offset_ns,
+            None, shared.error, resource, shared, values, own)
 
     def _db_record(self, ex: _Exchange) -> SpanRecord:
         """A database, cache or DNS exchange: OpenTelemetry's database span conventions
