@@ -571,9 +571,25 @@ static __always_inline void emit(const struct l7_header *h, const struct l7_even
  * that stepped over the body needs them to complete the exchange. */
 #define L7_TAIL 512
 
+/* Bytes of one call a walk may take in pieces (iovecs, or parts of them at record ends). */
+#define L7_MAX_PIECES 256
+/* The same without bpf_loop (l7_bounded): each piece is verified again, so fewer; a call
+ * with more pieces ships what they took and counts as truncated. */
+#define L7_BOUNDED_PIECES 48
+/* Records a walk fills before it passes over the middle of a call. l7_bounded passes over it
+ * sooner (24 records, 192 KiB), so the skip and the tail still fit in its pieces with room for
+ * iovec steps (a piece to load each iovec, one to pass over each, one to copy from each): a
+ * 1 MB memcached set and a two-value 400 KiB reply then still end with their tails, as on
+ * other kernels. */
+#ifdef L7_BOUNDED
+#define L7_WALK_CHUNKS (L7_BOUNDED_PIECES - 24)
+#else
+#define L7_WALK_CHUNKS L7_MAX_CHUNKS
+#endif
+
 /* One piece of a stream call a callback: the bytes of the current iovec that fit in the
  * record being built. A record is shipped when full or when the call's bytes end; iovecs are
- * gathered into records (gRPC writes a frame in many small slices). Past L7_MAX_CHUNKS records
+ * gathered into records (gRPC writes a frame in many small slices). Past L7_WALK_CHUNKS records
  * the middle of the call is passed over: the last full record says how many bytes follow it
  * uncopied (`skipped`, so a parser inside a message of known length steps over them), and one
  * more record carries the call's last L7_TAIL bytes. */
@@ -627,7 +643,7 @@ static long ship_piece(__u32 i, void *unused)
 		return 0;
 	w->records += 1;
 	w->seq += 1; /* counted even when dropped: the gap shows the loss */
-	if (w->records >= L7_MAX_CHUNKS && w->remaining > L7_TAIL) {
+	if (w->records >= L7_WALK_CHUNKS && w->remaining > L7_TAIL) {
 		emit_built(&ev->h, ev, L7_RECORD_DATA, w->fill, w->remaining - L7_TAIL, w->seq);
 		coverage_add(ev->h.proto, L7_COV_TRUNCATED);
 		w->fill = 0;
@@ -682,12 +698,6 @@ static __always_inline void l7_walk_start(struct l7_walk *w, const struct l7_eve
 	w->records = 0;
 	w->skip = 0;
 }
-
-/* Bytes of one call a walk may take in pieces (iovecs, or parts of them at record ends). */
-#define L7_MAX_PIECES 256
-/* The same without bpf_loop (l7_bounded): each piece is verified again, so fewer; a call
- * with more pieces ships what they took and counts as truncated. */
-#define L7_BOUNDED_PIECES 32
 
 /* The parser of every protocol parsed in user space: ship what the call moved, in order, with
  * the connection's sequence numbers. A call whose bytes are not in memory (sendfile) ships a

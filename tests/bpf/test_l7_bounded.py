@@ -88,7 +88,7 @@ def test_doctor_names_the_bounded_object_and_its_stand_ins(
 
 def test_a_call_with_more_pieces_than_the_bounded_walk_takes_is_counted_truncated(
         agent) -> None:
-    """l7_bounded walks at most L7_BOUNDED_PIECES (32) pieces of a call for a user-space
+    """l7_bounded walks at most L7_BOUNDED_PIECES (48) pieces of a call for a user-space
     parser (bpf_loop's walk: 256): a redis command written as 60 one-byte iovecs (a piece for
     each iovec change and one for its byte) ships what the walk took and is counted in
     probewire_l7_truncated_calls, never silently lost."""
@@ -192,3 +192,43 @@ def test_a_recv_blocked_before_the_agent_attached_is_counted_missed_once(
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_memcached_sets_larger_than_the_bounded_walk_are_counted_exactly(
+        monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    """pymemcache writes a set as one buffer: values of up to 1 MB are calls of up to 128
+    records; memcached answers a multi-key get in one sendmsg of an iovec per line and value.
+    l7_bounded passes over a call's middle sooner than bpf_loop's walk (after 24 records, not
+    32), so the skip and the last bytes still fit in its 48 pieces: every set and get
+    completes. On Debian 5.10 the client side lost sets over 256 KiB (its walk of 32 pieces ran
+    out before the tail). Both sides exact: the agent traces this server's port only."""
+    from pymemcache.client.base import Client
+    from test_l7_databases import CLIENT, SERVER, operations
+
+    from support import dbservers as db
+
+    monkeypatch.setattr(l7, "probe_kernel_features", lacking)
+    rnd = random.Random(seed)
+    with db.memcached_server() as srv, \
+            running_agent({"filter": {"ports": [srv.port]}}) as (a, listen):
+        assert a.probes["l7"].object_name == l7.BOUNDED_OBJECT
+        truth = db.memcached_driver(srv.port, rnd, rnd.randint(20, 60))
+        # At least one set past the bounded walk's 192 KiB, whatever the seed drew.
+        big = Client(("127.0.0.1", srv.port))
+        try:
+            big.set("over", b"o" * rnd.randint(196_609, 1_000_000))
+        finally:
+            big.close()
+        truth["memcached", "SET", "", ""] += 1
+        want = sum(truth.values())
+        port = str(srv.port)
+        wait_for(lambda: sum(operations(scrape(listen), CLIENT, "memcached",
+                                        server_port=port).values()) >= want
+                 and sum(operations(scrape(listen), SERVER, "memcached").values()) >= want,
+                 timeout_s=30)
+        s = scrape(listen)
+        client = operations(s, CLIENT, "memcached", server_port=port)
+        served = operations(s, SERVER, "memcached")
+        assert client == truth, (client - truth, truth - client)
+        assert served == truth, (served - truth, truth - served)
