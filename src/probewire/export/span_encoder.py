@@ -44,8 +44,15 @@ from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope, KeyVa
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
 from opentelemetry.sdk.resources import Resource
 
+from probewire.export.span_wire import (
+    KEY,
+    VARINTS,
+    any_value,
+    attribute_field,
+    field,
+    varint,
+)
 from probewire.export.span_wire import VARINT as _VARINT
-from probewire.export.span_wire import VARINTS, any_value, attribute_field, field, varint
 from probewire.export.spans import SCOPE, SpanRecord, SpanResource
 
 __all__ = ["SpanEncoder", "any_value", "encode_resource", "varint"]
@@ -72,11 +79,6 @@ _IDS_PACK = struct.Struct(">2sQQ2sQ")
 _IDS_PARENT_PACK = struct.Struct(">2sQQ2sQ2sQ")
 _U64 = (1 << 64) - 1
 _IDS_SIZE = _IDS_PACK.size
-_ATTRIBUTE = b"\x4a"  # Span.attributes = 9
-_KEY = b"\x0a"  # KeyValue.key = 1
-_VALUE = b"\x12"  # KeyValue.value = 2
-_STRING = b"\x0a"  # AnyValue.string_value = 1
-_INT = b"\x18"  # AnyValue.int_value = 3
 # Span.status = 15 (UNSET: present and empty, as the SDK sends it; ERROR: code = 3 -> 2), then
 # Span.flags = 16 (fixed32): SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK, | IS_REMOTE for a remote
 # parent.
@@ -148,7 +150,7 @@ class _Attributes(dict[tuple[str, object], bytes]):
         encoded = b""
         prefix = self.key_fields.get(key)
         if prefix is None and key.isascii():
-            prefix = self.key_fields[key] = _KEY + _len(len(key)) + key.encode()
+            prefix = self.key_fields[key] = KEY + _len(len(key)) + key.encode()
         # Short ASCII strings and small non-negative ints (ports, thread ids), all lengths
         # below 128 (one-byte varints), are written at once; anything else the general way.
         if prefix is None:
