@@ -54,6 +54,26 @@ def operations(samples: Samples, family: str, system: str, **match: str) -> db.T
     return +out
 
 
+def exact_on_both_sides(listen: str, system: str, port: int, truth: db.Truth) -> Samples:
+    """Once both sides have counted what the clients did, each side's counts equal `truth`
+    (the client side of the server at `port`; the server side of every `system` server the
+    agent traces). Returns the last scrape."""
+    want = sum(truth.values())
+
+    def both() -> bool:
+        s = scrape(listen)
+        return (sum(operations(s, CLIENT, system, server_port=str(port)).values()) >= want
+                and sum(operations(s, SERVER, system).values()) >= want)
+
+    wait_for(both, timeout_s=30)
+    s = scrape(listen)
+    client = operations(s, CLIENT, system, server_port=str(port))
+    served = operations(s, SERVER, system)
+    assert client == truth, (client - truth, truth - client)
+    assert served == truth, (served - truth, truth - served)
+    return s
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
 def server(request: pytest.FixtureRequest) -> Iterator[tuple[str, db.DbServer]]:
     start, _, _ = CASES[request.param]
@@ -74,20 +94,7 @@ def test_every_operation_of_real_clients_is_counted_exactly_on_both_sides(
         for driver in drivers:
             truth += driver(srv.port, rnd, rnd.randint(20, 60))
             truth += DRIVER_OWN.get(driver.__name__, Counter())
-        want = sum(truth.values())
-        port = str(srv.port)
-
-        def both() -> bool:
-            s = scrape(listen)
-            return (sum(operations(s, CLIENT, name, server_port=port).values()) >= want
-                    and sum(operations(s, SERVER, name).values()) >= want)
-
-        wait_for(both, timeout_s=30)
-        s = scrape(listen)
-        client = operations(s, CLIENT, name, server_port=port)
-        served = operations(s, SERVER, name)
-        assert client == truth, (client - truth, truth - client)
-        assert served == truth, (served - truth, truth - served)
+        s = exact_on_both_sides(listen, name, srv.port, truth)
         services = {dict(labels)["service_name"] for (family, labels), _ in s.items()
                     if family == SERVER and dict(labels)["db_system_name"] == name}
         assert services == {server_process}
@@ -105,17 +112,7 @@ def test_postgresql_over_tls_through_libssl_is_counted_exactly_on_both_sides() -
             running_agent({"filter": {"ports": [srv.port]}}) as (agent, listen):
         truth = db.pg_driver(srv.port, rnd, 30, sslmode="require")
         truth += db.pg_cli(srv.port, rnd, 30, sslmode="require")
-        want = sum(truth.values())
-        port = str(srv.port)
-        wait_for(lambda: sum(operations(scrape(listen), CLIENT, "postgresql",
-                                        server_port=port).values()) >= want
-                 and sum(operations(scrape(listen), SERVER, "postgresql").values()) >= want,
-                 timeout_s=30)
-        s = scrape(listen)
-        client = operations(s, CLIENT, "postgresql", server_port=port)
-        served = operations(s, SERVER, "postgresql")
-        assert client == truth, (client - truth, truth - client)
-        assert served == truth, (served - truth, truth - served)
+        exact_on_both_sides(listen, "postgresql", srv.port, truth)
         # The series say TLS was seen: the exchanges came through the uprobes.
         tls = agent.probes["l7"].tls_status()  # type: ignore[attr-defined]
         assert any("libssl" in lib for lib in tls["libraries"]), tls
